@@ -1,0 +1,200 @@
+"""Backbones: timm ViTs by name and pretrained tag, or from a local checkpoint file.
+
+``--backbone`` takes a timm name (``vit_base_patch16_224.orig_in21k``) or a peftbench preset
+(``demo-vit``: the tiny ViT pretrained by ``scripts/pretrain_demo_backbone.py``, shipped with the
+package). ``--checkpoint PATH`` loads weights from a local .npz (the original JAX ViT files, through
+timm's own converter), .safetensors or .pth/.pt/.bin (``torch.load(weights_only=True)``: no pickle
+code runs).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+class BackboneError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Preset:
+    timm_name: str
+    kwargs: dict
+    checkpoint: Path | None
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "demo-vit": Preset(
+        "vit_tiny_patch16_224",
+        dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3),
+        ASSETS / "demo_vit.safetensors",
+        "tiny ViT (6 blocks, width 96, 32x32 input, patch 4) pretrained on Fashion-MNIST by "
+        "scripts/pretrain_demo_backbone.py",
+    ),
+    "demo-vit-random": Preset(
+        "vit_tiny_patch16_224",
+        dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3),
+        None,
+        "the demo ViT architecture, randomly initialised (the control for the pretrained one)",
+    ),
+}
+
+# keys a classification checkpoint may carry that the backbone (num_classes=0) does not have
+_IGNORED_PREFIXES = ("head.", "fc.", "pre_logits.", "classifier.")
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, cached next to nothing: keyed in memory by (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def checkpoint_id(backbone: str, checkpoint: str | None) -> str | None:
+    """What identifies the weights in a run key: the sha256 of the checkpoint file in use."""
+    path = resolve_checkpoint(backbone, checkpoint)
+    return _file_sha256(path)[:16] if path is not None else None
+
+
+def resolve_checkpoint(backbone: str, checkpoint: str | None) -> Path | None:
+    if checkpoint:
+        p = Path(checkpoint).expanduser()
+        if not p.is_file():
+            raise BackboneError(f"--checkpoint {checkpoint}: no such file")
+        return p
+    preset = PRESETS.get(backbone)
+    if preset is not None and preset.checkpoint is not None:
+        if not preset.checkpoint.is_file():
+            raise BackboneError(
+                f"backbone {backbone!r}: its weights {preset.checkpoint} are missing; rebuild them with "
+                f"`python scripts/pretrain_demo_backbone.py`"
+            )
+        return preset.checkpoint
+    return None
+
+
+def create_backbone(backbone: str, checkpoint: str | None = None, *, pretrained: bool = True,
+                    device: str | torch.device | None = None) -> nn.Module:
+    """A timm ViT without classifier (``num_classes=0``), features = CLS token after the final norm.
+
+    ``pretrained=False`` builds the architecture with random weights (parameter counting); building
+    under ``torch.device("meta")`` makes no memory at all.
+    """
+    import timm
+
+    preset = PRESETS.get(backbone)
+    name, kwargs = (preset.timm_name, dict(preset.kwargs)) if preset else (backbone, {})
+    kwargs.update(num_classes=0, global_pool="token")
+    ckpt = resolve_checkpoint(backbone, checkpoint) if pretrained else None
+    use_hub = pretrained and ckpt is None and preset is None
+    try:
+        if use_hub:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        else:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise BackboneError(f"unknown backbone {backbone!r}: not a timm model nor a preset "
+                                f"({', '.join(PRESETS)})") from None
+        raise
+    except Exception as exc:  # hub download failures (offline machine, no cache)
+        if not use_hub:
+            raise
+        raise BackboneError(
+            f"could not fetch the pretrained weights of {backbone!r} from the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Either run once with network access so that timm "
+            f"caches them (HF_HOME), or pass a local file: --checkpoint PATH (the original ViT-B_16.npz, a "
+            f".safetensors or a .pth state dict)."
+        ) from None
+    if ckpt is not None:
+        load_checkpoint(model, ckpt)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a local weight file into a timm ViT; a file that does not fit names the keys."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        # the original JAX ViT checkpoints (ViT-B_16.npz): timm's converter maps the names
+        try:
+            model.load_pretrained(str(path))
+        except Exception as exc:
+            raise BackboneError(f"checkpoint {path} does not fit the backbone: {exc}") from None
+        return
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BackboneError(
+                f"checkpoint {path} cannot be read as a plain state dict (weights_only=True refuses pickled "
+                f"code): {exc}") from None
+    else:
+        raise BackboneError(f"checkpoint {path}: unknown format {suffix!r} (use .npz, .safetensors or .pth)")
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_short(unexpected)}")
+        if wrong:
+            parts.append("shape mismatch " + _short(
+                [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
+        raise BackboneError(f"checkpoint {path} does not fit the backbone: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _short(items: list[str], n: int = 6) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return "[" + ", ".join(items[:n]) + "]" + more
+
+
+def image_size(model: nn.Module) -> int:
+    size = model.patch_embed.img_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def describe_preset(name: str) -> dict:
+    p = PRESETS[name]
+    meta = p.checkpoint.with_suffix(".json") if p.checkpoint else None
+    info = {"timm": p.timm_name, **p.kwargs, "description": p.description}
+    if meta is not None and meta.is_file():
+        info["provenance"] = json.loads(meta.read_text())
+    return info
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")

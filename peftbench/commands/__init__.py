@@ -1,0 +1,1 @@
+"""Subcommands of the ``peftbench`` CLI, one module each (see peftbench.cli)."""

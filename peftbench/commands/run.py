@@ -1,0 +1,99 @@
+"""``peftbench run``: a sweep of methods × tasks under a protocol."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments that define a sweep (shared by run and the commands that plan one)."""
+    p.add_argument("--methods", type=_names, required=True, help="comma-separated method names (peftbench list methods)")
+    p.add_argument("--suite", default="demo", help="task suite: demo (default, offline), vtab, fgvc")
+    p.add_argument("--tasks", type=_names, help="comma-separated subset of the suite's tasks")
+    p.add_argument("--protocol", help="vpt | fixed | demo (default: the suite's)")
+    p.add_argument("--seeds", type=_ints, help="comma-separated seeds of the final runs")
+    p.add_argument("--num-seeds", type=int, help="number of final seeds (default: the protocol's: 5 for vpt, 1 for demo)")
+    p.add_argument("--backbone", help="timm model name with tag, or a preset (default: the suite's)")
+    p.add_argument("--checkpoint", help="local weights for the backbone: .npz, .safetensors or .pth")
+    p.add_argument("--data-root", help="data folder (default: $PEFTBENCH_DATA, or ~/.cache/peftbench/data for the demo)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="[METHOD.]OPTION=VALUE",
+                   help="a method option, e.g. --set e2vpt.prompt_tokens=10 (repeatable)")
+    p.add_argument("--lr", type=_floats, help="base learning rate(s): replaces the search grid")
+    p.add_argument("--wd", type=_floats, help="weight decay value(s): replaces the search grid")
+    p.add_argument("--epochs", type=int, help="override the number of epochs")
+    p.add_argument("--batch-size", type=int, help="override the batch size")
+
+
+def settings_from_args(args):
+    from ..sweep import SweepSettings
+
+    overrides = {"epochs": args.epochs, "batch_size": args.batch_size,
+                 "lr_grid": args.lr, "wd_grid": args.wd}
+    return SweepSettings(methods=args.methods, suite=args.suite, tasks=args.tasks, protocol=args.protocol,
+                         seeds=list(args.seeds) if args.seeds else None, num_seeds=args.num_seeds,
+                         backbone=args.backbone, checkpoint=args.checkpoint, data_root=args.data_root,
+                         sets=args.sets, overrides={k: v for k, v in overrides.items() if v is not None})
+
+
+def register(sub) -> None:
+    p = sub.add_parser("run", help="run a sweep: methods × tasks under a protocol",
+                       description="Run methods × tasks. Finished runs are skipped, unfinished ones resume.")
+    add_sweep_arguments(p)
+    p.add_argument("--runs-dir", default="runs", help="where run records go (default ./runs)")
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--dry-run", action="store_true", help="print the runs the sweep needs, run nothing")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    import torch
+
+    from ..engine import Env
+    from ..store import RunStore
+    from ..sweep import LocalExecutor, count_runs, drive, plan, print_summary, summary_rows
+
+    t0 = time.time()
+    settings = settings_from_args(args)
+    contexts = plan(settings)
+    specs = count_runs(contexts)
+    store = RunStore(args.runs_dir)
+    done = sum(store.is_done(s) for s in specs)
+    print(f"peftbench: {len(contexts)} method×task pairs, {len(specs)} runs "
+          f"({done} done already) under protocol {contexts[0].protocol.name!r}; runs in {Path(args.runs_dir).resolve()}",
+          file=sys.stderr)
+    if args.dry_run:
+        from collections import Counter
+
+        for (method, task, stage), n in sorted(Counter((s.method, s.task, s.stage) for s in specs).items()):
+            print(f"{method:<20} {task:<22} {stage:<14} {n:>5} runs")
+        print(f"total: {len(specs)} runs")
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    env = Env(device=device, quiet=args.quiet)
+    outcomes = drive(contexts, LocalExecutor(env, total=len(specs)), store)
+    rows = summary_rows(outcomes)
+    print()
+    print_summary(rows)
+    print(f"\nrun records: {Path(args.runs_dir).resolve()}  ({time.time() - t0:.0f} s)")
+    return 0 if all(r["error"] is None for r in rows) else 1

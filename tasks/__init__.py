@@ -1,0 +1,37 @@
+"""Built-in tasks and suites (VTAB-1k, FGVC, demo), and per-task values shipped as data files.
+
+A third-party package adds tasks by declaring a ``peftbench.tasks`` entry point that names a module
+registering :class:`peftbench.task.Task` objects (or names a Task / a list of them)."""
+from __future__ import annotations
+
+import csv
+from functools import lru_cache
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+
+
+@lru_cache(maxsize=None)
+def _table(filename: str) -> dict[str, dict[str, str]]:
+    from peftbench.task import TASKS
+
+    path = DATA / filename
+    rows = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for lineno, row in enumerate(csv.DictReader(line for line in fh if not line.startswith("#")), 2):
+            try:
+                rows[TASKS.canonical(row["task"])] = row
+            except KeyError as exc:
+                raise ValueError(f"{path}: row {lineno}: {exc}") from None
+    return rows
+
+
+def per_task_value(filename: str, column: str, task, fallback):
+    """(value, source) of ``column`` for ``task`` in ``tasks/data/<filename>``; ``fallback`` when the
+    task is not listed (or ``task`` is None)."""
+    if task is not None:
+        row = _table(filename).get(task.name)
+        if row is not None and row.get(column, "").strip():
+            src = row.get("source", "").strip()
+            return row[column].strip(), f"tasks/data/{filename} [{task.name}]" + (f": {src}" if src else "")
+    return fallback, f"default {fallback} (task not in tasks/data/{filename})"
