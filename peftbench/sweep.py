@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol as TypingProtocol
 
-from .backbone import checkpoint_id, resolve_checkpoint
+from .backbone import checkpoint_id, create_backbone, resolve_checkpoint
 from .method import METHODS, Method, OptionError, get_method
 from .protocols import PipelineError, PlanContext, get_protocol
 from .store import RunSpec, RunStore
@@ -101,6 +101,8 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
         seeds = tuple(base[:n])
     backbone = settings.backbone or suite.backbone
     resolve_checkpoint(backbone, settings.checkpoint)  # a missing file fails here
+    if check_data:
+        create_backbone(backbone, settings.checkpoint)  # weights that do not fit fail here, not mid-sweep
     ck_id = checkpoint_id(backbone, settings.checkpoint)
     data_root = Path(settings.data_root) if settings.data_root else default_data_root(suite)
     contexts = []

@@ -1,0 +1,48 @@
+"""Optimisers and the per-epoch schedule of the VPT/E^2VPT code (spec §2.4, §4.2)."""
+import math
+
+import pytest
+import torch
+
+from peftbench.method import get_method
+from peftbench.optim import build_optimizer, effective_lr, lr_at_epoch
+
+
+def test_warmup_then_cosine_stepped_per_epoch():
+    peak, E, W = 1.0, 100, 10
+    assert lr_at_epoch(0, peak, E, W) == 0.0  # epoch 0 runs at lr 0 (factor e/W)
+    assert lr_at_epoch(5, peak, E, W) == pytest.approx(0.5)
+    assert lr_at_epoch(10, peak, E, W) == pytest.approx(1.0)
+    assert lr_at_epoch(55, peak, E, W) == pytest.approx(0.5 * (1 + math.cos(math.pi * 45 / 90)))
+    assert lr_at_epoch(99, peak, E, W) == pytest.approx(0.5 * (1 + math.cos(math.pi * 89 / 90)))
+
+
+def test_lr_scaled_by_batch_over_256():
+    assert effective_lr(2.5, 64) == pytest.approx(0.625)
+    assert effective_lr(0.1, 128) == pytest.approx(0.05)
+
+
+def _model(tiny_backbone, name):
+    m = get_method(name)
+    return m.build(tiny_backbone, 3, m.resolve_options(m.default_options(), None)[0])
+
+
+def test_sgd_excludes_head_bias_from_weight_decay(tiny_backbone):
+    model = _model(tiny_backbone, "vpt-deep")
+    opt = build_optimizer("sgd", model, 0.1, 0.01)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    decays = {id(p): g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert decays[id(model.head.bias)] == 0.0
+    assert decays[id(model.head.weight)] == 0.01 and decays[id(model.prompt_embeddings)] == 0.01
+
+
+def test_full_finetune_optimizer_quirk(tiny_backbone):
+    model = _model(tiny_backbone, "full")
+    opt = build_optimizer("vpt-adamw", model, 1e-3, 0.0001)  # grid value ignored: fixed 0.01
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["eps"] == 1e-6
+    names = {id(p): n for n, p in model.named_parameters()}
+    for g in opt.param_groups:
+        for p in g["params"]:
+            assert g["weight_decay"] == (0.0 if "bias" in names[id(p)] else 0.01)
+    opt0 = build_optimizer("vpt-adamw", model, 1e-3, 0.0)  # wd 0 falls through to SGD
+    assert isinstance(opt0, torch.optim.SGD)
