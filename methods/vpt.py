@@ -42,7 +42,8 @@ class VptDeep(_Vpt):
     description = "VPT-deep: prompt tokens before every block (spec §4.3)"
     deep = True
     options = {
-        "prompt_tokens": Option("auto", "prompt length p (auto: VPT paper's per-task value, else 10)"),
+        "prompt_tokens": Option("auto", "prompt length p (auto: VPT paper's per-task value, else 10)",
+                                type=int, keywords=("auto",)),
         "dropout": Option(0.1, "dropout on the prompt tokens"),
     }
 
@@ -53,6 +54,7 @@ class VptShallow(_Vpt):
     description = "VPT-shallow: prompt tokens at the input only (spec §4.3)"
     deep = False
     options = {
-        "prompt_tokens": Option("auto", "prompt length p (auto: VPT paper's per-task value, else 10)"),
+        "prompt_tokens": Option("auto", "prompt length p (auto: VPT paper's per-task value, else 10)",
+                                type=int, keywords=("auto",)),
         "dropout": Option(0.0, "dropout on the prompt tokens"),
     }

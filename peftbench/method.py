@@ -36,33 +36,39 @@ from .registry import Registry, import_builtin, load_entry_points
 
 @dataclass(frozen=True)
 class Option:
-    """A method option: ``--set <method>.<name>=<value>`` (or ``--set <name>=<value>``)."""
+    """A method option: ``--set <method>.<name>=<value>`` (or ``--set <name>=<value>``).
+
+    Values are converted to ``type`` (default: the type of ``default``); ``keywords`` are literal
+    values accepted as they are (e.g. ``"auto"`` for a per-task value)."""
 
     default: Any
     help: str
     choices: tuple | None = None
+    type: type | None = None
+    keywords: tuple[str, ...] = ()
 
     def parse(self, name: str, raw: Any) -> Any:
-        """Convert a command-line string (or a value from a file) to the type of ``default``."""
+        """Convert a command-line string (or a value from a file) to the option's type."""
+        if raw in self.keywords:
+            return raw
+        kind = self.type or type(self.default)
         value = raw
-        if isinstance(raw, str):
-            kind = type(self.default)
-            try:
+        try:
+            if isinstance(raw, str):
                 if kind is bool:
                     low = raw.strip().lower()
                     if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                         raise ValueError(raw)
                     value = low in ("1", "true", "yes", "on")
-                elif kind is int:
-                    value = int(raw)
-                elif kind is float:
-                    value = float(raw)
-                elif self.default is None or kind is str:
+                elif kind in (int, float):
+                    value = kind(raw)
+                elif kind is not str:
                     value = _auto(raw)
-                else:
-                    value = _auto(raw)
-            except ValueError:
-                raise OptionError(f"option {name!r}: cannot read {raw!r} as {type(self.default).__name__}") from None
+            elif kind in (int, float) and not isinstance(raw, bool):
+                value = kind(raw)
+        except (TypeError, ValueError):
+            allowed = f" or one of {', '.join(self.keywords)}" if self.keywords else ""
+            raise OptionError(f"option {name!r}: cannot read {raw!r} as {kind.__name__}{allowed}") from None
         if self.choices is not None and value not in self.choices:
             raise OptionError(f"option {name!r}: {value!r} is not one of {', '.join(map(str, self.choices))}")
         return value

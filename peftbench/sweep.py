@@ -104,7 +104,16 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
     if check_data:
         create_backbone(backbone, settings.checkpoint)  # weights that do not fit fail here, not mid-sweep
     ck_id = checkpoint_id(backbone, settings.checkpoint)
-    data_root = Path(settings.data_root) if settings.data_root else default_data_root(suite)
+    try:
+        data_root = Path(settings.data_root) if settings.data_root else default_data_root(suite)
+    except DataError:
+        if check_data:
+            raise
+        data_root = Path("DATA-ROOT-UNSET")  # planning only (--dry-run)
+    if check_data and settings.verify_data:  # every defect of every task, before any compute
+        from .verify import require_verified
+
+        require_verified(tasks, data_root)
     contexts = []
     for t in tasks:
         fp = None
@@ -252,7 +261,8 @@ def summary_rows(outcomes: list[Outcome]) -> list[dict]:
     return rows
 
 
-def print_summary(rows: list[dict], file=sys.stdout) -> None:
+def print_summary(rows: list[dict], file=None) -> None:
+    file = file or sys.stdout
     head = f"{'method':<28} {'task':<16} {'top1':>7} {'±std':>6} {'seeds':>5} {'tuned%':>8}  notes"
     print(head, file=file)
     print("-" * len(head), file=file)

@@ -22,7 +22,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    from ..task import split_names  # commas inside VPT task names (`dsprites(a="x",b=16)`) do not split
+
+    return split_names(text)
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,6 +44,8 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wd", type=_floats, help="weight decay value(s): replaces the search grid")
     p.add_argument("--epochs", type=int, help="override the number of epochs")
     p.add_argument("--batch-size", type=int, help="override the batch size")
+    p.add_argument("--no-verify-data", dest="verify_data", action="store_false",
+                   help="do not verify the data (split sizes, classes, every image decodes) before the sweep")
 
 
 def settings_from_args(args):
@@ -52,7 +56,8 @@ def settings_from_args(args):
     return SweepSettings(methods=args.methods, suite=args.suite, tasks=args.tasks, protocol=args.protocol,
                          seeds=list(args.seeds) if args.seeds else None, num_seeds=args.num_seeds,
                          backbone=args.backbone, checkpoint=args.checkpoint, data_root=args.data_root,
-                         sets=args.sets, overrides={k: v for k, v in overrides.items() if v is not None})
+                         sets=args.sets, verify_data=getattr(args, "verify_data", True),
+                         overrides={k: v for k, v in overrides.items() if v is not None})
 
 
 def register(sub) -> None:
@@ -61,7 +66,10 @@ def register(sub) -> None:
     add_sweep_arguments(p)
     p.add_argument("--runs-dir", default="runs", help="where run records go (default ./runs)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--dry-run", action="store_true", help="print the runs the sweep needs, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the runs the sweep needs and their estimated GPU-hours, run nothing")
+    p.add_argument("--bench-table", help="bench CSV for --dry-run estimates (default: results/bench-cuda-<backbone>.csv, "
+                                         "else the CPU table)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
     p.set_defaults(func=main)
 
@@ -75,7 +83,7 @@ def main(args) -> int:
 
     t0 = time.time()
     settings = settings_from_args(args)
-    contexts = plan(settings)
+    contexts = plan(settings, check_data=not args.dry_run)  # a dry run needs no data and no weights
     specs = count_runs(contexts)
     store = RunStore(args.runs_dir)
     done = sum(store.is_done(s) for s in specs)
@@ -83,11 +91,9 @@ def main(args) -> int:
           f"({done} done already) under protocol {contexts[0].protocol.name!r}; runs in {Path(args.runs_dir).resolve()}",
           file=sys.stderr)
     if args.dry_run:
-        from collections import Counter
+        from ..estimate import print_plan
 
-        for (method, task, stage), n in sorted(Counter((s.method, s.task, s.stage) for s in specs).items()):
-            print(f"{method:<20} {task:<22} {stage:<14} {n:>5} runs")
-        print(f"total: {len(specs)} runs")
+        print_plan(specs, contexts, Path(args.bench_table) if args.bench_table else None)
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = Env(device=device, quiet=args.quiet)

@@ -1,0 +1,130 @@
+"""Bad input gets a clear error naming the file, line or option, before any compute, and never loses a
+finished run."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from peftbench.cli import main
+
+from helpers import TINY_BACKBONE, ensure_registered, make_data_root
+
+ensure_registered()
+
+
+@pytest.fixture
+def root(tmp_path):
+    return make_data_root(tmp_path / "data")
+
+
+def run(capsys, root, runs, *extra, tasks="toy"):
+    code = main(["run", "--methods", "linear", "--suite", "testsuite", "--tasks", tasks, "--data-root", str(root),
+                 "--runs-dir", str(runs), "--backbone", TINY_BACKBONE, "--protocol", "fixed", "--seeds", "1",
+                 "--epochs", "1", "--batch-size", "16", "--quiet", *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def finished(capsys, root, tmp_path):
+    """A runs dir holding one finished run, and its record's bytes."""
+    runs = tmp_path / "runs"
+    code, _ = run(capsys, root, runs)
+    assert code == 0
+    (rec,) = list(runs.rglob("*.json"))
+    return runs, rec, rec.read_bytes()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--methods", "nope"], "unknown method 'nope'"),
+    (["--methods", "linear", "--tasks", "toyy"], "unknown task 'toyy'"),
+    (["--methods", "linear", "--suite", "vtabb"], "unknown suite 'vtabb'"),
+    (["--methods", "linear", "--set", "linear.dropout=1"], "method 'linear' has no option 'dropout'"),
+    (["--methods", "vpt", "--set", "vpt.prompt_tokens=ten"], "cannot read 'ten'"),
+])
+def test_unknown_names_and_options(capsys, argv, needle):
+    assert main(["run", "--suite", "testsuite"] + argv if "--suite" not in argv else ["run"] + argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_missing_data_root_names_path_and_how_to_get(capsys, tmp_path):
+    code = main(["run", "--methods", "linear", "--suite", "vtab", "--tasks", "dtd", "--data-root",
+                 str(tmp_path / "nowhere"), "--backbone", TINY_BACKBONE])
+    err = capsys.readouterr().err
+    assert code == 2 and str(tmp_path / "nowhere" / "vtab-1k" / "dtd") in err and "--data-root" in err
+
+
+def test_vtab_without_data_root_says_how(capsys, monkeypatch):
+    monkeypatch.delenv("PEFTBENCH_DATA", raising=False)
+    assert main(["run", "--methods", "linear", "--suite", "vtab", "--backbone", TINY_BACKBONE]) == 2
+    assert "--data-root" in capsys.readouterr().err
+
+
+def test_missing_split_file(capsys, root, finished):
+    runs, rec, before = finished
+    (root / "testsuite" / "toy" / "val200.txt").unlink()
+    code, err = run(capsys, root, runs)
+    assert code == 2 and "val200.txt is missing" in err
+    assert rec.read_bytes() == before
+
+
+def test_malformed_split_line_names_file_and_line(capsys, root, finished):
+    runs, rec, before = finished
+    f = root / "testsuite" / "toy" / "test.txt"
+    lines = f.read_text().splitlines()
+    lines[4] = "images/test/000004.png"  # no label
+    f.write_text("\n".join(lines) + "\n")
+    code, err = run(capsys, root, runs)
+    assert code == 2 and f"{f}:5:" in err
+    assert rec.read_bytes() == before
+
+
+def test_label_outside_classes(capsys, root, finished):
+    runs, rec, before = finished
+    f = root / "testsuite" / "toy" / "train800.txt"
+    lines = f.read_text().splitlines()
+    lines[2] = lines[2].rsplit(" ", 1)[0] + " 7"
+    f.write_text("\n".join(lines) + "\n")
+    code, err = run(capsys, root, runs)
+    assert code == 2 and f"{f}:3: label 7 is outside the task's classes 0..2" in err
+    assert rec.read_bytes() == before
+
+
+def test_undecodable_image_names_its_path(capsys, root, finished):
+    runs, rec, before = finished
+    bad = root / "testsuite" / "toy_b" / "images" / "test" / "000003.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    code, err = run(capsys, root, runs, tasks="toy_b")
+    assert code != 0 and str(bad) in err
+    assert rec.read_bytes() == before
+
+
+def test_checkpoint_that_does_not_fit_names_keys(capsys, root, finished, tmp_path):
+    runs, rec, before = finished
+    ck = tmp_path / "wrong.safetensors"
+    save_file({"cls_token": torch.zeros(1, 1, 7), "something.else": torch.zeros(2)}, str(ck))
+    code, err = run(capsys, root, runs, "--checkpoint", str(ck))
+    assert code == 2 and "does not fit the backbone" in err
+    assert "missing keys" in err and "unexpected keys [something.else]" in err and "cls_token (1, 1, 7)" in err
+    assert rec.read_bytes() == before
+    code, err = run(capsys, root, runs, "--checkpoint", str(tmp_path / "absent.pth"))
+    assert code == 2 and "absent.pth: no such file" in err
+
+
+def test_pickled_checkpoint_is_refused(capsys, root, tmp_path):
+    ck = tmp_path / "evil.pth"
+    torch.save({"x": object()}, ck)  # needs pickle code to load: weights_only refuses it
+    code, err = run(capsys, root, tmp_path / "runs", "--checkpoint", str(ck))
+    assert code == 2 and "weights_only" in err
+
+
+def test_good_checkpoint_loads(capsys, root, tmp_path):
+    from peftbench.backbone import create_backbone
+
+    bb = create_backbone(TINY_BACKBONE)
+    ck = tmp_path / "good.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.state_dict().items()}, str(ck))
+    code, _ = run(capsys, root, tmp_path / "runs", "--checkpoint", str(ck))
+    assert code == 0
+    (rec,) = list((tmp_path / "runs").rglob("*.json"))
+    assert json.loads(rec.read_text())["spec"]["checkpoint_id"]
