@@ -136,11 +136,15 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        # the original JAX ViT checkpoints (ViT-B_16.npz): timm's converter maps the names
+        # the original JAX ViT checkpoints (ViT-B_16.npz): timm's converter maps the names; the keys are
+        # checked first so that a file that does not fit is reported by key, not by a bare shape error
+        problems = _npz_problems(model, path)
+        if problems:
+            raise BackboneError(f"checkpoint {path} does not fit the backbone: " + "; ".join(problems))
         try:
             model.load_pretrained(str(path))
         except Exception as exc:
-            raise BackboneError(f"checkpoint {path} does not fit the backbone: {exc}") from None
+            raise BackboneError(f"checkpoint {path} does not fit the backbone: {type(exc).__name__}: {exc}") from None
         return
     if suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -175,6 +179,64 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
                 [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
         raise BackboneError(f"checkpoint {path} does not fit the backbone: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+def _npz_problems(model: nn.Module, path: Path) -> list[str]:
+    """Missing keys, shape mismatches and surplus encoder blocks of an original-format ViT .npz
+    (``ViT-B_16.npz`` names: ``Transformer/encoderblock_{i}/...``) against a timm ViT. Other npz
+    layouts (big_vision ``params/...``) are left to timm's converter."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            shapes = {k: tuple(z[k].shape) for k in z.files}
+    except Exception as exc:
+        return [f"cannot be read as .npz ({type(exc).__name__}: {exc})"]
+    prefix = "opt/target/" if "opt/target/embedding/kernel" in shapes else ""
+    if f"{prefix}Transformer/encoderblock_0/LayerNorm_0/scale" not in shapes and prefix + "embedding/kernel" not in shapes:
+        if any(k.startswith("params/") for k in shapes):
+            return []  # big_vision layout: timm handles and reports it
+        return [f"not a ViT .npz (no 'embedding/kernel' nor 'Transformer/encoderblock_0/...'; "
+                f"keys {_short(sorted(shapes))})"]
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "cls_token"):
+        return []
+    d = model.cls_token.shape[-1]
+    heads = blocks[0].attn.num_heads
+    hd = d // heads
+    mlp = blocks[0].mlp.fc1.out_features
+    want = {"embedding/bias": (d,), "cls": (1, 1, d), "Transformer/encoder_norm/scale": (d,),
+            "Transformer/encoder_norm/bias": (d,)}
+    for i in range(len(blocks)):
+        p = f"Transformer/encoderblock_{i}/"
+        for ln in ("LayerNorm_0", "LayerNorm_2"):
+            want[p + ln + "/scale"] = want[p + ln + "/bias"] = (d,)
+        for n in ("query", "key", "value"):
+            want[p + f"MultiHeadDotProductAttention_1/{n}/kernel"] = (d, heads, hd)
+            want[p + f"MultiHeadDotProductAttention_1/{n}/bias"] = (heads, hd)
+        want[p + "MultiHeadDotProductAttention_1/out/kernel"] = (heads, hd, d)
+        want[p + "MultiHeadDotProductAttention_1/out/bias"] = (d,)
+        want[p + "MlpBlock_3/Dense_0/kernel"], want[p + "MlpBlock_3/Dense_0/bias"] = (d, mlp), (mlp,)
+        want[p + "MlpBlock_3/Dense_1/kernel"], want[p + "MlpBlock_3/Dense_1/bias"] = (mlp, d), (d,)
+    missing = [k for k in want if prefix + k not in shapes]
+    wrong = []
+    for k in ("embedding/kernel", "Transformer/posembed_input/pos_embedding"):  # resampled by timm: width only
+        if prefix + k not in shapes:
+            missing.append(k)
+        elif shapes[prefix + k][-1] != d:
+            wrong.append(f"{k} {shapes[prefix + k]} (width {shapes[prefix + k][-1]}, the model's is {d})")
+    wrong += [f"{k} {shapes[prefix + k]} vs {v}" for k, v in want.items()
+              if prefix + k in shapes and shapes[prefix + k] != v]
+    extra = sorted({k.split("/")[1] for k in shapes if k.startswith(prefix + "Transformer/encoderblock_")
+                    and int(k[len(prefix + "Transformer/encoderblock_"):].split("/")[0]) >= len(blocks)})
+    out = []
+    if missing:
+        out.append(f"missing keys {_short([prefix + k for k in missing])}")
+    if wrong:
+        out.append(f"shape mismatch {_short(wrong)}")
+    if extra:
+        out.append(f"unexpected encoder blocks {_short(extra)} (the model has {len(blocks)})")
+    return out
 
 
 def _short(items: list[str], n: int = 6) -> str:

@@ -39,6 +39,12 @@ class Task:
     materialise: Callable[[Path], None] | None = None  # builds the files (demo tasks) when missing
     how_to_get: str = ""  # printed when the data is missing
     image_root: str = ""  # sub-folder the image paths of the split lists are relative to
+    # splits in which every class must occur (`peftbench data verify` reports a missing class as a defect;
+    # in other splits a missing class is only noted: VTAB's train800/val200 are not class-stratified)
+    complete_splits: tuple[str, ...] = ()
+    # how images become model input: "resize" (VTAB, spec §7.1: straight to the square input size) or
+    # "resize-crop" (FGVC, spec §7.2: shorter side to 256/224 of the input size, then a crop; see data.py)
+    preprocess: str = "resize"
 
     def directory(self, data_root: Path) -> Path:
         suite = SUITES.get(self.suite)
@@ -70,7 +76,58 @@ def _load_tasks() -> None:
     load_entry_points("peftbench.tasks", _register_object)
 
 
-TASKS: Registry[Task] = Registry("task", loader=_load_tasks)
+def normalise_task_name(name: str) -> str:
+    """One spelling for parameterised task names (task_adaptation / VPT style), so that
+    ``vtab-dsprites(predicted_attribute="label_x_position", num_classes=16)``,
+    ``vtab-dsprites(num_classes=16,predicted_attribute='label_x_position')`` and the registered alias are
+    the same key: spaces and quotes dropped, parameters sorted by name. Other names are returned unchanged."""
+    name = name.strip()
+    if not (name.endswith(")") and "(" in name):
+        return name
+    base, _, args = name[:-1].partition("(")
+    params = []
+    for part in _split_top_level(args):
+        key, eq, value = part.partition("=")
+        value = value.strip().strip("\"'")
+        params.append(f"{key.strip()}={value}" if eq else key.strip().strip("\"'"))
+    return f"{base.strip()}({','.join(sorted(p for p in params if p))})"
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on commas that are outside quotes and parentheses."""
+    parts, depth, quote, cur = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch == "(":
+            depth += 1
+        elif ch == ")":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def split_names(text: str) -> list[str]:
+    """Comma-separated names; commas inside parentheses or quotes (VPT task names) do not split."""
+    return [x.strip() for x in _split_top_level(text) if x.strip()]
+
+
+class _TaskRegistry(Registry):
+    """The task registry also accepts parameterised names in any spacing, quoting and parameter order."""
+
+    @staticmethod
+    def _norm(name: str) -> str:
+        return Registry._norm(normalise_task_name(name))
+
+
+TASKS: Registry[Task] = _TaskRegistry("task", loader=_load_tasks)
 SUITES: Registry[Suite] = Registry("suite", loader=_load_tasks)
 
 
@@ -149,25 +206,32 @@ def read_split(task: Task, data_root: Path, split: str) -> Split:
     paths, labels = [], []
     with open(f, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+            entry = parse_split_line(f, lineno, line, task.num_classes)
+            if entry is None:
                 continue
-            parts = line.rstrip("\n").rsplit(maxsplit=1)
-            if len(parts) != 2:
-                raise DataError(f"{f}:{lineno}: expected '<image path> <label>', got {line.strip()!r}")
-            rel, lab = parts
-            try:
-                label = int(lab)
-            except ValueError:
-                raise DataError(f"{f}:{lineno}: label {lab!r} is not an integer") from None
-            if not 0 <= label < task.num_classes:
-                raise DataError(
-                    f"{f}:{lineno}: label {label} is outside the task's classes 0..{task.num_classes - 1}"
-                )
-            paths.append(base / rel)
-            labels.append(label)
+            paths.append(base / entry[0])
+            labels.append(entry[1])
     if not labels:
         raise DataError(f"{f}: the split list is empty")
     return Split(task.name, split, f, tuple(paths), tuple(labels))
+
+
+def parse_split_line(f: Path, lineno: int, line: str, num_classes: int) -> tuple[str, int] | None:
+    """One line of a NOAH split list → (relative image path, label); None for a blank line. A bad line
+    raises DataError naming the file and the line (``peftbench data verify`` collects them all)."""
+    if not line.strip():
+        return None
+    parts = line.rstrip("\r\n").rsplit(maxsplit=1)
+    if len(parts) != 2:
+        raise DataError(f"{f}:{lineno}: expected '<image path> <label>', got {line.strip()!r}")
+    rel, lab = parts
+    try:
+        label = int(lab)
+    except ValueError:
+        raise DataError(f"{f}:{lineno}: label {lab!r} is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise DataError(f"{f}:{lineno}: label {label} is outside the task's classes 0..{num_classes - 1}")
+    return rel, label
 
 
 def fingerprint(task: Task, data_root: Path) -> str:
