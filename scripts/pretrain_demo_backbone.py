@@ -287,7 +287,10 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     st_path = args.out / "demo_vit.safetensors"
     state = {k: v.detach().to(torch.float32).contiguous() for k, v in backbone.state_dict().items()}
-    save_file(state, str(st_path), metadata={"format": "pt", "timm_model": TIMM_MODEL})
+    # A single metadata key: safetensors writes a multi-key metadata dict in hash order,
+    # which would make the file bytes differ from run to run.
+    save_file(state, str(st_path), metadata={"format": "pt"})
+    os.chmod(st_path, 0o644)  # safetensors may create it 0600; it is a shared, committed asset
     cmd_args = [a for a in (argv if argv is not None else sys.argv[1:])]
     provenance = {
         "description": "Tiny ViT demo backbone pretrained supervised on Fashion-MNIST; features = CLS token after final norm (dim 96).",
