@@ -71,6 +71,26 @@ def register(sub) -> None:
     p.add_argument("--bench-table", help="bench CSV for --dry-run estimates (default: results/bench-cuda-<backbone>.csv, "
                                          "else the CPU table)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    g = p.add_argument_group("SLURM", "with --executor slurm (docs/slurm.md); flags override --slurm-profile")
+    g.add_argument("--executor", choices=("local", "slurm"), default="local",
+                   help="local: run here, one run after the other (default); slurm: one submitit job array per stage")
+    g.add_argument("--slurm-profile", metavar="FILE", help="TOML cluster profile (scripts/slurm/profile.example.toml)")
+    g.add_argument("--slurm-partition", metavar="NAME")
+    g.add_argument("--slurm-account", metavar="NAME")
+    g.add_argument("--slurm-qos", metavar="NAME")
+    g.add_argument("--slurm-constraint", metavar="FEATURES")
+    g.add_argument("--slurm-gpus", type=int, metavar="N", help="GPUs per job, one run per GPU (default 1; 0: CPU jobs)")
+    g.add_argument("--slurm-cpus", type=int, metavar="N", help="CPUs per job (default 8)")
+    g.add_argument("--slurm-mem-gb", type=float, metavar="GB", help="memory per job (default 32)")
+    g.add_argument("--slurm-timeout-min", type=int, metavar="MIN", help="time limit per job; then checkpoint + requeue (default 240)")
+    g.add_argument("--slurm-array-parallelism", type=int, metavar="N", help="tasks of an array running at once (default 64)")
+    g.add_argument("--slurm-max-retries", type=int, metavar="N", help="resubmissions of a run whose job died (default 2)")
+    g.add_argument("--pack", type=int, metavar="N", help="runs per job: pack N short runs (search trials) into one job (default 1)")
+    g.add_argument("--slurm-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="extra sbatch argument, e.g. --slurm-arg exclude=node07 (repeatable)")
+    g.add_argument("--slurm-setup", action="append", default=[], metavar="LINE",
+                   help="shell line run in the job before python, e.g. 'module load cuda' (repeatable)")
+    g.add_argument("--slurm-set", action="append", default=[], metavar="KEY=VALUE", help="any profile key (repeatable)")
     p.set_defaults(func=main)
 
 
@@ -83,6 +103,11 @@ def main(args) -> int:
 
     t0 = time.time()
     settings = settings_from_args(args)
+    from ..slurm import settings_from_args as slurm_settings_from_args
+
+    slurm = slurm_settings_from_args(args)  # None for --executor local; a bad profile stops here
+    if slurm is not None:
+        print(f"peftbench: SLURM: {slurm.describe()}", file=sys.stderr)
     contexts = plan(settings, check_data=not args.dry_run)  # a dry run needs no data and no weights
     specs = count_runs(contexts)
     store = RunStore(args.runs_dir)
@@ -97,7 +122,13 @@ def main(args) -> int:
         return 0
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     env = Env(device=device, quiet=args.quiet)
-    outcomes = drive(contexts, LocalExecutor(env, total=len(specs)), store)
+    if slurm is not None:
+        from ..slurm import SlurmExecutor
+
+        executor = SlurmExecutor(slurm, args.runs_dir, quiet=args.quiet, total=len(specs))
+    else:
+        executor = LocalExecutor(env, total=len(specs))
+    outcomes = drive(contexts, executor, store)
     rows = summary_rows(outcomes)
     print()
     print_summary(rows)

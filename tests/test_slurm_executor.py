@@ -1,0 +1,242 @@
+"""The SLURM executor's logic without SLURM: submitit's in-process ``debug`` cluster runs the job
+arrays; profiles and flags, stages as arrays, packing, retries, give-up, re-attach, the driver lock,
+the state file and ``peftbench status``. The real cluster is tests/test_slurm_integration.py."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cloudpickle
+import pytest
+import submitit
+
+from peftbench import slurm as slurm_mod
+from peftbench.cli import build_parser, main as cli_main
+from peftbench.slurm import RunJob, SlurmExecutor, make_settings, parse_state_lines, read_state
+from peftbench.store import RunSpec, RunStore
+from peftbench.sweep import SettingsError, SweepSettings, count_runs, drive, plan
+
+from helpers import TINY_BACKBONE, make_data_root
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_data_root(tmp_path_factory.mktemp("toydata"))
+
+
+def debug_settings(**kw):
+    return make_settings(flags=dict({"gpus_per_node": 0, "cpus_per_task": 1, "max_retries": 2}, **kw),
+                         sets=["cluster = 'debug'", "poll_s = 0.01"])
+
+
+def contexts(data_root, lr_grid=(0.05, 0.01), seeds=(1,)):
+    return plan(SweepSettings(methods=["linear"], suite="testsuite", tasks=["toy"], protocol="vpt",
+                              data_root=str(data_root), backbone=TINY_BACKBONE, seeds=list(seeds),
+                              overrides={"epochs": 2, "batch_size": 16, "lr_grid": lr_grid, "wd_grid": (0.0,)}))
+
+
+def spec(data_root, seed=1, task="toy", **kw):
+    hp = {"optimizer": "sgd", "batch_size": 16, "epochs": 1, "lr": 0.05, "wd": 0.0, "eval_every": 0}
+    return RunSpec(method="linear", task=task, suite="testsuite", protocol="vpt", stage="final",
+                   train_split="train800val200", eval_split="test", hparams=hp, seed=seed,
+                   backbone=TINY_BACKBONE, data_root=str(data_root), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# settings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_profile_flags_and_errors(tmp_path):
+    prof = tmp_path / "cluster.toml"
+    prof.write_text('partition = "gpu"\naccount = "proj"\ngpus_per_node = 4\nmem_gb = 64\npack = 2\n'
+                    'setup = ["module load cuda"]\n[additional_parameters]\nexclude = "node07"\n')
+    s = make_settings(prof, sets=["max_retries = 5"], flags={"gpus_per_node": 1, "partition": None},
+                      extra_args=["comment=sweep"], setup=["source env.sh"])
+    assert (s.partition, s.account, s.gpus_per_node, s.mem_gb, s.pack, s.max_retries) == ("gpu", "proj", 1, 64.0, 2, 5)
+    assert s.additional_parameters == {"exclude": "node07", "comment": "sweep"}
+    assert s.setup == ["module load cuda", "source env.sh"]
+    assert s.sources["partition"] == str(prof) and s.sources["gpus_per_node"] == "flag"
+    assert "partition=gpu" in s.describe() and "--exclude=node07" in s.describe()
+
+    prof.write_text('partition = "gpu"\ngpus = 2\n')
+    with pytest.raises(SettingsError, match=rf"{prof}.*unknown key 'gpus'"):
+        make_settings(prof)
+    prof.write_text('timeout_min = "2h"\n')
+    with pytest.raises(SettingsError, match=r"'timeout_min' must be a integer"):
+        make_settings(prof)
+    prof.write_text('timeout_min = 1\nsignal_delay_s = 120\n')
+    with pytest.raises(SettingsError, match="signal_delay_s"):
+        make_settings(prof)
+    with pytest.raises(SettingsError, match="no such file"):
+        make_settings(tmp_path / "missing.toml")
+    with pytest.raises(SettingsError, match="pack=0"):
+        make_settings(flags={"pack": 0})
+    # the committed example profile stays valid
+    example = make_settings(Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "profile.example.toml")
+    assert example.partition == "gpu" and example.additional_parameters["exclude"] == "node[07-08]"
+
+
+def test_cli_flags(tmp_path):
+    parser = build_parser()
+    args = parser.parse_args(["run", "--methods", "linear", "--executor", "slurm", "--slurm-gpus", "0",
+                              "--slurm-partition", "p1", "--pack", "3", "--slurm-arg", "exclude=n1",
+                              "--slurm-set", "poll_s=2"])
+    s = slurm_mod.settings_from_args(args)
+    assert (s.gpus_per_node, s.partition, s.pack, s.poll_s, s.additional_parameters) == (0, "p1", 3, 2.0, {"exclude": "n1"})
+    assert slurm_mod.settings_from_args(parser.parse_args(["run", "--methods", "linear"])) is None
+    # SLURM flags without --executor slurm are a mistake, reported before any planning
+    assert cli_main(["run", "--methods", "linear", "--pack", "4"]) == 2
+
+
+def test_parse_sacct_and_squeue_lines():
+    text = ("JobID|State|NodeList\n123_0|RUNNING|vm\n123_0.batch|RUNNING|vm\n123_1|CANCELLED by 0|vm\n"
+            "123_[2-4%2]|PENDING|None assigned\n124|COMPLETED|vm\n125_7|OUT_OF_MEMORY|n3\n")
+    st = parse_state_lines(text)
+    assert st["123_0"] == {"state": "RUNNING", "node": "vm"}
+    assert st["123_1"]["state"] == "CANCELLED" and st["124"]["state"] == "COMPLETED"
+    assert [st[f"123_{i}"]["state"] for i in (2, 3, 4)] == ["PENDING"] * 3 and st["123_2"]["node"] is None
+    assert st["125_7"]["state"] == "OUT_OF_MEMORY" and "123_0.batch" not in st
+
+
+def test_run_job_is_checkpointable_and_pickles(tmp_path, data_root):
+    job = RunJob([spec(data_root).to_dict()], str(tmp_path), "auto")
+    job.finished["x"] = "ok"
+    assert isinstance(job, submitit.helpers.Checkpointable)
+    delayed = job.checkpoint()
+    assert delayed.function is job  # resubmits itself
+    back = cloudpickle.loads(cloudpickle.dumps(delayed))
+    assert back.function.finished == {"x": "ok"} and back.function.specs == job.specs
+
+
+# ---------------------------------------------------------------------------------------------
+# the executor, on submitit's in-process debug cluster
+# ---------------------------------------------------------------------------------------------
+
+
+def test_stages_run_as_arrays_and_records_name_their_jobs(tmp_path, data_root, capsys):
+    runs = tmp_path / "runs"
+    ctxs = contexts(data_root)
+    total = len(count_runs(ctxs))
+    logs = []
+    ex = SlurmExecutor(debug_settings(pack=2), runs, quiet=True, total=total, log=logs.append)
+    submitted = []
+    real_submit = ex._submit
+    ex._submit = lambda specs, why: submitted.append([s.stage for s in specs]) or real_submit(specs, why)
+    outcomes = drive(ctxs, ex, RunStore(runs))
+    ex.close()
+    assert submitted == [["search", "search"], ["final"]]  # one array per stage, finished stages first
+    assert outcomes[0].error is None and outcomes[0].records[0]["status"] == "ok"
+    recs = [r for _, r, _ in RunStore(runs).iter_records()]
+    assert len(recs) == total == 3 and all(r["status"] == "ok" for r in recs)
+    jobs = {r["spec"]["stage"]: r["slurm"]["job_id"] for r in recs}
+    assert all(j.startswith("DEBUG_") for j in jobs.values())
+    assert len({r["slurm"]["job_id"] for r in recs if r["spec"]["stage"] == "search"}) == 1  # packed: 2 runs, 1 job
+    assert all(r["slurm"]["starts"][0]["resume_epoch"] == 0 for r in recs)
+    state = read_state(runs)
+    assert {e["job_id"] for e in state["runs"].values()} == {r["slurm"]["job_id"] for r in recs}
+    assert all(e["result"] == "ok" for e in state["runs"].values())
+    assert any("[run 3/3]" in m for m in logs)
+
+    # status: everything done, with job ids
+    capsys.readouterr()
+    assert cli_main(["status", "--runs-dir", str(runs), "--no-query", "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "linear" in out and "toy" in out and "job DEBUG_" in out
+    assert cli_main(["status", "--runs-dir", str(runs), "--json", "--no-query"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert [r["status"] for r in info["runs"]] == ["done"] * 3 and info["driver"] is None
+
+    # a second driver submits nothing: every run is done
+    ex2 = SlurmExecutor(debug_settings(), runs, quiet=True, log=logs.append)
+    ex2._submit = lambda specs, why: pytest.fail("resubmitted a finished run")
+    drive(contexts(data_root), ex2, RunStore(runs))
+    ex2.close()
+
+
+def test_retries_give_up_and_exceptions(tmp_path, data_root, monkeypatch):
+    """A job that ends without a final record is resubmitted up to max_retries times (each recorded in
+    ``retries``), then the run is a failed record; an exception inside a run is a failed record at
+    once, and the other runs of the array go on."""
+    runs = tmp_path / "runs"
+    store = RunStore(runs)
+    flaky, dead, broken = spec(data_root, seed=1), spec(data_root, seed=2), spec(data_root, seed=3, task="toy_b")
+    broken = RunSpec.from_dict(dict(broken.to_dict(), data_root=str(tmp_path / "nowhere")))
+    real = slurm_mod._execute
+    calls = {}
+
+    def fake_execute(s, st, env):
+        calls[s.key] = calls.get(s.key, 0) + 1
+        if s.key == dead.key or (s.key == flaky.key and calls[s.key] == 1):
+            return {"status": "running"}  # the job "dies" here: its record stays "running"
+        return real(s, st, env)
+
+    monkeypatch.setattr(slurm_mod, "_execute", fake_execute)
+    logs = []
+    ex = SlurmExecutor(debug_settings(max_retries=1), runs, quiet=True, total=3, log=logs.append)
+    recs = ex.run([flaky, dead, broken], store)
+    ex.close()
+    by = {r["spec"]["seed"]: r for r in recs}
+    assert by[1]["status"] == "ok" and [r["reason"] for r in by[1]["retries"]] == ["resubmitted (retry 1 of 1)"]
+    assert len(by[1]["slurm"]["starts"]) == 2 and by[1]["attempts"] == 1
+    assert by[2]["status"] == "failed" and len(by[2]["retries"]) == 1 and "gave up after 1 retry" in by[2]["error"]
+    assert by[2]["retries"][0]["state"] == "COMPLETED"
+    assert by[3]["status"] == "failed" and "Traceback" in by[3]["error"] and "retries" not in by[3]
+    assert calls[flaky.key] == 2 and calls[dead.key] == 2 and calls[broken.key] == 1
+    assert any("resubmitting (retry 1/1)" in m for m in logs)
+    assert store.load(dead)["status"] == "failed" and not store.is_done(dead)  # a rerun tries it again
+
+
+def test_restarted_driver_reattaches_instead_of_resubmitting(tmp_path, data_root, monkeypatch):
+    runs = tmp_path / "runs"
+    store = RunStore(runs)
+    alive, ended = spec(data_root, seed=1), spec(data_root, seed=2)
+    # what an earlier driver left behind: both submitted; one job still runs, the other died
+    ex0 = SlurmExecutor(debug_settings(), runs, quiet=True, log=lambda m: None)
+    ex0._track(alive, "77_0")
+    ex0._track(ended, "77_1")
+    ex0.close()
+    store.write(ended, {"key": ended.key, "spec": ended.to_dict(), "status": "running", "slurm": {"job_id": "77_1"}})
+
+    logs = []
+    ex = SlurmExecutor(debug_settings(), runs, quiet=True, log=logs.append)
+    ex.s.cluster = "slurm"  # re-attaching asks SLURM; answer for it
+    polls = {"n": 0}
+
+    def fake_query(ids):
+        polls["n"] += 1
+        if polls["n"] >= 3 and store.load(alive) is None:  # the re-attached job finishes
+            store.write(alive, {"key": alive.key, "spec": alive.to_dict(), "status": "ok", "metrics": {"top1": 50.0},
+                                "slurm": {"job_id": "77_0"}})
+        states = {"77_0": "RUNNING" if polls["n"] < 3 else "COMPLETED", "77_1": "NODE_FAIL", "78": "COMPLETED"}
+        return {j: {"state": states[j], "node": "n1"} for j in ids if j in states}
+
+    def fake_submit(specs, why):
+        assert [s.key for s in specs] == [ended.key], "only the run whose job died is submitted again"
+        for s in specs:
+            rec = dict(store.load(s) or {})  # as the engine does, keep `retries`
+            rec.update(status="ok", metrics={"top1": 60.0}, slurm={"job_id": "78"})
+            store.write(s, rec)
+            ex._track(s, "78")
+        return {s.key: "78" for s in specs}
+
+    monkeypatch.setattr(ex, "_query_slurm", fake_query)
+    monkeypatch.setattr(ex, "_submit", fake_submit)
+    recs = ex.run([alive, ended], store)
+    ex.close()
+    assert [r["status"] for r in recs] == ["ok", "ok"]
+    assert any("re-attached to job 77_0" in m for m in logs)
+    rec = store.load(ended)
+    assert rec["retries"][0]["state"] == "NODE_FAIL" and "restarted driver" in rec["retries"][0]["reason"]
+    assert read_state(runs)["runs"][ended.key]["jobs"] == ["77_1", "78"]
+
+
+def test_one_driver_per_runs_dir(tmp_path):
+    runs = tmp_path / "runs"
+    first = SlurmExecutor(debug_settings(), runs, quiet=True, log=lambda m: None)
+    assert slurm_mod.driver_lock_holder(runs)["pid"] > 0
+    with pytest.raises(SettingsError, match="another peftbench driver"):
+        SlurmExecutor(debug_settings(), runs, quiet=True, log=lambda m: None)
+    first.close()
+    assert slurm_mod.driver_lock_holder(runs) is None
+    SlurmExecutor(debug_settings(), runs, quiet=True, log=lambda m: None).close()
