@@ -160,15 +160,20 @@ def _check_value(key: str, value: Any, where: str) -> Any:
     return value
 
 
-def read_profile(path: str | Path) -> dict:
-    """The keys of a TOML cluster profile, checked (an unknown key is an error naming file and key)."""
+def _tomllib():
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         try:
             import tomli as tomllib  # type: ignore[no-redef]
         except ModuleNotFoundError:
-            raise _error("--slurm-profile needs Python >= 3.11 (tomllib) or the tomli package") from None
+            raise _error("SLURM profiles need Python >= 3.11 (tomllib) or the tomli package") from None
+    return tomllib
+
+
+def read_profile(path: str | Path) -> dict:
+    """The keys of a TOML cluster profile, checked (an unknown key is an error naming file and key)."""
+    tomllib = _tomllib()
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -190,8 +195,7 @@ def _parse_set(item: str, flag: str) -> tuple[str, Any]:
 
 def _toml_value(raw: str) -> Any:
     """A TOML literal (10, 2.5, true, "x", ["a"]); anything else is a plain string."""
-    import tomllib
-
+    tomllib = _tomllib()
     try:
         return tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
