@@ -60,7 +60,11 @@ class Env:
         key = (spec.backbone, spec.checkpoint)
         if key not in self._backbones:
             self._backbones.clear()
-            self._backbones[key] = create_backbone(spec.backbone, spec.checkpoint)
+            # own RNG: the caller's seeded state is not consumed (a run's init must not depend on whether
+            # the backbone was cached), and a backbone without pretrained weights is the same every time
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self._backbones[key] = create_backbone(spec.backbone, spec.checkpoint)
         return copy.deepcopy(self._backbones[key])
 
     def log(self, msg: str) -> None:
@@ -85,15 +89,22 @@ def normalizer_for(spec: RunSpec, device) -> Normalizer:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_model(spec: RunSpec, env: Env) -> PeftModel:
-    """The method's model on the pretrained backbone, seeded by the run's seed."""
+def build_model(spec: RunSpec, env: Env, store: RunStore | None = None) -> PeftModel:
+    """The method's model on the pretrained backbone, seeded by the run's seed.
+
+    ``extras["init_state"]``: a weights file to load after building. A relative path names a file in
+    this run's folder of the store (``<runs-dir>/<method>/<task>/``), e.g. another run's
+    ``<key>.final.safetensors``: a pipeline can name it without knowing where the store is."""
     task = get_task(spec.task)
     method = get_method(spec.method)
     seed_everything(spec.seed)
     model = method.build(env.backbone(spec), task.num_classes, dict(spec.options))
     init_state = spec.extras.get("init_state")
     if init_state:
-        load_trainable(model, Path(init_state))
+        path = Path(init_state)
+        if not path.is_absolute() and store is not None:
+            path = store.record_path(spec).parent / path
+        load_trainable(model, path)
     return model
 
 
@@ -199,7 +210,7 @@ def train(spec: RunSpec, store: RunStore, env: Env) -> dict:
     hp = spec.hparams
     data_root = Path(spec.data_root)
 
-    model = build_model(spec, env)
+    model = build_model(spec, env, store)
     if spec.extras.get("save_init"):
         save_trainable(model, store.artifact_path(spec, "init.safetensors"))
     params = parameter_summary(model)

@@ -150,6 +150,8 @@ class RunStore:
         if not self.root.exists():
             return
         for path in sorted(self.root.glob("*/*/*.json")):
+            if "." in path.stem:  # <key>.<name>.json: an artifact of a run (e.g. scores), not a record
+                continue
             try:
                 yield path, read_record(path), None
             except CorruptRecord as exc:
