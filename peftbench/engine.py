@@ -273,7 +273,8 @@ def train(spec: RunSpec, store: RunStore, env: Env) -> dict:
         loss_sum, t_epoch = 0.0, time.time()
         for s in range(steps):
             idx = order[s * batch:(s + 1) * batch]
-            x = prepare(augment(train_x[idx]) if augment else train_x[idx])
+            batch_x = _gather(train_x, idx)
+            x = prepare(augment(batch_x) if augment else batch_x)
             y = train_data.labels[idx].to(dev)
             with _autocast(env):
                 logits = forward(x)
@@ -335,6 +336,13 @@ def train(spec: RunSpec, store: RunStore, env: Env) -> dict:
         "num_train": n,
         "num_eval": len(eval_data),
     }
+
+
+def _gather(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx`` of ``xs``; numpy's gather is ~5x faster than torch indexing for CPU uint8 images."""
+    if xs.device.type == "cpu":
+        return torch.from_numpy(xs.numpy()[idx.numpy()])
+    return xs[idx.to(xs.device)]
 
 
 @torch.no_grad()

@@ -125,7 +125,8 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
             opts, sources = m.resolve_options(parsed[m.name], t)
             contexts.append(PlanContext(
                 method=m, task=t, suite=suite, protocol=protocol, options=opts, option_sources=sources,
-                config=config_label(m, raw[m.name]), seeds=seeds, backbone=backbone,
+                config=config_label(m, raw[m.name]) + ("" if backbone == suite.backbone else f"@{backbone}"),
+                seeds=seeds, backbone=backbone,
                 checkpoint=str(Path(settings.checkpoint).resolve()) if settings.checkpoint else None,
                 checkpoint_id=ck_id, data_root=str(data_root.resolve()), fingerprint=fp,
                 overrides=dict(settings.overrides)))

@@ -3,6 +3,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # otherwise timm retries the hub for ~60 s
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "PEFTBENCH_CACHE" not in os.environ:  # decoded images and verify stamps: never the user's home cache
+    import tempfile
+
+    os.environ["PEFTBENCH_CACHE"] = tempfile.mkdtemp(prefix="peftbench-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

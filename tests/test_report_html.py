@@ -109,6 +109,8 @@ def test_report_is_self_contained(report):
 def test_report_renders_in_headless_chromium(report, tmp_path):
     browser = find_chromium()
     if browser is None:
+        if os.environ.get("PEFTBENCH_REQUIRE_CHROMIUM") == "1":  # CI installs it: absence is a failure there
+            pytest.fail("PEFTBENCH_REQUIRE_CHROMIUM=1 but no Chromium was found")
         pytest.skip("no Chromium found (Debian: apt-get install -y chromium; or set PEFTBENCH_CHROMIUM)")
     flags = [browser, *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]
     url = report.resolve().as_uri()

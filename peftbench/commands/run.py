@@ -132,5 +132,11 @@ def main(args) -> int:
     rows = summary_rows(outcomes)
     print()
     print_summary(rows)
-    print(f"\nrun records: {Path(args.runs_dir).resolve()}  ({time.time() - t0:.0f} s)")
+    from ..leaderboard import write_leaderboard
+
+    board = Path(args.runs_dir) / "leaderboard"
+    write_leaderboard(args.runs_dir, board, contexts[0].suite.name)
+    print(f"\nrun records: {Path(args.runs_dir).resolve()}")
+    print(f"leaderboard: {(board / f'{contexts[0].suite.name}-leaderboard.csv').resolve()} "
+          f"(report: {contexts[0].suite.name}-report.html beside it)  [{time.time() - t0:.0f} s]")
     return 0 if all(r["error"] is None for r in rows) else 1
