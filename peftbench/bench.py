@@ -64,6 +64,21 @@ def _median_time(fn, warmup: int, steps: int, device: torch.device) -> float:
     return statistics.median(times)
 
 
+def _train_step(model, forward, x, y, optimizer, device: torch.device, amp: bool):
+    """One optimisation step of ``forward`` (the model, or a part of it) on a fixed batch."""
+
+    def step():
+        model.train()
+        with _autocast(device, amp):
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
 def _flops(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -77,7 +92,10 @@ def build(method_name: str, s: BenchSettings):
     from .sweep import parse_sets
 
     method = get_method(method_name)
-    opts = method.parse_options(parse_sets(list(s.sets), [method])[method.name])
+    # the bench's --set values go to the methods that have the option (e.g. prompt_tokens)
+    mine = [x for x in s.sets if x.split("=", 1)[0].rsplit(".", 1)[-1] in method.options
+            and ("." not in x.split("=", 1)[0] or get_method(x.split("=", 1)[0].rsplit(".", 1)[0]) is method)]
+    opts = method.parse_options(parse_sets(mine, [method])[method.name])
     opts, _ = method.resolve_options(opts, None)
     torch.manual_seed(0)
     model = method.build(create_backbone(s.backbone, pretrained=False), s.num_classes, opts)
@@ -96,14 +114,7 @@ def bench_method(method_name: str, s: BenchSettings) -> dict:
     optimizer = build_optimizer(method.recipe.optimizer, model, 1e-3, 1e-4)
     forward = torch.compile(model) if s.compile else model
 
-    def train_step():
-        model.train()
-        with _autocast(device, amp):
-            logits = forward(x)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    train_step = _train_step(model, forward, x, y, optimizer, device, amp)
 
     @torch.no_grad()
     def eval_step():
@@ -127,8 +138,8 @@ def bench_method(method_name: str, s: BenchSettings) -> dict:
         "img_size": size, "tokens": tokens, "train_step_ms": round(t_train * 1000, 2),
         "train_images_per_s": round(s.batch_size / t_train, 2), "eval_images_per_s": round(s.batch_size / t_eval, 2),
         "peak_memory_mb": round(peak[0], 1) if peak[0] is not None else "", "memory_kind": peak[1],
-        "gflops_forward_per_image": round(fwd_flops / s.batch_size / 1e9, 3),
-        "gflops_train_per_image": round(train_flops / s.batch_size / 1e9, 3),
+        "gflops_forward_per_image": round(fwd_flops / s.batch_size / 1e9, 6),
+        "gflops_train_per_image": round(train_flops / s.batch_size / 1e9, 6),
         "trainable_params": params["trainable"], "tuned_total_pct": round(params["tuned_total_pct"], 4),
         "amp": "bf16" if amp and device.type == "cuda" else "fp32", "compile": s.compile,
         "torch": torch.__version__,
@@ -164,25 +175,16 @@ def cached_linear_probe(s: BenchSettings, epochs: int = 100, num_images: int = 1
     y = torch.randint(0, s.num_classes, (s.batch_size,), device=device)
     optimizer = build_optimizer("sgd", model, 0.1, 0.0)
 
-    def step(inputs, fwd):
-        model.train()
-        with _autocast(device, amp):
-            logits = fwd(inputs)
-        loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
     @torch.no_grad()
     def features():
         model.eval()
         with _autocast(device, amp):
             return model.features(x).float()
 
-    t_backbone = _median_time(lambda: step(x, model), s.warmup, s.steps, device)
+    t_backbone = _median_time(_train_step(model, model, x, y, optimizer, device, amp), s.warmup, s.steps, device)
     t_features = _median_time(features, s.warmup, s.steps, device)
-    feats = features()
-    t_head = _median_time(lambda: step(feats, model.head), s.warmup, max(s.steps, 20), device)
+    head_step = _train_step(model, model.head, features(), y, optimizer, device, amp)
+    t_head = _median_time(head_step, s.warmup, max(s.steps, 20), device)
     batches = num_images / s.batch_size
     through = epochs * batches * t_backbone
     cached = batches * t_features + epochs * batches * t_head
