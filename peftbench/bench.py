@@ -80,9 +80,17 @@ def _train_step(model, forward, x, y, optimizer, device: torch.device, amp: bool
 
 
 def _flops(fn) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-    counter = FlopCounterMode(display=False)
+    # torch's counter knows the CUDA attention kernels but not the CPU one: count it with the same formula
+    aten = torch.ops.aten
+    cpu_sdpa = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
+    }
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa)
     with counter:
         fn()
     return counter.get_total_flops()
