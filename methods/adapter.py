@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dataclasses import replace
+
 from peftbench.method import FULL_FT_RECIPE, Method, Option, PeftModel, Recipe, register_method
 
 # NOAH's optimisation (spec §4.5: AdamW, batch 64, 100 epochs, 10 warm-up) for the VPT protocol's lr x wd
@@ -104,7 +106,7 @@ class AdapterVpt(Method):
     name = "adapter"
     aliases = ("adapter-vpt", "adapter-pfeiffer")
     description = "adapter of the VPT tables: zero-init bottleneck D/r after every MLP (spec §4.4)"
-    recipe = FULL_FT_RECIPE
+    recipe = replace(FULL_FT_RECIPE, demo_lr=0.32)  # demo lr chosen on val200 (results/demo-hparam-search.csv)
     options = {"reduction": Option(8, "reduction factor r: bottleneck D/r (VPT tables: 8, 64, 256)")}
 
     def build(self, backbone, num_classes, opts):

@@ -4,6 +4,8 @@ Trainable: every backbone parameter whose name contains "bias" (attention, MLP, 
 LayerNorm biases) + the head; the backbone stays in eval mode. Optimiser: the full fine-tuning recipe
 (the VPT code's AdamW quirk). Parameters for ViT-B/16: 102,912 + 769·C.
 """
+from dataclasses import replace
+
 from peftbench.method import FULL_FT_RECIPE, Method, PeftModel, register_method
 
 
@@ -12,7 +14,7 @@ class BitFit(Method):
     name = "bitfit"
     aliases = ("bias", "tinytl-bias")
     description = "BitFit: every backbone bias (incl. LayerNorm) + head (spec §4.6)"
-    recipe = FULL_FT_RECIPE
+    recipe = replace(FULL_FT_RECIPE, demo_lr=0.08)  # demo lr chosen on val200 (results/demo-hparam-search.csv)
 
     def build(self, backbone, num_classes, opts):
         model = PeftModel(backbone, num_classes)

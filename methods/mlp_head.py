@@ -50,8 +50,8 @@ class Mlp3(Method):
     name = "mlp-3"
     aliases = ("mlp",)
     description = "MLP-3: frozen backbone, 3-layer MLP head with BatchNorm and dropout (spec §4.6)"
-    # the linear probe's recipe; on the demo suite a smaller lr (the probe's 5.0 makes the MLP diverge)
-    recipe = replace(LINEAR_RECIPE, demo_lr=0.5)
+    # the linear probe's recipe; demo lr chosen on val200 (results/demo-hparam-search.csv)
+    recipe = replace(LINEAR_RECIPE, demo_lr=0.1)
     frozen_features = True
     options = {
         "hidden_layers": Option(2, "hidden Linear-ReLU-BatchNorm-Dropout layers before the last Linear (MLP-3: 2)"),

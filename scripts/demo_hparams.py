@@ -1,10 +1,11 @@
 """Summarise a demo hyper-parameter search into results/demo-hparam-search.csv.
 
 The demo protocol trains every method with one fixed (lr, wd) per method (its recipe's demo_lr /
-demo_wd). Those values were chosen on validation data only, by running the VPT protocol's search
-stage on the demo suite (train800 -> val200) over a small lr grid per method:
+demo_wd). Those values were chosen on validation data only, by running a search
+stage on the demo suite (train800 -> val200, the demo protocol's epochs and batch sizes) over a
+small lr grid per method (with several --lr values the demo protocol searches before its final run):
 
-    peftbench run --suite demo --protocol vpt --num-seeds 1 --wd 0.0001 --runs-dir runs-demo-tune \\
+    peftbench run --suite demo --num-seeds 1 --wd 0.0001 --runs-dir runs-demo-tune \\
         --methods <methods> --lr <grid>          (the grids are in the CSV)
     python scripts/demo_hparams.py runs-demo-tune results/demo-hparam-search.csv
 
