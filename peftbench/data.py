@@ -314,7 +314,7 @@ def bench(task: Task, data_root: Path, split: str, size: int, *, batch: int = 25
     g = torch.Generator().manual_seed(0)
     arr = opened.numpy()  # the memory map itself
     for key, gather in (("warm_memmap_img_s", lambda idx: arr[idx.numpy()]),  # page-cache copies
-                        ("torch_index_img_s", lambda idx: opened[idx])):  # what the engine's x[idx] costs
+                        ("torch_index_img_s", lambda idx: opened[idx])):  # torch indexing, for comparison
         gather(torch.randperm(n, generator=g)[:batch])  # warm-up
         t0 = time.perf_counter()
         seen, epochs = 0, 0

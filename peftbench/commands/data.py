@@ -125,6 +125,6 @@ def main_bench(args) -> int:
         print(f"{t.name:<22} {split:<15} {r['images']:>7} {r['stored']:>4}  {r['cold_decode_img_s']:>9.0f} img/s  "
               f"{warm}", flush=True)
     print("cold: decode + resize with PIL in threads (what the first use of a split costs); warm memmap: random\n"
-          "batches gathered from the decoded-image cache (every later use); torch x[idx]: the same batches gathered\n"
-          "with torch indexing on the memory-mapped tensor, as the training loop does")
+          "batches gathered with numpy from the decoded-image cache, as the training loop does (every later use);\n"
+          "torch x[idx]: the same batches gathered with torch indexing, for comparison")
     return 0
