@@ -203,6 +203,16 @@ class LocalExecutor:
         self.env = env
         self.total = total
         self.done = 0
+        self.trained = 0  # runs executed (not skipped) by this process, and their time
+        self.trained_s = 0.0
+
+    def _prefix(self) -> str:
+        left = ""
+        if self.total and self.trained:
+            from .engine import _fmt_s
+
+            left = f", sweep left ~{_fmt_s(self.trained_s / self.trained * (self.total - self.done + 1))}"
+        return f"[run {self.done}/{self.total or '?'}{left}]"
 
     def run(self, specs, store):
         from .engine import execute
@@ -210,13 +220,15 @@ class LocalExecutor:
         out = []
         for spec in specs:
             self.done += 1
-            self.env.prefix = f"[run {self.done}/{self.total or '?'}]"
+            self.env.prefix = self._prefix()
             if store.is_done(spec):
                 self.env.log(f"{self.env.prefix} {spec.label()}: done already, skipped")
                 out.append(store.load(spec))
                 continue
             t0 = time.time()
             rec = execute(spec, store, self.env)
+            self.trained += 1
+            self.trained_s += time.time() - t0
             top1 = (rec.get("metrics") or {}).get("top1")
             self.env.log(f"{self.env.prefix} {spec.label()}: {rec['status']}"
                          + (f" top1 {top1:.2f}" if top1 is not None else "")
