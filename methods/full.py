@@ -4,8 +4,6 @@ The VPT code's full fine-tuning has dropout 0.1 after the embeddings and inside 
 dropout 0); timm's ViT defaults to 0, so ``dropout`` (default 0.1) is set on those modules here.
 Optimiser: the VPT code's AdamW quirk (``vpt-adamw``, see peftbench.optim).
 """
-from torch import nn
-
 from peftbench.method import FULL_FT_RECIPE, Method, Option, PeftModel, register_method
 
 

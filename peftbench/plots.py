@@ -14,7 +14,7 @@ import io
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .leaderboard import Board, Row
+    from .leaderboard import Board
 
 RC = {
     "svg.hashsalt": "peftbench-leaderboard",

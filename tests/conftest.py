@@ -11,7 +11,8 @@ if "PEFTBENCH_CACHE" not in os.environ:  # decoded images and verify stamps: nev
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# tiny models: one intra-op thread is as fast as two, and much faster on a shared, loaded machine
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -13,15 +13,6 @@ from peftbench.task import get_task
 from peftbench.methods.e2vpt import KVPromptAttention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is much faster than two on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _randomise(module: torch.nn.Module, std: float = 0.2) -> None:
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -11,15 +11,6 @@ from peftbench.methods.e2vpt_prune import (SEGMENTS, E2vptPruneModel, candidate_
                                            mask_importance, segment_counts, segment_index, token_counts)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is much faster than two on a shared, loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _pattern(P: int) -> dict:
     # tokens 1 and 3 pruned; token k keeps all but segments {k, k+5} (mod 16)
     return {"pruned_tokens": [1, 3], "pruned_segments": [sorted({k % 16, (k + 5) % 16}) for k in range(P)]}
