@@ -276,7 +276,9 @@ def summary_rows(outcomes: list[Outcome]) -> list[dict]:
 
 def print_summary(rows: list[dict], file=None) -> None:
     file = file or sys.stdout
-    head = f"{'method':<28} {'task':<16} {'top1':>7} {'±std':>6} {'seeds':>5} {'tuned%':>8}  notes"
+    mw = max([len("method")] + [len(r["config"]) for r in rows])
+    tw = max([len("task")] + [len(r["task"]) for r in rows])
+    head = f"{'method':<{mw}} {'task':<{tw}} {'top1':>7} {'±std':>6} {'seeds':>5} {'tuned%':>8}  notes"
     print(head, file=file)
     print("-" * len(head), file=file)
     for r in rows:
@@ -284,7 +286,8 @@ def print_summary(rows: list[dict], file=None) -> None:
         std = f"{r['std']:.2f}" if r["std"] is not None else ""
         pct = f"{r['tuned_pct']:.3f}" if r["tuned_pct"] is not None else "-"
         notes = r["error"] or (f"{r['failed']} failed/diverged" if r["failed"] else "")
-        print(f"{r['config']:<28} {r['task']:<16} {top1:>7} {std:>6} {r['n']:>5} {pct:>8}  {notes}", file=file)
+        print(f"{r['config']:<{mw}} {r['task']:<{tw}} {top1:>7} {std:>6} {r['n']:>5} {pct:>8}  {notes}".rstrip(),
+              file=file)
 
 
 __all__ = ["SweepSettings", "SettingsError", "plan", "drive", "LocalExecutor", "DryExecutor", "count_runs",

@@ -56,3 +56,24 @@ def test_cli_unknown_method_is_a_clear_error(capsys):
     assert main(["run", "--methods", "linaer", "--suite", "demo"]) == 2
     err = capsys.readouterr().err
     assert "unknown method 'linaer'" in err and "Did you mean 'linear'" in err
+
+
+def test_run_summary_columns_stay_aligned_for_long_names():
+    import io
+
+    from peftbench.sweep import print_summary
+
+    rows = [
+        {"config": "linear", "task": "demo_dsprites_loc", "top1": 63.6, "std": None, "n": 1,
+         "tuned_pct": 0.114, "failed": 0, "error": None},
+        {"config": "linear@demo-vit-random", "task": "demo_digits", "top1": 9.5, "std": 1.25, "n": 3,
+         "tuned_pct": 0.142, "failed": 1, "error": None},
+    ]
+    out = io.StringIO()
+    print_summary(rows, file=out)
+    lines = out.getvalue().splitlines()
+    # the top1 column ends at the same offset on every line, header included
+    ends = [line.index("top1") + 4 for line in lines[:1]]
+    ends += [line.index("63.60") + 5 for line in lines[2:3]] + [line.index("9.50") + 4 for line in lines[3:4]]
+    assert len(set(ends)) == 1, lines
+    assert lines[3].endswith("1 failed/diverged")
