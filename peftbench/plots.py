@@ -124,7 +124,9 @@ def pareto_figure(board: "Board"):
     fig.suptitle(f"{lay.suite}: top-1 accuracy vs. tuned parameters (final runs; {legend_note}){note}", fontsize=11)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     used_labels: list[str] = []
+    notes: list[list] = []  # per panel: the point labels, placed without overlap at the end
     for ax, (title, get, group) in zip(axes, panels):
+        notes.append([])
         ax.set_title(title)
         _log_axis(ax)
         ax.set_xlabel("Tuned / Total parameters (%, log scale)")
@@ -140,8 +142,8 @@ def pareto_figure(board: "Board"):
                        facecolors=colour if filled else "none", edgecolors=colour,
                        linewidths=1.0 if filled else 1.4)
             if filled:
-                ax.annotate(r.label, (x, y), xytext=(4, 4), textcoords="offset points", fontsize=7,
-                            color=colour, zorder=4)
+                notes[-1].append(ax.annotate(r.label, (x, y), xytext=(4, 4), textcoords="offset points",
+                                             fontsize=7, color=colour, zorder=4))
 
             pts[r.source].append((x, y))
             if r.label not in used_labels:
@@ -182,7 +184,42 @@ def pareto_figure(board: "Board"):
         handles.append(Line2D([], [], color="0.55", linestyle="--", label="Pareto frontier, reported"))
     fig.legend(handles=handles, loc="outside right upper", frameon=False,
                title="configuration", title_fontsize=8)
+    _declutter(fig, notes)
     return fig
+
+
+# Where a point's label may go, in points from the point: the first that overlaps no label placed
+# before it wins (else the one that overlaps least).
+_LABEL_SPOTS = ((4, 4, "left"), (4, -10, "left"), (-4, 4, "right"), (-4, -10, "right"),
+                (4, 12, "left"), (-4, 12, "right"), (4, -18, "left"), (-4, -18, "right"))
+
+
+def _declutter(fig, notes: list[list]) -> None:
+    """Move point labels that would overwrite each other to free spots around their points."""
+    if not any(notes):
+        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw_without_rendering()  # settles the constrained layout, so extents are final
+    for panel in notes:
+        placed = []
+        for ann in panel:
+            best = None
+            for dx, dy, ha in _LABEL_SPOTS:
+                ann.set_position((dx, dy))
+                ann.set_horizontalalignment(ha)
+                box = ann.get_window_extent(renderer).padded(1)
+                overlap = sum(max(0.0, min(box.x1, b.x1) - max(box.x0, b.x0)) *
+                              max(0.0, min(box.y1, b.y1) - max(box.y0, b.y0)) for b in placed)
+                if best is None or overlap < best[0]:
+                    best = (overlap, dx, dy, ha, box)
+                if overlap == 0:
+                    break
+            _, dx, dy, ha, box = best
+            ann.set_position((dx, dy))
+            ann.set_horizontalalignment(ha)
+            placed.append(box)
 
 
 def task_bars_figure(board: "Board"):

@@ -454,3 +454,25 @@ def test_columns_are_fixed_and_documented(vtab_store, tmp_path):
             "<task>", "<task>_std", "<group>_mean", "overall_mean_of_groups", "overall_mean_of_tasks",
             "delta_<group>_mean", "delta_overall_mean_of_groups", "delta_overall_mean_of_tasks"]:
         assert re.search(rf"`{re.escape(col)}`", doc), f"docs/leaderboard.md does not document {col}"
+
+
+def test_point_labels_of_close_configurations_do_not_overlap(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.text import Annotation
+
+    from peftbench.plots import pareto_figure
+
+    root = tmp_path / "runs"
+    for i, t in enumerate(get_suite("fgvc").tasks):  # three configurations at almost the same point
+        for k, cfg in enumerate(("lora", "mlp-3", "adapter-noah")):
+            add_record(root, config=cfg, task=t, seed=1, top1=80.0 + 0.01 * k, tuned_pct=1.0 + 0.01 * k, suite="fgvc")
+        add_record(root, config="full", task=t, seed=1, top1=50.0, tuned_pct=100.0, suite="fgvc")  # far away
+    board, _ = board_for(root, "fgvc")
+    fig = pareto_figure(board)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw_without_rendering()
+    boxes = [a.get_window_extent(renderer) for ax in fig.axes for a in ax.texts if isinstance(a, Annotation)]
+    assert len(boxes) == 4
+    for i in range(4):
+        for j in range(i):
+            assert not boxes[i].overlaps(boxes[j]), (boxes[i], boxes[j])
