@@ -18,7 +18,9 @@ the LoRA input, A kaiming-uniform(a=√5), B zeros: 36,864·r + 769·C parameter
 layers (``--set <tuner>.targets=qkv,proj,fc1,fc2`` widens them).
 
 Recipe: NOAH's optimiser (AdamW, batch 64, warm-up 10, see ``methods.adapter.NOAH_RECIPE``) for the
-VPT protocol's search; ``--protocol fixed`` runs NOAH's own fixed hyper-parameters.
+VPT protocol's search; ``--protocol fixed`` runs NOAH's own fixed hyper-parameters. The demo
+protocol uses LoRA's demo lr for every row unless the row sets its own ``demo_lr`` (chosen on val200:
+``results/demo-hparam-search.csv``).
 
 ``peft`` is imported only when a model is built (``peftbench list`` stays fast); a row whose tuner
 the installed peft lacks (older than its ``min_peft``) is not registered.
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -54,6 +56,7 @@ class Tuner:
     options: dict[str, Option] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     min_peft: str = "0.15"  # first peft release that has the tuner (pyproject needs >= 0.15)
+    demo_lr: float | None = None  # the demo protocol's base lr, when the shared one (LoRA's) does not suit
 
 
 def _targets(opts: dict[str, Any], key: str = "targets") -> list[str]:
@@ -169,7 +172,7 @@ TUNERS: dict[str, Tuner] = {
          "dropout": Option(0.0, "dropout on the RandLoRA input"),
          "prng_key": Option(0, "seed of the shared random bases"),
          "targets": TARGETS},
-        min_peft="0.16"),
+        min_peft="0.16", demo_lr=0.013),  # LoRA's 0.04 does not learn (alpha/r = 20): demo-hparam-search.csv
     "shira": Tuner(
         lambda o: _peft().ShiraConfig(r=int(o["rank"]), random_seed=int(o["seed"]), target_modules=_targets(o)),
         "SHiRA via peft: sparse high-rank update, r·(in+out) trained weights per layer (LoRA-r budget), on qkv",
@@ -296,6 +299,7 @@ def _register_all() -> list[type[PeftTunerMethod]]:
         cls = type(cls_name, (PeftTunerMethod,), {
             "name": name, "tuner": name, "aliases": row.aliases, "description": row.description,
             "options": dict(row.options), "__module__": __name__, "__qualname__": cls_name,
+            "recipe": NOAH_RECIPE if row.demo_lr is None else replace(NOAH_RECIPE, demo_lr=row.demo_lr),
         })
         globals()[cls_name] = cls  # importable by name (pickling)
         register_method(cls)

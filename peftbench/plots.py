@@ -35,6 +35,9 @@ MARKERS = ["o", "s", "D", "^", "v", "P", "X", "<", ">", "h", "p", "*", "d", "H",
 PER_TASK_PANELS_MAX = 6
 
 
+LEGEND_ROWS_MAX = 18  # legend entries in one column of the Pareto figure
+
+
 def _palette(n: int) -> list:
     from matplotlib import colormaps
 
@@ -182,8 +185,8 @@ def pareto_figure(board: "Board"):
     handles.append(Line2D([], [], color="0.15", linestyle="-", label="Pareto frontier, reproduced"))
     if board.reported:
         handles.append(Line2D([], [], color="0.55", linestyle="--", label="Pareto frontier, reported"))
-    fig.legend(handles=handles, loc="outside right upper", frameon=False,
-               title="configuration", title_fontsize=8)
+    fig.legend(handles=handles, loc="outside right upper", frameon=False, title="configuration", title_fontsize=8,
+               ncols=1 if len(handles) <= LEGEND_ROWS_MAX else 2)  # a long list would run off the figure
     _declutter(fig, notes)
     return fig
 

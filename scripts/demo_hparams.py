@@ -11,6 +11,8 @@ small lr grid per method (with several --lr values the demo protocol searches be
 
 For each method and lr this writes the mean last-epoch val200 top-1 over the demo tasks, and marks
 the lr with the best mean (ties -> smaller lr): the value the method's recipe uses as demo_lr.
+When the CSV exists, the rows of the methods found in the runs folder replace that method's rows and
+the other methods' rows are kept, so a search for one more method adds to the table.
 """
 from __future__ import annotations
 
@@ -45,6 +47,15 @@ def main(runs_dir: str, out: str) -> int:
         for r in rows:
             if r["method"] == method:
                 r["chosen"] = "yes" if r is best else ""
+    if Path(out).exists():
+        searched = {r["method"] for r in rows}
+        with open(out, newline="") as fh:
+            kept = [r for r in csv.DictReader(fh) if r["method"] not in searched]
+        for r in kept:
+            r["lr"], r["wd"] = float(r["lr"]), float(r["wd"])
+        if kept and set(kept[0]) != {"method", "lr", "wd", "tasks", "mean_val_top1", *tasks, "chosen"}:
+            raise SystemExit(f"{out}: its task columns differ from the searched tasks {tasks}")
+        rows = sorted(kept + rows, key=lambda r: (r["method"], r["lr"], r["wd"]))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["method", "lr", "wd", "tasks", "mean_val_top1", *tasks, "chosen"],

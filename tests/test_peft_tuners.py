@@ -90,3 +90,14 @@ def test_tuner_options_reach_peft(tiny_backbone):
     with pytest.raises(ValueError):
         method = get_method("lora")
         method.build(spare, NUM_CLASSES, method.parse_options({"targets": "no_such_layer"}))
+
+
+def test_a_tuner_row_can_set_its_own_demo_lr():
+    from peftbench.methods.adapter import NOAH_RECIPE
+
+    own = [n for n, row in peft_tuners.TUNERS.items() if row.demo_lr is not None]
+    assert "randlora" in own
+    for name, row in peft_tuners.TUNERS.items():
+        recipe = get_method(name).recipe
+        assert recipe.demo_lr == (row.demo_lr if row.demo_lr is not None else NOAH_RECIPE.demo_lr), name
+        assert recipe.lr_grid == NOAH_RECIPE.lr_grid  # only the demo lr differs
