@@ -202,6 +202,7 @@ def _declutter(fig, notes: list[list]) -> None:
     if not any(notes):
         return
     from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.transforms import Bbox
 
     renderer = FigureCanvasAgg(fig).get_renderer()
     fig.draw_without_rendering()  # settles the constrained layout, so extents are final
@@ -213,8 +214,7 @@ def _declutter(fig, notes: list[list]) -> None:
                 ann.set_position((dx, dy))
                 ann.set_horizontalalignment(ha)
                 box = ann.get_window_extent(renderer).padded(1)
-                overlap = sum(max(0.0, min(box.x1, b.x1) - max(box.x0, b.x0)) *
-                              max(0.0, min(box.y1, b.y1) - max(box.y0, b.y0)) for b in placed)
+                overlap = sum(c.width * c.height for c in (Bbox.intersection(box, b) for b in placed) if c)
                 if best is None or overlap < best[0]:
                     best = (overlap, dx, dy, ha, box)
                 if overlap == 0:

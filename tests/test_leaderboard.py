@@ -463,7 +463,7 @@ def test_point_labels_of_close_configurations_do_not_overlap(tmp_path):
     from peftbench.plots import pareto_figure
 
     root = tmp_path / "runs"
-    for i, t in enumerate(get_suite("fgvc").tasks):  # three configurations at almost the same point
+    for t in get_suite("fgvc").tasks:  # three configurations at almost the same point
         for k, cfg in enumerate(("lora", "mlp-3", "adapter-noah")):
             add_record(root, config=cfg, task=t, seed=1, top1=80.0 + 0.01 * k, tuned_pct=1.0 + 0.01 * k, suite="fgvc")
         add_record(root, config="full", task=t, seed=1, top1=50.0, tuned_pct=100.0, suite="fgvc")  # far away
