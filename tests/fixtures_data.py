@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from peftbench.task import get_task
+from peftbench.tasks import get_task
 
 FIXTURE_MANIFEST = {"prepared_by": "tests/fixtures_data.py", "source": "synthetic test images",
                     "identical_to_release": False}

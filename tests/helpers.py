@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from peftbench.backbone import PRESETS, Preset
-from peftbench.task import SUITES, TASKS, Suite, Task, register_suite, register_task
+from peftbench.backbones import BACKBONES, Preset, register_backbone
+from peftbench.tasks import SUITES, TASKS, Suite, Task, register_suite, register_task
 
 TINY_BACKBONE = "test-tiny-vit"
 SIZES = {"train800": 48, "val200": 16, "train800val200": 64, "test": 32}
@@ -36,10 +36,10 @@ def write_noah_task(task_dir: Path, num_classes: int = 3, sizes: dict = SIZES, s
 
 
 def ensure_registered() -> None:
-    if TINY_BACKBONE not in PRESETS:
-        PRESETS[TINY_BACKBONE] = Preset("vit_tiny_patch16_224",
-                                        dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
-                                        None, "test-only tiny ViT")
+    if TINY_BACKBONE not in BACKBONES:
+        register_backbone(TINY_BACKBONE, Preset("vit_tiny_patch16_224",
+                                                dict(img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3),
+                                                None, "test-only tiny ViT"))
     if "testsuite" not in SUITES:
         register_suite(Suite(name="testsuite", description="tests", tasks=("toy", "toy_b"), protocol="vpt",
                              backbone=TINY_BACKBONE, folder="testsuite"))

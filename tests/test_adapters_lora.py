@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftbench.commands.params import count
-from peftbench.method import HEAD_BIAS_INIT, get_method
+from peftbench.cli.params import count
+from peftbench.methods import HEAD_BIAS_INIT, get_method
 
 NUM_CLASSES = 5
 
@@ -243,13 +243,11 @@ def test_mlp3_head_layout_init_and_counts(tiny_backbone):
 
 
 def test_recipes():
-    from peftbench.method import FULL_FT_RECIPE, LINEAR_RECIPE
-
-    from dataclasses import replace
+    from peftbench.methods import FULL_FT_RECIPE, LINEAR_RECIPE
 
     for name in ("adapter", "bitfit", "partial-1"):  # the full-FT recipe; only the demo lr is their own
         recipe = get_method(name).recipe
-        assert replace(recipe, demo_lr=FULL_FT_RECIPE.demo_lr) == FULL_FT_RECIPE
+        assert recipe.for_protocol("demo", lr=FULL_FT_RECIPE.protocol_values("demo")["lr"]) == FULL_FT_RECIPE
     assert get_method("mlp-3").recipe.optimizer == LINEAR_RECIPE.optimizer == "sgd"
     assert get_method("mlp-3").recipe.lr_grid == LINEAR_RECIPE.lr_grid
     assert get_method("lora").recipe.optimizer == "adamw"

@@ -119,7 +119,7 @@ def test_pickled_checkpoint_is_refused(capsys, root, tmp_path):
 
 
 def test_good_checkpoint_loads(capsys, root, tmp_path):
-    from peftbench.backbone import create_backbone
+    from peftbench.backbones import create_backbone
 
     bb = create_backbone(TINY_BACKBONE)
     ck = tmp_path / "good.safetensors"

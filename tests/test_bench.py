@@ -3,7 +3,7 @@ import csv
 
 import pytest
 
-from peftbench.bench import BenchSettings, run_bench, table_path, targets, write_table
+from peftbench.bench.speed import BenchSettings, run_bench, table_path, targets, write_table
 from peftbench.cli import main
 
 from helpers import TINY_BACKBONE, ensure_registered

@@ -4,8 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from peftbench.backbone import BackboneError, create_backbone
-from peftbench.task import get_suite
+from peftbench.backbones import create_backbone
+from peftbench.errors import BackboneError
+from peftbench.tasks import get_suite
 
 from fixtures_data import export_vit_npz
 

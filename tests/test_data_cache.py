@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-import peftbench.images as images
-from peftbench import data
+import peftbench.data.images as images
+from peftbench.data import cache, loader, splits, transforms
 from peftbench.cli import main
-from peftbench.task import fingerprint, get_task
+from peftbench.data.splits import fingerprint
+from peftbench.tasks import get_task
 
 from fixtures_data import write_vtab_task
 
@@ -17,9 +18,9 @@ from fixtures_data import write_vtab_task
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTBENCH_CACHE", str(tmp_path / "cache"))
-    data.clear_cache()
+    loader.clear_cache()
     yield
-    data.clear_cache()
+    loader.clear_cache()
 
 
 @pytest.fixture
@@ -41,55 +42,55 @@ def no_decoding(monkeypatch):
 
 def test_second_load_reads_the_cache_without_decoding(root, tmp_path, monkeypatch):
     task = get_task("eurosat")
-    first = data.load_split(task, root, "test", 32).images.clone()
+    first = loader.load_split(task, root, "test", 32).images.clone()
     (f,) = cached_files(tmp_path)
     assert f.name.startswith(f"eurosat-test-{fingerprint(task, root)}-r32-")
-    assert data.read_header(f)["shape"] == [12, 3, 32, 32]
-    data.clear_cache()  # a new run / process
+    assert cache.read_header(f)["shape"] == [12, 3, 32, 32]
+    loader.clear_cache()  # a new run / process
     no_decoding(monkeypatch)
-    again = data.load_split(task, root, "test", 32)
+    again = loader.load_split(task, root, "test", 32)
     assert torch.equal(again.images, first)
     assert again.labels.tolist() == [i % 10 for i in range(12)]
     # and the cached pixels are what decoding gives
     monkeypatch.undo()
-    s = data.read_split(task, root, "test")
+    s = splits.read_split(task, root, "test")
     assert np.array_equal(first[3].permute(1, 2, 0).numpy(), images.decode(s.paths[3], 32))
 
 
 def test_rebuilt_when_split_list_or_size_changes(root, tmp_path):
     task = get_task("eurosat")
-    data.load_split(task, root, "test", 32)
-    data.load_split(task, root, "test", 16)
+    loader.load_split(task, root, "test", 32)
+    loader.load_split(task, root, "test", 16)
     assert len(cached_files(tmp_path)) == 2
     f = root / "vtab-1k" / "eurosat" / "test.txt"
     lines = f.read_text().splitlines()
     lines[0], lines[1] = lines[1], lines[0]
     f.write_text("\n".join(lines) + "\n")
-    data.clear_cache()
-    x = data.load_split(task, root, "test", 32)
+    loader.clear_cache()
+    x = loader.load_split(task, root, "test", 32)
     assert len(cached_files(tmp_path)) == 3
     assert x.labels.tolist()[:2] == [1, 0]
 
 
 def test_a_damaged_cache_file_is_rebuilt(root, tmp_path):
     task = get_task("eurosat")
-    ref = data.load_split(task, root, "val200", 32).images.clone()
+    ref = loader.load_split(task, root, "val200", 32).images.clone()
     (f,) = cached_files(tmp_path)
     with open(f, "r+b") as fh:
-        fh.truncate(data.HEADER_BYTES + 100)
-    data.clear_cache()
-    assert torch.equal(data.load_split(task, root, "val200", 32).images, ref)
+        fh.truncate(cache.HEADER_BYTES + 100)
+    loader.clear_cache()
+    assert torch.equal(loader.load_split(task, root, "val200", 32).images, ref)
 
 
 def test_concurrent_builders_agree(root, tmp_path):
     task = get_task("eurosat")
-    s = data.read_split(task, root, "train800")
-    geo = data.geometry(task, "train800", 32)
+    s = splits.read_split(task, root, "train800")
+    geo = transforms.geometry(task, "train800", 32)
     out, errors = [], []
 
     def build():
         try:
-            out.append(data.decoded_images(task, root, s, geo, log=False).clone())
+            out.append(cache.decoded_images(task, root, s, geo, log=False).clone())
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -105,7 +106,7 @@ def test_concurrent_builders_agree(root, tmp_path):
 
 def test_cache_off(root, tmp_path, monkeypatch):
     monkeypatch.setenv("PEFTBENCH_CACHE", "off")
-    x = data.load_split(get_task("eurosat"), root, "test", 32)
+    x = loader.load_split(get_task("eurosat"), root, "test", 32)
     assert x.images.shape == (12, 3, 32, 32) and not (tmp_path / "cache").exists()
 
 

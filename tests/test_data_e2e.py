@@ -5,8 +5,9 @@ import json
 import pytest
 
 from peftbench.cli import main
-from peftbench.task import fingerprint, get_task
-from peftbench.verify import verify_task
+from peftbench.data.splits import fingerprint
+from peftbench.tasks import get_task
+from peftbench.data.verify import verify_task
 
 from fixtures_data import write_fgvc_task, write_vtab_task, write_vtab_tree
 

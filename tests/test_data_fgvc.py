@@ -7,11 +7,14 @@ import pytest
 import torch
 from PIL import Image
 
-from peftbench.augment import random_crop_flip
-from peftbench.data import geometry, load_split, resize_length
-from peftbench.fgvc import read_json_split
-from peftbench.images import decode
-from peftbench.task import DataError, get_task, read_split
+from peftbench.data.transforms import random_crop_flip
+from peftbench.data.loader import load_split
+from peftbench.data.transforms import geometry, resize_length
+from peftbench.data.layouts.vpt_json import VptJsonLayout
+from peftbench.data.images import decode
+from peftbench.data.splits import read_split
+from peftbench.errors import DataError
+from peftbench.tasks import get_task
 
 from fixtures_data import write_fgvc_task
 
@@ -43,8 +46,8 @@ def test_class_ids_zero_based_sparse_or_one_based_give_the_same_labels(tmp_path)
             for split in ("train", "val", "test"):
                 m = json.loads((d / f"{split}.json").read_text())
                 (d / f"{split}.json").write_text(json.dumps({k: v * 7 + offset for k, v in m.items()}))
-        assert read_json_split(task, d, "train").labels == (0, 1, 2, 3)
-        assert read_json_split(task, d, "test").labels == (0, 1, 2, 3)
+        assert VptJsonLayout().read(task, d, "train").labels == (0, 1, 2, 3)
+        assert VptJsonLayout().read(task, d, "test").labels == (0, 1, 2, 3)
 
 
 def test_json_errors_name_the_file_and_entry(tmp_path):
@@ -52,16 +55,16 @@ def test_json_errors_name_the_file_and_entry(tmp_path):
     d = write_fgvc_task(tmp_path, "oxford_flowers", classes=3)
     (d / "val.json").write_text('{"a.jpg": 1,')
     with pytest.raises(DataError, match=r"val\.json:1: not valid JSON"):
-        read_json_split(task, d, "val")
+        VptJsonLayout().read(task, d, "val")
     (d / "val.json").write_text('["a.jpg"]')
     with pytest.raises(DataError, match=r"val\.json: expected a JSON object"):
-        read_json_split(task, d, "val")
+        VptJsonLayout().read(task, d, "val")
     (d / "val.json").write_text('{"a.jpg": 1.5}')
     with pytest.raises(DataError, match=r"val\.json: entry 1 \('a\.jpg'\): class id 1\.5 is not an integer"):
-        read_json_split(task, d, "val")
+        VptJsonLayout().read(task, d, "val")
     (d / "val.json").unlink()
     with pytest.raises(DataError, match=r"split file .*val\.json is missing"):
-        read_json_split(task, d, "val")
+        VptJsonLayout().read(task, d, "val")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,22 +9,25 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from peftbench import prepare as prep
+from peftbench.data import prepare as prep
+from peftbench.data.prepare import vtab as prep_vtab
 from peftbench.cli import main
-from peftbench.task import DataError, get_task, read_split
-from peftbench.verify import MANIFEST, verify_task
+from peftbench.data.splits import read_split
+from peftbench.errors import DataError
+from peftbench.tasks import get_task
+from peftbench.data.verify import MANIFEST, verify_task
 
 
 @pytest.fixture(autouse=True)
 def _small(tmp_path, monkeypatch):
     """VTAB-1k's 800/200 become 6/3 so that the fake sources stay tiny."""
     monkeypatch.setenv("PEFTBENCH_CACHE", str(tmp_path / "cache"))
-    for name in prep.VTAB_CONVERTERS:
+    for name in prep_vtab.VTAB_CONVERTERS:
         t = get_task(name)
         monkeypatch.setitem(t.split_sizes, "train800", 6)
         monkeypatch.setitem(t.split_sizes, "val200", 3)
         monkeypatch.setitem(t.split_sizes, "train800val200", 9)
-    monkeypatch.setattr(prep, "CALTECH_TRAIN_PER_CLASS", 2)
+    monkeypatch.setattr(prep_vtab, "CALTECH_TRAIN_PER_CLASS", 2)
 
 
 def img(path, label=0, size=(6, 5), mode="RGB"):
@@ -92,7 +95,7 @@ def test_restricted_unpickler_refuses_code(tmp_path):
     f.parent.mkdir(parents=True)
     f.write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
     with pytest.raises(DataError, match=r"refusing to load (posix|os|nt)\.system"):
-        prep.load_pickle(f)
+        prep_vtab.load_pickle(f)
 
 
 def test_dtd(tmp_path):

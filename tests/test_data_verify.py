@@ -6,9 +6,11 @@ import shutil
 import pytest
 
 from peftbench.cli import main
-from peftbench.sweep import SweepSettings, plan
-from peftbench.task import DataError, fingerprint, get_suite, get_task
-from peftbench.verify import MANIFEST, verify_task
+from peftbench.sweep.plan import SweepSettings, plan
+from peftbench.data.splits import fingerprint
+from peftbench.errors import DataError
+from peftbench.tasks import get_suite, get_task
+from peftbench.data.verify import MANIFEST, verify_task
 
 from fixtures_data import image_of_line, truncate, write_fgvc_task, write_vtab_task
 
@@ -89,7 +91,7 @@ def test_aliases(alias, name):
 
 
 def test_vpt_names_survive_the_comma_split_of_tasks(tmp_path):
-    from peftbench.commands.run import _names
+    from peftbench.cli.run import _names
 
     text = 'dtd,vtab-dsprites(predicted_attribute="label_x_position",num_classes=16),kitti'
     assert [get_task(n).name for n in _names(text)] == ["dtd", "dsprites_location", "kitti_distance"]
@@ -121,7 +123,7 @@ def test_official_sizes_apply_without_the_manifest(root):
 
 def test_stamp_cache_skips_decoding_and_notices_a_changed_image(root, monkeypatch):
     assert verify(root).ok
-    import peftbench.images as images
+    import peftbench.data.images as images
 
     monkeypatch.setattr(images, "check_image", lambda p: pytest.fail("decoded again"))
     rep = verify(root)

@@ -6,11 +6,11 @@ import re
 import pytest
 import torch
 
-from peftbench.method import get_method
+from peftbench.methods import get_method
 from peftbench.tasks import per_task_value
-from peftbench.task import get_task
+from peftbench.tasks import get_task
 
-from peftbench.methods.e2vpt import KVPromptAttention
+from peftbench.methods.e2vpt.kv_attention import KVPromptAttention
 
 
 def _randomise(module: torch.nn.Module, std: float = 0.2) -> None:

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from peftbench.method import get_method
-from peftbench.methods.e2vpt_prune import (SEGMENTS, E2vptPruneModel, candidate_patterns, dense_mask, make_pattern,
-                                           mask_importance, segment_counts, segment_index, token_counts)
+from peftbench.methods import get_method
+from peftbench.methods.e2vpt.model import E2vptPruneModel
+from peftbench.methods.e2vpt.pruning import (SEGMENTS, candidate_patterns, dense_mask, make_pattern, mask_importance,
+                                             segment_counts, segment_index, token_counts)
 
 
 def _pattern(P: int) -> dict:
@@ -159,22 +160,23 @@ def test_candidate_counts_follow_the_spec():
 
 
 def _contexts(task, protocol="vpt", sets=(), method="e2vpt-prune"):
-    from peftbench.protocols import PlanContext, get_protocol
-    from peftbench.task import get_suite, get_task
+    from peftbench.sweep.protocols import PlanContext, get_protocol
+    from peftbench.tasks import get_suite, get_task
 
     method = get_method(method)
     t = get_task(task)
     opts, sources = method.resolve_options(method.parse_options(dict(s.split("=") for s in sets)), t)
     proto = get_protocol(protocol)
-    return [PlanContext(method=method, task=t, suite=get_suite(t.suite), protocol=proto, options=opts,
-                        option_sources=sources, config="e2vpt-prune", seeds=proto.default_seeds, backbone="demo-vit",
-                        checkpoint=None, checkpoint_id=None, data_root="/nonexistent", fingerprint=None)]
+    return [proto.adapt(PlanContext(method=method, task=t, suite=get_suite(t.suite), protocol=proto, options=opts,
+                                    option_sources=sources, config="e2vpt-prune", seeds=proto.default_seeds,
+                                    backbone="demo-vit", checkpoint=None, checkpoint_id=None, data_root="/nonexistent",
+                                    fingerprint=None))]
 
 
 def test_dry_run_enumerates_every_stage():
     from collections import Counter
 
-    from peftbench.sweep import count_runs
+    from peftbench.sweep.drive import count_runs
 
     for task, rewinds in (("dtd", 72), ("caltech101", 72), ("cifar100", 40), ("oxford_flowers102", 8)):
         specs = count_runs(_contexts(task))
@@ -231,21 +233,23 @@ class _StopAtStage:
 
 
 @pytest.fixture
-def tiny_preset(monkeypatch):
-    from peftbench import backbone
+def tiny_preset():
+    from peftbench.backbones import BACKBONES, Preset, register_backbone
 
-    name = "test-tiny-vit"
-    monkeypatch.setitem(backbone.PRESETS, name, backbone.Preset(
-        "vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), None,
-        "random tiny ViT for tests"))
+    name = "test-tiny-vit-2x32"
+    if name not in BACKBONES:
+        register_backbone(name, Preset("vit_tiny_patch16_224",
+                                       dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2), None,
+                                       "random tiny ViT for tests"))
     return name
 
 
 def _run(contexts, runs, executor_wrap=None, callbacks=()):
     """One `peftbench run` of the planned contexts (a fresh Env, as a new process would have)."""
-    from peftbench.engine import Env
+    from peftbench.train.engine import Env
     from peftbench.store import RunStore
-    from peftbench.sweep import LocalExecutor, drive
+    from peftbench.executors.local import LocalExecutor
+    from peftbench.sweep.drive import drive
 
     env = Env(device="cpu", quiet=True, epoch_callbacks=list(callbacks))
     executor = LocalExecutor(env)
@@ -261,7 +265,7 @@ def _records(runs):
 
 
 def test_pipeline_resumes_between_and_inside_stages(tmp_path, demo_root, tiny_preset):
-    from peftbench.sweep import SweepSettings, plan
+    from peftbench.sweep.plan import SweepSettings, plan
 
     settings = SweepSettings(methods=["e2vpt-prune"], suite="demo", tasks=["demo_digits"], backbone=tiny_preset,
                              data_root=str(demo_root), sets=["prompt_tokens=4", "kv_tokens=2", "prune_segments=4"],
@@ -295,7 +299,7 @@ def test_pipeline_resumes_between_and_inside_stages(tmp_path, demo_root, tiny_pr
     recs = _records(runs)
     victim = started[1]
     assert recs[victim]["status"] == "running"
-    assert (runs / "e2vpt-prune" / "demo_digits" / f"{victim}.ckpt.pt").exists()
+    assert (runs / "e2vpt-prune" / "demo_digits" / f"{victim}.ckpt.safetensors").exists()
     assert sum(r["spec"]["stage"] == "rewind" and r["status"] == "ok" for r in recs.values()) == 1
 
     # 3. rerun: finished runs are skipped, the killed one resumes at its second epoch
@@ -341,7 +345,7 @@ def test_rewind_from_saved_initial_weights(tmp_path, demo_root, tiny_preset):
     ``init_state`` resolved in the run store), with the fixed masks still applied."""
     from safetensors.torch import load_file
 
-    from peftbench.sweep import SweepSettings, plan
+    from peftbench.sweep.plan import SweepSettings, plan
 
     settings = SweepSettings(methods=["e2vpt-prune"], suite="demo", tasks=["demo_digits"], backbone=tiny_preset,
                              data_root=str(demo_root),

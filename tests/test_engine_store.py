@@ -4,10 +4,13 @@ import os
 
 import pytest
 
-from peftbench import engine as engine_mod
-from peftbench.engine import Env
-from peftbench.store import RunSpec, RunStore, atomic_write_text
-from peftbench.sweep import LocalExecutor, SweepSettings, count_runs, drive, plan
+from peftbench.train import engine as engine_mod
+from peftbench.train.engine import Env
+from peftbench._io import atomic_write_text
+from peftbench.store import RunSpec, RunStore
+from peftbench.executors.local import LocalExecutor
+from peftbench.sweep.drive import count_runs, drive
+from peftbench.sweep.plan import SweepSettings, plan
 
 from helpers import TINY_BACKBONE, make_data_root
 
@@ -89,12 +92,12 @@ def test_interrupted_run_resumes_and_equals_uninterrupted(data_root, tmp_path):
     store = RunStore(tmp_path / "runs")
     (rec,) = records(store)
     assert rec["status"] == "running"
-    assert list((tmp_path / "runs").rglob("*.ckpt.pt"))
+    assert list((tmp_path / "runs").rglob("*.ckpt.safetensors"))
     sweep(data_root, tmp_path / "runs", methods=["vpt-deep"], **FAST)
     (done,) = records(store)
     assert done["status"] == "ok" and done["attempts"] == 2
     assert done["history"] == records(ref)[0]["history"]
-    assert not list((tmp_path / "runs").rglob("*.ckpt.pt"))
+    assert not list((tmp_path / "runs").rglob("*.ckpt.safetensors"))
 
 
 def test_diverged_run_is_recorded_and_sweep_goes_on(data_root, tmp_path):
@@ -147,7 +150,7 @@ def test_vpt_protocol_selects_on_val_then_runs_final_seeds(data_root, tmp_path):
 
 def test_cached_features_give_the_same_result_as_the_backbone_path(data_root, tmp_path, monkeypatch):
     _, a = sweep(data_root, tmp_path / "a", methods=["linear"], **FAST)
-    from peftbench.method import get_method
+    from peftbench.methods import get_method
 
     monkeypatch.setattr(type(get_method("linear")), "frozen_features", False)
     _, b = sweep(data_root, tmp_path / "b", methods=["linear"], **FAST)

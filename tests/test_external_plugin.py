@@ -20,7 +20,7 @@ PLUGIN_SOURCE = '''
 """LayerNorm tuning: every LayerNorm weight and bias of the backbone + the head."""
 from torch import nn
 
-from peftbench.method import FULL_FT_RECIPE, Method, Option, PeftModel
+from peftbench.methods import FULL_FT_RECIPE, Method, Option, TunedViT
 
 
 class LayerNormTuning(Method):
@@ -30,7 +30,7 @@ class LayerNormTuning(Method):
     options = {"final_norm": Option(True, "also train the final LayerNorm")}
 
     def build(self, backbone, num_classes, opts):
-        model = PeftModel(backbone, num_classes)  # freezes the backbone, adds the head
+        model = TunedViT(backbone, num_classes)  # freezes the backbone, adds the head
         for name, module in backbone.named_modules():
             if isinstance(module, nn.LayerNorm) and (opts["final_norm"] or name != "norm"):
                 for p in module.parameters():

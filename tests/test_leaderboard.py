@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from peftbench.leaderboard import (
-    END_COLUMNS, HEAD_COLUMNS, RUNS_COLUMNS, TAIL_COLUMNS, build_board, leaderboard_columns, load_reference,
-    load_runs, pareto_front, suite_layout, write_leaderboard,
-)
+from peftbench.results.board import build_board, load_runs, pareto_front, suite_grid
+from peftbench.results.columns import columns, table
+from peftbench.results.reference import load_reference
+from peftbench.results.write import write_leaderboard
 from peftbench.store import RunSpec, RunStore
-from peftbench.task import get_suite, get_task
+from peftbench.tasks import get_suite, get_task
 
 REPO = Path(__file__).resolve().parent.parent
-REFERENCE = REPO / "results" / "reference"
+REFERENCE = REPO / "peftbench" / "results" / "reference"
 VTAB = list(get_suite("vtab").tasks)
 NATURAL = [t for t in VTAB if get_task(t).group == "natural"]
 SPECIALIZED = [t for t in VTAB if get_task(t).group == "specialized"]
@@ -92,9 +92,9 @@ def vtab_store(tmp_path):
 def board_for(root: Path, suite: str = "vtab", reference=None, warn=None):
     warnings: list[str] = []
     runs, skipped = load_runs(root, warn=warnings.append)
-    layout = suite_layout(suite, runs)
-    ref = load_reference(reference, layout) if reference else []
-    board = build_board(runs, suite, ref, skipped, layout=layout, warn=warnings.append)
+    grid = suite_grid(suite, runs)
+    ref = load_reference(reference, grid) if reference else []
+    board = build_board(runs, suite, ref, skipped, grid=grid, warn=warnings.append)
     return board, warnings
 
 
@@ -175,7 +175,7 @@ def test_search_stage_and_other_suites_are_not_counted(vtab_store, tmp_path):
     assert all(r.spec["suite"] == "vtab" for r in board.runs)
     write_leaderboard(vtab_store, tmp_path / "out", "vtab", reference_dir=False, plots=False, html=False)
     runs = read_csv(tmp_path / "out" / "vtab-runs.csv")
-    assert list(runs[0]) == RUNS_COLUMNS
+    assert list(runs[0]) == [c.name for c in columns("runs")]
     assert len(runs) == 19 * 3 + 19 + 19 + 19 + 18 + 3  # every vtab record, all stages and statuses
     search = [x for x in runs if x["stage"] == "search" and x["config"] == "vpt-deep"]
     assert len(search) == 19 and {x["in_leaderboard"] for x in search} == {"no"}
@@ -263,9 +263,9 @@ def test_suite_without_groups_has_only_the_mean_over_tasks(tmp_path):
     for i, t in enumerate(get_suite("fgvc").tasks):
         add_record(root, config="linear", task=t, seed=1, top1=80.0 + i, suite="fgvc")
     board, _ = board_for(root, "fgvc")
-    assert board.layout.groups == {}
+    assert board.grid.groups == {}
     assert row(board, "linear").overall_tasks == pytest.approx(82.0)
-    cols = leaderboard_columns(board.layout)
+    cols = table("leaderboard", board, [])[0]
     assert "overall_mean_of_tasks" in cols and "overall_mean_of_groups" not in cols
     assert not any(c.endswith("_mean") and c.startswith(("natural", "structured")) for c in cols)
 
@@ -343,11 +343,11 @@ KNOWN_EXCEPTIONS = {
 
 
 def _recompute(values: dict[str, float], suite: str) -> dict[str, float]:
-    layout = suite_layout(suite)
-    out = {f"printed_{g}_mean": sum(values[t] for t in ts) / len(ts) for g, ts in layout.groups.items()}
-    out["printed_overall_mean_of_tasks"] = sum(values[t] for t in layout.tasks) / len(layout.tasks)
-    if layout.groups:
-        out["printed_overall_mean_of_groups"] = sum(out[f"printed_{g}_mean"] for g in layout.groups) / len(layout.groups)
+    grid = suite_grid(suite)
+    out = {f"printed_{g}_mean": sum(values[t] for t in ts) / len(ts) for g, ts in grid.groups.items()}
+    out["printed_overall_mean_of_tasks"] = sum(values[t] for t in grid.tasks) / len(grid.tasks)
+    if grid.groups:
+        out["printed_overall_mean_of_groups"] = sum(out[f"printed_{g}_mean"] for g in grid.groups) / len(grid.groups)
     return out
 
 
@@ -445,14 +445,16 @@ def test_cli_leaderboard(vtab_store, tmp_path, capsys):
 def test_columns_are_fixed_and_documented(vtab_store, tmp_path):
     write_leaderboard(vtab_store, tmp_path, "vtab", reference_dir=REFERENCE, plots=False, html=False)
     header = next(csv.reader(open(tmp_path / "vtab-leaderboard.csv")))
-    layout = suite_layout("vtab")
-    assert header == leaderboard_columns(layout)
-    assert header[:6] == HEAD_COLUMNS and header[-2:] == END_COLUMNS
+    board, _ = board_for(vtab_store, reference=REFERENCE)
+    assert header == table("leaderboard", board, [])[0]
+    assert header[:6] == ["rank", "source", "config", "method", "backbone", "protocol"]
+    assert header[-2:] == ["reference_source", "notes"]
     assert header[6:8] == ["cifar100", "cifar100_std"]
     doc = (REPO / "docs" / "leaderboard.md").read_text()
-    for col in HEAD_COLUMNS + TAIL_COLUMNS + END_COLUMNS + RUNS_COLUMNS + [
-            "<task>", "<task>_std", "<group>_mean", "overall_mean_of_groups", "overall_mean_of_tasks",
-            "delta_<group>_mean", "delta_overall_mean_of_groups", "delta_overall_mean_of_tasks"]:
+    names = [c.name.replace("{task}", "<task>").replace("{group}", "<group>")
+             for t in ("leaderboard", "runs") for c in columns(t)]
+    assert len(names) > 60
+    for col in names:
         assert re.search(rf"`{re.escape(col)}`", doc), f"docs/leaderboard.md does not document {col}"
 
 
@@ -460,7 +462,7 @@ def test_point_labels_of_close_configurations_do_not_overlap(tmp_path):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.text import Annotation
 
-    from peftbench.plots import pareto_figure
+    from peftbench.results.plots import pareto_figure
 
     root = tmp_path / "runs"
     for t in get_suite("fgvc").tasks:  # three configurations at almost the same point

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftbench.method import HEAD_BIAS_INIT, get_method
+from peftbench.methods import HEAD_BIAS_INIT, get_method
 
 C = 5
 

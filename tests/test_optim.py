@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from peftbench.method import get_method
-from peftbench.optim import build_optimizer, effective_lr, lr_at_epoch
+from peftbench.methods import get_method
+from peftbench.train.optim import build_optimizer, effective_lr, lr_at_epoch
 
 
 def test_warmup_then_cosine_stepped_per_epoch():

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftbench.commands.params import count
-from peftbench.method import METHODS, get_method
+from peftbench.cli.params import count
+from peftbench.methods import METHODS, get_method
 from peftbench.methods import peft_tuners
 
 ROWS = [cls.name for cls in peft_tuners.REGISTERED]
@@ -93,11 +93,12 @@ def test_tuner_options_reach_peft(tiny_backbone):
 
 
 def test_a_tuner_row_can_set_its_own_demo_lr():
-    from peftbench.methods.adapter import NOAH_RECIPE
+    from peftbench.methods import NOAH_RECIPE
 
     own = [n for n, row in peft_tuners.TUNERS.items() if row.demo_lr is not None]
     assert "randlora" in own
     for name, row in peft_tuners.TUNERS.items():
         recipe = get_method(name).recipe
-        assert recipe.demo_lr == (row.demo_lr if row.demo_lr is not None else NOAH_RECIPE.demo_lr), name
+        noah = NOAH_RECIPE.protocol_values("demo")["lr"]
+        assert recipe.protocol_values("demo")["lr"] == (row.demo_lr if row.demo_lr is not None else noah), name
         assert recipe.lr_grid == NOAH_RECIPE.lr_grid  # only the demo lr differs

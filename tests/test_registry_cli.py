@@ -2,9 +2,10 @@
 import pytest
 
 from peftbench.cli import main
-from peftbench.method import METHODS, get_method
-from peftbench.registry import Registry, UnknownNameError
-from peftbench.task import SUITES, get_suite, get_task
+from peftbench.methods import METHODS, get_method
+from peftbench._registry import Registry
+from peftbench.errors import UnknownNameError
+from peftbench.tasks import SUITES, get_suite, get_task
 
 
 def test_alias_vpt_is_vpt_deep():
@@ -61,7 +62,7 @@ def test_cli_unknown_method_is_a_clear_error(capsys):
 def test_run_summary_columns_stay_aligned_for_long_names():
     import io
 
-    from peftbench.sweep import print_summary
+    from peftbench.sweep.drive import print_summary
 
     rows = [
         {"config": "linear", "task": "demo_dsprites_loc", "top1": 63.6, "std": None, "n": 1,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from peftbench.leaderboard import write_leaderboard
+from peftbench.results.write import write_leaderboard
 
 from test_leaderboard import REFERENCE, VTAB, add_record, make_vtab_store
 

@@ -10,11 +10,14 @@ import cloudpickle
 import pytest
 import submitit
 
-from peftbench import slurm as slurm_mod
+from peftbench.executors import slurm as slurm_mod
+from peftbench.executors.slurm import job as slurm_job
 from peftbench.cli import build_parser, main as cli_main
-from peftbench.slurm import RunJob, SlurmExecutor, make_settings, parse_state_lines, read_state
-from peftbench.store import RunSpec, RunStore
-from peftbench.sweep import SettingsError, SweepSettings, count_runs, drive, plan
+from peftbench.executors.slurm import RunJob, SlurmExecutor, make_settings, parse_state_lines, read_state
+from peftbench.store import RunRecord, RunSpec, RunStore
+from peftbench.errors import SettingsError
+from peftbench.sweep.drive import count_runs, drive
+from peftbench.sweep.plan import SweepSettings, plan
 
 from helpers import TINY_BACKBONE, make_data_root
 
@@ -162,16 +165,16 @@ def test_retries_give_up_and_exceptions(tmp_path, data_root, monkeypatch):
     store = RunStore(runs)
     flaky, dead, broken = spec(data_root, seed=1), spec(data_root, seed=2), spec(data_root, seed=3, task="toy_b")
     broken = RunSpec.from_dict(dict(broken.to_dict(), data_root=str(tmp_path / "nowhere")))
-    real = slurm_mod._execute
+    real = slurm_job._execute
     calls = {}
 
     def fake_execute(s, st, env):
         calls[s.key] = calls.get(s.key, 0) + 1
         if s.key == dead.key or (s.key == flaky.key and calls[s.key] == 1):
-            return {"status": "running"}  # the job "dies" here: its record stays "running"
+            return RunRecord.for_spec(s, status="running")  # the job "dies" here: its record stays "running"
         return real(s, st, env)
 
-    monkeypatch.setattr(slurm_mod, "_execute", fake_execute)
+    monkeypatch.setattr(slurm_job, "_execute", fake_execute)
     logs = []
     ex = SlurmExecutor(debug_settings(max_retries=1), runs, quiet=True, total=3, log=logs.append)
     recs = ex.run([flaky, dead, broken], store)

@@ -78,12 +78,11 @@ def _load(path: Path) -> dict | None:
 
 
 def _ckpt_epoch(path: Path) -> int | None:
-    import torch
+    """The last epoch saved in a run's checkpoint (None: absent, or replaced while we read it)."""
+    from peftbench.store import checkpoints
 
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["epoch"])
-    except Exception:  # absent, or replaced while we read it
-        return None
+    resumes_from = checkpoints.epoch(path)  # 0 when it cannot be read
+    return resumes_from - 1 if resumes_from else None
 
 
 def _tail(path: Path, n: int = 60) -> str:
@@ -132,7 +131,7 @@ def test_sweep_survives_preemption_and_kill(cluster, tmp_path, demo_root):
             if not found:
                 return None, None, None
             rec = _load(found[0])
-            return found[0], rec, _ckpt_epoch(found[0].with_name(found[0].stem + ".ckpt.pt"))
+            return found[0], rec, _ckpt_epoch(found[0].with_name(found[0].stem + ".ckpt.safetensors"))
 
         # 1. the vpt run is running in its job and has finished its first epoch (checkpoint epoch 0)
         _, rec, _ = wait_for(lambda: (lambda p, r, e: (p, r, e) if r and r["status"] == "running" and e is not None
@@ -198,7 +197,7 @@ def test_sweep_survives_preemption_and_kill(cluster, tmp_path, demo_root):
     assert v["retries"][0]["state"] in ("FAILED", "CANCELLED", "NODE_FAIL", "OUT_OF_MEMORY"), v["retries"]
     assert starts[-1]["job_id"] != job and starts[-1]["resume_epoch"] >= 2, starts
     assert v["attempts"] >= 3 and len(v["history"]) == EPOCHS
-    assert not list(runs.glob("*/*/*.ckpt.pt"))  # checkpoints are gone once runs end
+    assert not list(runs.glob("*/*/*.ckpt.safetensors"))  # checkpoints are gone once runs end
     logs = "\n".join(p.read_text(errors="replace") for p in (runs / ".slurm" / "logs").rglob("*_log.err"))
     assert "resuming vpt-deep demo_digits" in logs and "checkpoint: requeueing" in logs
     assert "retry 1/2" in out and "ok top1" in out

@@ -1,0 +1,275 @@
+"""Backbones: timm ViTs by name and pretrained tag, or from a local checkpoint file.
+
+``--backbone`` takes a timm name (``vit_base_patch16_224.orig_in21k``) or a peftbench preset
+(``demo-vit``: the tiny ViT pretrained by ``scripts/pretrain_demo_backbone.py``, shipped with the
+package). ``--checkpoint PATH`` loads weights from a local .npz (the original JAX ViT files, through
+timm's own converter), .safetensors or .pth/.pt/.bin (``torch.load(weights_only=True)``: no pickle
+code runs).
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ._registry import Registry
+from .errors import BackboneError
+
+ASSETS = Path(__file__).parent / "assets"
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named backbone: a timm architecture with its keyword arguments and (optionally) local weights."""
+
+    timm_name: str
+    kwargs: dict
+    checkpoint: Path | None
+    description: str
+
+
+# presets; third-party packages add theirs through the `peftbench.backbones` entry-point group
+BACKBONES: Registry[Preset] = Registry("backbone preset", group="peftbench.backbones")
+
+
+def register_backbone(name: str, preset: Preset) -> Preset:
+    return BACKBONES.add(name, preset)
+
+
+def preset(name: str) -> Preset | None:
+    """The preset called ``name``, None for a timm model name."""
+    return BACKBONES.get(name) if name in BACKBONES else None
+
+
+_BUILTIN: dict[str, Preset] = {
+    "demo-vit": Preset(
+        "vit_tiny_patch16_224",
+        dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3),
+        ASSETS / "demo_vit.safetensors",
+        "tiny ViT (6 blocks, width 96, 32x32 input, patch 4) pretrained on Fashion-MNIST by "
+        "scripts/pretrain_demo_backbone.py",
+    ),
+    "demo-vit-random": Preset(
+        "vit_tiny_patch16_224",
+        dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3),
+        None,
+        "the demo ViT architecture, randomly initialised (the control for the pretrained one)",
+    ),
+}
+for _name, _preset in _BUILTIN.items():
+    register_backbone(_name, _preset)
+
+# keys a classification checkpoint may carry that the backbone (num_classes=0) does not have
+_IGNORED_PREFIXES = ("head.", "fc.", "pre_logits.", "classifier.")
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file, cached next to nothing: keyed in memory by (path, size, mtime)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def checkpoint_id(backbone: str, checkpoint: str | None) -> str | None:
+    """What identifies the weights in a run key: the sha256 of the checkpoint file in use."""
+    path = resolve_checkpoint(backbone, checkpoint)
+    return _file_sha256(path)[:16] if path is not None else None
+
+
+def resolve_checkpoint(backbone: str, checkpoint: str | None) -> Path | None:
+    if checkpoint:
+        p = Path(checkpoint).expanduser()
+        if not p.is_file():
+            raise BackboneError(f"--checkpoint {checkpoint}: no such file")
+        return p
+    p = preset(backbone)
+    if p is not None and p.checkpoint is not None:
+        if not p.checkpoint.is_file():
+            raise BackboneError(
+                f"backbone {backbone!r}: its weights {p.checkpoint} are missing; rebuild them with "
+                f"`python scripts/pretrain_demo_backbone.py`"
+            )
+        return p.checkpoint
+    return None
+
+
+def create_backbone(backbone: str, checkpoint: str | None = None, *, pretrained: bool = True,
+                    device: str | torch.device | None = None) -> nn.Module:
+    """A timm ViT without classifier (``num_classes=0``), features = CLS token after the final norm.
+
+    ``pretrained=False`` builds the architecture with random weights (parameter counting); building
+    under ``torch.device("meta")`` makes no memory at all.
+    """
+    import timm
+
+    p = preset(backbone)
+    name, kwargs = (p.timm_name, dict(p.kwargs)) if p else (backbone, {})
+    kwargs.update(num_classes=0, global_pool="token")
+    ckpt = resolve_checkpoint(backbone, checkpoint) if pretrained else None
+    use_hub = pretrained and ckpt is None and p is None
+    try:
+        if use_hub:
+            model = timm.create_model(name, pretrained=True, **kwargs)
+        else:
+            model = timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as exc:
+        if "Unknown model" in str(exc):
+            raise BackboneError(unknown_backbone_message(backbone)) from None
+        raise
+    except Exception as exc:  # hub download failures (offline machine, no cache)
+        if not use_hub:
+            raise
+        raise BackboneError(
+            f"could not fetch the pretrained weights of {backbone!r} from the Hugging Face hub ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}). Either run once with network access so that timm "
+            f"caches them (HF_HOME), or pass a local file: --checkpoint PATH (the original ViT-B_16.npz, a "
+            f".safetensors or a .pth state dict)."
+        ) from None
+    if ckpt is not None:
+        load_checkpoint(model, ckpt)
+    if device is not None:
+        model.to(device)
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Load a local weight file into a timm ViT; a file that does not fit names the keys."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        # the original JAX ViT checkpoints (ViT-B_16.npz): timm's converter maps the names; the keys are
+        # checked first so that a file that does not fit is reported by key, not by a bare shape error
+        problems = _npz_problems(model, path)
+        if problems:
+            raise BackboneError(f"checkpoint {path} does not fit the backbone: " + "; ".join(problems))
+        try:
+            model.load_pretrained(str(path))
+        except Exception as exc:
+            raise BackboneError(f"checkpoint {path} does not fit the backbone: {type(exc).__name__}: {exc}") from None
+        return
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BackboneError(
+                f"checkpoint {path} cannot be read as a plain state dict (weights_only=True refuses pickled "
+                f"code): {exc}") from None
+    else:
+        raise BackboneError(f"checkpoint {path}: unknown format {suffix!r} (use .npz, .safetensors or .pth)")
+    for wrapper in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
+            state = state[wrapper]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_short(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_short(unexpected)}")
+        if wrong:
+            parts.append("shape mismatch " + _short(
+                [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
+        raise BackboneError(f"checkpoint {path} does not fit the backbone: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+def _npz_problems(model: nn.Module, path: Path) -> list[str]:
+    """Missing keys, shape mismatches and surplus encoder blocks of an original-format ViT .npz
+    (``ViT-B_16.npz`` names: ``Transformer/encoderblock_{i}/...``) against a timm ViT. Other npz
+    layouts (big_vision ``params/...``) are left to timm's converter."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            shapes = {k: tuple(z[k].shape) for k in z.files}
+    except Exception as exc:
+        return [f"cannot be read as .npz ({type(exc).__name__}: {exc})"]
+    prefix = "opt/target/" if "opt/target/embedding/kernel" in shapes else ""
+    if f"{prefix}Transformer/encoderblock_0/LayerNorm_0/scale" not in shapes and prefix + "embedding/kernel" not in shapes:
+        if any(k.startswith("params/") for k in shapes):
+            return []  # big_vision layout: timm handles and reports it
+        return [f"not a ViT .npz (no 'embedding/kernel' nor 'Transformer/encoderblock_0/...'; "
+                f"keys {_short(sorted(shapes))})"]
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(model, "cls_token"):
+        return []
+    d = model.cls_token.shape[-1]
+    heads = blocks[0].attn.num_heads
+    hd = d // heads
+    mlp = blocks[0].mlp.fc1.out_features
+    want = {"embedding/bias": (d,), "cls": (1, 1, d), "Transformer/encoder_norm/scale": (d,),
+            "Transformer/encoder_norm/bias": (d,)}
+    for i in range(len(blocks)):
+        p = f"Transformer/encoderblock_{i}/"
+        for ln in ("LayerNorm_0", "LayerNorm_2"):
+            want[p + ln + "/scale"] = want[p + ln + "/bias"] = (d,)
+        for n in ("query", "key", "value"):
+            want[p + f"MultiHeadDotProductAttention_1/{n}/kernel"] = (d, heads, hd)
+            want[p + f"MultiHeadDotProductAttention_1/{n}/bias"] = (heads, hd)
+        want[p + "MultiHeadDotProductAttention_1/out/kernel"] = (heads, hd, d)
+        want[p + "MultiHeadDotProductAttention_1/out/bias"] = (d,)
+        want[p + "MlpBlock_3/Dense_0/kernel"], want[p + "MlpBlock_3/Dense_0/bias"] = (d, mlp), (mlp,)
+        want[p + "MlpBlock_3/Dense_1/kernel"], want[p + "MlpBlock_3/Dense_1/bias"] = (mlp, d), (d,)
+    missing = [k for k in want if prefix + k not in shapes]
+    wrong = []
+    for k in ("embedding/kernel", "Transformer/posembed_input/pos_embedding"):  # resampled by timm: width only
+        if prefix + k not in shapes:
+            missing.append(k)
+        elif shapes[prefix + k][-1] != d:
+            wrong.append(f"{k} {shapes[prefix + k]} (width {shapes[prefix + k][-1]}, the model's is {d})")
+    wrong += [f"{k} {shapes[prefix + k]} vs {v}" for k, v in want.items()
+              if prefix + k in shapes and shapes[prefix + k] != v]
+    extra = sorted({k.split("/")[1] for k in shapes if k.startswith(prefix + "Transformer/encoderblock_")
+                    and int(k[len(prefix + "Transformer/encoderblock_"):].split("/")[0]) >= len(blocks)})
+    out = []
+    if missing:
+        out.append(f"missing keys {_short([prefix + k for k in missing])}")
+    if wrong:
+        out.append(f"shape mismatch {_short(wrong)}")
+    if extra:
+        out.append(f"unexpected encoder blocks {_short(extra)} (the model has {len(blocks)})")
+    return out
+
+
+def _short(items: list[str], n: int = 6) -> str:
+    more = f" (+{len(items) - n} more)" if len(items) > n else ""
+    return "[" + ", ".join(items[:n]) + "]" + more
+
+
+def image_size(model: nn.Module) -> int:
+    size = model.patch_embed.img_size
+    return int(size[0] if isinstance(size, (tuple, list)) else size)
+
+
+def unknown_backbone_message(backbone: str) -> str:
+    """'unknown backbone', with the closest timm names and presets."""
+    import timm
+
+    arch = backbone.split(".")[0]
+    names = list(BACKBONES.names()) + timm.list_models("vit*") + timm.list_models("deit*")
+    close = difflib.get_close_matches(arch, names, n=3, cutoff=0.6)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return (f"unknown backbone {backbone!r}: not a timm model nor a preset ({', '.join(BACKBONES.names())}).{hint} "
+            "`peftbench list backbones` lists the presets; any timm ViT name works, with its pretrained tag")

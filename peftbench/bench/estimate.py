@@ -1,0 +1,78 @@
+"""Sweep planning: how many trainings a sweep needs and how long they take, from a bench table."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from importlib import resources
+from pathlib import Path
+
+from ..data.splits import read_split
+from ..methods import get_method
+from ..tasks import get_task
+from ..train.loop import uses_cached_features
+from .speed import read_table, table_path
+
+TABLES = Path(str(resources.files("peftbench.bench") / "tables"))  # the bench tables shipped with the package
+
+
+def split_size(task, data_root: str, split: str) -> int | None:
+    if split in task.split_sizes:
+        return task.split_sizes[split]
+    try:
+        return len(read_split(task, Path(data_root), split))
+    except Exception:
+        return None
+
+
+def find_table(backbone: str, given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    arch = backbone.split(".")[0]
+    for device in ("cuda", "cpu"):
+        for name in (backbone, arch):
+            p = table_path(TABLES, device, name)
+            if p.is_file():
+                return p
+    return None
+
+
+def estimate_seconds(specs, contexts, table: dict[str, dict]) -> tuple[float, list[str]]:
+    """Training + evaluation time of ``specs`` at the table's throughputs; also what could not be estimated."""
+    data_root = {c.task.name: c.data_root for c in contexts}
+    total, missing = 0.0, set()
+    for s in specs:
+        row = table.get(s.method)
+        if row is None or s.job != "train":
+            missing.add(s.method if row is None else f"{s.method}:{s.job}")
+            continue
+        task = get_task(s.task)
+        n_train = split_size(task, data_root[s.task], s.train_split)
+        n_eval = split_size(task, data_root[s.task], s.eval_split)
+        if n_train is None:
+            missing.add(f"{s.task}:{s.train_split}")
+            continue
+        if uses_cached_features(get_method(s.method), task):
+            # the engine computes the features once; the head's epochs on cached features are negligible
+            total += (n_train + (n_eval or 0)) / float(row["eval_images_per_s"])
+            continue
+        evals = 1 + (int(s.hparams["epochs"]) // int(s.hparams["eval_every"]) if s.hparams.get("eval_every") else 0)
+        total += int(s.hparams["epochs"]) * n_train / float(row["train_images_per_s"])
+        total += evals * (n_eval or 0) / float(row["eval_images_per_s"])
+    return total, sorted(missing)
+
+
+def print_plan(specs, contexts, bench_table: Path | None) -> None:
+    for (method, task, stage), n in sorted(Counter((s.method, s.task, s.stage) for s in specs).items()):
+        print(f"{method:<20} {task:<22} {stage:<14} {n:>5} runs")
+    per_method = defaultdict(int)
+    for s in specs:
+        per_method[s.method] += 1
+    print(f"total: {len(specs)} runs (" + ", ".join(f"{m} {n}" for m, n in sorted(per_method.items())) + ")")
+    path = find_table(contexts[0].backbone, bench_table)
+    if path is None:
+        print("no bench table found for this backbone: run `peftbench bench --backbone ...` to get time estimates")
+        return
+    seconds, missing = estimate_seconds(specs, contexts, read_table(path))
+    device = next(iter(read_table(path).values()))["device"]
+    print(f"estimated compute: {seconds / 3600:.1f} device-hours on {device} (from {path})")
+    if missing:
+        print(f"  not estimated (not in the table): {', '.join(missing)}")

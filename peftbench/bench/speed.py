@@ -1,0 +1,257 @@
+"""Speed and memory per method: train-step and eval throughput, peak memory, FLOPs per image.
+
+Measured on random weights of the chosen architecture (the weights do not change the cost), at a
+fixed batch size, after warm-up, as medians over timed steps. The linear probe is also measured
+through cached features (one forward pass per image, then the head trains on the features), the way
+the engine runs it, and compared with training it through the backbone over a whole protocol.
+"""
+from __future__ import annotations
+
+import csv
+import platform
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..backbones import create_backbone, image_size
+from ..methods import get_method
+from ..sweep.plan import parse_sets
+from ..train.build import parameter_summary
+from ..train.loop import autocast, train_step
+from ..train.optim import build_optimizer
+
+COLUMNS = ["method", "backbone", "device", "batch_size", "img_size", "tokens", "train_step_ms", "train_images_per_s",
+           "eval_images_per_s", "peak_memory_mb", "memory_kind", "gflops_forward_per_image",
+           "gflops_train_per_image", "trainable_params", "tuned_total_pct", "train_time_vs_full", "amp", "compile",
+           "torch"]  # amp: the precision (fp32 | tf32 | bf16 | fp16)
+
+
+@dataclass
+class BenchSettings:
+    methods: list[str]
+    backbone: str = "vit_base_patch16_224"
+    batch_size: int = 64
+    device: str = "cpu"
+    num_classes: int = 100
+    warmup: int = 2
+    steps: int = 5
+    compile: bool = False
+    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16
+    sets: tuple[str, ...] = ()
+    baseline: str = "full"  # train_time_vs_full is relative to this method
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_time(fn, warmup: int, steps: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _train_step(model, forward, x, y, optimizer, device: torch.device, precision: str):
+    """One optimisation step of ``forward`` (the model, or a part of it) on a fixed batch."""
+
+    def step():
+        model.train()
+        train_step(forward, x, y, optimizer, device, precision)
+
+    return step
+
+
+def _flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    # torch's counter knows the CUDA attention kernels but not the CPU one: count it with the same formula
+    aten = torch.ops.aten
+    cpu_sdpa = {
+        aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+        aten._scaled_dot_product_flash_attention_for_cpu_backward:
+            lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v),
+    }
+    counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa)
+    with counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def build(method_name: str, s: BenchSettings):
+    method = get_method(method_name)
+    # the bench's --set values go to the methods that have the option (e.g. prompt_tokens)
+    opts = method.parse_options(parse_sets(list(s.sets), [method], strict=False)[method.name])
+    opts, _ = method.resolve_options(opts, None)
+    torch.manual_seed(0)
+    model = method.build(create_backbone(s.backbone, pretrained=False), s.num_classes, opts)
+    return method, model
+
+
+def bench_method(method_name: str, s: BenchSettings) -> dict:
+    device = torch.device(s.device)
+    method, model = build(method_name, s)
+    params = parameter_summary(model)
+    model.to(device)
+    size = image_size(model.backbone)
+    x = torch.randn(s.batch_size, 3, size, size, device=device)
+    y = torch.randint(0, s.num_classes, (s.batch_size,), device=device)
+    optimizer = build_optimizer(method.recipe.optimizer, model, 1e-3, 1e-4)
+    forward = torch.compile(model) if s.compile else model
+
+    step = _train_step(model, forward, x, y, optimizer, device, s.precision)
+
+    @torch.no_grad()
+    def eval_step():
+        model.eval()
+        with autocast(device, s.precision):
+            forward(x)
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t_train = _median_time(step, s.warmup, s.steps, device)
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated") if device.type == "cuda" \
+        else (None, "n/a on cpu")
+    t_eval = _median_time(eval_step, s.warmup, s.steps, device)
+    model.eval()
+    fwd_flops = _flops(lambda: forward(x))  # (the counter's module tracker needs grad mode on)
+    train_flops = _flops(step)
+    tokens = _tokens(model, x[:1])
+    return {
+        "method": method.name, "backbone": s.backbone, "device": _device_label(device), "batch_size": s.batch_size,
+        "img_size": size, "tokens": tokens, "train_step_ms": round(t_train * 1000, 2),
+        "train_images_per_s": round(s.batch_size / t_train, 2), "eval_images_per_s": round(s.batch_size / t_eval, 2),
+        "peak_memory_mb": round(peak[0], 1) if peak[0] is not None else "", "memory_kind": peak[1],
+        "gflops_forward_per_image": round(fwd_flops / s.batch_size / 1e9, 6),
+        "gflops_train_per_image": round(train_flops / s.batch_size / 1e9, 6),
+        "trainable_params": params["trainable"], "tuned_total_pct": round(params["tuned_total_pct"], 4),
+        "amp": s.precision, "compile": s.compile,
+        "torch": torch.__version__,
+    }
+
+
+def _tokens(model, x) -> int:
+    """Sequence length entering the blocks (prompts included), read with a forward hook."""
+    seen = []
+    handle = model.backbone.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    with torch.no_grad():
+        model.eval()
+        model(x)
+    handle.remove()
+    return seen[0]
+
+
+def _device_label(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
+
+
+def cached_linear_probe(s: BenchSettings, epochs: int = 100, num_images: int = 1000) -> dict:
+    """Linear probe over a whole protocol (``epochs`` × ``num_images``): through the backbone every
+    epoch vs one feature pass then the head on cached features. Returns both times and the ratio."""
+    device = torch.device(s.device)
+    _, model = build("linear", s)
+    model.to(device)
+    size = image_size(model.backbone)
+    x = torch.randn(s.batch_size, 3, size, size, device=device)
+    y = torch.randint(0, s.num_classes, (s.batch_size,), device=device)
+    optimizer = build_optimizer("sgd", model, 0.1, 0.0)
+
+    @torch.no_grad()
+    def features():
+        model.eval()
+        with autocast(device, s.precision):
+            return model.features(x).float()
+
+    t_backbone = _median_time(_train_step(model, model, x, y, optimizer, device, s.precision), s.warmup, s.steps,
+                              device)
+    t_features = _median_time(features, s.warmup, s.steps, device)
+    head_step = _train_step(model, model.head, features(), y, optimizer, device, s.precision)
+    t_head = _median_time(head_step, s.warmup, max(s.steps, 20), device)
+    batches = num_images / s.batch_size
+    through = epochs * batches * t_backbone
+    cached = batches * t_features + epochs * batches * t_head
+    return {"epochs": epochs, "num_images": num_images, "through_backbone_s": through, "cached_features_s": cached,
+            "speedup": through / cached}
+
+
+def run_bench(s: BenchSettings, log=print) -> list[dict]:
+    rows = []
+    for name in s.methods:
+        log(f"bench {name} on {s.backbone} ({s.device}, batch {s.batch_size}) ...")
+        rows.append(bench_method(name, s))
+        r = rows[-1]
+        log(f"  train {r['train_images_per_s']} img/s ({r['train_step_ms']} ms/step), eval {r['eval_images_per_s']}"
+            f" img/s, {r['gflops_train_per_image']} GFLOP/img train, tokens {r['tokens']}")
+    base = next((r for r in rows if r["method"] == get_method(s.baseline).name), None)
+    for r in rows:
+        r["train_time_vs_full"] = round(r["train_step_ms"] / base["train_step_ms"], 3) if base else ""
+    return rows
+
+
+def table_path(out_dir: Path, device: str, backbone: str) -> Path:
+    """Conditions in the file name, as timm's benchmark CSVs do: results/bench-<device>-<backbone>.csv."""
+    dev = "cuda" if device.startswith("cuda") else "cpu"
+    return Path(out_dir) / f"bench-{dev}-{backbone.replace('/', '_')}.csv"
+
+
+def write_table(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+
+
+def read_table(path: Path) -> dict[str, dict]:
+    with open(path, newline="") as fh:
+        return {row["method"]: row for row in csv.DictReader(fh)}
+
+
+@dataclass(frozen=True)
+class Target:
+    """A speed target as data: ``numerator``'s train step ≤ ``limit`` × ``denominator``'s."""
+
+    numerator: str
+    denominator: str
+    limit: float
+    same_tokens: bool = False  # the ratio is only fair when both see the same number of tokens
+
+
+# the project's speed targets (README, "Speed and memory")
+TARGETS = (
+    Target("vpt-deep", "full", 0.75), Target("e2vpt", "full", 0.75), Target("adapter", "full", 0.75),
+    Target("lora", "full", 0.75), Target("e2vpt", "vpt-deep", 1.1, same_tokens=True),
+)
+PROBE_TARGET = 20.0  # cached-features linear probe at least this many times faster than through the backbone
+
+
+def targets(rows: list[dict], probe: dict | None, table: tuple[Target, ...] = TARGETS) -> list[dict]:
+    """The targets, as measured ratios (met or not)."""
+    by = {r["method"]: r for r in rows}
+    out = []
+    for t in table:
+        if t.numerator in by and t.denominator in by:
+            a, b = by[t.numerator], by[t.denominator]
+            ratio = a["train_step_ms"] / b["train_step_ms"]
+            note = "" if not t.same_tokens or a["tokens"] == b["tokens"] else " (token counts differ!)"
+            out.append({"target": f"{t.numerator} train step <= {t.limit:g} x {t.denominator}{note}",
+                        "measured": round(ratio, 3), "met": ratio <= t.limit})
+    if probe:
+        out.append({"target": f"linear probe via cached features >= {PROBE_TARGET:g} x faster than through the backbone",
+                    "measured": round(probe["speedup"], 1), "met": probe["speedup"] >= PROBE_TARGET})
+    return out

@@ -1,0 +1,60 @@
+"""``peftbench bench``: per-method train/eval throughput, peak memory and FLOPs, written as a CSV table."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_METHODS = "linear,full,vpt-shallow,vpt-deep,e2vpt,adapter,lora,bitfit"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="measure train/eval speed, memory and FLOPs per method",
+                       description="Writes <out>/bench-<device>-<backbone>.csv (medians after warm-up).")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help=f"comma-separated (default {DEFAULT_METHODS})")
+    p.add_argument("--backbone", default="vit_base_patch16_224", help="architecture (random weights)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--precision", choices=("fp32", "tf32", "bf16", "fp16"),
+                   help="numeric precision (default: bf16 autocast on CUDA, fp32 on CPU)")
+    p.add_argument("--no-amp", action="store_true", help="the same as --precision fp32")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="[METHOD.]OPTION=VALUE")
+    p.add_argument("--out", default="results", help="folder of the CSV (default results/)")
+    p.add_argument("--no-probe", action="store_true", help="skip the cached-features linear-probe comparison")
+    p.set_defaults(func=main)
+
+
+def main(args) -> int:
+    import torch
+
+    from ..bench.speed import BenchSettings, cached_linear_probe, run_bench, table_path, targets, write_table
+    from ..methods import get_method
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    methods = [get_method(m).name for m in args.methods.split(",") if m.strip()]
+    precision = "fp32" if args.no_amp else (args.precision or ("bf16" if device.startswith("cuda") else "fp32"))
+    s = BenchSettings(methods=methods, backbone=args.backbone, batch_size=args.batch_size, device=device,
+                      warmup=args.warmup, steps=args.steps, compile=args.compile, precision=precision,
+                      sets=tuple(args.sets))
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    rows = run_bench(s, log)
+    path = table_path(Path(args.out), device, args.backbone)
+    write_table(rows, path)
+    probe = None if args.no_probe else cached_linear_probe(s)
+    result = {"table": str(path), "targets": targets(rows, probe), "linear_probe": probe}
+    if probe:
+        probe_path = path.with_name(path.stem + "-linear-probe.json")
+        probe_path.write_text(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in probe.items()},
+                                         indent=1, sort_keys=True) + "\n")
+    print(f"{'method':<14} {'train img/s':>12} {'eval img/s':>11} {'x full':>7} {'GFLOP/img':>10} {'tokens':>7}")
+    for r in rows:
+        print(f"{r['method']:<14} {r['train_images_per_s']:>12} {r['eval_images_per_s']:>11} "
+              f"{r['train_time_vs_full']!s:>7} {r['gflops_train_per_image']:>10} {r['tokens']:>7}")
+    print("\ntargets:")
+    for t in result["targets"]:
+        print(f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: {t['measured']}")
+    print(f"\ntable: {path}")
+    return 0

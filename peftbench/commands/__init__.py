@@ -1,1 +1,0 @@
-"""Subcommands of the ``peftbench`` CLI, one module each (see peftbench.cli)."""

@@ -1,0 +1,144 @@
+"""How images become model input: preprocessing geometries and training augmentations, as registries.
+
+A task names one of each (``Task.preprocess``, ``Task.augment``); third-party packages add more
+through the ``peftbench.transforms`` entry-point group (an object registered with
+:func:`register_preprocess` / :func:`register_augment`, or a module that calls them).
+
+Preprocessing decides what the decoded-image cache stores for a (task, split, input size): a
+:class:`Geometry`. Built in:
+
+* ``resize`` (VTAB): every split is resized straight to ``size`` × ``size`` (aspect not kept).
+* ``resize-crop`` (FGVC), with ``R = int(size * 256 / 224)`` (256 for 224, VPT's ``transforms.py`` rule):
+
+  - evaluation splits: shorter side resized to ``R`` (aspect kept, bilinear), then the centre
+    ``size`` × ``size`` crop: exactly VPT's ``Resize(256) → CenterCrop(224)``;
+  - training splits of a task that has an augmentation: shorter side resized to ``R`` the same way,
+    then the centre ``R`` × ``R`` square is stored; the augmentation cuts a random ``size`` crop from
+    it at every step. **Approximation:** VPT's ``Resize(256) → RandomCrop(224)`` draws the crop from
+    the whole resized image; here the crop position along the longer side is limited to the central
+    256 pixels (square images are not affected; docs/data.md).
+
+Augmentations run on uint8 batches on the device, every step. Built in:
+
+* ``crop-flip`` (FGVC): torchvision's ``RandomCrop(size)`` then ``RandomHorizontalFlip(0.5)``, per image,
+  drawn from torch's global RNG (so seeding and the RNG state a checkpoint saves make it reproducible
+  and resumable).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .._registry import Registry
+from ..tasks import Task
+
+# ---------------------------------------------------------------------------------------------
+# preprocessing: what is stored for a split
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a split's images are stored: ``stored`` × ``stored``, made by resizing straight to it
+    (``resize_shorter`` None) or by resizing the shorter side to ``resize_shorter`` and centre-cropping."""
+
+    stored: int
+    resize_shorter: int | None = None
+    interpolation: str = "bilinear"
+
+    @property
+    def tag(self) -> str:
+        how = f"s{self.resize_shorter}c{self.stored}" if self.resize_shorter else f"r{self.stored}"
+        return f"{how}{'' if self.interpolation == 'bilinear' else '-' + self.interpolation}"
+
+
+Preprocess = Callable[[Task, str, int], Geometry]  # (task, split, input size) -> geometry
+Augment = Callable[[int], Callable[[torch.Tensor], torch.Tensor]]  # input size -> batch transform
+
+PREPROCESS: Registry[Preprocess] = Registry("preprocessing", group="peftbench.transforms")
+AUGMENT: Registry[Augment] = Registry("augmentation", loader=PREPROCESS.load)
+
+
+def register_preprocess(name: str):
+    """Decorator: ``fn(task, split, size) -> Geometry`` registered as a preprocessing."""
+    def deco(fn: Preprocess) -> Preprocess:
+        PREPROCESS.add(name, fn)
+        return fn
+    return deco
+
+
+def register_augment(name: str):
+    """Decorator: ``factory(size) -> (uint8 batch -> uint8 batch)`` registered as an augmentation."""
+    def deco(fn: Augment) -> Augment:
+        AUGMENT.add(name, fn)
+        return fn
+    return deco
+
+
+def resize_length(size: int) -> int:
+    """VPT's resize length for a crop of ``size`` (224 → 256)."""
+    return int(size * 256 / 224)
+
+
+def training_splits(task: Task) -> set[str]:
+    return {pair[0] for pair in task.splits.values()}
+
+
+def geometry(task: Task, split: str, size: int) -> Geometry:
+    """What the cache stores for ``split`` of ``task`` at input ``size``."""
+    return PREPROCESS.get(task.preprocess)(task, split, size)
+
+
+def augmenter(task: Task, size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The task's training augmentation at input ``size`` (None: no augmentation)."""
+    return None if task.augment is None else AUGMENT.get(task.augment)(size)
+
+
+@register_preprocess("resize")
+def _resize(task: Task, split: str, size: int) -> Geometry:
+    return Geometry(size)
+
+
+@register_preprocess("resize-crop")
+def _resize_crop(task: Task, split: str, size: int) -> Geometry:
+    r = resize_length(size)
+    if task.augment is not None and split in training_splits(task):
+        return Geometry(r, r)  # random crops of `size` are cut from it while training
+    return Geometry(size, r)
+
+
+# ---------------------------------------------------------------------------------------------
+# augmentation
+# ---------------------------------------------------------------------------------------------
+
+
+@register_augment("crop-flip")
+def _crop_flip(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: random_crop_flip(x, size)
+
+
+def random_crop_flip(x: torch.Tensor, size: int, flip_p: float = 0.5) -> torch.Tensor:
+    """(N, C, H, W) → (N, C, size, size): a random ``size`` crop and a horizontal flip with
+    probability ``flip_p``, independently per image. ``H`` and ``W`` must be at least ``size``."""
+    if x.dim() != 4:
+        raise ValueError(f"random_crop_flip expects an (N, C, H, W) batch, got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if h < size or w < size:
+        raise ValueError(f"random_crop_flip: images of {h}x{w} are smaller than the crop {size}")
+    if n == 0:
+        return x[:, :, :size, :size]
+    # offsets and coins from torch's global (CPU) generator, whatever the device of x
+    top = torch.randint(0, h - size + 1, (n,))
+    left = torch.randint(0, w - size + 1, (n,))
+    flip = torch.rand(n) < flip_p
+    ar = torch.arange(size)
+    rows = top[:, None] + ar  # (n, size)
+    cols = left[:, None] + ar  # (n, size)
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    dev = x.device
+    rows, cols = rows.to(dev), cols.to(dev)
+    idx_n = torch.arange(n, device=dev)[:, None, None, None]
+    idx_c = torch.arange(c, device=dev)[None, :, None, None]
+    return x[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]

@@ -1,0 +1,61 @@
+"""What an executor plugin is: how ``peftbench run --executor NAME`` gets an executor, which flags it
+adds, and what it tells ``peftbench status``.
+
+An executor runs one stage of a sweep: ``run(specs, store) -> records`` (the
+:class:`peftbench.sweep.drive.Executor` protocol) and ``close()``. Every executor runs each spec with
+:func:`peftbench.train.engine.execute`, which skips finished runs and resumes unfinished ones from
+their checkpoint, so executors only decide *where* runs happen. Built-in executors are the modules of
+this package (``local``, ``slurm/``); third-party packages add one by declaring a
+``peftbench.executors`` entry point that names an :class:`ExecutorPlugin` subclass (docs/plugins.md).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .._registry import Registry
+
+if TYPE_CHECKING:
+    from ..train.env import Env
+
+
+class ExecutorPlugin:
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Add this executor's own flags to ``peftbench run`` (an argument group)."""
+
+    def given_flags(self, args: argparse.Namespace) -> list[str]:
+        """This executor's flags that the command line set (an error when another executor runs)."""
+        return []
+
+    def create(self, args: argparse.Namespace, *, env: "Env", runs_dir: Path, total: int) -> Any:
+        """The executor for ``peftbench run`` (its settings are checked here, before any compute)."""
+        raise NotImplementedError
+
+    def status(self, runs_dir: Path, runs: dict[str, dict], query: bool) -> dict:
+        """What ``peftbench status`` shows of this executor for ``runs_dir``: updates ``runs`` (key ->
+        the run's status entry: ``status``, ``job``, ...) in place and returns lines about the executor
+        itself (``{"driver": ..., "notes": [...]}``); by default nothing."""
+        return {}
+
+
+def _register_object(obj: object, provider: str) -> None:
+    if isinstance(obj, type) and issubclass(obj, ExecutorPlugin):
+        obj = obj()
+    if not isinstance(obj, ExecutorPlugin):
+        raise TypeError(f"a peftbench.executors entry point must name a module or an ExecutorPlugin, got {obj!r}")
+    EXECUTORS.add(obj.name, obj, obj.aliases, provider)
+
+
+EXECUTORS: Registry[ExecutorPlugin] = Registry("executor", builtin="peftbench.executors", group="peftbench.executors",
+                                              register_object=_register_object)
+
+
+def register_executor(cls: type[ExecutorPlugin]) -> type[ExecutorPlugin]:
+    """Class decorator: register one instance of an :class:`ExecutorPlugin` subclass under ``cls.name``."""
+    EXECUTORS.add(cls.name, cls(), cls.aliases)
+    return cls

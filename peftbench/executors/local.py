@@ -1,0 +1,65 @@
+"""``--executor local``: every run in this process, one after the other."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from ..store import RunRecord, RunSpec, RunStore
+from ._base import ExecutorPlugin, register_executor
+
+if TYPE_CHECKING:
+    from ..train.env import Env
+
+
+class LocalExecutor:
+    """Runs specs one after the other in this process."""
+
+    def __init__(self, env: "Env", total: int | None = None):
+        self.env = env
+        self.total = total
+        self.done = 0
+        self.trained = 0  # runs executed (not skipped) by this process, and their time
+        self.trained_s = 0.0
+
+    def _prefix(self) -> str:
+        from ..train.loop import fmt_s
+
+        left = ""
+        if self.total and self.trained:
+            left = f", sweep left ~{fmt_s(self.trained_s / self.trained * (self.total - self.done + 1))}"
+        return f"[run {self.done}/{self.total or '?'}{left}]"
+
+    def run(self, specs: list[RunSpec], store: RunStore) -> list[RunRecord]:
+        from ..train.engine import execute  # (torch is imported when runs start, not when the CLI parses)
+
+        out = []
+        for spec in specs:
+            self.done += 1
+            self.env.prefix = self._prefix()
+            old = store.load(spec)
+            if old is not None and old.is_final:
+                self.env.log(f"{self.env.prefix} {spec.label()}: done already, skipped")
+                out.append(old)
+                continue
+            t0 = time.time()
+            rec = execute(spec, store, self.env)
+            self.trained += 1
+            self.trained_s += time.time() - t0
+            self.env.log(f"{self.env.prefix} {spec.label()}: {rec.status}"
+                         + (f" top1 {rec.top1:.2f}" if rec.top1 is not None else "")
+                         + f" ({time.time() - t0:.1f}s)"
+                         + (f"\n    {rec.error.strip().splitlines()[-1]}" if rec.error else ""))
+            out.append(rec)
+        return out
+
+    def close(self) -> None:
+        pass
+
+
+@register_executor
+class Local(ExecutorPlugin):
+    name = "local"
+    description = "run here, one run after the other (default)"
+
+    def create(self, args, *, env, runs_dir, total):
+        return LocalExecutor(env, total=total)

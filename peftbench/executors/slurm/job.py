@@ -1,0 +1,103 @@
+"""Inside a SLURM job: :class:`RunJob` runs its specs with the engine, on the job's device."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import Any
+
+import submitit
+import torch
+
+from ...store import RunRecord, RunSpec, RunStatus, RunStore
+from ...train.engine import Env, execute
+from ._util import now
+
+def job_info() -> dict:
+    """Who and where this job is (SLURM variables; submitit's job environment for local/debug)."""
+    env = os.environ
+    array_id, task_id = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    job_id = f"{array_id}_{task_id}" if array_id and task_id else env.get("SLURM_JOB_ID")
+    if not job_id:
+        try:
+            job_id = submitit.JobEnvironment().job_id
+        except Exception:  # not inside a submitit job
+            job_id = f"pid{os.getpid()}"
+    return {
+        "job_id": job_id,
+        "array_job_id": array_id,
+        "array_task_id": int(task_id) if task_id else None,
+        "node": env.get("SLURMD_NODENAME") or socket.gethostname(),
+        "restart_count": int(env.get("SLURM_RESTART_COUNT") or 0),
+        "partition": env.get("SLURM_JOB_PARTITION"),
+        "gpus": env.get("CUDA_VISIBLE_DEVICES"),
+    }
+
+
+def mark_start(store: RunStore, spec: RunSpec, info: dict, resume_epoch: int, starts_in_job: int) -> None:
+    """Put this job into the run's record (``slurm``) before the engine starts; the engine keeps it."""
+    rec = store.load(spec) or RunRecord.for_spec(spec, status=RunStatus.RUNNING)
+    slurm = dict(rec.get("slurm") or {})
+    restart = max(info["restart_count"], starts_in_job - 1)
+    start = {"job_id": info["job_id"], "node": info["node"], "pid": os.getpid(), "restart_count": restart,
+             "at": now(), "resume_epoch": resume_epoch}
+    slurm.update({k: v for k, v in info.items() if k != "restart_count"})
+    slurm["restart_count"] = restart
+    slurm["starts"] = list(slurm.get("starts") or [])[-19:] + [start]
+    rec.extra["slurm"] = slurm
+    store.write(spec, rec)
+
+
+def _execute(spec: RunSpec, store: RunStore, env: Env) -> RunRecord:
+    return execute(spec, store, env)
+
+
+class RunJob(submitit.helpers.Checkpointable):
+    """One array task: run its specs one after the other on the job's device.
+
+    Checkpointable: on preemption or time limit submitit calls :meth:`checkpoint`, which resubmits
+    this callable (with the keys it already finished); the requeued job resumes each unfinished run
+    from the engine's per-epoch checkpoint. Exceptions inside a run are failed records (engine), so
+    one bad run does not stop the others of the pack or of the array.
+    """
+
+    def __init__(self, specs: list[dict], runs_dir: str, device: str = "auto", quiet: bool = False):
+        self.specs = [dict(s) for s in specs]
+        self.runs_dir = str(runs_dir)
+        self.device = device
+        self.quiet = quiet
+        self.finished: dict[str, str] = {}  # key -> status, kept through requeues (checkpoint pickles self)
+        self.starts = 0
+
+    def __call__(self) -> dict:
+        self.starts += 1
+        info = job_info()
+        device = self.device if self.device not in (None, "auto") else ("cuda" if torch.cuda.is_available() else "cpu")
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+        if cpus and cpus.isdigit():
+            torch.set_num_threads(int(cpus))
+        env = Env(device=device, quiet=self.quiet)
+        store = RunStore(self.runs_dir)
+        env.log(f"[{info['job_id']}] {len(self.specs)} run(s) on {info['node']} ({device}); "
+                f"restart {info['restart_count']}, start {self.starts} of this job")
+        for i, d in enumerate(self.specs):
+            spec = RunSpec.from_dict(d)
+            if spec.key in self.finished:
+                continue
+            env.prefix = f"[{info['job_id']} {i + 1}/{len(self.specs)}]"
+            old = store.load(spec)
+            if old is not None and old.is_final:
+                self.finished[spec.key] = str(old.status)
+                continue
+            mark_start(store, spec, info, store.checkpoint_epoch(spec), self.starts)
+            t0 = time.time()
+            rec = _execute(spec, store, env)
+            self.finished[spec.key] = str(rec.status)
+            env.log(f"{env.prefix} {spec.label()}: {rec.status} ({time.time() - t0:.1f}s)")
+        return dict(self.finished)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        print(f"[{job_info()['job_id']}] checkpoint: requeueing; unfinished runs resume from their last "
+              f"epoch checkpoint ({len(self.finished)}/{len(self.specs)} done in this job)", file=sys.stderr, flush=True)
+        return submitit.helpers.DelayedSubmission(self, *args, **kwargs)

@@ -1,0 +1,53 @@
+"""What ``peftbench status`` shows of SLURM: the driver, the job of every run, and the run's state
+from the job's (a queued retry, a job that ended without a result)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ...store import RunStatus
+from ..status import new_entry
+from .queue import is_active, query_states, slurm_available
+from .state import driver_lock_holder, read_state
+
+
+def classify(r: dict, job_state: str | None) -> str:
+    rs = r["record_status"]
+    if rs == RunStatus.OK:
+        return "done"
+    if rs == RunStatus.DIVERGED:
+        return "diverged"
+    started_here = r.get("submitted_job") is None or r.get("submitted_job") == r["job_id"]
+    if job_state is not None and is_active(job_state):
+        # a job is queued or running for this run (a retry's job has not written the record yet)
+        if job_state == "RUNNING" and rs == RunStatus.RUNNING and started_here:
+            return "running"
+        return "pending"
+    if rs == RunStatus.FAILED:
+        return "failed"
+    if job_state is not None:
+        # its job is over, without a result (the record says running, or there is none)
+        return "interrupted"
+    return r["status"]  # not a SLURM run, or SLURM not asked / not knowing
+
+
+def status(runs_dir: Path, runs: dict[str, dict], query: bool) -> dict:
+    state = read_state(runs_dir)
+    for key, entry in state.get("runs", {}).items():
+        r = runs.get(key)
+        if r is None:
+            r = runs[key] = new_entry(key, method=entry.get("method"), task=entry.get("task"),
+                                      stage=entry.get("stage", ""))
+        r["label"] = entry.get("label")
+        r["submitted_job"] = entry.get("job_id")
+    live: dict[str, dict] = {}
+    if query and slurm_available():  # ask SLURM about the jobs of unfinished runs
+        ids = {j for r in runs.values() if r["record_status"] not in (RunStatus.OK, RunStatus.DIVERGED)
+               for j in (r.get("submitted_job"), r.get("job_id")) if j}
+        live = query_states(sorted(ids), timeout=30)
+    for r in runs.values():
+        job = r.get("submitted_job") or r["job_id"]
+        info = live.get(job) or {}
+        r["slurm_state"] = info.get("state")
+        r["status"] = classify(r, info.get("state"))
+        r["job"] = job
+    return {"driver": driver_lock_holder(runs_dir), "state_updated_at": state.get("updated_at")}

@@ -1,0 +1,76 @@
+"""The model every method builds: a frozen (or partly frozen) timm ViT and a classification head."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# VPT / E^2VPT head init: bias = -log((1 - π) / π) with prior probability π = 0.01 (-4.595)
+HEAD_BIAS_INIT = -math.log((1 - 0.01) / 0.01)
+
+
+def make_head(in_features: int, num_classes: int) -> nn.Linear:
+    """Linear(D, C) initialised as the VPT/E^2VPT code does: kaiming-normal (fan_out) weight, prior bias."""
+    head = nn.Linear(in_features, num_classes)
+    nn.init.kaiming_normal_(head.weight, mode="fan_out")
+    nn.init.constant_(head.bias, HEAD_BIAS_INIT)
+    return head
+
+
+class TunedViT(nn.Module):
+    """A frozen (or partly frozen) timm ViT + a classification head.
+
+    * ``features(x)``: the CLS token after the final norm (override to insert prompts).
+    * ``train_modules``: the modules put in train mode during training. Everything else stays in
+      eval mode, so a frozen backbone never runs dropout.
+    * ``no_weight_decay``: parameter names excluded from weight decay (the head bias).
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, head: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        for p in self.backbone.parameters():
+            p.requires_grad = False
+        self.head = head if head is not None else make_head(backbone.num_features, num_classes)
+        self.train_modules: list[nn.Module] = [self.head]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def train(self, mode: bool = True) -> "TunedViT":
+        nn.Module.train(self, False)
+        if mode:
+            for m in self.train_modules:
+                nn.Module.train(m, True)
+        self.training = mode
+        return self
+
+    def no_weight_decay(self) -> set[str]:
+        return {"head.bias"}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """The trained tensors (what a checkpoint needs): trainable parameters + buffers of train modules."""
+        state = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
+        for prefix, module in self.named_modules():
+            if any(module is m for m in self.train_modules):
+                for n, b in module.named_buffers():
+                    state[f"{prefix}.{n}" if prefix else n] = b.detach()
+        return state
+
+    def parameter_counts(self) -> dict[str, int]:
+        """trainable (incl. head), trainable_without_head, head, total, tuned (what the papers' Tuned/Total
+        counts, incl. head; subclasses lower it, e.g. pruned E^2VPT's soft-masked entries)."""
+        head = sum(p.numel() for p in self.head.parameters() if p.requires_grad)
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return {
+            "trainable": trainable,
+            "trainable_without_head": trainable - head,
+            "head": head,
+            "total": total,
+            "tuned": trainable,
+        }

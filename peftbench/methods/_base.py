@@ -1,0 +1,168 @@
+"""What a method plugin is: its options, its training recipe and how it turns a backbone into a model.
+
+A plugin is one file in ``peftbench/methods/`` (or in any package that declares a ``peftbench.methods``
+entry point) with a :class:`Method` subclass decorated by :func:`register_method`::
+
+    @register_method
+    class BitFit(Method):
+        name = "bitfit"
+        description = "biases of the backbone + head"
+        recipe = FULL_FT_RECIPE
+
+        def build(self, backbone, num_classes, opts):
+            model = TunedViT(backbone, num_classes)
+            for n, p in backbone.named_parameters():
+                p.requires_grad = n.endswith("bias")
+            return model
+
+The engine never asks which method it runs: it builds the model, trains whatever ``requires_grad``
+says, keeps every module except ``model.train_modules`` in eval mode, and counts parameters.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Generator
+
+from torch import nn
+
+from .._registry import Registry
+from ..errors import OptionError
+from ..layers.tuned_vit import TunedViT
+from ._recipes import PROMPT_RECIPE, Recipe
+
+if TYPE_CHECKING:  # the hooks' argument types (no runtime import: the sweep layer sits above this one)
+    from ..store import RunSpec, RunStore
+    from ..sweep.protocols import EvalProtocol, PlanContext
+    from ..tasks import Task
+    from ..train.engine import Env
+
+# ---------------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """A method option: ``--set <method>.<name>=<value>`` (or ``--set <name>=<value>``).
+
+    Values are converted to ``type`` (default: the type of ``default``); ``keywords`` are literal
+    values accepted as they are (e.g. ``"auto"`` for a per-task value)."""
+
+    default: Any
+    help: str
+    choices: tuple | None = None
+    type: type | None = None
+    keywords: tuple[str, ...] = ()
+
+    def parse(self, name: str, raw: Any) -> Any:
+        """Convert a command-line string (or a value from a file) to the option's type."""
+        if raw in self.keywords:
+            return raw
+        kind = self.type or type(self.default)
+        value = raw
+        try:
+            if isinstance(raw, str):
+                if kind is bool:
+                    low = raw.strip().lower()
+                    if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                        raise ValueError(raw)
+                    value = low in ("1", "true", "yes", "on")
+                elif kind in (int, float):
+                    value = kind(raw)
+                elif kind is not str:
+                    value = _auto(raw)
+            elif kind in (int, float) and not isinstance(raw, bool):
+                value = kind(raw)
+        except (TypeError, ValueError):
+            allowed = f" or one of {', '.join(self.keywords)}" if self.keywords else ""
+            raise OptionError(f"option {name!r}: cannot read {raw!r} as {kind.__name__}{allowed}") from None
+        if self.choices is not None and value not in self.choices:
+            raise OptionError(f"option {name!r}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+        return value
+
+
+def _auto(raw: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Method plugins
+# ---------------------------------------------------------------------------------------------
+
+
+class Method:
+    """Base class of a method plugin. Subclasses set the class attributes and implement ``build``."""
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    options: ClassVar[dict[str, Option]] = {}
+    recipe: ClassVar[Recipe] = PROMPT_RECIPE
+    # True when the features fed to the head do not depend on anything trained (linear probe,
+    # MLP head): the engine may then compute them once and train the head on cached features.
+    frozen_features: ClassVar[bool] = False
+
+    def build(self, backbone: nn.Module, num_classes: int, opts: dict[str, Any]) -> TunedViT:
+        raise NotImplementedError
+
+    # -- options ----------------------------------------------------------------------------
+    def default_options(self) -> dict[str, Any]:
+        return {k: o.default for k, o in self.options.items()}
+
+    def parse_options(self, raw: dict[str, Any]) -> dict[str, Any]:
+        opts = self.default_options()
+        for key, value in raw.items():
+            if key not in self.options:
+                known = ", ".join(sorted(self.options)) or "none"
+                raise OptionError(f"method {self.name!r} has no option {key!r} (its options: {known})")
+            opts[key] = self.options[key].parse(key, value)
+        return opts
+
+    def resolve_options(self, opts: dict[str, Any], task: "Task | None") -> tuple[dict[str, Any], dict[str, str]]:
+        """Per-task option values (e.g. released prompt lengths) and where each value came from."""
+        return dict(opts), {}
+
+    # -- protocol hooks -----------------------------------------------------------------------
+    def pipeline(self, ctx: "PlanContext", protocol: "EvalProtocol") -> Generator[list, list, None]:
+        """The stages of this method under ``protocol``; by default the protocol's own pipeline."""
+        return protocol.pipeline(ctx)
+
+    def run_job(self, job: str, spec: "RunSpec", store: "RunStore", env: "Env") -> dict:
+        """Non-training jobs a custom pipeline schedules (e.g. importance scores). Returns the fields
+        to merge into the run record; artifacts go to ``store.artifact_path(spec, name)``."""
+        raise NotImplementedError(f"method {self.name!r} has no job {job!r}")
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"
+
+
+def _register_object(obj: object, provider: str) -> None:
+    if isinstance(obj, type) and issubclass(obj, Method):
+        obj = obj()
+    if not isinstance(obj, Method):
+        raise TypeError(f"a peftbench.methods entry point must name a module or a Method subclass, got {obj!r}")
+    if not obj.name:
+        raise TypeError(f"{type(obj).__qualname__} ({provider}) has no name")
+    METHODS.add(obj.name, obj, obj.aliases, provider)
+
+
+# built-in methods: the public modules of peftbench/methods/; plugins: the `peftbench.methods` entry points
+METHODS: Registry[Method] = Registry("method", builtin="peftbench.methods", group="peftbench.methods",
+                                     register_object=_register_object)
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: register one instance of a :class:`Method` subclass under ``cls.name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__qualname__} has no name")
+    METHODS.add(cls.name, cls(), cls.aliases, provider=f"module {cls.__module__}")
+    return cls
+
+
+def get_method(name: str) -> Method:
+    return METHODS.get(name)

@@ -1,0 +1,22 @@
+"""BitFit / "Bias" row of the VPT tables (VPT code ``tinytl-bias``, spec §4.6).
+
+Trainable: every backbone parameter whose name contains "bias" (attention, MLP, patch embedding and
+LayerNorm biases) + the head; the backbone stays in eval mode. Optimiser: the full fine-tuning recipe
+(the VPT code's AdamW quirk). Parameters for ViT-B/16: 102,912 + 769·C.
+"""
+
+from peftbench.methods import FULL_FT_RECIPE, Method, TunedViT, register_method
+
+
+@register_method
+class BitFit(Method):
+    name = "bitfit"
+    aliases = ("bias", "tinytl-bias")
+    description = "BitFit: every backbone bias (incl. LayerNorm) + head (spec §4.6)"
+    recipe = FULL_FT_RECIPE.for_protocol("demo", lr=0.08)  # chosen on val200 (results/demo-hparam-search.csv)
+
+    def build(self, backbone, num_classes, opts):
+        model = TunedViT(backbone, num_classes)
+        for n, p in backbone.named_parameters():
+            p.requires_grad = "bias" in n
+        return model

@@ -1,0 +1,310 @@
+"""LoRA and the other Hugging Face ``peft`` tuners that apply to a timm ViT's Linear layers.
+
+One table, :data:`TUNERS` (name → config factory, description, options), and one
+:class:`PeftTunerMethod` subclass registered per row, made programmatically at import time. Adding a
+tuner is adding a row.
+
+How a model is built: peft injects its layers into the timm backbone in place
+(``peft.inject_adapter_in_model``; ``peft.get_peft_model`` for tuners whose state is shared between
+layers, e.g. VeRA's random projections). The head is peftbench's own Linear (spec §2.3 init,
+trained and counted once; peft's ``modules_to_save`` is not used). Trainable: the parameters peft
+marks trainable + the head. The backbone, the injected layers' frozen base layers included, stays in
+eval mode; the injected layers and their dropout modules run in train mode while training.
+
+``lora`` is the LoRA of NOAH and of the tables that copy it (spec §4.5): rank 8 on timm's fused
+``qkv`` Linear of every block, ``lora_alpha`` = rank (scaling 1: NOAH has no α/r), dropout 0.1 on
+the LoRA input, A kaiming-uniform(a=√5), B zeros: 36,864·r + 769·C parameters for ViT-B/16
+(294,912 + head at r = 8). The other rows use peft's defaults unless stated, on the same ``qkv``
+layers (``--set <tuner>.targets=qkv,proj,fc1,fc2`` widens them).
+
+Recipe: NOAH's optimiser (AdamW, batch 64, warm-up 10, see ``methods.adapter.NOAH_RECIPE``) for the
+VPT protocol's search; ``--protocol fixed`` runs NOAH's own fixed hyper-parameters. The demo
+protocol uses LoRA's demo lr for every row unless the row sets its own ``demo_lr`` (chosen on val200:
+``results/demo-hparam-search.csv``).
+
+``peft`` is imported only when a model is built (``peftbench list`` stays fast); a row whose tuner
+the installed peft lacks (older than its ``min_peft``) is not registered.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import nn
+
+from peftbench.methods import NOAH_RECIPE, Method, Option, TunedViT, register_method
+
+
+
+ADAPTER_NAME = "default"
+
+
+# ---------------------------------------------------------------------------------------------
+# the table
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tuner:
+    """One peft tuner exposed as a method."""
+
+    config: Callable[[dict[str, Any]], Any]  # resolved options -> peft.PeftConfig
+    description: str
+    options: dict[str, Option] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    min_peft: str = "0.15"  # first peft release that has the tuner (pyproject needs >= 0.15)
+    demo_lr: float | None = None  # the demo protocol's base lr, when the shared one (LoRA's) does not suit
+
+
+def _targets(opts: dict[str, Any], key: str = "targets") -> list[str]:
+    names = [t.strip() for t in str(opts[key]).split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"option {key!r}: no layer names given")
+    return names
+
+
+def _alpha(opts: dict[str, Any]) -> float:
+    return float(opts["rank"] if opts.get("alpha") in (None, "", "rank") else opts["alpha"])
+
+
+def _peft():
+    import peft
+
+    return peft
+
+
+TARGETS = Option("qkv", "comma-separated Linear layers to adapt (timm ViT: qkv, proj, fc1, fc2)")
+ALPHA = Option(None, "scaling numerator alpha (scale alpha/rank); default: = rank, i.e. scale 1")
+
+
+def _lora_options(rank: int = 8, dropout: float = 0.1) -> dict[str, Option]:
+    return {
+        "rank": Option(rank, "rank r of B·A"),
+        "alpha": ALPHA,
+        "dropout": Option(dropout, "dropout on the LoRA input (NOAH: 0.1)"),
+        "targets": TARGETS,
+    }
+
+
+def _lycoris_options() -> dict[str, Option]:
+    return {
+        "rank": Option(8, "rank r of each factor"),
+        "alpha": ALPHA,
+        "dropout": Option(0.0, "rank dropout (train mode only)"),
+        "targets": TARGETS,
+    }
+
+
+TUNERS: dict[str, Tuner] = {
+    "lora": Tuner(
+        lambda o: _peft().LoraConfig(r=int(o["rank"]), lora_alpha=_alpha(o), lora_dropout=float(o["dropout"]),
+                                     target_modules=_targets(o)),
+        "LoRA via peft: rank 8 on the fused qkv of every block, alpha = rank, dropout 0.1 (NOAH, spec §4.5)",
+        _lora_options(), aliases=("lora-qkv",)),
+    "dora": Tuner(
+        lambda o: _peft().LoraConfig(r=int(o["rank"]), lora_alpha=_alpha(o), lora_dropout=float(o["dropout"]),
+                                     target_modules=_targets(o), use_dora=True),
+        "DoRA via peft: LoRA with a learned per-output magnitude (same qkv / rank 8 setting as lora)",
+        _lora_options()),
+    "loha": Tuner(
+        lambda o: _peft().LoHaConfig(r=int(o["rank"]), alpha=_alpha(o), rank_dropout=float(o["dropout"]),
+                                     target_modules=_targets(o)),
+        "LoHa via peft: Hadamard product of two rank-r products on qkv",
+        _lycoris_options()),
+    "lokr": Tuner(
+        lambda o: _peft().LoKrConfig(r=int(o["rank"]), alpha=_alpha(o), rank_dropout=float(o["dropout"]),
+                                     target_modules=_targets(o)),
+        "LoKr via peft: Kronecker product update (rank-r factor) on qkv",
+        _lycoris_options()),
+    "vera": Tuner(
+        lambda o: _peft().VeraConfig(r=int(o["rank"]), vera_dropout=float(o["dropout"]),
+                                     d_initial=float(o["d_initial"]), projection_prng_key=int(o["prng_key"]),
+                                     target_modules=_targets(o)),
+        "VeRA via peft: frozen shared random projections, trained scaling vectors, on qkv",
+        {"rank": Option(256, "rank of the shared random projections"),
+         "dropout": Option(0.0, "dropout on the VeRA input"),
+         "d_initial": Option(0.1, "initial value of the d scaling vector"),
+         "prng_key": Option(0, "seed of the shared random projections"),
+         "targets": TARGETS}),
+    "ia3": Tuner(
+        lambda o: _peft().IA3Config(target_modules=_targets(o), feedforward_modules=_targets(o, "feedforward")),
+        "IA3 via peft: learned rescaling of the qkv outputs and of the MLP hidden units (fc2 input)",
+        {"targets": Option("qkv,fc2", "comma-separated Linear layers to rescale"),
+         "feedforward": Option("fc2", "targets whose input (not output) is rescaled")}),
+    "fourierft": Tuner(
+        lambda o: _peft().FourierFTConfig(n_frequency=int(o["n_frequency"]), scaling=float(o["scaling"]),
+                                          random_loc_seed=int(o["seed"]), target_modules=_targets(o)),
+        "FourierFT via peft: n learned spectral coefficients per layer, on qkv",
+        {"n_frequency": Option(1000, "learned Fourier coefficients per layer"),
+         "scaling": Option(150.0, "scale of the inverse-DFT update"),
+         "seed": Option(777, "seed of the random frequency locations"),
+         "targets": TARGETS}),
+    "boft": Tuner(
+        lambda o: _peft().BOFTConfig(boft_block_size=int(o["block_size"]),
+                                     boft_n_butterfly_factor=int(o["butterfly_factor"]),
+                                     boft_dropout=float(o["dropout"]), target_modules=_targets(o)),
+        "BOFT via peft: butterfly orthogonal fine-tuning (block size 4) on qkv",
+        {"block_size": Option(4, "size of the orthogonal blocks (must divide the input width)"),
+         "butterfly_factor": Option(1, "number of butterfly factors"),
+         "dropout": Option(0.0, "multiplicative block dropout (train mode only)"),
+         "targets": TARGETS}),
+    "oft": Tuner(
+        lambda o: _peft().OFTConfig(r=int(o["blocks"]), oft_block_size=0, module_dropout=float(o["dropout"]),
+                                    target_modules=_targets(o)),
+        "OFT via peft: block-diagonal orthogonal rotation of the input (8 blocks) on qkv",
+        {"blocks": Option(8, "number of orthogonal blocks (must divide the input width)"),
+         "dropout": Option(0.0, "multiplicative block dropout (train mode only)"),
+         "targets": TARGETS}),
+    "hra": Tuner(
+        lambda o: _peft().HRAConfig(r=int(o["rank"]), target_modules=_targets(o)),
+        "HRA via peft: r Householder reflections of the weight, on qkv",
+        {"rank": Option(8, "number of Householder reflections"), "targets": TARGETS}),
+    "randlora": Tuner(
+        lambda o: _peft().RandLoraConfig(r=int(o["rank"]), randlora_alpha=float(o["alpha"]),
+                                         randlora_dropout=float(o["dropout"]),
+                                         projection_prng_key=int(o["prng_key"]), target_modules=_targets(o)),
+        "RandLoRA via peft: full-rank update from shared random bases and learned scalings, on qkv",
+        {"rank": Option(32, "rank of each random basis"),
+         "alpha": Option(640.0, "scaling (peft default 640 = 20·rank)"),
+         "dropout": Option(0.0, "dropout on the RandLoRA input"),
+         "prng_key": Option(0, "seed of the shared random bases"),
+         "targets": TARGETS},
+        min_peft="0.16", demo_lr=0.013),  # LoRA's 0.04 does not learn (alpha/r = 20): demo-hparam-search.csv
+    "shira": Tuner(
+        lambda o: _peft().ShiraConfig(r=int(o["rank"]), random_seed=int(o["seed"]), target_modules=_targets(o)),
+        "SHiRA via peft: sparse high-rank update, r·(in+out) trained weights per layer (LoRA-r budget), on qkv",
+        {"rank": Option(8, "budget: r·(in + out) trained entries per layer, as LoRA rank r"),
+         "seed": Option(0, "seed of the random sparse mask"),
+         "targets": TARGETS},
+        min_peft="0.17"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# building
+# ---------------------------------------------------------------------------------------------
+
+
+def _version(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(".")[:3]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
+def installed_peft() -> str | None:
+    try:
+        return importlib.metadata.version("peft")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _inject_here(config, backbone: nn.Module) -> None:
+    peft = _peft()
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
+    if getattr(tuner_cls, "uses_shared_state", False):
+        # inject_adapter_in_model refuses tuners with state shared between layers; the layers keep
+        # references to it (VeRA's projections), so the wrapper itself can be dropped
+        peft.get_peft_model(backbone, config, adapter_name=ADAPTER_NAME)
+    else:
+        peft.inject_adapter_in_model(config, backbone, adapter_name=ADAPTER_NAME)
+
+
+def inject(config, backbone: nn.Module) -> nn.Module:
+    """Inject the tuner of ``config`` into ``backbone``; returns the backbone to use (the same object,
+    except during parameter counting on the meta device when the tuner cannot work there)."""
+    if not any(p.is_meta for p in backbone.parameters()):
+        _inject_here(config, backbone)
+        return backbone
+    # Meta device (``peftbench params``): the helper tensors a tuner computes (permutations, masks)
+    # are made on the CPU, peft then moves the adapter weights to the (meta) device of the base layer.
+    probe = copy.deepcopy(backbone)
+    try:
+        with torch.device("cpu"):
+            _inject_here(config, probe)
+        return probe
+    except (NotImplementedError, RuntimeError):
+        # the tuner needs real values: count on a CPU copy with uninitialised weights instead
+        backbone = backbone.to_empty(device="cpu")
+        with torch.device("cpu"):
+            _inject_here(config, backbone)
+        return backbone
+
+
+def _is_tuner_layer(module: nn.Module) -> bool:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return isinstance(module, BaseTunerLayer)
+
+
+class PeftTunedViT(TunedViT):
+    """A timm ViT with peft layers injected + peftbench's head.
+
+    ``train()`` keeps the backbone in eval mode; the injected layers' own flag (LoHa/LoKr rank and
+    module dropout read it) and their dropout modules follow ``mode``; their frozen base layers stay
+    in eval mode."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, trainable: set[str]):
+        super().__init__(backbone, num_classes)  # freezes every backbone parameter
+        for n, p in backbone.named_parameters():
+            if n in trainable:
+                p.requires_grad = True
+        self.tuner_layers: list[nn.Module] = [m for m in backbone.modules() if _is_tuner_layer(m)]
+        for layer in self.tuner_layers:
+            for name, sub in layer.named_modules():
+                if name == "base_layer" or name.startswith("base_layer."):
+                    continue
+                if sub is not layer and "Dropout" in type(sub).__name__:
+                    self.train_modules.append(sub)
+
+    def train(self, mode: bool = True) -> "PeftTunedViT":
+        super().train(mode)
+        for layer in self.tuner_layers:
+            layer.training = mode  # not recursive: the base layer stays in eval mode
+        return self
+
+
+class PeftTunerMethod(Method):
+    """A method that injects one peft tuner (a row of :data:`TUNERS`)."""
+
+    tuner: ClassVar[str] = ""
+    recipe = NOAH_RECIPE
+
+    def build(self, backbone, num_classes, opts):
+        row = TUNERS[self.tuner]
+        have = installed_peft()
+        if have is None or _version(have) < _version(row.min_peft):
+            raise RuntimeError(f"method {self.name!r} needs peft >= {row.min_peft} (installed: {have or 'none'})")
+        config = row.config(opts)
+        backbone = inject(config, backbone)
+        trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}  # what peft marked
+        if not trainable:
+            raise ValueError(f"method {self.name!r}: peft found no layer named {opts.get('targets')!r} to adapt")
+        return PeftTunedViT(backbone, num_classes, trainable)
+
+
+def _register_all() -> list[type[PeftTunerMethod]]:
+    have = installed_peft()
+    made = []
+    for name, row in TUNERS.items():
+        if have is not None and _version(have) < _version(row.min_peft):
+            continue
+        cls_name = "Peft" + "".join(part.capitalize() for part in name.replace("-", "_").split("_"))
+        cls = type(cls_name, (PeftTunerMethod,), {
+            "name": name, "tuner": name, "aliases": row.aliases, "description": row.description,
+            "options": dict(row.options), "__module__": __name__, "__qualname__": cls_name,
+            "recipe": NOAH_RECIPE if row.demo_lr is None else NOAH_RECIPE.for_protocol("demo", lr=row.demo_lr),
+        })
+        globals()[cls_name] = cls  # importable by name (pickling)
+        register_method(cls)
+        made.append(cls)
+    return made
+
+
+REGISTERED = _register_all()

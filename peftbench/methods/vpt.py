@@ -1,0 +1,60 @@
+"""Visual Prompt Tuning (spec §4.3): learnable prompt tokens after CLS, backbone frozen.
+
+* ``vpt-deep`` (alias ``vpt``): prompts before every block, replacing the previous block's prompt
+  outputs; 12·768·p parameters for ViT-B/16. Prompt dropout 0.1.
+* ``vpt-shallow``: prompts at the input only; 768·p parameters. Prompt dropout 0.0.
+
+``prompt_tokens=auto`` takes the per-task prompt length of the VPT paper inferred from its per-task
+Tuned/Total (spec §4.3, data file ``tasks/data/vpt_prompt_lengths.csv``) and 10 for other tasks; the
+run record says which.
+"""
+from peftbench.methods import PROMPT_RECIPE, Method, Option, register_method
+from peftbench.tasks import per_task_value
+from peftbench.layers.prompted_vit import PromptedViT
+
+FALLBACK_TOKENS = 10
+
+
+class _Vpt(Method):
+    deep: bool = True
+    recipe = PROMPT_RECIPE  # SGD, batch 64, 100 epochs, warm-up 10, lr x wd grid
+
+    def resolve_options(self, opts, task):
+        opts = dict(opts)
+        sources = {}
+        if opts["prompt_tokens"] == "auto":
+            column = "vpt_deep" if self.deep else "vpt_shallow"
+            value, source = per_task_value("vpt_prompt_lengths.csv", column, task, FALLBACK_TOKENS)
+            opts["prompt_tokens"] = int(value)
+            sources["prompt_tokens"] = source
+        return opts, sources
+
+    def build(self, backbone, num_classes, opts):
+        tokens = opts["prompt_tokens"]
+        tokens = FALLBACK_TOKENS if tokens == "auto" else int(tokens)
+        return PromptedViT(backbone, num_classes, tokens, deep=self.deep, dropout=float(opts["dropout"]))
+
+
+@register_method
+class VptDeep(_Vpt):
+    name = "vpt-deep"
+    aliases = ("vpt",)
+    description = "VPT-deep: prompt tokens before every block (spec §4.3)"
+    deep = True
+    options = {
+        "prompt_tokens": Option("auto", "prompt length p (auto: VPT paper's per-task value, else 10)",
+                                type=int, keywords=("auto",)),
+        "dropout": Option(0.1, "dropout on the prompt tokens"),
+    }
+
+
+@register_method
+class VptShallow(_Vpt):
+    name = "vpt-shallow"
+    description = "VPT-shallow: prompt tokens at the input only (spec §4.3)"
+    deep = False
+    options = {
+        "prompt_tokens": Option("auto", "prompt length p (auto: VPT paper's per-task value, else 10)",
+                                type=int, keywords=("auto",)),
+        "dropout": Option(0.0, "dropout on the prompt tokens"),
+    }

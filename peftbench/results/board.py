@@ -1,0 +1,421 @@
+"""The leaderboard as data: run records aggregated into one row per method configuration, with the
+papers' reported rows beside them. Pure aggregation: no files, no plots (``write.py`` does those).
+
+Conventions (never averaged away): a task counts as *done* for a row when it has at least one
+final-stage (``spec.stage == "final"``) record with status ``ok``; a group mean or an overall mean
+is empty unless every task it covers is done.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ..errors import UnknownNameError
+from ..store import RunRecord, RunStore, validate
+from ..tasks import get_suite, get_task
+from .reference import Reported
+
+FINAL_STAGE = "final"
+
+# ---------------------------------------------------------------------------------------------
+# reading the store
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """One readable run record, with its path relative to the runs folder."""
+
+    path: str
+    record: RunRecord
+
+    @property
+    def spec(self) -> dict:
+        return self.record.spec
+
+    @property
+    def status(self) -> str:
+        return str(self.record.status)
+
+    @property
+    def params(self) -> dict:
+        return self.record.params
+
+    @property
+    def timing(self) -> dict:
+        return self.record.timing
+
+    @property
+    def device(self) -> str:
+        return self.record.device
+
+    @property
+    def top1(self) -> float | None:
+        return self.record.top1
+
+    def row_key(self) -> tuple[str, str, str, str]:
+        s = self.spec
+        return (str(s.get("config") or s.get("method")), str(s.get("backbone") or ""),
+                str(s.get("checkpoint_id") or ""), str(s.get("protocol") or ""))
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+
+def load_runs(runs_dir: str | Path, warn: Callable[[str], None] | None = None) -> tuple[list[Run], list[Skipped]]:
+    """Every run record under ``runs_dir``. Corrupt or partial files are reported through ``warn``
+    (default: a line on stderr naming the file) and skipped."""
+    if warn is None:
+        warn = _stderr_warn
+    root = Path(runs_dir)
+    runs, skipped = [], []
+    for path, raw, err in RunStore(root).iter_raw():
+        rel = _rel(path, root)
+        reason = err and err.split(": ", 1)[-1]
+        if raw is not None:
+            reason = validate(raw)
+        if reason:
+            skipped.append(Skipped(rel, reason))
+            warn(f"peftbench leaderboard: warning: skipping {path}: {reason}")
+            continue
+        runs.append(Run(rel, RunRecord.from_dict(raw)))
+    return runs, skipped
+
+
+def _stderr_warn(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return Path(path).as_posix()
+
+
+# ---------------------------------------------------------------------------------------------
+# suite grid: tasks and groups
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SuiteGrid:
+    """A suite's tasks and their groups, in the order leaderboards show them."""
+
+    suite: str
+    tasks: list[str]
+    groups: dict[str, list[str]]  # group -> tasks; empty when the suite has no groups
+
+    def group_of(self, task: str) -> str | None:
+        for g, ts in self.groups.items():
+            if task in ts:
+                return g
+        return None
+
+
+def suite_grid(suite: str, runs: Iterable[Run] = ()) -> SuiteGrid:
+    """The suite's tasks (registry order) and groups (``Suite.groups`` order, else sorted by name). A
+    suite that is not registered (its plugin is not installed) falls back to the tasks its records
+    name, sorted."""
+    order: tuple[str, ...] = ()
+    try:
+        s = get_suite(suite)
+        name, tasks, order = s.name, list(s.tasks), s.groups
+    except UnknownNameError:
+        name = suite
+        tasks = sorted({r.spec["task"] for r in runs if r.spec.get("suite") == suite})
+    groups: dict[str, list[str]] = {}
+    for t in tasks:
+        try:
+            g = get_task(t).group
+        except UnknownNameError:
+            g = None
+        if g:
+            groups.setdefault(g, []).append(t)
+    if groups and sum(len(v) for v in groups.values()) != len(tasks):
+        groups = {}  # some tasks without a group: no group means
+    rank = {g: i for i, g in enumerate(order)}
+    groups = dict(sorted(groups.items(), key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
+    return SuiteGrid(name, tasks, groups)
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One leaderboard row. Numbers are floats (None = empty)."""
+
+    source: str  # reproduced | reported
+    config: str
+    method: str = ""
+    backbone: str = ""
+    checkpoint_id: str = ""
+    protocol: str = ""
+    mean: dict[str, float | None] = field(default_factory=dict)  # task -> mean top-1
+    std: dict[str, float | None] = field(default_factory=dict)
+    seeds: dict[str, int] = field(default_factory=dict)
+    tuned: dict[str, float | None] = field(default_factory=dict)  # task -> Tuned/Total %
+    group_mean: dict[str, float | None] = field(default_factory=dict)
+    group_tuned: dict[str, float | None] = field(default_factory=dict)
+    overall_groups: float | None = None
+    overall_tasks: float | None = None
+    tuned_total_pct: float | None = None
+    trainable: float | None = None
+    trainable_excl_head: float | None = None
+    peak_memory_mb: float | None = None
+    memory_kind: str = ""
+    images_per_s: float | None = None
+    device: str = ""
+    failed: int = 0
+    diverged: int = 0
+    unfinished: int = 0
+    pareto: bool | None = None
+    paired_with: str = ""
+    delta_groups: dict[str, float | None] = field(default_factory=dict)
+    delta_overall_groups: float | None = None
+    delta_overall_tasks: float | None = None
+    reference_source: str = ""
+    notes: str = ""
+    rank: int | None = None
+    label: str = ""  # display name (config, disambiguated when needed)
+
+    @property
+    def tasks_done(self) -> int:
+        return sum(v is not None for v in self.mean.values())
+
+    def headline(self, grid: SuiteGrid) -> float | None:
+        return self.overall_groups if grid.groups else self.overall_tasks
+
+
+@dataclass
+class Board:
+    grid: SuiteGrid
+    rows: list[Row]  # reproduced rows, then reported rows
+    runs: list[Run]  # the suite's readable records
+    used: set[str]  # record paths that count in the leaderboard
+    skipped: list[Skipped]
+    superseded: list[tuple[str, str]]  # (record path, why)
+    has_reference: bool
+
+    @property
+    def reproduced(self) -> list[Row]:
+        return [r for r in self.rows if r.source == "reproduced"]
+
+    @property
+    def reported(self) -> list[Row]:
+        return [r for r in self.rows if r.source == "reported"]
+
+    def pairs(self) -> list[tuple[Row, Row]]:
+        by_label = {r.label: r for r in self.reported}
+        return [(r, by_label[r.paired_with]) for r in self.reproduced if r.paired_with in by_label]
+
+    def problem_runs(self) -> list[Run]:
+        return [r for r in self.runs if r.status != "ok"]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of all values, or None if any is missing (never averaged away)."""
+    if not values or any(v is None for v in values):
+        return None
+    return statistics.fmean(values)
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def pareto_front(points: list[tuple[float | None, float | None]]) -> list[bool | None]:
+    """For (x = cost, y = accuracy) points: True when no other point has x <= and y >= with one strict
+    (lower cost and higher accuracy are better); None for points with a missing coordinate."""
+    out: list[bool | None] = []
+    for i, (x, y) in enumerate(points):
+        if x is None or y is None:
+            out.append(None)
+            continue
+        dominated = any(
+            j != i and qx is not None and qy is not None and qx <= x and qy >= y and (qx < x or qy > y)
+            for j, (qx, qy) in enumerate(points))
+        out.append(not dominated)
+    return out
+
+
+def _fill_aggregates(row: Row, grid: SuiteGrid) -> None:
+    for g, ts in grid.groups.items():
+        row.group_mean[g] = _mean([row.mean.get(t) for t in ts])
+        row.group_tuned[g] = _mean([row.tuned.get(t) for t in ts])
+    if grid.groups:
+        row.overall_groups = _mean([row.group_mean[g] for g in grid.groups])
+    row.overall_tasks = _mean([row.mean.get(t) for t in grid.tasks])
+
+
+def _latest(runs: list[Run]) -> Run:
+    return max(runs, key=lambda r: (str(r.record.ended_at or ""), r.path))
+
+
+def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = None,
+                skipped: list[Skipped] | None = None, grid: SuiteGrid | None = None,
+                warn: Callable[[str], None] | None = None) -> Board:
+    """Aggregate the records of ``suite`` (other suites' records are ignored)."""
+    warn = warn or _stderr_warn
+    grid = grid or suite_grid(suite, runs)
+    mine = [r for r in runs if r.spec.get("suite") == grid.suite]
+    by_row: dict[tuple, list[Run]] = {}
+    for r in mine:
+        by_row.setdefault(r.row_key(), []).append(r)
+
+    used: set[str] = set()
+    superseded: list[tuple[str, str]] = []
+    rows: list[Row] = []
+    for key in sorted(by_row):
+        config, backbone, ck, protocol = key
+        recs = by_row[key]
+        row = Row("reproduced", config, method=str(recs[0].spec["method"]), backbone=backbone, checkpoint_id=ck,
+                  protocol=protocol)
+        row.failed = sum(r.status == "failed" for r in recs)
+        row.diverged = sum(r.status == "diverged" for r in recs)
+        row.unfinished = sum(r.status not in ("ok", "failed", "diverged") for r in recs)
+        final = [r for r in recs if r.status == "ok" and r.spec.get("stage") == FINAL_STAGE
+                 and r.spec.get("task") in grid.tasks and r.top1 is not None]
+        per_task: dict[str, list[Run]] = {}
+        for r in final:
+            per_task.setdefault(r.spec["task"], []).append(r)
+        kept_all: list[Run] = []
+        ips, params, params_nohead = [], [], []
+        for t in grid.tasks:
+            by_seed: dict[int, list[Run]] = {}
+            for r in per_task.get(t, []):
+                by_seed.setdefault(int(r.spec["seed"]), []).append(r)
+            kept = []
+            for seed in sorted(by_seed):
+                cands = by_seed[seed]
+                best = _latest(cands)
+                kept.append(best)
+                for c in sorted(cands, key=lambda c: c.path):
+                    if c is not best:
+                        why = f"superseded by {best.path} (same config, task {t}, seed {seed}; the later one counts)"
+                        superseded.append((c.path, why))
+                        warn(f"peftbench leaderboard: warning: {c.path}: {why}")
+            if not kept:
+                row.mean[t] = row.std[t] = row.tuned[t] = None
+                row.seeds[t] = 0
+                continue
+            accs = [r.top1 for r in kept]
+            row.mean[t] = statistics.fmean(accs)
+            row.std[t] = statistics.stdev(accs) if len(accs) > 1 else None
+            row.seeds[t] = len(accs)
+            row.tuned[t] = _mean([_num(r.params.get("tuned_total_pct")) for r in kept])
+            params.append(_mean([_num(r.params.get("trainable")) for r in kept]))
+            params_nohead.append(_mean([_num(r.params.get("trainable_without_head")) for r in kept]))
+            ips.append(_mean([_num(r.timing.get("train_images_per_s")) for r in kept]))
+            kept_all.extend(kept)
+        used.update(r.path for r in kept_all)
+        _fill_aggregates(row, grid)
+        done = [t for t in grid.tasks if row.mean.get(t) is not None]
+        tuned_done = [row.tuned[t] for t in done if row.tuned[t] is not None]
+        row.tuned_total_pct = statistics.fmean(tuned_done) if tuned_done and len(tuned_done) == len(done) else None
+        row.trainable = _mean(params) if params else None
+        row.trainable_excl_head = _mean(params_nohead) if params_nohead else None
+        row.images_per_s = _mean(ips) if ips else None
+        mems = [_num(r.timing.get("peak_memory_mb")) for r in kept_all]
+        mems = [m for m in mems if m is not None]
+        row.peak_memory_mb = max(mems) if mems else None
+        kinds = sorted({str(r.timing.get("memory_kind")) for r in kept_all if r.timing.get("memory_kind")})
+        row.memory_kind = kinds[0] if len(kinds) == 1 else ("mixed: " + " | ".join(kinds) if kinds else "")
+        devices = sorted({r.device for r in kept_all if r.device})
+        row.device = devices[0] if len(devices) == 1 else ("mixed: " + " | ".join(devices) if devices else "")
+        rows.append(row)
+
+    # display labels: the config label, disambiguated when a config ran on several backbones/protocols
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.config] = counts.get(r.config, 0) + 1
+    for r in rows:
+        r.label = r.config
+        if counts[r.config] > 1:
+            extra = r.backbone + (f"@{r.checkpoint_id[:8]}" if r.checkpoint_id else "")
+            r.label = f"{r.config} [{extra}, {r.protocol}]"
+
+    reported_rows = [_reported_row(ref, grid) for ref in (reference or [])]
+    by_config = {}
+    for r in rows:
+        by_config.setdefault(r.config, []).append(r)
+    for rep, ref in zip(reported_rows, reference or []):
+        mates = [m for c in ref.configs for m in by_config.get(c, [])]
+        if len(mates) == 1:  # pair only unambiguous matches
+            mate = mates[0]
+            mate.paired_with, rep.paired_with = rep.label, mate.label
+            for target in (mate, rep):
+                target.delta_groups = {g: _diff(mate.group_mean.get(g), rep.group_mean.get(g)) for g in grid.groups}
+                target.delta_overall_groups = _diff(mate.overall_groups, rep.overall_groups)
+                target.delta_overall_tasks = _diff(mate.overall_tasks, rep.overall_tasks)
+            mate.reference_source = rep.reference_source
+
+    for group in (rows, reported_rows):
+        flags = pareto_front([(r.tuned_total_pct, r.headline(grid)) for r in group])
+        for r, f in zip(group, flags):
+            r.pareto = f
+        group.sort(key=lambda r: (r.headline(grid) is None, -(r.headline(grid) or 0.0), r.label))
+        rank = 0
+        for r in group:
+            if r.headline(grid) is not None:
+                rank += 1
+                r.rank = rank
+    return Board(grid, rows + reported_rows, mine, used, list(skipped or []), superseded,
+                 has_reference=bool(reference))
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def _reported_row(ref: Reported, grid: SuiteGrid) -> Row:
+    row = Row("reported", ref.method, reference_source=ref.source, label=ref.method)
+    for t in grid.tasks:
+        row.mean[t] = ref.top1.get(t)
+        row.std[t] = None
+        row.seeds[t] = 0
+        row.tuned[t] = ref.tuned.get(t)
+    _fill_aggregates(row, grid)
+    notes = [ref.note] if ref.note else []
+    if ref.tuned and all(ref.tuned.get(t) is not None for t in grid.tasks):
+        row.tuned_total_pct = statistics.fmean(ref.tuned[t] for t in grid.tasks)
+        notes.append(f"Tuned/Total: mean of per-task values ({ref.tuned_source})")
+    elif "printed_tuned_total_pct" in ref.printed:
+        row.tuned_total_pct = ref.printed["printed_tuned_total_pct"]
+        for g in grid.groups:  # no per-task values: the method-level figure stands for every group
+            row.group_tuned[g] = row.tuned_total_pct
+        if ref.printed_tuned_source:
+            notes.append(f"Tuned/Total: {ref.printed_tuned_source}")
+    if ref.configs:
+        notes.append("maps to peftbench config " + " or ".join(repr(c) for c in ref.configs))
+    row.notes = "; ".join(notes)
+    return row
+
+
+def sorted_runs(board: Board) -> list[Run]:
+    """The suite's records in the order of ``<suite>-runs.csv``: by configuration, task (suite order),
+    stage, job, seed, path."""
+    order = {t: i for i, t in enumerate(board.grid.tasks)}
+
+    def sort_key(r: Run):
+        s = r.spec
+        return (r.row_key(), order.get(s["task"], len(order)), str(s["task"]), str(s["stage"]), str(s.get("job")),
+                int(s["seed"]), r.path)
+
+    return sorted(board.runs, key=sort_key)

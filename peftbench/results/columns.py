@@ -1,0 +1,344 @@
+"""Every column of the leaderboard files, declared once.
+
+A :class:`Column` says its CSV name, what it means (docs/leaderboard.md is checked against these
+docs), how a row's cell is computed, and, when it appears in the HTML report's summary table, its
+header there and its HTML cell. Three tables: ``leaderboard`` (``<suite>-leaderboard.csv``, one row
+per configuration), ``runs`` (``<suite>-runs.csv``, one row per record) and ``vs-reported``. A
+third-party package adds a column with a ``peftbench.columns`` entry point naming a Column (or a
+module calling :func:`register_column`); ``after=`` places it, else it comes last (docs/plugins.md).
+
+Per-task and per-group columns are templates (``per="task"``: ``{task}``; ``per="group"``:
+``{group}``) expanded in the suite's order; consecutive per-task columns are interleaved task by
+task (``cifar100, cifar100_std, caltech101, ...``).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .._registry import Registry
+from ._html import MISSING, integer, num, txt
+from .board import Board, Row, Run, _diff
+
+TABLES = ("leaderboard", "runs", "vs-reported")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str  # CSV header; a template with {task} / {group} when ``per`` is set
+    doc: str
+    cell: Callable[..., str]  # (row, board) or (row, board, task|group) -> the CSV text
+    table: str = "leaderboard"
+    per: str | None = None  # None | "task" | "group"
+    when: Callable[[Board], bool] | None = None  # the column exists only when this is true
+    html: str | None = None  # header in the HTML summary table (None: not shown); may use {Group}
+    html_cell: Callable[..., str] | None = None  # (row, board[, key]) -> "<td>...</td>"
+    html_when: Callable[[Board], bool] | None = None
+    after: str | None = None  # place after this column (a plugin's column); None: in registration order
+
+
+def _register(obj: object, provider: str) -> None:
+    if not isinstance(obj, Column):
+        raise TypeError(f"a peftbench.columns entry point must name a module or a Column, got {obj!r}")
+    register_column(obj, provider)
+
+
+COLUMNS: Registry[Column] = Registry("column", group="peftbench.columns", register_object=_register)
+
+
+def register_column(col: Column, provider: str = "") -> Column:
+    if col.table not in TABLES:
+        raise ValueError(f"column {col.name!r}: table {col.table!r} is not one of {', '.join(TABLES)}")
+    COLUMNS.add(f"{col.table}:{col.name}", col, provider=provider)
+    return col
+
+
+def columns(table: str) -> list[Column]:
+    """The columns of ``table`` in order (``after=`` placements resolved)."""
+    cols = [c for c in COLUMNS.values_in_order() if c.table == table]
+    ordered = [c for c in cols if c.after is None]
+    for c in cols:
+        if c.after is not None:
+            names = [o.name for o in ordered]
+            ordered.insert(names.index(c.after) + 1 if c.after in names else len(ordered), c)
+    return ordered
+
+
+def _keys(col: Column, board: Board) -> list[str]:
+    return list(board.grid.tasks) if col.per == "task" else list(board.grid.groups)
+
+
+def _expand(cols: list[Column], board: Board) -> list[tuple[Column, str | None]]:
+    """(column, key) pairs in file order: per-task runs interleaved task by task."""
+    out: list[tuple[Column, str | None]] = []
+    i = 0
+    live = [c for c in cols if c.when is None or c.when(board)]
+    while i < len(live):
+        c = live[i]
+        if c.per is None:
+            out.append((c, None))
+            i += 1
+            continue
+        j = i
+        while j < len(live) and live[j].per == c.per:
+            j += 1
+        for key in _keys(c, board):
+            out += [(d, key) for d in live[i:j]]
+        i = j
+    return out
+
+
+def _name(col: Column, key: str | None) -> str:
+    return col.name.format(task=key, group=key) if key is not None else col.name
+
+
+def _cell(col: Column, row: Any, board: Board, key: str | None) -> str:
+    return col.cell(row, board, key) if col.per else col.cell(row, board)
+
+
+def table(name: str, board: Board, rows: list) -> tuple[list[str], list[dict[str, str]]]:
+    """(header, records) of ``name`` for ``rows``."""
+    pairs = _expand(columns(name), board)
+    header = [_name(c, k) for c, k in pairs]
+    return header, [{_name(c, k): _cell(c, r, board, k) for c, k in pairs} for r in rows]
+
+
+def csv_text(columns: list[str], records: list[dict[str, str]]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="raise")
+    w.writeheader()
+    for r in records:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def html_summary(board: Board) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the HTML summary table (the leaderboard columns that have an HTML form)."""
+    pairs = [(c, k) for c, k in _expand(columns("leaderboard"), board)
+             if c.html is not None and (c.html_when is None or c.html_when(board))]
+    head = [c.html.format(Group=(k or "").capitalize(), group=k, task=k) for c, k in pairs]
+    body = [[(c.html_cell(r, board, k) if c.per else c.html_cell(r, board)) for c, k in pairs] for r in board.rows]
+    return head, body
+
+
+# ---------------------------------------------------------------------------------------------
+# formatting
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    """The CSV spelling of a number: fixed decimals, empty for None."""
+    if x is None:
+        return ""
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def plain(x: Any) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, float):
+        return repr(x)
+    return str(x)
+
+
+def _num(x: Any) -> float | None:
+    if isinstance(x, bool) or x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _rep(r: Row) -> bool:
+    return r.source == "reproduced"
+
+
+def _groups(board: Board) -> bool:
+    return bool(board.grid.groups)
+
+
+def _seeds(r: Row, board: Board) -> list[int]:
+    return [r.seeds[t] for t in board.grid.tasks if r.seeds.get(t)]
+
+
+def _seeds_html(r: Row, board: Board) -> str:
+    s = sorted(set(_seeds(r, board)))
+    text = s[0] if len(s) == 1 else ("–".join(map(str, (s[0], s[-1]))) if s else "")
+    return f"<td>{text}</td>"
+
+
+def _rounded(x: float | None) -> str:
+    return fmt(None if x is None else float(round(x)), 0)
+
+
+def _only_rep(fn: Callable[[Row], str]) -> Callable[[Row, Board], str]:
+    return lambda r, b: fn(r) if _rep(r) else "<td></td>"
+
+
+def _delta_html(r: Row, b: Board) -> str:
+    d = r.delta_overall_groups if b.grid.groups else r.delta_overall_tasks
+    return num(d, 2, signed=True) if r.paired_with else "<td></td>"
+
+
+# ---------------------------------------------------------------------------------------------
+# <suite>-leaderboard.csv
+# ---------------------------------------------------------------------------------------------
+
+_L = [
+    Column("rank", "position by the headline mean (mean of group means where the suite has groups, else the mean "
+           "over tasks); empty when that mean is empty", lambda r, b: fmt(r.rank),
+           html="rank", html_cell=lambda r, b: f"<td>{r.rank}</td>" if r.rank else "<td></td>"),
+    Column("source", "reproduced (from the run store) or reported (a paper's numbers)", lambda r, b: r.source,
+           html="source", html_cell=lambda r, b: txt(r.source)),
+    Column("config", "the method and the options set on the command line (disambiguated when one config ran on "
+           "several backbones/protocols)", lambda r, b: r.label, html="config", html_cell=lambda r, b: txt(r.label)),
+    Column("method", "the registered method", lambda r, b: r.method),
+    Column("backbone", "backbone name, with @<checkpoint hash> for a local --checkpoint",
+           lambda r, b: r.backbone + (f"@{r.checkpoint_id}" if r.checkpoint_id else ""),
+           html="backbone", html_cell=lambda r, b: txt(r.backbone)),
+    Column("protocol", "the evaluation protocol", lambda r, b: r.protocol,
+           html="protocol", html_cell=lambda r, b: txt(r.protocol)),
+    Column("{task}", "mean top-1 (%) over the final seeds of the task", lambda r, b, t: fmt(r.mean.get(t)), per="task"),
+    Column("{task}_std", "sample std over the seeds (empty with one seed)", lambda r, b, t: fmt(r.std.get(t)),
+           per="task"),
+    Column("{group}_mean", "mean of the group's task means (empty unless every task of the group is done)",
+           lambda r, b, g: fmt(r.group_mean.get(g)), per="group",
+           html="{Group} mean", html_cell=lambda r, b, g: num(r.group_mean.get(g))),
+    Column("overall_mean_of_groups", "mean of the group means (VPT, E^2VPT, NOAH, SSF, Adapter+ convention)",
+           lambda r, b: fmt(r.overall_groups), when=_groups,
+           html="overall: mean of group means", html_cell=lambda r, b: num(r.overall_groups)),
+    Column("overall_mean_of_tasks", "mean over all tasks (V-PETL Bench convention)", lambda r, b: fmt(r.overall_tasks),
+           html="overall: mean over tasks", html_cell=lambda r, b: num(r.overall_tasks)),
+    Column("tasks_done", "tasks with at least one finished final run", lambda r, b: fmt(r.tasks_done),
+           html="tasks done", html_cell=lambda r, b: f"<td>{r.tasks_done}/{len(b.grid.tasks)}</td>"),
+    Column("tasks_total", "tasks of the suite", lambda r, b: fmt(len(b.grid.tasks))),
+    Column("seeds_min", "fewest seeds of a done task", lambda r, b: fmt(min(_seeds(r, b))) if _seeds(r, b) else "",
+           html="seeds", html_cell=_seeds_html),
+    Column("seeds_max", "most seeds of a done task", lambda r, b: fmt(max(_seeds(r, b))) if _seeds(r, b) else ""),
+    Column("tuned_total_pct", "Tuned/Total % (tuned parameters incl. head / all parameters × 100), mean over the "
+           "tasks done", lambda r, b: fmt(r.tuned_total_pct),
+           html="Tuned/Total %", html_cell=lambda r, b: num(r.tuned_total_pct, 3)),
+    Column("trainable_params", "trainable parameters incl. head (mean over tasks: heads differ)",
+           lambda r, b: _rounded(r.trainable), html="trainable params", html_cell=_only_rep(lambda r: integer(r.trainable))),
+    Column("trainable_params_excl_head", "trainable parameters without the head", lambda r, b: _rounded(r.trainable_excl_head)),
+    Column("peak_memory_mb", "max of the runs' peak memory (MB); see memory_kind", lambda r, b: fmt(r.peak_memory_mb, 1),
+           html="peak memory (MB)", html_cell=_only_rep(lambda r: num(r.peak_memory_mb, 0))),
+    Column("memory_kind", "cuda_max_allocated (torch's CUDA allocator) or process_peak_rss (the whole process)",
+           lambda r, b: r.memory_kind),
+    Column("train_images_per_s", "mean training images/s of the counted runs", lambda r, b: fmt(r.images_per_s, 1),
+           html="train images/s", html_cell=_only_rep(lambda r: num(r.images_per_s, 1))),
+    Column("device", "the device of the counted runs (mixed: several)", lambda r, b: r.device),
+    Column("failed_runs", "runs with status failed (all stages)", lambda r, b: fmt(r.failed) if _rep(r) else "",
+           html="failed", html_cell=_only_rep(lambda r: f"<td>{r.failed}</td>")),
+    Column("diverged_runs", "runs with status diverged (all stages)", lambda r, b: fmt(r.diverged) if _rep(r) else "",
+           html="diverged", html_cell=_only_rep(lambda r: f"<td>{r.diverged}</td>")),
+    Column("unfinished_runs", "runs not ended (running, interrupted)", lambda r, b: fmt(r.unfinished) if _rep(r) else "",
+           html="unfinished", html_cell=_only_rep(lambda r: f"<td>{r.unfinished}</td>")),
+    Column("pareto", "yes when no other row of the same source has lower-or-equal Tuned/Total and higher-or-equal "
+           "headline accuracy (one strictly)", lambda r, b: fmt(r.pareto),
+           html="Pareto", html_cell=lambda r, b: txt({True: "yes", False: "no", None: ""}[r.pareto], "center")),
+    Column("paired_with", "the reported row this reproduced row is compared with (and vice versa)",
+           lambda r, b: r.paired_with, html="paired with", html_cell=lambda r, b: txt(r.paired_with)),
+    Column("delta_{group}_mean", "reproduced − reported group mean (paired rows)",
+           lambda r, b, g: fmt(r.delta_groups.get(g)), per="group"),
+    Column("delta_overall_mean_of_groups", "reproduced − reported mean of group means",
+           lambda r, b: fmt(r.delta_overall_groups), when=_groups),
+    Column("delta_overall_mean_of_tasks", "reproduced − reported mean over tasks", lambda r, b: fmt(r.delta_overall_tasks),
+           html="Δ overall vs reported", html_cell=_delta_html, html_when=lambda b: b.has_reference),
+    Column("reference_source", "where a reported row's numbers come from", lambda r, b: r.reference_source),
+    Column("notes", "what else a reader must know about the row", lambda r, b: r.notes),
+]
+
+# ---------------------------------------------------------------------------------------------
+# <suite>-runs.csv
+# ---------------------------------------------------------------------------------------------
+
+
+def _hp(key: str) -> Callable[[Run, Board], str]:
+    return lambda r, b: plain((r.spec.get("hparams") or {}).get(key))
+
+
+def _used(r: Run, b: Board) -> str:
+    if r.path in b.used:
+        return "yes"
+    return "superseded" if r.path in dict(b.superseded) else "no"
+
+
+def _last_error_line(r: Run, b: Board) -> str:
+    err = str(r.record.error or "").strip().splitlines()
+    return err[-1] if err else ""
+
+
+_R = [
+    Column("record", "the record file, relative to the runs folder", lambda r, b: r.path),
+    Column("suite", "", lambda r, b: r.spec["suite"]),
+    Column("config", "", lambda r, b: r.spec.get("config") or r.spec["method"]),
+    Column("method", "", lambda r, b: r.spec["method"]),
+    Column("task", "", lambda r, b: r.spec["task"]),
+    Column("group", "", lambda r, b: b.grid.group_of(r.spec["task"]) or ""),
+    Column("stage", "", lambda r, b: r.spec["stage"]),
+    Column("job", "", lambda r, b: r.spec.get("job", "")),
+    Column("protocol", "", lambda r, b: r.spec.get("protocol", "")),
+    Column("backbone", "", lambda r, b: r.spec.get("backbone", "")),
+    Column("checkpoint_id", "", lambda r, b: r.spec.get("checkpoint_id") or ""),
+    Column("seed", "", lambda r, b: fmt(int(r.spec["seed"]))),
+    Column("lr", "base learning rate of the spec", _hp("lr")),
+    Column("wd", "", _hp("wd")),
+    Column("epochs", "", _hp("epochs")),
+    Column("batch_size", "", _hp("batch_size")),
+    Column("train_split", "", lambda r, b: r.spec.get("train_split", "")),
+    Column("eval_split", "", lambda r, b: r.spec.get("eval_split", "")),
+    Column("status", "ok | failed | diverged | running", lambda r, b: r.status),
+    Column("in_leaderboard", "yes: counted; superseded: a later record of the same seed counts; no", _used),
+    Column("top1", "last-epoch top-1 on the eval split", lambda r, b: fmt(_num(r.record.metrics.get("top1")))),
+    Column("best_epoch_top1", "flagged extra: the best epoch (selection on the eval split)",
+           lambda r, b: fmt(_num(r.record.metrics.get("best_epoch_top1")))),
+    Column("best_epoch", "", lambda r, b: plain(r.record.metrics.get("best_epoch"))),
+    Column("trainable", "", lambda r, b: plain(r.params.get("trainable"))),
+    Column("trainable_without_head", "", lambda r, b: plain(r.params.get("trainable_without_head"))),
+    Column("tuned_total_pct", "", lambda r, b: fmt(_num(r.params.get("tuned_total_pct")), 6)),
+    Column("train_images_per_s", "", lambda r, b: fmt(_num(r.timing.get("train_images_per_s")), 1)),
+    Column("peak_memory_mb", "", lambda r, b: fmt(_num(r.timing.get("peak_memory_mb")), 1)),
+    Column("memory_kind", "", lambda r, b: r.timing.get("memory_kind") or ""),
+    Column("wall_s", "wall time of the run, every attempt included", lambda r, b: fmt(_num(r.record.wall_s), 1)),
+    Column("attempts", "", lambda r, b: plain(r.record.attempts)),
+    Column("device", "", lambda r, b: r.device),
+    Column("key", "the run key (hash of everything that determines the result)",
+           lambda r, b: r.record.key or Path(r.path).stem),
+    Column("error", "the last line of the error", _last_error_line),
+]
+
+# ---------------------------------------------------------------------------------------------
+# <suite>-vs-reported.csv: rows are (reproduced, reported) pairs
+# ---------------------------------------------------------------------------------------------
+
+_V = [
+    Column("config", "the reproduced configuration", lambda p, b: p[0].label),
+    Column("backbone", "", lambda p, b: p[0].backbone),
+    Column("protocol", "", lambda p, b: p[0].protocol),
+    Column("reported", "the reported row", lambda p, b: p[1].label),
+    Column("reference_source", "", lambda p, b: p[1].reference_source),
+    Column("delta_{task}", "reproduced − reported top-1 of the task",
+           lambda p, b, t: fmt(_diff(p[0].mean.get(t), p[1].mean.get(t))), per="task"),
+    Column("delta_{group}_mean", "", lambda p, b, g: fmt(p[0].delta_groups.get(g)), per="group"),
+    Column("delta_overall_mean_of_groups", "", lambda p, b: fmt(p[0].delta_overall_groups), when=_groups),
+    Column("delta_overall_mean_of_tasks", "", lambda p, b: fmt(p[0].delta_overall_tasks)),
+]
+
+for _table, _cols in (("leaderboard", _L), ("runs", _R), ("vs-reported", _V)):
+    for _c in _cols:
+        register_column(Column(**{**_c.__dict__, "table": _table}), provider="module peftbench.results.columns")
+
+__all__ = ["Column", "COLUMNS", "register_column", "columns", "table", "csv_text", "html_summary", "fmt", "MISSING"]

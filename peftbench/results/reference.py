@@ -1,0 +1,71 @@
+"""The papers' reported numbers: ``<suite>-top1.csv`` (+ ``<suite>-tuned_total_pct.csv``) in a
+reference folder, shipped with the package (``peftbench/results/reference/``); columns in
+docs/leaderboard.md."""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .board import SuiteGrid
+
+REFERENCE_ENV = "PEFTBENCH_REFERENCE"
+
+
+@dataclass
+class Reported:
+    method: str  # as the paper names it, e.g. "VPT-deep"
+    configs: tuple[str, ...]  # the peftbench configuration labels it maps to (CSV: ";"-separated; () = none)
+    source: str
+    top1: dict[str, float]
+    tuned: dict[str, float]  # per-task Tuned/Total % (printed or computed, see tuned_source)
+    tuned_source: str
+    printed: dict[str, float]  # printed_* columns
+    note: str
+    printed_tuned_source: str = ""  # where printed_tuned_total_pct comes from (column tuned_total_pct_source)
+
+
+def default_reference_dir() -> Path | None:
+    """``$PEFTBENCH_REFERENCE``, else the reference numbers shipped with the package."""
+    env = os.environ.get(REFERENCE_ENV)
+    if env:
+        return Path(env)
+    here = Path(str(resources.files("peftbench.results") / "reference"))
+    return here if here.is_dir() else None
+
+
+def load_reference(reference_dir: str | Path | None, grid: "SuiteGrid") -> list[Reported]:
+    """Reported rows of ``<dir>/<suite>-top1.csv`` (+ ``<suite>-tuned_total_pct.csv``); none if absent."""
+    if reference_dir is None:
+        return []
+    d = Path(reference_dir)
+    top1_file = d / f"{grid.suite}-top1.csv"
+    if not top1_file.is_file():
+        return []
+    tuned_rows = {}
+    tuned_file = d / f"{grid.suite}-tuned_total_pct.csv"
+    if tuned_file.is_file():
+        for row in _read_csv(tuned_file):
+            tuned_rows[row["method"]] = row
+    out = []
+    for row in _read_csv(top1_file):
+        top1 = {t: float(row[t]) for t in grid.tasks if (row.get(t) or "").strip()}
+        tuned, tuned_source = {}, ""
+        if row["method"] in tuned_rows:
+            tr = tuned_rows[row["method"]]
+            tuned = {t: float(tr[t]) for t in grid.tasks if (tr.get(t) or "").strip()}
+            tuned_source = tr.get("source", "")
+        printed = {k: float(v) for k, v in row.items() if k.startswith("printed_") and (v or "").strip()}
+        configs = tuple(c.strip() for c in (row.get("peftbench_config") or "").split(";") if c.strip())
+        out.append(Reported(row["method"], configs, row.get("source", ""), top1, tuned, tuned_source, printed,
+                            row.get("note", ""), (row.get("tuned_total_pct_source") or "").strip()))
+    return out
+
+
+def _read_csv(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8", newline="") as fh:
+        return list(csv.DictReader(fh))

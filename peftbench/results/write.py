@@ -1,0 +1,82 @@
+"""Writing a suite's leaderboard files from the run store (the only module that draws and renders).
+
+``write_leaderboard(runs_dir, out_dir, suite)`` reads every run record under ``runs_dir`` and
+writes, per suite (docs/leaderboard.md documents every column and convention)::
+
+    <out>/<suite>-leaderboard.csv     one row per method configuration (+ ``reported`` rows)
+    <out>/<suite>-runs.csv            one row per run record (all stages, all statuses)
+    <out>/<suite>-vs-reported.csv     reproduced − reported per task / group / overall (vtab, fgvc)
+    <out>/<suite>-pareto.{png,svg}    accuracy vs Tuned/Total % (log x), Pareto frontier marked
+    <out>/<suite>-tasks.{png,svg}     per-task bars
+    <out>/<suite>-report.html         a static, self-contained report of all of the above
+
+Everything is deterministic: the same run store gives byte-identical files (no timestamps, stable
+sort orders, paths relative to the runs folder, fixed plot metadata).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .._io import atomic_write_bytes
+from .board import Board, Run, build_board, load_runs, sorted_runs, suite_grid
+from .columns import csv_text, table
+from .plots import render_all
+from .reference import default_reference_dir, load_reference
+from .report import render_report
+
+
+def suites_in(runs: list[Run]) -> list[str]:
+    return sorted({str(r.spec["suite"]) for r in runs})
+
+
+def write_suite(board: Board, out_dir: str | Path, *, plots: bool = True, html: bool = True) -> list[Path]:
+    """Write one suite's files; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    s = board.grid.suite
+    written = []
+
+    def write(name: str, data: bytes) -> None:
+        p = out / name
+        atomic_write_bytes(p, data, fsync=False)
+        written.append(p)
+
+    write(f"{s}-leaderboard.csv", csv_text(*table("leaderboard", board, board.rows)).encode())
+    write(f"{s}-runs.csv", csv_text(*table("runs", board, sorted_runs(board))).encode())
+    if board.has_reference:
+        write(f"{s}-vs-reported.csv", csv_text(*table("vs-reported", board, board.pairs())).encode())
+    figures: dict[str, dict[str, bytes]] = {}
+    if plots or html:
+        figures = render_all(board)
+        if plots:
+            for name, by_fmt in figures.items():
+                for ext, data in by_fmt.items():
+                    write(f"{s}-{name}.{ext}", data)
+    if html:
+        write(f"{s}-report.html", render_report(board, {n: f["svg"] for n, f in figures.items()}).encode())
+    return written
+
+
+def write_leaderboard(runs_dir: str | Path, out_dir: str | Path, suite: str | None = None, *,
+                      reference_dir: str | Path | None | bool = None, plots: bool = True, html: bool = True,
+                      warn: Callable[[str], None] | None = None) -> list[Path]:
+    """Regenerate the leaderboard files of ``suite`` (None: every suite that has records under
+    ``runs_dir``) into ``out_dir``; return the paths written.
+
+    ``reference_dir``: folder of reported numbers (None: :func:`default_reference_dir`; False: none).
+    Corrupt or partial record files are reported on stderr (``warn``) and skipped.
+    """
+    runs, skipped = load_runs(runs_dir, warn)
+    if reference_dir is None:
+        reference_dir = default_reference_dir()
+    elif reference_dir is False:
+        reference_dir = None
+    suites = [suite] if suite else suites_in(runs)
+    written: list[Path] = []
+    for s in suites:
+        grid = suite_grid(s, runs)
+        reference = load_reference(reference_dir, grid)
+        board = build_board(runs, grid.suite, reference, skipped, grid=grid, warn=warn)
+        written += write_suite(board, out_dir, plots=plots, html=html)
+    return written

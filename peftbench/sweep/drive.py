@@ -1,0 +1,123 @@
+"""Driving a sweep: every (method, task) pipeline advanced stage by stage through an executor.
+
+A stage of the whole sweep is the union of the next stage of every pipeline: one batch of
+independent runs (one SLURM job array). An executor is anything with ``run(specs, store) ->
+records`` (the :class:`Executor` protocol; the built-in ones are in :mod:`peftbench.executors`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import sys
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ..errors import DataError, PipelineError
+from ..store import RunRecord, RunSpec, RunStatus, RunStore, planned
+from .protocols import PlanContext
+
+
+class Executor(Protocol):
+    """Runs one stage: the records of ``specs``, in the same order (finished runs are not rerun)."""
+
+    def run(self, specs: list[RunSpec], store: RunStore) -> list[RunRecord]: ...
+
+
+@dataclass
+class Outcome:
+    ctx: PlanContext
+    records: list[RunRecord] = field(default_factory=list)  # records of the last stage
+    error: str | None = None
+    runs: int = 0
+
+
+def drive(contexts: list[PlanContext], executor: Executor, store: RunStore) -> list[Outcome]:
+    """Advance every pipeline stage by stage until all are done."""
+    outcomes = [Outcome(ctx) for ctx in contexts]
+    gens = {}
+    pending: dict[int, list[RunSpec]] = {}
+    for i, ctx in enumerate(contexts):
+        gen = ctx.method.pipeline(ctx, ctx.protocol)
+        gens[i] = gen
+        _advance(i, gen, None, pending, outcomes)
+    while pending:
+        wave = [(i, s) for i in sorted(pending) for s in pending[i]]
+        records = executor.run([s for _, s in wave], store)
+        by_ctx: dict[int, list[RunRecord]] = {}
+        for (i, _), rec in zip(wave, records):
+            by_ctx.setdefault(i, []).append(rec)
+        pending = {}
+        for i, recs in by_ctx.items():
+            outcomes[i].records = recs
+            outcomes[i].runs += len(recs)
+            _advance(i, gens[i], recs, pending, outcomes)
+    return outcomes
+
+
+def _advance(i, gen, sent, pending, outcomes) -> None:
+    try:
+        specs = gen.send(sent) if sent is not None else next(gen)
+        if not specs:
+            raise PipelineError("a pipeline stage yielded no runs")
+        pending[i] = list(specs)
+    except StopIteration:
+        pass
+    except (PipelineError, DataError) as exc:
+        outcomes[i].error = str(exc)
+
+
+class DryExecutor:
+    """Counts runs without running them; selection sees placeholder metrics."""
+
+    def __init__(self):
+        self.specs: list[RunSpec] = []
+
+    def run(self, specs: list[RunSpec], store: RunStore) -> list[RunRecord]:
+        self.specs.extend(specs)
+        return [planned(s) for s in specs]
+
+
+def count_runs(contexts: list[PlanContext]) -> list[RunSpec]:
+    """All runs a sweep needs (stages that depend on results use placeholder selections)."""
+    dry = DryExecutor()
+    drive([dataclasses.replace(ctx, dry_run=True) for ctx in contexts], dry, RunStore("/nonexistent"))
+    return dry.specs
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+# ---------------------------------------------------------------------------------------------
+
+
+def summary_rows(outcomes: list[Outcome]) -> list[dict]:
+    rows = []
+    for o in outcomes:
+        ok = [r for r in o.records if r.status == RunStatus.OK and r.metrics]
+        accs = [r.metrics["top1"] for r in ok]
+        pct = [r.params["tuned_total_pct"] for r in ok if r.params]
+        rows.append({
+            "config": o.ctx.config, "task": o.ctx.task.name, "stage": (o.records[0].spec["stage"] if o.records else ""),
+            "top1": statistics.fmean(accs) if accs else None,
+            "std": statistics.stdev(accs) if len(accs) > 1 else None,
+            "n": len(accs),
+            "tuned_pct": statistics.fmean(pct) if pct else None,
+            "failed": sum(r.status in (RunStatus.FAILED, RunStatus.DIVERGED) for r in o.records),
+            "error": o.error,
+        })
+    return rows
+
+
+def print_summary(rows: list[dict], file=None) -> None:
+    file = file or sys.stdout
+    mw = max([len("method")] + [len(r["config"]) for r in rows])
+    tw = max([len("task")] + [len(r["task"]) for r in rows])
+    head = f"{'method':<{mw}} {'task':<{tw}} {'top1':>7} {'±std':>6} {'seeds':>5} {'tuned%':>8}  notes"
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for r in rows:
+        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else "-"
+        std = f"{r['std']:.2f}" if r["std"] is not None else ""
+        pct = f"{r['tuned_pct']:.3f}" if r["tuned_pct"] is not None else "-"
+        notes = r["error"] or (f"{r['failed']} failed/diverged" if r["failed"] else "")
+        print(f"{r['config']:<{mw}} {r['task']:<{tw}} {top1:>7} {std:>6} {r['n']:>5} {pct:>8}  {notes}".rstrip(),
+              file=file)

@@ -1,0 +1,239 @@
+"""Protocols: which runs a (method, task) pair needs, in which stages, and how the stages connect.
+
+A pipeline is a generator: it yields a list of :class:`RunSpec` (one stage), receives their records
+(in the same order), and yields the next stage or returns. The driver advances every (method, task)
+pipeline of a sweep in lock-step, so a stage of the whole sweep is one batch of independent runs (one
+SLURM job array). The run store is the truth: replaying a pipeline skips finished runs.
+
+* ``vpt``   (VPT / E^2VPT): lr × wd grid on train800 → val200, selection by last-epoch val top-1
+  (tie → smaller lr), then final runs on train800val200 → test for every seed; fp32.
+* ``fixed`` (NOAH style): given hyper-parameters, train800val200 → test for every seed.
+* ``demo``  : the demo suite's protocol: fixed per-method hyper-parameters, few epochs.
+
+docs/protocols.md describes each. A protocol is an :class:`EvalProtocol` subclass registered with
+:func:`register_protocol`; third-party packages add protocols through the ``peftbench.protocols``
+entry-point group. What a protocol needs from a method is data on the method's recipe
+(``Recipe.protocols[<protocol name>]``, ``Recipe.suites[<suite name>]``), never a test of its name.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar, Generator
+
+from .._registry import Registry
+from ..errors import PipelineError
+from ..methods import Method
+from ..store import RunRecord, RunSpec
+from ..tasks import Suite, Task
+
+VPT_SEEDS = (42, 44, 82, 100, 800)
+RECIPE_KEYS = ("optimizer", "batch_size", "epochs", "warmup_epochs", "lr_grid", "wd_grid")
+
+@dataclass
+class PlanContext:
+    """One (method, task) pair of a sweep, with everything needed to make its run specs."""
+
+    method: Method
+    task: Task
+    suite: Suite
+    protocol: "EvalProtocol"
+    options: dict  # resolved for this task
+    option_sources: dict
+    config: str
+    seeds: tuple[int, ...]
+    backbone: str
+    checkpoint: str | None
+    checkpoint_id: str | None
+    data_root: str
+    fingerprint: str | None
+    overrides: dict = field(default_factory=dict)  # hyper-parameters given on the command line
+    precision: str = "fp32"
+    dry_run: bool = False
+
+    def spec(self, stage: str, role: str, hparams: dict, seed: int, *, job: str = "train",
+             extras: dict | None = None, options: dict | None = None) -> RunSpec:
+        """A run of ``stage`` on the splits the task uses for ``role`` (search | final)."""
+        train_split, eval_split = self.task.splits[role]
+        return RunSpec(
+            method=self.method.name, task=self.task.name, suite=self.suite.name, protocol=self.protocol.name,
+            stage=stage, train_split=train_split, eval_split=eval_split, hparams=dict(hparams), seed=int(seed),
+            options=dict(self.options if options is None else options), backbone=self.backbone,
+            checkpoint=self.checkpoint, checkpoint_id=self.checkpoint_id, data_fingerprint=self.fingerprint,
+            job=job, extras=dict(extras or {}), config=self.config, option_sources=dict(self.option_sources),
+            data_root=self.data_root,
+        )
+
+
+def select_best(records: list[RunRecord], prefer_smaller: str = "lr") -> RunRecord:
+    """Best last-epoch eval top-1; ties go to the smaller ``prefer_smaller`` hyper-parameter."""
+    ok = [r for r in records if r.usable]
+    if not ok:
+        statuses = sorted({str(r.status) for r in records})
+        raise PipelineError(f"no usable run to select from ({len(records)} runs: {', '.join(statuses)})")
+    return max(ok, key=lambda r: (r.top1, -float(r.hparams.get(prefer_smaller, 0))))
+
+
+class EvalProtocol:
+    """How the runs of one (method, task) pair are planned: stages, splits, hyper-parameters, seeds."""
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    default_seeds: ClassVar[tuple[int, ...]] = VPT_SEEDS
+    # a cheap variant of each method's own search (methods with their own pipelines shrink their grids)
+    reduced_search: ClassVar[bool] = False
+
+    def default_precision(self, device_type: str) -> str:
+        """The numeric precision runs use unless --precision says otherwise."""
+        return "fp32"
+
+    def adapt(self, ctx: PlanContext) -> PlanContext:
+        """The context a pair is planned with (e.g. a recipe's per-suite values applied)."""
+        return ctx
+
+    def _precision(self, ctx: PlanContext, hp: dict) -> dict:
+        if ctx.precision != "fp32":  # absent means fp32 (the keys of fp32 runs predate the field)
+            hp["precision"] = ctx.precision
+        return hp
+
+    def base_hparams(self, ctx: PlanContext, stage_role: str) -> dict:
+        raise NotImplementedError
+
+    def search_points(self, ctx: PlanContext) -> list[dict]:
+        """The (lr, wd) points of the search stage."""
+        raise NotImplementedError
+
+    def pipeline(self, ctx: PlanContext) -> Generator[list[RunSpec], list[dict], None]:
+        raise NotImplementedError
+
+
+def _override(hp: dict, overrides: dict) -> dict:
+    out = dict(hp)
+    for k in ("epochs", "batch_size", "warmup_epochs", "optimizer", "eval_every"):
+        if overrides.get(k) is not None:
+            out[k] = overrides[k]
+    return out
+
+
+def register_protocol(cls: type[EvalProtocol]) -> type[EvalProtocol]:
+    """Class decorator: register one instance of an :class:`EvalProtocol` subclass under ``cls.name``."""
+    PROTOCOLS.add(cls.name, cls(), cls.aliases)
+    return cls
+
+
+def _register_object(obj: object, provider: str) -> None:
+    if isinstance(obj, type) and issubclass(obj, EvalProtocol):
+        obj = obj()
+    if not isinstance(obj, EvalProtocol):
+        raise TypeError(f"a peftbench.protocols entry point must name a module or an EvalProtocol, got {obj!r}")
+    PROTOCOLS.add(obj.name, obj, obj.aliases, provider)
+
+
+PROTOCOLS: Registry[EvalProtocol] = Registry("protocol", group="peftbench.protocols", register_object=_register_object)
+
+
+@register_protocol
+class VptProtocol(EvalProtocol):
+    name = "vpt"
+    description = "lr x wd grid on train800->val200, select by last-epoch val top-1, final seeds on train800val200->test"
+
+    def adapt(self, ctx: PlanContext) -> PlanContext:
+        """The recipe's per-suite values (e.g. E^2VPT's FGVC batch size and lr grid) unless the command
+        line sets them; the run records' option_sources say where they came from."""
+        o = ctx.method.recipe.suite_override(ctx.suite.name)
+        if o is None:
+            return ctx
+        overrides, sources = dict(ctx.overrides), dict(ctx.option_sources)
+        for key, value in o.values.items():
+            if key not in RECIPE_KEYS:
+                raise PipelineError(f"method {ctx.method.name!r}: recipe override {key!r} on suite "
+                                    f"{ctx.suite.name!r} is not one of {', '.join(RECIPE_KEYS)}")
+            if not overrides.get(key):
+                overrides[key] = value
+                sources[key] = f"{value if not isinstance(value, tuple) else list(value)}: {o.source}"
+        return dataclasses.replace(ctx, overrides=overrides, option_sources=sources)
+
+    def base_hparams(self, ctx: PlanContext, stage_role: str) -> dict:
+        r = ctx.method.recipe
+        hp = {"optimizer": r.optimizer, "batch_size": r.batch_size, "epochs": r.epochs,
+              "warmup_epochs": r.warmup_epochs, "eval_every": 1 if stage_role == "search" else 0}
+        return self._precision(ctx, _override(hp, ctx.overrides))
+
+    def search_points(self, ctx: PlanContext) -> list[dict]:
+        r = ctx.method.recipe
+        lrs = ctx.overrides.get("lr_grid") or r.lr_grid
+        wds = ctx.overrides.get("wd_grid") or r.wd_grid
+        return [{"lr": float(lr), "wd": float(wd)} for lr in lrs for wd in wds]
+
+    def pipeline(self, ctx):
+        points = self.search_points(ctx)
+        if len(points) == 1:
+            chosen = points[0]
+        else:
+            base = self.base_hparams(ctx, "search")
+            search = [ctx.spec("search", "search", {**base, **p}, ctx.seeds[0]) for p in points]
+            records = yield search
+            best = select_best(records)
+            chosen = {k: best.hparams[k] for k in ("lr", "wd")}
+        base = self.base_hparams(ctx, "final")
+        yield [ctx.spec("final", "final", {**base, **chosen}, s) for s in ctx.seeds]
+
+
+@register_protocol
+class FixedProtocol(EvalProtocol):
+    name = "fixed"
+    description = "given hyper-parameters (NOAH defaults: AdamW lr 1e-3 wd 1e-4), train800val200->test"
+
+    def default_precision(self, device_type: str) -> str:
+        return "bf16" if device_type == "cuda" else "fp32"
+
+    def base_hparams(self, ctx: PlanContext, stage_role: str) -> dict:
+        hp = {"optimizer": "adamw", "batch_size": 64, "epochs": 100, "warmup_epochs": 10, "warmup_lr": 1e-6,
+              "min_lr": 1e-5, "lr_scaling": False, "eval_every": 0}
+        return self._precision(ctx, _override(hp, ctx.overrides))
+
+    def search_points(self, ctx: PlanContext) -> list[dict]:
+        lrs = ctx.overrides.get("lr_grid") or (1e-3,)
+        wds = ctx.overrides.get("wd_grid") or (1e-4,)
+        return [{"lr": float(lrs[0]), "wd": float(wds[0])}]
+
+    def pipeline(self, ctx):
+        base = self.base_hparams(ctx, "final")
+        point = self.search_points(ctx)[0]
+        yield [ctx.spec("final", "final", {**base, **point}, s) for s in ctx.seeds]
+
+
+@register_protocol
+class DemoProtocol(EvalProtocol):
+    """Per-method values from ``Recipe.protocols["demo"]`` (lr, wd, epochs, batch_size), else :attr:`defaults`."""
+
+    name = "demo"
+    description = "demo suite: per-method fixed hyper-parameters, few epochs, train800val200->test"
+    default_seeds = (42,)
+    reduced_search = True
+    defaults = {"lr": 1.0, "wd": 0.0001, "epochs": 10, "batch_size": 64}
+
+    def default_precision(self, device_type: str) -> str:
+        return "bf16" if device_type == "cuda" else "fp32"
+
+    def _values(self, ctx: PlanContext) -> dict:
+        return {**self.defaults, **ctx.method.recipe.protocol_values(self.name)}
+
+    def base_hparams(self, ctx: PlanContext, stage_role: str) -> dict:
+        v = self._values(ctx)
+        hp = {"optimizer": ctx.method.recipe.optimizer, "batch_size": v["batch_size"], "epochs": v["epochs"],
+              "warmup_epochs": 0, "eval_every": 1 if stage_role == "search" else 0}
+        return self._precision(ctx, _override(hp, ctx.overrides))
+
+    def search_points(self, ctx: PlanContext) -> list[dict]:
+        v = self._values(ctx)
+        lrs = ctx.overrides.get("lr_grid") or (v["lr"],)
+        wds = ctx.overrides.get("wd_grid") or (v["wd"],)
+        return [{"lr": float(lr), "wd": float(wd)} for lr in lrs for wd in wds]
+
+    pipeline = VptProtocol.pipeline
+
+
+def get_protocol(name: str) -> EvalProtocol:
+    return PROTOCOLS.get(name)

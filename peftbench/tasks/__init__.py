@@ -1,0 +1,15 @@
+"""The task API and the built-in suites.
+
+The API (what a plugin imports): :class:`Task`, :class:`Suite`, :func:`register_task`,
+:func:`register_suite`, the :data:`TASKS` / :data:`SUITES` registries, :func:`per_task_value` (values
+from ``peftbench/tasks/data/*.csv``). The built-in suites are the public modules of this package
+(``vtab.py``, ``fgvc.py``, ``demo.py``), each registering its tasks when imported; a third-party
+package adds tasks the same way and declares a ``peftbench.tasks`` entry point (a module, a Task, a
+Suite or a list of them).
+"""
+from ._base import (SUITES, TASKS, Suite, Task, default_data_root, get_suite, get_task, normalise_task_name,
+                    parse_names, register_suite, register_task, task_splits)
+from ._per_task import per_task_value
+
+__all__ = ["Task", "Suite", "TASKS", "SUITES", "register_task", "register_suite", "get_task", "get_suite",
+           "default_data_root", "normalise_task_name", "parse_names", "task_splits", "per_task_value"]

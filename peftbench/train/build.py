@@ -1,0 +1,78 @@
+"""Building a run's model: seeding, the method's model on a fresh copy of the backbone, the weights a
+pipeline hands over (``extras["init_state"]``), parameter counts, input normalisation."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .._io import atomic_write
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD, Normalizer
+from ..layers.tuned_vit import TunedViT
+from ..methods import get_method
+from ..store import RunSpec, RunStore
+from ..tasks import get_task
+from .env import Env
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def normalizer_for(spec: RunSpec, device) -> Normalizer:
+    mean = spec.hparams.get("mean") or IMAGENET_MEAN
+    std = spec.hparams.get("std") or IMAGENET_STD
+    return Normalizer(mean, std, device=device)
+
+
+def build_model(spec: RunSpec, env: Env, store: RunStore | None = None) -> TunedViT:
+    """The method's model on the pretrained backbone, seeded by the run's seed.
+
+    ``extras["init_state"]``: a weights file to load after building. A relative path names a file in
+    this run's folder of the store (``<runs-dir>/<method>/<task>/``), e.g. another run's
+    ``<key>.final.safetensors``: a pipeline can name it without knowing where the store is."""
+    task = get_task(spec.task)
+    method = get_method(spec.method)
+    seed_everything(spec.seed)
+    model = method.build(env.backbone(spec), task.num_classes, dict(spec.options))
+    init_state = spec.extras.get("init_state")
+    if init_state:
+        path = Path(init_state)
+        if not path.is_absolute() and store is not None:
+            path = store.record_path(spec).parent / path
+        load_trainable(model, path)
+    return model
+
+
+def copy_into(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Copy ``state`` into the model's parameters and buffers of the same names."""
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise ValueError(f"{where}: tensors {unknown[:5]} do not exist in the model")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+
+
+def load_trainable(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    copy_into(model, load_file(str(path)), str(path))
+
+
+def save_trainable(model: TunedViT, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}
+    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def parameter_summary(model: TunedViT) -> dict:
+    counts = model.parameter_counts()
+    counts["tuned_total_pct"] = 100.0 * counts["tuned"] / counts["total"]
+    return counts

@@ -1,0 +1,72 @@
+"""One run → one record: :func:`execute` builds the method's model on the backbone, trains it (or runs
+the method's job), and writes the run's :class:`~peftbench.store.RunRecord`.
+
+A record that is final (ok, diverged) is returned as it is. Otherwise the run starts (or resumes from
+its checkpoint), a loss that is not finite is recorded as ``diverged`` and any exception as
+``failed``: the sweep goes on either way. Fields other code put into the record before (an
+executor's job information) are kept.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+
+from ..errors import Diverged
+from ..methods import get_method
+from ..provenance import now, provenance
+from ..store import RunRecord, RunSpec, RunStatus, RunStore
+from .build import build_model, load_trainable, normalizer_for, parameter_summary, save_trainable, seed_everything
+from .env import Env
+from .loop import train
+
+__all__ = ["execute", "Env", "build_model", "load_trainable", "save_trainable", "parameter_summary",
+           "normalizer_for", "seed_everything", "train"]
+
+
+# ---------------------------------------------------------------------------------------------
+# one run
+# ---------------------------------------------------------------------------------------------
+
+
+def _apply(record: RunRecord, result: dict) -> None:
+    """Merge what a run returned into its record (unknown fields go to ``extra``)."""
+    for k, v in result.items():
+        if k == "status":
+            continue
+        if k in RunRecord.__dataclass_fields__ and k not in ("extra", "schema", "key", "spec"):
+            setattr(record, k, v)
+        else:
+            record.extra[k] = v
+
+
+def execute(spec: RunSpec, store: RunStore, env: Env) -> RunRecord:
+    """Run ``spec`` unless its record is final; return the record (also written to the store)."""
+    old = store.load(spec)
+    if old is not None and old.is_final:
+        return old
+    record = RunRecord.for_spec(
+        spec, status=RunStatus.RUNNING, started_at=(old.started_at if old else None) or now(),
+        attempts=((old.attempts if old else None) or 0) + 1, provenance=provenance(env.device),
+        extra=dict(old.extra) if old else {})
+    store.write(spec, record)
+    t0 = time.time()
+    try:
+        if spec.job == "train":
+            result = train(spec, store, env)
+        else:
+            result = get_method(spec.method).run_job(spec.job, spec, store, env)
+        _apply(record, result)
+        record.status = RunStatus(result.get("status", "ok"))
+    except Diverged as exc:
+        record.status = RunStatus.DIVERGED
+        record.error = str(exc)
+    except Exception:  # recorded, the sweep goes on
+        record.status = RunStatus.FAILED
+        record.error = traceback.format_exc(limit=20)
+    record.ended_at = now()
+    record.wall_s = round(time.time() - t0 + float((old.wall_s if old else None) or 0.0), 3)
+    store.write(spec, record)
+    if record.status != RunStatus.RUNNING:
+        store.drop_checkpoint(spec)
+    return record
+

@@ -1,0 +1,262 @@
+"""The training loop and its public pieces.
+
+:func:`train` runs one training spec: build the model, load the splits, build the optimiser, resume
+from the checkpoint, then per epoch: set the warm-up + cosine lr, train on the epoch's order (the one
+batching policy of :mod:`peftbench.data.loader`), evaluate when asked, checkpoint. The bench and the
+methods' jobs use the same pieces: :func:`autocast`, :func:`train_step`, :func:`evaluate`,
+:func:`features`, :func:`uses_cached_features`.
+"""
+from __future__ import annotations
+
+import contextlib
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..backbones import image_size
+from ..data.loader import SplitData, batches, epoch_order, load_split
+from ..data.transforms import augmenter
+from ..errors import Diverged
+from ..layers.tuned_vit import TunedViT
+from ..methods import Method, get_method
+from ..store import RunSpec, RunStore
+from ..tasks import Task, get_task
+from .build import build_model, copy_into, normalizer_for, parameter_summary, save_trainable
+from .env import Env
+from .hparams import HParams, parse_hparams
+from .optim import build_optimizer, effective_lr, lr_at_epoch, set_lr
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def uses_cached_features(method: Method, task: Task) -> bool:
+    """Whether the head trains on features computed once: nothing trained changes them and the task
+    does not augment its training images."""
+    return method.frozen_features and task.augment is None
+
+
+@contextlib.contextmanager
+def autocast(device: torch.device, precision: str = "fp32"):
+    """The numeric precision of a forward pass: fp32; tf32 (fp32 tensors, TF32 matmuls on CUDA); bf16 or
+    fp16 autocast (on CPU too, where torch supports it)."""
+    device = torch.device(device)
+    if precision in _AUTOCAST_DTYPES:
+        with torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision]):
+            yield
+    elif precision == "tf32" and device.type == "cuda":
+        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            with torch.autocast(device.type, enabled=False):
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+    else:
+        with torch.autocast(device.type, enabled=False):
+            yield
+
+
+def train_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
+               optimizer: torch.optim.Optimizer, device: torch.device, precision: str = "fp32",
+               scaler: "torch.amp.GradScaler | None" = None) -> torch.Tensor:
+    """One optimisation step (loss in fp32 whatever the forward's precision); returns the loss."""
+    with autocast(device, precision):
+        logits = forward(x)
+    loss = F.cross_entropy(logits.float(), y)
+    if not torch.isfinite(loss):
+        return loss
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss
+
+
+@torch.no_grad()
+def features(model: TunedViT, data: SplitData, norm, env: Env, precision: str = "fp32") -> torch.Tensor:
+    model.eval()
+    out = []
+    dev = torch.device(env.device)
+    for i in range(0, len(data), env.eval_batch_size):
+        with autocast(dev, precision):
+            out.append(model.features(norm(data.images[i:i + env.eval_batch_size])).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def evaluate(model: TunedViT, forward, xs: torch.Tensor, labels: torch.Tensor, prepare, env: Env,
+             precision: str = "fp32") -> float:
+    was_training = model.training
+    model.eval()
+    correct = 0
+    dev = torch.device(env.device)
+    for i in range(0, len(labels), env.eval_batch_size):
+        with autocast(dev, precision):
+            logits = forward(prepare(xs[i:i + env.eval_batch_size]))
+        correct += (logits.float().argmax(1).cpu() == labels[i:i + env.eval_batch_size]).sum().item()
+    model.train(was_training)
+    return 100.0 * correct / len(labels)
+
+
+def peak_memory(dev: torch.device) -> dict:
+    if dev.type == "cuda":
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated(dev) / 2**20, 1),
+                "memory_kind": "cuda_max_allocated"}
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_memory_mb": round(rss_kb / 1024, 1), "memory_kind": "process_peak_rss"}
+
+
+def fmt_s(s: float) -> str:
+    """Seconds as h:mm:ss."""
+    s = int(max(0, s))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# one training run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Progress:
+    """What a checkpoint restores: the history so far and the time spent."""
+
+    history: list[dict] = field(default_factory=list)
+    start_epoch: int = 0
+    train_time: float = 0.0
+    train_images: int = 0
+
+
+def _rng_state(dev: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if dev.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(dev)
+    return state
+
+
+def _resume(spec: RunSpec, store: RunStore, model: TunedViT, optimizer, dev: torch.device, env: Env) -> _Progress:
+    ck = store.load_checkpoint(spec)
+    if ck is None:
+        return _Progress()
+    copy_into(model, ck["state"], str(store.checkpoint_path(spec)))
+    optimizer.load_state_dict(ck["optimizer"])
+    torch.set_rng_state(ck["rng"]["cpu"])
+    if dev.type == "cuda" and "cuda" in ck["rng"]:
+        torch.cuda.set_rng_state(ck["rng"]["cuda"], dev)
+    info = ck["info"]
+    p = _Progress(list(info["history"]), int(info["epoch"]) + 1, float(info["train_time"]), int(info["train_images"]))
+    env.log(f"{env.prefix} resuming {spec.label()} after epoch {p.start_epoch}")
+    return p
+
+
+def train(spec: RunSpec, store: RunStore, env: Env) -> dict:
+    dev = torch.device(env.device)
+    task = get_task(spec.task)
+    method = get_method(spec.method)
+    hp: HParams = parse_hparams(spec.hparams, where=spec.label())
+    data_root = Path(spec.data_root)
+
+    model = build_model(spec, env, store)
+    if spec.extras.get("save_init"):
+        save_trainable(model, store.artifact_path(spec, "init.safetensors"))
+    params = parameter_summary(model)
+    model.to(dev)
+    size = image_size(model.backbone)
+    train_data = load_split(task, data_root, spec.train_split, size)
+    eval_data = load_split(task, data_root, spec.eval_split, size)
+    norm = normalizer_for(spec, dev)
+
+    # base lr × batch/256 unless the protocol gives absolute rates (NOAH style)
+    peak_lr = effective_lr(hp.lr, hp.batch_size) if hp.lr_scaling else hp.lr
+    optimizer = build_optimizer(hp.optimizer, model, peak_lr, hp.wd)
+    scaler = torch.amp.GradScaler(dev.type) if hp.precision == "fp16" else None
+
+    cached = uses_cached_features(method, task)
+    if cached:  # the head sees features that nothing trained changes: compute them once
+        forward = model.head
+        train_x = features(model, train_data, norm, env, hp.precision)
+        eval_x = features(model, eval_data, norm, env, hp.precision)
+    else:
+        forward = model
+        train_x, eval_x = train_data.images, eval_data.images
+    prepare = (lambda x: x.to(dev)) if cached else norm
+    augment = None if cached else augmenter(task, size)
+
+    prog = _resume(spec, store, model, optimizer, dev, env)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    n = len(train_data)
+    t_run = time.time()
+    for epoch in range(prog.start_epoch, hp.epochs):
+        lr = lr_at_epoch(epoch, peak_lr, hp.epochs, hp.warmup_epochs, hp.warmup_lr, hp.min_lr)
+        set_lr(optimizer, lr)
+        model.train()
+        loss_sum, t_epoch = 0.0, time.time()
+        order = epoch_order(spec.seed, epoch, n)
+        for s, (x, y, idx) in enumerate(batches(train_x, train_data.labels, order, hp.batch_size, prepare=prepare,
+                                                augment=augment, device=dev)):
+            loss = train_step(forward, x, y, optimizer, dev, hp.precision, scaler)
+            if not torch.isfinite(loss):
+                raise Diverged(f"loss became {loss.item()} at epoch {epoch} step {s} (lr {lr:g})")
+            loss_sum += loss.item() * len(idx)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        prog.train_time += time.time() - t_epoch
+        prog.train_images += n
+        entry = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / n}
+        last = epoch == hp.epochs - 1
+        if last or (hp.eval_every and (epoch + 1) % hp.eval_every == 0):
+            entry["eval_top1"] = evaluate(model, forward, eval_x, eval_data.labels, prepare, env, hp.precision)
+        prog.history.append(entry)
+        done = epoch - prog.start_epoch + 1
+        eta = (time.time() - t_run) / done * (hp.epochs - epoch - 1)
+        env.log(f"{env.prefix} {spec.label()} epoch {epoch + 1}/{hp.epochs} loss {entry['train_loss']:.4f}"
+                + (f" {spec.eval_split} top1 {entry['eval_top1']:.2f}" if "eval_top1" in entry else "")
+                + f" | run left {fmt_s(eta)}")
+        for listener in env.epoch_listeners:
+            listener(spec, entry)
+        if not last and env.checkpoint_every and (epoch + 1) % env.checkpoint_every == 0:
+            store.save_checkpoint(
+                spec, state=model.trainable_state(), optimizer=optimizer.state_dict(), rng=_rng_state(dev),
+                info={"epoch": epoch, "history": prog.history, "train_time": prog.train_time,
+                      "train_images": prog.train_images})
+        for cb in env.epoch_callbacks:
+            cb(spec, epoch)
+
+    if spec.extras.get("save_final"):
+        save_trainable(model, store.artifact_path(spec, "final.safetensors"))
+    history = prog.history
+    evaluated = [h for h in history if "eval_top1" in h]
+    best = max(evaluated, key=lambda h: h["eval_top1"])
+    return {
+        "params": params,
+        "hparams_effective": {"lr": peak_lr, "batch_size": hp.batch_size, "epochs": hp.epochs},
+        "history": history,
+        "metrics": {
+            "top1": history[-1]["eval_top1"],
+            "eval_split": spec.eval_split,
+            "final_train_loss": history[-1]["train_loss"],
+            # Extra, flagged: picking an epoch by this number is selection on the eval split.
+            "best_epoch_top1": best["eval_top1"],
+            "best_epoch": best["epoch"],
+            "best_epoch_is_selected_on_eval_split": True,
+        },
+        "timing": {
+            "train_s": round(prog.train_time, 3),
+            "train_images_per_s": round(prog.train_images / prog.train_time, 2) if prog.train_time > 0 else None,
+            "cached_features": cached,
+            **peak_memory(dev),
+        },
+        "image_size": size,
+        "num_train": n,
+        "num_eval": len(eval_data),
+    }

@@ -1,0 +1,93 @@
+"""Optimisers (a registry) and the learning-rate schedule of the VPT/E^2VPT code (docs/protocols.md).
+
+* ``sgd``: SGD, momentum 0.9, no Nesterov, weight decay on every trainable parameter except the
+  names the model lists in ``no_weight_decay()`` (the head bias).
+* ``adamw``: AdamW (betas 0.9/0.999, eps 1e-8), weight decay except biases and 1-d parameters
+  (NOAH/timm convention), used by the ``fixed`` protocol.
+* ``vpt-adamw``: the full fine-tuning optimiser of the VPT code, quirks included: with a grid
+  weight decay > 0 it is AdamW (eps 1e-6) with a *fixed* decay of 0.01 on every parameter whose name
+  has no "bias" (the grid value itself is ignored); with weight decay 0 it falls through to SGD
+  (momentum 0.9).
+
+The schedule is stepped once per epoch: factor e / W during the W warm-up epochs (so epoch 0 runs at
+lr 0 when ``warmup_lr`` is 0), then 0.5 · (1 + cos(π (e − W) / (E − W))), scaled between ``min_lr``
+and the peak.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .._registry import Registry
+
+OptimizerBuilder = Callable[[list[tuple[str, nn.Parameter]], set[str], float, float], torch.optim.Optimizer]
+
+# name -> builder(named trainable parameters, names without weight decay, lr, weight decay); third-party
+# packages add optimisers through the `peftbench.optimizers` entry-point group
+OPTIMIZERS: Registry[OptimizerBuilder] = Registry("optimizer", group="peftbench.optimizers")
+
+
+def register_optimizer(name: str):
+    def deco(fn: OptimizerBuilder) -> OptimizerBuilder:
+        OPTIMIZERS.add(name, fn)
+        return fn
+    return deco
+
+
+def effective_lr(base_lr: float, batch_size: int) -> float:
+    """lr actually used = base lr × batch / 256 (the VPT code's rule)."""
+    return base_lr * batch_size / 256
+
+
+def _groups(decay: list, no_decay: list, weight_decay: float) -> list[dict]:
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+@register_optimizer("sgd")
+def _sgd(named, skip, lr, weight_decay):
+    decay = [p for n, p in named if n not in skip]
+    no_decay = [p for n, p in named if n in skip]
+    return torch.optim.SGD(_groups(decay, no_decay, weight_decay), lr=lr, momentum=0.9)
+
+
+@register_optimizer("adamw")
+def _adamw(named, skip, lr, weight_decay):
+    decay = [p for n, p in named if n not in skip and p.ndim > 1 and not n.endswith(".bias")]
+    ids = {id(p) for p in decay}
+    no_decay = [p for _, p in named if id(p) not in ids]
+    return torch.optim.AdamW(_groups(decay, no_decay, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+@register_optimizer("vpt-adamw")
+def _vpt_adamw(named, skip, lr, weight_decay):
+    if weight_decay == 0:
+        return torch.optim.SGD([p for _, p in named], lr=lr, momentum=0.9, weight_decay=0.0)
+    decay = [p for n, p in named if "bias" not in n]
+    no_decay = [p for n, p in named if "bias" in n]
+    return torch.optim.AdamW(_groups(decay, no_decay, 0.01), lr=lr, betas=(0.9, 0.999), eps=1e-6)
+
+
+def build_optimizer(kind: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters")
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    return OPTIMIZERS.get(kind)(named, skip, lr, weight_decay)
+
+
+def lr_at_epoch(epoch: int, peak: float, epochs: int, warmup: int, warmup_lr: float = 0.0,
+                min_lr: float = 0.0) -> float:
+    """The learning rate used during ``epoch`` (0-based)."""
+    if epoch < warmup:
+        return warmup_lr + (peak - warmup_lr) * epoch / warmup
+    span = max(1, epochs - warmup)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / span))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
