@@ -293,7 +293,8 @@ def main(argv=None) -> int:
     os.chmod(st_path, 0o644)  # safetensors may create it 0600; it is a shared, committed asset
     cmd_args = [a for a in (argv if argv is not None else sys.argv[1:])]
     provenance = {
-        "description": "Tiny ViT demo backbone pretrained supervised on Fashion-MNIST; features = CLS token after final norm (dim 96).",
+        "description": ("Tiny ViT demo backbone pretrained supervised on Fashion-MNIST; features = CLS token after "
+                        "final norm (dim 96)."),
         "timm_create_model": {"model_name": TIMM_MODEL, **TIMM_ARGS},
         "feature_dim": backbone.num_features,
         "num_params": sum(v.numel() for v in state.values()),

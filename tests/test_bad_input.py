@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
+from helpers import TINY_BACKBONE, ensure_registered, make_data_root
 from safetensors.torch import save_file
 
 from peftbench.cli import main
-
-from helpers import TINY_BACKBONE, ensure_registered, make_data_root
 
 ensure_registered()
 

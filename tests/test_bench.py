@@ -2,11 +2,10 @@
 import csv
 
 import pytest
+from helpers import TINY_BACKBONE, ensure_registered
 
 from peftbench.bench.speed import BenchSettings, run_bench, table_path, targets, write_table
 from peftbench.cli import main
-
-from helpers import TINY_BACKBONE, ensure_registered
 
 ensure_registered()
 

@@ -2,13 +2,12 @@
 original Google ViT .npz, .safetensors and .pth state dicts, and files that do not fit (keys named)."""
 import pytest
 import torch
+from fixtures_data import export_vit_npz
 from safetensors.torch import save_file
 
 from peftbench.backbones import create_backbone
 from peftbench.errors import BackboneError
 from peftbench.tasks import get_suite
-
-from fixtures_data import export_vit_npz
 
 NAME = "demo-vit-random"  # the demo ViT architecture (img 32, patch 4, width 96, 6 blocks), no weights of its own
 

@@ -5,14 +5,13 @@ import threading
 import numpy as np
 import pytest
 import torch
+from fixtures_data import write_vtab_task
 
 import peftbench.data.images as images
-from peftbench.data import cache, loader, splits, transforms
 from peftbench.cli import main
+from peftbench.data import cache, loader, splits, transforms
 from peftbench.data.splits import fingerprint
 from peftbench.tasks import get_task
-
-from fixtures_data import write_vtab_task
 
 
 @pytest.fixture(autouse=True)

@@ -3,13 +3,12 @@
 import json
 
 import pytest
+from fixtures_data import write_fgvc_task, write_vtab_task, write_vtab_tree
 
 from peftbench.cli import main
 from peftbench.data.splits import fingerprint
-from peftbench.tasks import get_task
 from peftbench.data.verify import verify_task
-
-from fixtures_data import write_fgvc_task, write_vtab_task, write_vtab_tree
+from peftbench.tasks import get_task
 
 
 @pytest.fixture(autouse=True)

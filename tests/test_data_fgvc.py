@@ -5,18 +5,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from fixtures_data import write_fgvc_task
 from PIL import Image
 
-from peftbench.data.transforms import random_crop_flip
-from peftbench.data.loader import load_split
-from peftbench.data.transforms import geometry, resize_length
-from peftbench.data.layouts.vpt_json import VptJsonLayout
 from peftbench.data.images import decode
+from peftbench.data.layouts.vpt_json import VptJsonLayout
+from peftbench.data.loader import load_split
 from peftbench.data.splits import read_split
+from peftbench.data.transforms import geometry, random_crop_flip, resize_length
 from peftbench.errors import DataError
 from peftbench.tasks import get_task
-
-from fixtures_data import write_fgvc_task
 
 
 @pytest.fixture(autouse=True)

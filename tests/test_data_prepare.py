@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from peftbench.cli import main
 from peftbench.data import prepare as prep
 from peftbench.data.prepare import vtab as prep_vtab
-from peftbench.cli import main
 from peftbench.data.splits import read_split
+from peftbench.data.verify import MANIFEST, verify_task
 from peftbench.errors import DataError
 from peftbench.tasks import get_task
-from peftbench.data.verify import MANIFEST, verify_task
 
 
 @pytest.fixture(autouse=True)

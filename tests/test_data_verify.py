@@ -4,15 +4,14 @@ import json
 import shutil
 
 import pytest
+from fixtures_data import image_of_line, truncate, write_fgvc_task, write_vtab_task
 
 from peftbench.cli import main
-from peftbench.sweep.plan import SweepSettings, plan
 from peftbench.data.splits import fingerprint
-from peftbench.errors import DataError
-from peftbench.tasks import get_suite, get_task
 from peftbench.data.verify import MANIFEST, verify_task
-
-from fixtures_data import image_of_line, truncate, write_fgvc_task, write_vtab_task
+from peftbench.errors import DataError
+from peftbench.sweep.plan import SweepSettings, plan
+from peftbench.tasks import get_suite, get_task
 
 
 @pytest.fixture(autouse=True)

@@ -7,10 +7,8 @@ import pytest
 import torch
 
 from peftbench.methods import get_method
-from peftbench.tasks import per_task_value
-from peftbench.tasks import get_task
-
 from peftbench.methods.e2vpt.kv_attention import KVPromptAttention
+from peftbench.tasks import get_task, per_task_value
 
 
 def _randomise(module: torch.nn.Module, std: float = 0.2) -> None:

@@ -8,8 +8,16 @@ from torch import nn
 
 from peftbench.methods import get_method
 from peftbench.methods.e2vpt.model import E2vptPruneModel
-from peftbench.methods.e2vpt.pruning import (SEGMENTS, candidate_patterns, dense_mask, make_pattern, mask_importance,
-                                             segment_counts, segment_index, token_counts)
+from peftbench.methods.e2vpt.pruning import (
+    SEGMENTS,
+    candidate_patterns,
+    dense_mask,
+    make_pattern,
+    mask_importance,
+    segment_counts,
+    segment_index,
+    token_counts,
+)
 
 
 def _pattern(P: int) -> dict:
@@ -246,10 +254,10 @@ def tiny_preset():
 
 def _run(contexts, runs, executor_wrap=None, callbacks=()):
     """One `peftbench run` of the planned contexts (a fresh Env, as a new process would have)."""
-    from peftbench.train.engine import Env
-    from peftbench.store import RunStore
     from peftbench.executors.local import LocalExecutor
+    from peftbench.store import RunStore
     from peftbench.sweep.drive import drive
+    from peftbench.train.engine import Env
 
     env = Env(device="cpu", quiet=True, epoch_callbacks=list(callbacks))
     executor = LocalExecutor(env)

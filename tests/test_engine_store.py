@@ -3,16 +3,15 @@ import json
 import os
 
 import pytest
+from helpers import TINY_BACKBONE, make_data_root
 
-from peftbench.train import engine as engine_mod
-from peftbench.train.engine import Env
 from peftbench._io import atomic_write_text
-from peftbench.store import RunSpec, RunStore
 from peftbench.executors.local import LocalExecutor
+from peftbench.store import RunSpec, RunStore
 from peftbench.sweep.drive import count_runs, drive
 from peftbench.sweep.plan import SweepSettings, plan
-
-from helpers import TINY_BACKBONE, make_data_root
+from peftbench.train import engine as engine_mod
+from peftbench.train.engine import Env
 
 
 @pytest.fixture(scope="module")

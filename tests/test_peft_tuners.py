@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from peftbench.cli.params import count
-from peftbench.methods import METHODS, get_method
-from peftbench.methods import peft_tuners
+from peftbench.methods import METHODS, get_method, peft_tuners
 
 ROWS = [cls.name for cls in peft_tuners.REGISTERED]
 NUM_CLASSES = 5

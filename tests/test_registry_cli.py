@@ -1,10 +1,10 @@
 """Registries, aliases, unknown-name errors and the list command."""
 import pytest
 
-from peftbench.cli import main
-from peftbench.methods import METHODS, get_method
 from peftbench._registry import Registry
+from peftbench.cli import main
 from peftbench.errors import UnknownNameError
+from peftbench.methods import METHODS, get_method
 from peftbench.tasks import SUITES, get_suite, get_task
 
 
@@ -49,7 +49,7 @@ def test_registry_rejects_duplicates_and_alias_collisions():
 def test_list_prints_one_line_descriptions(capsys, what, expected):
     assert main(["list", what]) == 0
     out = capsys.readouterr().out
-    line = next(l for l in out.splitlines() if l.split()[0 if what != "tasks" else 1] == expected)
+    line = next(ln for ln in out.splitlines() if ln.split()[0 if what != "tasks" else 1] == expected)
     assert len(line.split()) > 2  # name + description
 
 

@@ -14,10 +14,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from test_leaderboard import REFERENCE, VTAB, add_record, make_vtab_store
 
 from peftbench.results.write import write_leaderboard
-
-from test_leaderboard import REFERENCE, VTAB, add_record, make_vtab_store
 
 BROWSER_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -100,7 +99,7 @@ def test_report_is_self_contained(report):
     assert len(dom.images) == 2
     assert all(img["src"].startswith("data:image/svg+xml;base64,") for img in dom.images)
     # no external assets: every src/href is a data URI or an in-page anchor
-    assert all(link.startswith(("data:", "#")) for link in dom.links), [l[:60] for l in dom.links]
+    assert all(link.startswith(("data:", "#")) for link in dom.links), [link[:60] for link in dom.links]
     assert not re.search(r"<link\b|@import|url\(\s*['\"]?https?:", html)
     assert "ValueError: x&lt;y &amp; z" in html  # error text is escaped
     assert "0123456789abcdef.json" in html

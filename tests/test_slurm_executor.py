@@ -9,17 +9,17 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import submitit
+from helpers import TINY_BACKBONE, make_data_root
 
-from peftbench.executors import slurm as slurm_mod
-from peftbench.executors.slurm import job as slurm_job
-from peftbench.cli import build_parser, main as cli_main
-from peftbench.executors.slurm import RunJob, SlurmExecutor, make_settings, parse_state_lines, read_state
-from peftbench.store import RunRecord, RunSpec, RunStore
+from peftbench.cli import build_parser
+from peftbench.cli import main as cli_main
 from peftbench.errors import SettingsError
+from peftbench.executors import slurm as slurm_mod
+from peftbench.executors.slurm import RunJob, SlurmExecutor, make_settings, parse_state_lines, read_state
+from peftbench.executors.slurm import job as slurm_job
+from peftbench.store import RunRecord, RunSpec, RunStore
 from peftbench.sweep.drive import count_runs, drive
 from peftbench.sweep.plan import SweepSettings, plan
-
-from helpers import TINY_BACKBONE, make_data_root
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def main(args) -> int:
-    from ..executors.status import collect
+    from ..executors._status import collect
 
     info = collect(args.runs_dir, query=not args.no_query)
     if args.json:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..tasks import Task
-from .cache import cache_header, decode_workers, open_cache_file, write_cache_file, decoded_dir, decoded_images
+from .cache import cache_header, decode_workers, decoded_dir, decoded_images, open_cache_file, write_cache_file
 from .images import decode_many
 from .layouts import Split
 from .splits import read_split

@@ -37,8 +37,6 @@ from torch import nn
 
 from peftbench.methods import NOAH_RECIPE, Method, Option, TunedViT, register_method
 
-
-
 ADAPTER_NAME = "default"
 
 

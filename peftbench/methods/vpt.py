@@ -8,9 +8,9 @@
 Tuned/Total (spec §4.3, data file ``tasks/data/vpt_prompt_lengths.csv``) and 10 for other tasks; the
 run record says which.
 """
+from peftbench.layers.prompted_vit import PromptedViT
 from peftbench.methods import PROMPT_RECIPE, Method, Option, register_method
 from peftbench.tasks import per_task_value
-from peftbench.layers.prompted_vit import PromptedViT
 
 FALLBACK_TOKENS = 10
 

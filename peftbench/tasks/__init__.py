@@ -7,8 +7,20 @@ from ``peftbench/tasks/data/*.csv``). The built-in suites are the public modules
 package adds tasks the same way and declares a ``peftbench.tasks`` entry point (a module, a Task, a
 Suite or a list of them).
 """
-from ._base import (SUITES, TASKS, Suite, Task, default_data_root, get_suite, get_task, normalise_task_name,
-                    parse_names, register_suite, register_task, task_splits)
+from ._base import (
+                    SUITES,
+                    TASKS,
+                    Suite,
+                    Task,
+                    default_data_root,
+                    get_suite,
+                    get_task,
+                    normalise_task_name,
+                    parse_names,
+                    register_suite,
+                    register_task,
+                    task_splits,
+)
 from ._per_task import per_task_value
 
 __all__ = ["Task", "Suite", "TASKS", "SUITES", "register_task", "register_suite", "get_task", "get_suite",

@@ -29,8 +29,19 @@ import numpy as np
 from ...errors import DataError
 from ...tasks import Task
 from . import Converter, Guide, register_converter, register_guide
-from ._common import (IMG_EXT, NOT_IDENTICAL, Item, Portions, carve, class_folders, find, load_pickle, loadmat, seeded_rng,
-                      write_noah)
+from ._common import (
+    IMG_EXT,
+    NOT_IDENTICAL,
+    Item,
+    Portions,
+    carve,
+    class_folders,
+    find,
+    load_pickle,
+    loadmat,
+    seeded_rng,
+    write_noah,
+)
 
 ARCHIVE = ("the released VTAB-1k archive (NOAH's export, `vtab-1k/<task>/...`; see NOAH's README, "
            "`data/vtab-source/get_vtab1k.py` regenerates it with TensorFlow + TFDS)")

@@ -20,8 +20,8 @@ Inside the job, :class:`RunJob` (a submitit ``Checkpointable``) runs its specs w
 :func:`peftbench.train.engine.execute` on the job's device (cuda when available, else cpu; the
 precision each run's hyper-parameters say). On preemption or time limit submitit calls
 ``RunJob.checkpoint()``, which resubmits the same callable; the requeued job resumes every unfinished
-run from its per-epoch checkpoint (``<key>.ckpt.safetensors``). Each job start is recorded in the run record's ``slurm`` field (job id, array
-task id, node, restart count, the epoch it resumed from).
+run from its per-epoch checkpoint (``<key>.ckpt.safetensors``). Each job start is recorded in the run
+record's ``slurm`` field (job id, array task id, node, restart count, the epoch it resumed from).
 
 Settings come from a TOML profile (``--slurm-profile FILE``) and flags; see
 :data:`peftbench.executors.slurm.settings.PROFILE_KEYS` and

@@ -14,6 +14,7 @@ from ...store import RunRecord, RunSpec, RunStatus, RunStore
 from ...train.engine import Env, execute
 from ._util import now
 
+
 def job_info() -> dict:
     """Who and where this job is (SLURM variables; submitit's job environment for local/debug)."""
     env = os.environ

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...store import RunStatus
-from ..status import new_entry
+from .._status import new_entry
 from .queue import is_active, query_states, slurm_available
 from .state import driver_lock_holder, read_state
 

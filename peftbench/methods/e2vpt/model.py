@@ -30,7 +30,7 @@ from peftbench.methods import PROMPT_RECIPE, VPT_LR_GRID, Method, Option, Option
 from peftbench.tasks import per_task_value
 
 from .kv_attention import KV_INITS, KVPromptAttention
-from .pruning import SEGMENTS, dense_mask, pattern_tensors, segment_index, zero_entries_per_layer, check_pattern
+from .pruning import SEGMENTS, check_pattern, dense_mask, pattern_tensors, segment_index, zero_entries_per_layer
 
 PROMPT_LENGTHS_FILE = "e2vpt_prompt_lengths.csv"
 FALLBACK_PROMPT_TOKENS = 10

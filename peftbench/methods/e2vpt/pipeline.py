@@ -62,10 +62,29 @@ from peftbench.sweep.protocols import select_best
 from peftbench.tasks import get_task
 from peftbench.train.engine import build_model, normalizer_for, parameter_summary
 
-from .model import (E2VPT_OPTIONS, FALLBACK_KV_TOKENS, FALLBACK_PROMPT_TOKENS, E2vpt, E2vptPruneModel, _as_count,
-                    _length, resolve_prompt_lengths)
-from .pruning import (DEMO_SEGMENT_LEVELS, DEMO_TOKEN_LEVELS, LAYOUTS, SCORE_MODES, SEGMENTS, candidate_patterns,
-                      first_pattern, mask_importance, segment_counts, token_counts, zero_scores)
+from .model import (
+    E2VPT_OPTIONS,
+    FALLBACK_KV_TOKENS,
+    FALLBACK_PROMPT_TOKENS,
+    E2vpt,
+    E2vptPruneModel,
+    _as_count,
+    _length,
+    resolve_prompt_lengths,
+)
+from .pruning import (
+    DEMO_SEGMENT_LEVELS,
+    DEMO_TOKEN_LEVELS,
+    LAYOUTS,
+    SCORE_MODES,
+    SEGMENTS,
+    candidate_patterns,
+    first_pattern,
+    mask_importance,
+    segment_counts,
+    token_counts,
+    zero_scores,
+)
 
 DEMO_LR_FACTORS = (1.0, 0.5)  # reduced search: 2 points around the protocol's lr
 REWIND_INITS = ("fresh", "saved")
