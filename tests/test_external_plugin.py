@@ -88,3 +88,133 @@ def test_external_method_runs_on_the_demo_suite(plugin_env, tmp_path, demo_root)
     # 6 blocks x 2 LayerNorms + final norm, weight and bias each, width 96; head 97 x 10
     assert record["params"]["trainable_without_head"] == (6 * 2 + 1) * 2 * 96
     assert record["params"]["head"] == 97 * 10
+
+
+# ---------------------------------------------------------------------------------------------
+# the other extension points: a suite on a new on-disk layout, an executor and a leaderboard column,
+# each one file of an outside package, found through its entry-point group
+# ---------------------------------------------------------------------------------------------
+
+MORE_SOURCE = '''
+"""A CSV split layout, a suite that uses it, an executor and a leaderboard column."""
+import csv
+from pathlib import Path
+
+from peftbench.data.layouts import Layout
+from peftbench.executors import ExecutorPlugin
+from peftbench.results.columns import Column
+from peftbench.tasks import Suite, Task
+
+
+class CsvLayout(Layout):
+    name = "csv-list"
+    description = "<split>.csv files with path,label rows"
+
+    def split_file(self, task, task_dir, split):
+        return Path(task_dir) / f"{split}.csv"
+
+    def entries(self, task, task_dir, split):
+        f = self.check_folder(task, task_dir, split)
+        out, defects = [], []
+        with open(f, newline="") as fh:
+            for i, row in enumerate(csv.DictReader(fh), 2):
+                label = int(row["label"])
+                if 0 <= label < task.num_classes:
+                    out.append((f"{f}:{i}", row["path"], label))
+                else:
+                    defects.append(f"{f}:{i}: label {label} out of range")
+        return out, defects
+
+
+TASKS = [
+    Task(name="plugin_colours", suite="plugin-suite", num_classes=3, description="colour squares (CSV layout)",
+         layout="csv-list", split_sizes={}),
+    Suite(name="plugin-suite", description="a suite from a plugin", tasks=("plugin_colours",), protocol="demo",
+          backbone="demo-vit-random", folder="plugin-suite"),
+]
+
+
+class InlineExecutor:
+    def __init__(self, env):
+        self.env = env
+
+    def run(self, specs, store):
+        from peftbench.train.engine import execute
+
+        out = []
+        for spec in specs:
+            rec = execute(spec, store, self.env)
+            rec.extra["plugin_executor"] = "inline"
+            store.write(spec, rec)
+            out.append(rec)
+        return out
+
+    def close(self):
+        pass
+
+
+class Inline(ExecutorPlugin):
+    name = "plugin-inline"
+    description = "runs every run inline and marks its record"
+
+    def create(self, args, *, env, runs_dir, total):
+        return InlineExecutor(env)
+
+
+FINAL_RUNS = Column("final_runs", "final runs counted in the row, every task (a plugin column)",
+                    lambda r, b: str(sum(r.seeds.values())), after="seeds_max")
+'''
+
+MORE_ENTRY_POINTS = """[peftbench.layouts]
+csv-list = pb_plugin_more:CsvLayout
+[peftbench.tasks]
+plugin-suite = pb_plugin_more:TASKS
+[peftbench.executors]
+plugin-inline = pb_plugin_more:Inline
+[peftbench.columns]
+final-runs = pb_plugin_more:FINAL_RUNS
+"""
+
+
+def _write_more(site: Path, data: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    (site / "pb_plugin_more.py").write_text(MORE_SOURCE)
+    info = site / "pb_plugin_more-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pb-plugin-more\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(MORE_ENTRY_POINTS)
+    task_dir = data / "plugin-suite" / "plugin_colours"
+    rng = np.random.default_rng(0)
+    for split, n in (("train800", 24), ("val200", 6), ("test", 9)):
+        rows = ["path,label"]
+        for i in range(n):
+            img = rng.integers(0, 50, size=(32, 32, 3), dtype=np.uint8)
+            img[8:24, 8:24, i % 3] = 230
+            rel = f"img/{split}-{i}.png"
+            (task_dir / "img").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(task_dir / rel)
+            rows.append(f"{rel},{i % 3}")
+        (task_dir / f"{split}.csv").write_text("\n".join(rows) + "\n")
+    both = (task_dir / "train800.csv").read_text().splitlines() + (task_dir / "val200.csv").read_text().splitlines()[1:]
+    (task_dir / "train800val200.csv").write_text("\n".join(both) + "\n")
+
+
+def test_external_layout_suite_executor_and_column(plugin_env, tmp_path):
+    site = Path(plugin_env["PYTHONPATH"].split(os.pathsep)[0])
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    _write_more(site, data)
+    listed = subprocess.run(_cli() + ["list", "suites"], env=plugin_env, capture_output=True, text=True, timeout=300)
+    assert listed.returncode == 0 and "plugin-suite" in listed.stdout, listed.stderr
+    cmd = _cli() + ["run", "--methods", "linear", "--suite", "plugin-suite", "--executor", "plugin-inline",
+                    "--data-root", str(data), "--runs-dir", str(runs), "--epochs", "2", "--quiet"]
+    out = subprocess.run(cmd, env=plugin_env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    (record,) = [json.loads(p.read_text()) for p in (runs / "linear" / "plugin_colours").glob("*.json")]
+    assert record["status"] == "ok" and record["plugin_executor"] == "inline"  # the plugin executor ran it
+    assert record["num_train"] == 30 and record["num_eval"] == 9  # read through the CSV layout
+    board = (runs / "leaderboard" / "plugin-suite-leaderboard.csv").read_text().splitlines()
+    header, row = board[0].split(","), board[1].split(",")
+    assert header[header.index("seeds_max") + 1] == "final_runs"  # the plugin column, where it asked to be
+    assert row[header.index("final_runs")] == "1"
