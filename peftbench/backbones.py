@@ -182,15 +182,8 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_short(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_short(unexpected)}")
-        if wrong:
-            parts.append("shape mismatch " + _short(
-                [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong]))
+    parts = _fit_report(missing, [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong], unexpected)
+    if parts:
         raise BackboneError(f"checkpoint {path} does not fit the backbone: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
 
@@ -243,13 +236,20 @@ def _npz_problems(model: nn.Module, path: Path) -> list[str]:
               if prefix + k in shapes and shapes[prefix + k] != v]
     extra = sorted({k.split("/")[1] for k in shapes if k.startswith(prefix + "Transformer/encoderblock_")
                     and int(k[len(prefix + "Transformer/encoderblock_"):].split("/")[0]) >= len(blocks)})
+    return _fit_report([prefix + k for k in missing], wrong, extra,
+                       unexpected_what=f"unexpected encoder blocks {{}} (the model has {len(blocks)})")
+
+
+def _fit_report(missing: list[str], wrong: list[str], unexpected: list[str],
+                unexpected_what: str = "unexpected keys {}") -> list[str]:
+    """The parts of a "does not fit" message: missing keys, shape mismatches, what is left over."""
     out = []
     if missing:
-        out.append(f"missing keys {_short([prefix + k for k in missing])}")
+        out.append(f"missing keys {_short(missing)}")
     if wrong:
         out.append(f"shape mismatch {_short(wrong)}")
-    if extra:
-        out.append(f"unexpected encoder blocks {_short(extra)} (the model has {len(blocks)})")
+    if unexpected:
+        out.append(unexpected_what.format(_short(unexpected)))
     return out
 
 

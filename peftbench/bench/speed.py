@@ -8,7 +8,6 @@ the engine runs it, and compared with training it through the backbone over a wh
 from __future__ import annotations
 
 import csv
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch
 
 from ..backbones import create_backbone, image_size
 from ..methods import get_method
+from ..provenance import device_name
 from ..sweep.plan import parse_sets
 from ..train.build import parameter_summary
 from ..train.loop import autocast, train_step
@@ -130,7 +130,7 @@ def bench_method(method_name: str, s: BenchSettings) -> dict:
     train_flops = _flops(step)
     tokens = _tokens(model, x[:1])
     return {
-        "method": method.name, "backbone": s.backbone, "device": _device_label(device), "batch_size": s.batch_size,
+        "method": method.name, "backbone": s.backbone, "device": device_name(device), "batch_size": s.batch_size,
         "img_size": size, "tokens": tokens, "train_step_ms": round(t_train * 1000, 2),
         "train_images_per_s": round(s.batch_size / t_train, 2), "eval_images_per_s": round(s.batch_size / t_eval, 2),
         "peak_memory_mb": round(peak[0], 1) if peak[0] is not None else "", "memory_kind": peak[1],
@@ -151,12 +151,6 @@ def _tokens(model, x) -> int:
         model(x)
     handle.remove()
     return seen[0]
-
-
-def _device_label(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu-{platform.machine()}-{torch.get_num_threads()}t"
 
 
 def cached_linear_probe(s: BenchSettings, epochs: int = 100, num_images: int = 1000) -> dict:

@@ -35,17 +35,21 @@ class _Vpt(Method):
         return PromptedViT(backbone, num_classes, tokens, deep=self.deep, dropout=float(opts["dropout"]))
 
 
+def _vpt_options(dropout: float) -> dict[str, Option]:
+    return {
+        "prompt_tokens": Option("auto", "prompt length p (auto: VPT paper's per-task value, else 10)",
+                                type=int, keywords=("auto",)),
+        "dropout": Option(dropout, "dropout on the prompt tokens"),
+    }
+
+
 @register_method
 class VptDeep(_Vpt):
     name = "vpt-deep"
     aliases = ("vpt",)
     description = "VPT-deep: prompt tokens before every block (spec §4.3)"
     deep = True
-    options = {
-        "prompt_tokens": Option("auto", "prompt length p (auto: VPT paper's per-task value, else 10)",
-                                type=int, keywords=("auto",)),
-        "dropout": Option(0.1, "dropout on the prompt tokens"),
-    }
+    options = _vpt_options(dropout=0.1)
 
 
 @register_method
@@ -53,8 +57,4 @@ class VptShallow(_Vpt):
     name = "vpt-shallow"
     description = "VPT-shallow: prompt tokens at the input only (spec §4.3)"
     deep = False
-    options = {
-        "prompt_tokens": Option("auto", "prompt length p (auto: VPT paper's per-task value, else 10)",
-                                type=int, keywords=("auto",)),
-        "dropout": Option(0.0, "dropout on the prompt tokens"),
-    }
+    options = _vpt_options(dropout=0.0)
