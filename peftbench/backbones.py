@@ -163,7 +163,11 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as exc:  # truncated, empty or not safetensors at all (SafetensorError, OSError, ...)
+            raise BackboneError(f"checkpoint {path} cannot be read as .safetensors: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)

@@ -114,10 +114,10 @@ def test_diverged_run_is_recorded_and_sweep_goes_on(data_root, tmp_path):
 def test_exception_becomes_failed_record_and_sweep_goes_on(data_root, tmp_path, monkeypatch):
     real = engine_mod.train
 
-    def flaky(spec, store, env):
+    def flaky(spec, store, env, **kw):
         if spec.task == "toy":
             raise RuntimeError("simulated crash")
-        return real(spec, store, env)
+        return real(spec, store, env, **kw)
 
     monkeypatch.setattr(engine_mod, "train", flaky)
     sweep(data_root, tmp_path / "runs", **dict(FAST, tasks=["toy", "toy_b"]))

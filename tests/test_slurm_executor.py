@@ -168,11 +168,13 @@ def test_retries_give_up_and_exceptions(tmp_path, data_root, monkeypatch):
     real = slurm_job._execute
     calls = {}
 
-    def fake_execute(s, st, env):
+    def fake_execute(s, st, env, on_claim=None):
         calls[s.key] = calls.get(s.key, 0) + 1
+        if on_claim is not None:
+            on_claim()
         if s.key == dead.key or (s.key == flaky.key and calls[s.key] == 1):
             return RunRecord.for_spec(s, status="running")  # the job "dies" here: its record stays "running"
-        return real(s, st, env)
+        return real(s, st, env, on_claim=None)
 
     monkeypatch.setattr(slurm_job, "_execute", fake_execute)
     logs = []

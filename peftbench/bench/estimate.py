@@ -60,19 +60,27 @@ def estimate_seconds(specs, contexts, table: dict[str, dict]) -> tuple[float, li
     return total, sorted(missing)
 
 
-def print_plan(specs, contexts, bench_table: Path | None) -> None:
-    for (method, task, stage), n in sorted(Counter((s.method, s.task, s.stage) for s in specs).items()):
-        print(f"{method:<20} {task:<22} {stage:<14} {n:>5} runs")
+def print_plan(specs, contexts, bench_table: Path | None, done: set[str] | frozenset = frozenset()) -> None:
+    """The runs of a sweep per method, task and stage, and the device-hours of those not done yet
+    (``done``: the keys of finished runs)."""
+    todo = [s for s in specs if s.key not in done]
+    counts = Counter((s.method, s.task, s.stage) for s in specs)
+    left = Counter((s.method, s.task, s.stage) for s in todo)
+    for (method, task, stage), n in sorted(counts.items()):
+        rest = left.get((method, task, stage), 0)
+        print(f"{method:<20} {task:<22} {stage:<14} {n:>5} runs" + (f"  ({n - rest} done)" if rest != n else ""))
     per_method = defaultdict(int)
     for s in specs:
         per_method[s.method] += 1
-    print(f"total: {len(specs)} runs (" + ", ".join(f"{m} {n}" for m, n in sorted(per_method.items())) + ")")
+    print(f"total: {len(specs)} runs (" + ", ".join(f"{m} {n}" for m, n in sorted(per_method.items())) + ")"
+          + f"; {len(specs) - len(todo)} done already, {len(todo)} to run")
     path = find_table(contexts[0].backbone, bench_table)
     if path is None:
         print("no bench table found for this backbone: run `peftbench bench --backbone ...` to get time estimates")
         return
-    seconds, missing = estimate_seconds(specs, contexts, read_table(path))
+    seconds, missing = estimate_seconds(todo, contexts, read_table(path))
     device = next(iter(read_table(path).values()))["device"]
-    print(f"estimated compute: {seconds / 3600:.1f} device-hours on {device} (from {path})")
+    print(f"estimated compute for the {len(todo)} runs to run: {seconds / 3600:.1f} device-hours on {device} "
+          f"(from {path})")
     if missing:
         print(f"  not estimated (not in the table): {', '.join(missing)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -37,11 +38,36 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PeftbenchError as exc:
-        print(f"peftbench {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"peftbench {args.command}: error: {exc}")
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted: finished runs are kept; run the same command again to resume", file=sys.stderr)
+        _say("\ninterrupted: finished runs are kept; run the same command again to resume")
+        _mute_stdout()
         return 130
+    except BrokenPipeError:  # the reader of our output went away (`peftbench list methods | head`)
+        _mute_stdout()
+        return 141
+
+
+def _say(msg: str) -> None:
+    """A last message on stderr, even when stdout or stderr is a pipe whose reader is gone."""
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except (BrokenPipeError, OSError):
+        try:
+            with open("/dev/tty", "w") as tty:
+                print(msg, file=tty, flush=True)
+        except OSError:
+            pass
+
+
+def _mute_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail on a dead pipe."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":

@@ -22,18 +22,19 @@ def register(sub) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="[METHOD.]OPTION=VALUE")
-    p.add_argument("--out", default="results", help="folder of the CSV (default results/)")
+    p.add_argument("--out", default="bench", help="folder of the CSV (default ./bench; the tables shipped with "
+                                                  "peftbench, which --dry-run reads, are in peftbench/bench/tables)")
     p.add_argument("--no-probe", action="store_true", help="skip the cached-features linear-probe comparison")
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    import torch
-
     from ..bench.speed import BenchSettings, cached_linear_probe, run_bench, table_path, targets, write_table
     from ..methods import get_method
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from .run import check_device
+
+    device = check_device(args.device)
     methods = [get_method(m).name for m in args.methods.split(",") if m.strip()]
     precision = "fp32" if args.no_amp else (args.precision or ("bf16" if device.startswith("cuda") else "fp32"))
     s = BenchSettings(methods=methods, backbone=args.backbone, batch_size=args.batch_size, device=device,

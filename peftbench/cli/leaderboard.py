@@ -12,7 +12,9 @@ def register(sub) -> None:
                     "run records (deterministic: the same records give byte-identical files). "
                     "See docs/leaderboard.md for the columns and conventions.")
     p.add_argument("--runs-dir", default="runs", help="where the run records are (default ./runs)")
-    p.add_argument("--out", default="results", help="output folder (default ./results)")
+    p.add_argument("--out", help="output folder (default <runs-dir>/leaderboard)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite leaderboard files in --out that another run store produced")
     p.add_argument("--suite", help="only this suite (default: every suite that has records)")
     p.add_argument("--reference", metavar="DIR",
                    help="folder of reported numbers, <suite>-top1.csv (default: $PEFTBENCH_REFERENCE, else the "
@@ -37,8 +39,9 @@ def main(args) -> int:
     reference = False if args.no_reference else (args.reference or None)
     if reference and not Path(reference).is_dir():
         raise SettingsError(f"--reference {reference}: not a folder")
-    written = write_leaderboard(runs_dir, args.out, suite, reference_dir=reference,
-                                plots=not args.no_plots, html=not args.no_plots)
+    out = args.out or runs_dir / "leaderboard"
+    written = write_leaderboard(runs_dir, out, suite, reference_dir=reference, plots=not args.no_plots,
+                                html=not args.no_plots, force=args.force)
     if not written:
         raise SettingsError(f"no run records under {runs_dir} (and no --suite given)")
     for p in written:

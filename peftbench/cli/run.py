@@ -75,6 +75,9 @@ def register(sub) -> None:
     p.add_argument("--bench-table", help="bench CSV for --dry-run estimates (default: the table shipped with "
                                          "peftbench for the backbone, CUDA first: peftbench/bench/tables/)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    p.add_argument("--rerun-stale", action="store_true",
+                   help="rerun finished runs whose records were produced by other code (the old records are kept "
+                        "as <key>.stale.json)")
     from ..executors import EXECUTORS
 
     p.add_argument("--executor", choices=EXECUTORS.names(), default="local",
@@ -84,10 +87,45 @@ def register(sub) -> None:
     p.set_defaults(func=main)
 
 
-def _device(args) -> str:
+def check_device(device: str | None, flag: str = "--device") -> str:
+    """The device to use (default: cuda when available); a device this machine lacks is an error."""
     import torch
 
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from ..errors import SettingsError
+
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SettingsError(f"{flag} {device!r}: not a device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingsError(f"{flag} {device}: no CUDA device on this machine (torch.cuda.is_available() "
+                                "is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SettingsError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise SettingsError(f"{flag} {device}: peftbench trains on cpu or cuda")
+    return device
+
+
+def check_runs_dir(path: str) -> Path:
+    """A folder the run records can be written to (created if needed)."""
+    import tempfile
+
+    from ..errors import SettingsError
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise SettingsError(f"--runs-dir {path}: is a file, not a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".peftbench-write-test-"):
+            pass
+    except OSError as exc:
+        raise SettingsError(f"--runs-dir {path}: cannot write there ({exc.strerror or exc})") from None
+    return p
 
 
 def main(args) -> int:
@@ -95,12 +133,14 @@ def main(args) -> int:
     from ..executors import EXECUTORS
     from ..results.write import write_leaderboard
     from ..store import RunStore
+    from ..sweep import freshness
     from ..sweep.drive import count_runs, drive, print_summary, summary_rows
     from ..sweep.plan import plan
     from ..train.env import Env
+    from ..train.hparams import parse_hparams
 
     t0 = time.time()
-    device = _device(args)
+    device = check_device(args.device)
     settings = settings_from_args(args, device)
     chosen = EXECUTORS.get(args.executor)
     for name, plugin in EXECUTORS.items():  # another executor's flags are a mistake, reported before planning
@@ -111,13 +151,25 @@ def main(args) -> int:
             raise SettingsError(f"{', '.join(given)} only apply with --executor {name}")
     contexts = plan(settings, check_data=not args.dry_run)  # a dry run needs no data and no weights
     specs = count_runs(contexts)
+    for spec in specs:  # every run's hyper-parameters, typed and checked before anything runs
+        if spec.job == "train":
+            parse_hparams(spec.hparams, where=spec.label())
+    if not args.dry_run:
+        check_runs_dir(args.runs_dir)
     store = RunStore(args.runs_dir)
-    done = sum(store.is_done(s) for s in specs)
-    print(f"peftbench: {len(contexts)} method×task pairs, {len(specs)} runs "
-          f"({done} done already) under protocol {contexts[0].protocol.name!r}; runs in {Path(args.runs_dir).resolve()}",
-          file=sys.stderr)
+    fresh = freshness.check(specs, store)
+    for line in fresh.lines():
+        print(f"peftbench: warning: {line}", file=sys.stderr)
+    if args.rerun_stale and fresh.stale:
+        n = freshness.set_aside([s for ss in fresh.stale.values() for s in ss], store)
+        fresh.done -= n
+        print(f"peftbench: --rerun-stale: {n} stale record(s) set aside as <key>.stale.json; they run again",
+              file=sys.stderr)
+    print(f"peftbench: {len(contexts)} method×task pairs, {len(specs)} runs ({fresh.done} done already) under "
+          f"protocol {contexts[0].protocol.name!r}; runs in {Path(args.runs_dir).resolve()}", file=sys.stderr)
     if args.dry_run:
-        print_plan(specs, contexts, Path(args.bench_table) if args.bench_table else None)
+        done = {s.key for s in specs if store.is_done(s)}
+        print_plan(specs, contexts, Path(args.bench_table) if args.bench_table else None, done)
         return 0
     env = Env(device=device, quiet=args.quiet)
     executor = chosen.create(args, env=env, runs_dir=Path(args.runs_dir), total=len(specs))
@@ -133,4 +185,11 @@ def main(args) -> int:
     print(f"\nrun records: {Path(args.runs_dir).resolve()}")
     print(f"leaderboard: {(board / f'{contexts[0].suite.name}-leaderboard.csv').resolve()} "
           f"(report: {contexts[0].suite.name}-report.html beside it)  [{time.time() - t0:.0f} s]")
-    return 0 if all(r["error"] is None for r in rows) else 1
+    failed, diverged = sum(o.failed for o in outcomes), sum(o.diverged for o in outcomes)
+    stopped = [r for r in rows if r["error"]]
+    if failed or diverged or stopped:
+        print(f"peftbench: {failed} run(s) failed, {diverged} diverged"
+              + (f", {len(stopped)} method×task pipeline(s) could not finish" if stopped else "")
+              + " (their records say why; `peftbench status` lists them)", file=sys.stderr)
+        return 1
+    return 0

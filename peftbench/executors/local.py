@@ -20,6 +20,7 @@ class LocalExecutor:
         self.done = 0
         self.trained = 0  # runs executed (not skipped) by this process, and their time
         self.trained_s = 0.0
+        self.poll_s = 5.0  # how often a run another driver holds is looked at again
 
     def _prefix(self) -> str:
         from ..train.loop import fmt_s
@@ -30,27 +31,43 @@ class LocalExecutor:
         return f"[run {self.done}/{self.total or '?'}{left}]"
 
     def run(self, specs: list[RunSpec], store: RunStore) -> list[RunRecord]:
-        from ..train.engine import execute  # (torch is imported when runs start, not when the CLI parses)
+        """Each spec in turn; a run another live process holds is left to it and collected at the end
+        (or taken over if its holder dies)."""
+        from ..train.engine import execute_claimed  # (torch is imported when runs start, not when the CLI parses)
 
-        out = []
-        for spec in specs:
+        out: dict[int, RunRecord] = {}
+        deferred: list[int] = []
+        for i, spec in enumerate(specs):
+            rec = self._one(spec, store, execute_claimed, wait=False)
+            if rec is None:
+                deferred.append(i)
+            else:
+                out[i] = rec
+        for i in deferred:
+            out[i] = self._one(specs[i], store, execute_claimed, wait=True, counted=True)
+        return [out[i] for i in range(len(specs))]
+
+    def _one(self, spec: RunSpec, store: RunStore, execute_claimed, *, wait: bool,
+             counted: bool = False) -> RunRecord | None:
+        if not counted:
             self.done += 1
-            self.env.prefix = self._prefix()
-            old = store.load(spec)
-            if old is not None and old.is_final:
-                self.env.log(f"{self.env.prefix} {spec.label()}: done already, skipped")
-                out.append(old)
-                continue
-            t0 = time.time()
-            rec = execute(spec, store, self.env)
-            self.trained += 1
-            self.trained_s += time.time() - t0
-            self.env.log(f"{self.env.prefix} {spec.label()}: {rec.status}"
-                         + (f" top1 {rec.top1:.2f}" if rec.top1 is not None else "")
-                         + f" ({time.time() - t0:.1f}s)"
-                         + (f"\n    {rec.error.strip().splitlines()[-1]}" if rec.error else ""))
-            out.append(rec)
-        return out
+        self.env.prefix = self._prefix()
+        old = store.load(spec)
+        if old is not None and old.is_final:
+            self.env.log(f"{self.env.prefix} {spec.label()}: done already, skipped")
+            return old
+        t0 = time.time()
+        rec = execute_claimed(spec, store, self.env, wait=wait, poll_s=self.poll_s)
+        if rec is None:
+            self.env.log(f"{self.env.prefix} {spec.label()}: another driver trains it; coming back to it later")
+            return None
+        self.trained += 1
+        self.trained_s += time.time() - t0
+        self.env.log(f"{self.env.prefix} {spec.label()}: {rec.status}"
+                     + (f" top1 {rec.top1:.2f}" if rec.top1 is not None else "")
+                     + f" ({time.time() - t0:.1f}s)"
+                     + (f"\n    {rec.error.strip().splitlines()[-1]}" if rec.error else ""))
+        return rec
 
     def close(self) -> None:
         pass

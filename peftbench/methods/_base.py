@@ -53,6 +53,8 @@ class Option:
     choices: tuple | None = None
     type: type | None = None
     keywords: tuple[str, ...] = ()
+    min: float | None = None  # bounds of a numeric value (inclusive)
+    max: float | None = None
 
     def parse(self, name: str, raw: Any) -> Any:
         """Convert a command-line string (or a value from a file) to the option's type."""
@@ -78,6 +80,11 @@ class Option:
             raise OptionError(f"option {name!r}: cannot read {raw!r} as {kind.__name__}{allowed}") from None
         if self.choices is not None and value not in self.choices:
             raise OptionError(f"option {name!r}: {value!r} is not one of {', '.join(map(str, self.choices))}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if self.min is not None and value < self.min:
+                raise OptionError(f"option {name!r}: {value!r} is below its minimum {self.min:g}")
+            if self.max is not None and value > self.max:
+                raise OptionError(f"option {name!r}: {value!r} is above its maximum {self.max:g}")
         return value
 
 
@@ -103,6 +110,9 @@ class Method:
     description: ClassVar[str] = ""
     options: ClassVar[dict[str, Option]] = {}
     recipe: ClassVar[Recipe] = PROMPT_RECIPE
+    # bump when a change alters the results: the runs' keys change, so finished runs are rerun (a change
+    # at the same version is noticed through the records' code fingerprints: "stale", --rerun-stale)
+    version: ClassVar[int] = 1
     # True when the features fed to the head do not depend on anything trained (linear probe,
     # MLP head): the engine may then compute them once and train the head on cached features.
     frozen_features: ClassVar[bool] = False

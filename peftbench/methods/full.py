@@ -13,7 +13,7 @@ class Full(Method):
     aliases = ("end2end", "finetune", "full-finetune")
     description = "full fine-tuning: all backbone parameters + head (spec §4.2)"
     recipe = FULL_FT_RECIPE
-    options = {"dropout": Option(0.1, "dropout after the embeddings and in the MLPs (VPT code: 0.1)")}
+    options = {"dropout": Option(0.1, "dropout after the embeddings and in the MLPs (VPT code: 0.1)", min=0.0, max=1.0)}
 
     def build(self, backbone, num_classes, opts):
         model = TunedViT(backbone, num_classes)

@@ -80,18 +80,18 @@ ALPHA = Option(None, "scaling numerator alpha (scale alpha/rank); default: = ran
 
 def _lora_options(rank: int = 8, dropout: float = 0.1) -> dict[str, Option]:
     return {
-        "rank": Option(rank, "rank r of B·A"),
+        "rank": Option(rank, "rank r of B·A", min=1),
         "alpha": ALPHA,
-        "dropout": Option(dropout, "dropout on the LoRA input (NOAH: 0.1)"),
+        "dropout": Option(dropout, "dropout on the LoRA input (NOAH: 0.1)", min=0.0, max=1.0),
         "targets": TARGETS,
     }
 
 
 def _lycoris_options() -> dict[str, Option]:
     return {
-        "rank": Option(8, "rank r of each factor"),
+        "rank": Option(8, "rank r of each factor", min=1),
         "alpha": ALPHA,
-        "dropout": Option(0.0, "rank dropout (train mode only)"),
+        "dropout": Option(0.0, "rank dropout (train mode only)", min=0.0, max=1.0),
         "targets": TARGETS,
     }
 
@@ -122,8 +122,8 @@ TUNERS: dict[str, Tuner] = {
                                      d_initial=float(o["d_initial"]), projection_prng_key=int(o["prng_key"]),
                                      target_modules=_targets(o)),
         "VeRA via peft: frozen shared random projections, trained scaling vectors, on qkv",
-        {"rank": Option(256, "rank of the shared random projections"),
-         "dropout": Option(0.0, "dropout on the VeRA input"),
+        {"rank": Option(256, "rank of the shared random projections", min=1),
+         "dropout": Option(0.0, "dropout on the VeRA input", min=0.0, max=1.0),
          "d_initial": Option(0.1, "initial value of the d scaling vector"),
          "prng_key": Option(0, "seed of the shared random projections"),
          "targets": TARGETS}),
@@ -136,7 +136,7 @@ TUNERS: dict[str, Tuner] = {
         lambda o: _peft().FourierFTConfig(n_frequency=int(o["n_frequency"]), scaling=float(o["scaling"]),
                                           random_loc_seed=int(o["seed"]), target_modules=_targets(o)),
         "FourierFT via peft: n learned spectral coefficients per layer, on qkv",
-        {"n_frequency": Option(1000, "learned Fourier coefficients per layer"),
+        {"n_frequency": Option(1000, "learned Fourier coefficients per layer", min=1),
          "scaling": Option(150.0, "scale of the inverse-DFT update"),
          "seed": Option(777, "seed of the random frequency locations"),
          "targets": TARGETS}),
@@ -145,36 +145,36 @@ TUNERS: dict[str, Tuner] = {
                                      boft_n_butterfly_factor=int(o["butterfly_factor"]),
                                      boft_dropout=float(o["dropout"]), target_modules=_targets(o)),
         "BOFT via peft: butterfly orthogonal fine-tuning (block size 4) on qkv",
-        {"block_size": Option(4, "size of the orthogonal blocks (must divide the input width)"),
-         "butterfly_factor": Option(1, "number of butterfly factors"),
-         "dropout": Option(0.0, "multiplicative block dropout (train mode only)"),
+        {"block_size": Option(4, "size of the orthogonal blocks (must divide the input width)", min=1),
+         "butterfly_factor": Option(1, "number of butterfly factors", min=1),
+         "dropout": Option(0.0, "multiplicative block dropout (train mode only)", min=0.0, max=1.0),
          "targets": TARGETS}),
     "oft": Tuner(
         lambda o: _peft().OFTConfig(r=int(o["blocks"]), oft_block_size=0, module_dropout=float(o["dropout"]),
                                     target_modules=_targets(o)),
         "OFT via peft: block-diagonal orthogonal rotation of the input (8 blocks) on qkv",
-        {"blocks": Option(8, "number of orthogonal blocks (must divide the input width)"),
-         "dropout": Option(0.0, "multiplicative block dropout (train mode only)"),
+        {"blocks": Option(8, "number of orthogonal blocks (must divide the input width)", min=1),
+         "dropout": Option(0.0, "multiplicative block dropout (train mode only)", min=0.0, max=1.0),
          "targets": TARGETS}),
     "hra": Tuner(
         lambda o: _peft().HRAConfig(r=int(o["rank"]), target_modules=_targets(o)),
         "HRA via peft: r Householder reflections of the weight, on qkv",
-        {"rank": Option(8, "number of Householder reflections"), "targets": TARGETS}),
+        {"rank": Option(8, "number of Householder reflections", min=1), "targets": TARGETS}),
     "randlora": Tuner(
         lambda o: _peft().RandLoraConfig(r=int(o["rank"]), randlora_alpha=float(o["alpha"]),
                                          randlora_dropout=float(o["dropout"]),
                                          projection_prng_key=int(o["prng_key"]), target_modules=_targets(o)),
         "RandLoRA via peft: full-rank update from shared random bases and learned scalings, on qkv",
-        {"rank": Option(32, "rank of each random basis"),
+        {"rank": Option(32, "rank of each random basis", min=1),
          "alpha": Option(640.0, "scaling (peft default 640 = 20·rank)"),
-         "dropout": Option(0.0, "dropout on the RandLoRA input"),
+         "dropout": Option(0.0, "dropout on the RandLoRA input", min=0.0, max=1.0),
          "prng_key": Option(0, "seed of the shared random bases"),
          "targets": TARGETS},
         min_peft="0.16", demo_lr=0.013),  # LoRA's 0.04 does not learn (alpha/r = 20): demo-hparam-search.csv
     "shira": Tuner(
         lambda o: _peft().ShiraConfig(r=int(o["rank"]), random_seed=int(o["seed"]), target_modules=_targets(o)),
         "SHiRA via peft: sparse high-rank update, r·(in+out) trained weights per layer (LoRA-r budget), on qkv",
-        {"rank": Option(8, "budget: r·(in + out) trained entries per layer, as LoRA rank r"),
+        {"rank": Option(8, "budget: r·(in + out) trained entries per layer, as LoRA rank r", min=1),
          "seed": Option(0, "seed of the random sparse mask"),
          "targets": TARGETS},
         min_peft="0.17"),

@@ -38,8 +38,8 @@ class _Vpt(Method):
 def _vpt_options(dropout: float) -> dict[str, Option]:
     return {
         "prompt_tokens": Option("auto", "prompt length p (auto: VPT paper's per-task value, else 10)",
-                                type=int, keywords=("auto",)),
-        "dropout": Option(dropout, "dropout on the prompt tokens"),
+                                type=int, keywords=("auto",), min=0),
+        "dropout": Option(dropout, "dropout on the prompt tokens", min=0.0, max=1.0),
     }
 
 

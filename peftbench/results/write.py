@@ -15,10 +15,13 @@ sort orders, paths relative to the runs folder, fixed plot metadata).
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Callable
 
-from .._io import atomic_write_bytes
+from .._io import atomic_write_bytes, atomic_write_text
+from ..errors import SettingsError
 from .board import Board, Run, build_board, load_runs, sorted_runs, suite_grid
 from .columns import csv_text, table
 from .plots import render_all
@@ -58,15 +61,50 @@ def write_suite(board: Board, out_dir: str | Path, *, plots: bool = True, html: 
     return written
 
 
+STAMP = ".peftbench-leaderboard.stamp"  # which store the files of a folder come from
+
+
+def check_out_dir(runs_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> None:
+    """``out_dir`` may receive the leaderboard of ``runs_dir``: it is a folder (or can be made) and its
+    leaderboard files, if any, were written from the same store (``force``: overwrite anyway)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SettingsError(f"--out {out_dir}: is a file, not a folder")
+    if force or not out.is_dir():
+        return
+    stamp = out / STAMP
+    mine = _store_id(runs_dir, out)
+    if stamp.is_file():
+        try:
+            theirs = json.loads(stamp.read_text()).get("runs_dir")
+        except (OSError, ValueError):
+            theirs = None
+        if theirs == mine:
+            return
+        raise SettingsError(f"--out {out_dir}: its leaderboard files were written from another run store "
+                            f"({theirs!r}, relative to it; this one is {mine!r}); pass --force to overwrite them, "
+                            "or choose another --out")
+    existing = sorted(p.name for p in out.glob("*-leaderboard.csv"))
+    if existing:
+        raise SettingsError(f"--out {out_dir}: holds leaderboard files ({', '.join(existing)}) not written from "
+                            f"this run store; pass --force to overwrite them, or choose another --out")
+
+
+def _store_id(runs_dir: str | Path, out: Path) -> str:
+    return Path(os.path.relpath(Path(runs_dir).resolve(), out.resolve())).as_posix()
+
+
 def write_leaderboard(runs_dir: str | Path, out_dir: str | Path, suite: str | None = None, *,
                       reference_dir: str | Path | None | bool = None, plots: bool = True, html: bool = True,
-                      warn: Callable[[str], None] | None = None) -> list[Path]:
+                      warn: Callable[[str], None] | None = None, force: bool = False) -> list[Path]:
     """Regenerate the leaderboard files of ``suite`` (None: every suite that has records under
     ``runs_dir``) into ``out_dir``; return the paths written.
 
     ``reference_dir``: folder of reported numbers (None: :func:`default_reference_dir`; False: none).
-    Corrupt or partial record files are reported on stderr (``warn``) and skipped.
+    Corrupt or partial record files are reported on stderr (``warn``) and skipped. Files in ``out_dir``
+    that another run store produced are not overwritten unless ``force`` (:func:`check_out_dir`).
     """
+    check_out_dir(runs_dir, out_dir, force=force)
     runs, skipped = load_runs(runs_dir, warn)
     if reference_dir is None:
         reference_dir = default_reference_dir()
@@ -79,4 +117,7 @@ def write_leaderboard(runs_dir: str | Path, out_dir: str | Path, suite: str | No
         reference = load_reference(reference_dir, grid)
         board = build_board(runs, grid.suite, reference, skipped, grid=grid, warn=warn)
         written += write_suite(board, out_dir, plots=plots, html=html)
+    if written:
+        atomic_write_text(Path(out_dir) / STAMP, json.dumps({"runs_dir": _store_id(runs_dir, Path(out_dir))}) + "\n",
+                          fsync=False)
     return written

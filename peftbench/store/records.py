@@ -21,6 +21,7 @@ metrics             top1 (last epoch, on the eval split), eval_split, final_trai
                     best_epoch_top1 / best_epoch (flagged: selection on the eval split)
 timing              train_s, train_images_per_s, cached_features, peak_memory_mb, memory_kind
 image_size, num_train, num_eval, wall_s
+code                {"method": ..., "engine": ...}: fingerprints of the code that ran it (stale results)
 (anything else)     fields other code adds: executors (``slurm``, ``retries``), jobs other than
                     training (``scores``, ``importance``, ``artifacts``); kept verbatim in
                     :attr:`RunRecord.extra` and written back at the top level
@@ -85,6 +86,7 @@ class RunSpec:
     data_fingerprint: str | None = None
     job: str = "train"
     extras: dict = field(default_factory=dict)  # stage inputs (e.g. masks, weights to load); hashed
+    method_version: int = 1  # Method.version: bumping it reruns the method's runs (hashed when > 1)
     # not part of the identity:
     config: str = ""  # leaderboard label: method + the options the user set
     option_sources: dict = field(default_factory=dict)
@@ -96,6 +98,8 @@ class RunSpec:
     @property
     def key(self) -> str:
         ident = {k: getattr(self, k) for k in self.IDENTITY}
+        if self.method_version != 1:  # version 1 is the implicit version of every key made before versions
+            ident["method_version"] = self.method_version
         blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -148,6 +152,7 @@ class RunRecord:
     num_train: int | None = None
     num_eval: int | None = None
     wall_s: float | None = None
+    code: dict = field(default_factory=dict)  # fingerprints of the code that produced it (peftbench.train.code)
     extra: dict = field(default_factory=dict)
     schema: int = SCHEMA
 

@@ -5,6 +5,7 @@ Layout under ``--runs-dir`` (default ``./runs``)::
     <runs-dir>/<method>/<task>/<key>.json              the record (status ok | failed | diverged | running)
     <runs-dir>/<method>/<task>/<key>.ckpt.safetensors  resume state of an unfinished run (trainable tensors,
                                                        optimizer and RNG state, no pickle), deleted at the end
+    <runs-dir>/<method>/<task>/<key>.lease             who trains the run now (host, pid, heartbeat; leases.py)
     <runs-dir>/<method>/<task>/<key>.<name>            artifacts a run keeps (weights, masks, scores)
 
 The key hashes everything that determines the result: method, resolved method options, task and its
@@ -21,6 +22,7 @@ from typing import Any, Iterator
 from .._io import atomic_write_text
 from ..errors import CorruptRecord, StoreError
 from . import checkpoints
+from .leases import Lease, claim, lease_state, read_lease
 from .records import RunRecord, RunSpec, validate
 
 
@@ -40,6 +42,24 @@ class RunStore:
     def legacy_checkpoint_path(self, spec: RunSpec) -> Path:
         """Where peftbench 0.1 kept a pickled checkpoint (never read, see :mod:`.checkpoints`)."""
         return self._dir(spec) / f"{spec.key}.ckpt.pt"
+
+    def lease_path(self, spec: RunSpec) -> Path:
+        return self._dir(spec) / f"{spec.key}.lease"
+
+    def claim(self, spec: RunSpec) -> Lease | None:
+        """The run's lease (see :mod:`.leases`), None while another live process holds it."""
+        try:
+            return claim(self.lease_path(spec), what=spec.label())
+        except OSError as exc:
+            raise StoreError(f"cannot write the lease {self.lease_path(spec)}: {exc.strerror or exc}") from None
+
+    def lease_holder(self, spec: RunSpec) -> tuple[str, dict | None]:
+        """(``none`` | ``live`` | ``dead``, the lease's contents)."""
+        path = self.lease_path(spec)
+        if not path.exists():
+            return "none", None
+        info = read_lease(path)
+        return lease_state(info, path), info
 
     def artifact_path(self, spec: RunSpec, name: str) -> Path:
         return self._dir(spec) / f"{spec.key}.{name}"

@@ -29,6 +29,8 @@ class Outcome:
     records: list[RunRecord] = field(default_factory=list)  # records of the last stage
     error: str | None = None
     runs: int = 0
+    failed: int = 0  # runs of every stage that ended failed
+    diverged: int = 0
 
 
 def drive(contexts: list[PlanContext], executor: Executor, store: RunStore) -> list[Outcome]:
@@ -50,6 +52,8 @@ def drive(contexts: list[PlanContext], executor: Executor, store: RunStore) -> l
         for i, recs in by_ctx.items():
             outcomes[i].records = recs
             outcomes[i].runs += len(recs)
+            outcomes[i].failed += sum(r.status == RunStatus.FAILED for r in recs)
+            outcomes[i].diverged += sum(r.status == RunStatus.DIVERGED for r in recs)
             _advance(i, gens[i], recs, pending, outcomes)
     return outcomes
 

@@ -5,6 +5,10 @@ reads every split list (so a bad line or a missing file stops the sweep before t
 """
 from __future__ import annotations
 
+import copy
+import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,7 +17,7 @@ import torch
 from ..backbones import checkpoint_id, create_backbone, resolve_checkpoint
 from ..data.splits import fingerprint, read_split
 from ..data.verify import require_verified
-from ..errors import DataError, OptionError, SettingsError
+from ..errors import DataError, OptionError, PeftbenchError, SettingsError
 from ..methods import Method, get_method
 from ..tasks import Task, default_data_root, get_suite, get_task, task_splits
 from .protocols import PlanContext, get_protocol
@@ -80,9 +84,14 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
     suite = get_suite(settings.suite)
     protocol = get_protocol(settings.protocol or suite.protocol)
     methods = [get_method(m) for m in settings.methods]
+    if not methods:
+        raise SettingsError("--methods names no method (peftbench list methods)")
     if len({m.name for m in methods}) != len(methods):
         raise SettingsError("--methods lists a method twice")
+    check_overrides(settings.overrides)
     tasks: list[Task] = [get_task(t) for t in (settings.tasks or suite.tasks)]
+    if not tasks:
+        raise SettingsError("--tasks names no task")
     for t in tasks:
         if t.suite != suite.name:
             raise SettingsError(f"task {t.name!r} belongs to suite {t.suite!r}, not {suite.name!r}")
@@ -95,7 +104,14 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
             raise SettingsError(f"--set: {exc}") from None
     if settings.seeds:
         seeds = tuple(settings.seeds)
+        bad = [x for x in seeds if not 0 <= x <= MAX_SEED]
+        if bad:
+            raise SettingsError(f"--seeds {bad[0]}: a seed must be an integer in 0..{MAX_SEED}")
+        if len(set(seeds)) != len(seeds):
+            raise SettingsError("--seeds lists a seed twice")
     else:
+        if settings.num_seeds is not None and settings.num_seeds < 1:
+            raise SettingsError(f"--num-seeds {settings.num_seeds}: must be at least 1")
         n = settings.num_seeds or len(protocol.default_seeds)
         base = protocol.default_seeds if n <= len(protocol.default_seeds) else \
             tuple(protocol.default_seeds) + tuple(range(1000, 1000 + n - len(protocol.default_seeds)))
@@ -130,4 +146,75 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
                 checkpoint=str(Path(settings.checkpoint).resolve()) if settings.checkpoint else None,
                 checkpoint_id=ck_id, data_root=str(data_root.resolve()), fingerprint=fp,
                 overrides=dict(settings.overrides), precision=precision))
-    return [ctx.protocol.adapt(ctx) for ctx in contexts]
+    contexts = [ctx.protocol.adapt(ctx) for ctx in contexts]
+    check_models(contexts, settings.device)
+    return contexts
+
+
+MAX_SEED = 2**31 - 1  # the epoch order seeds a generator with seed × 1,000,003 + epoch
+
+_OVERRIDE_FLAGS = {"epochs": ("--epochs", 1), "batch_size": ("--batch-size", 1)}
+
+
+def check_overrides(overrides: dict) -> None:
+    """The command line's hyper-parameters, checked before anything is planned (flags named)."""
+    for key, (flag, low) in _OVERRIDE_FLAGS.items():
+        v = overrides.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise SettingsError(f"{flag} {v!r}: must be an integer >= {low}")
+    for key, flag in (("lr_grid", "--lr"), ("wd_grid", "--wd")):
+        vals = overrides.get(key)
+        if vals is not None:
+            if not vals:
+                raise SettingsError(f"{flag}: no value given")
+            bad = [v for v in vals if not v >= 0]  # also NaN
+            if bad:
+                raise SettingsError(f"{flag} {bad[0]!r}: must not be negative")
+
+
+def _memory_bytes(device: str) -> int:
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(dev.index or 0).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def check_models(contexts: list[PlanContext], device: str = "cpu") -> None:
+    """Build every (method, options, classes) model once on the meta device: options that cannot build
+    and models that cannot fit in memory stop the sweep here, before any compute; a method whose
+    options leave nothing but the head to train is warned about."""
+    from ..train.build import parameter_summary
+
+    memory = _memory_bytes(device)
+    seen: set[str] = set()
+    backbones: dict[str, torch.nn.Module] = {}
+    for ctx in contexts:
+        key = json.dumps([ctx.method.name, ctx.options, ctx.task.num_classes, ctx.backbone], sort_keys=True,
+                         default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        what = f"method {ctx.config!r} on task {ctx.task.name!r}"
+        try:
+            with torch.device("meta"):
+                if ctx.backbone not in backbones:
+                    backbones[ctx.backbone] = create_backbone(ctx.backbone, pretrained=False)
+                model = ctx.method.build(copy.deepcopy(backbones[ctx.backbone]), ctx.task.num_classes,
+                                         dict(ctx.options))
+            counts = parameter_summary(model)
+        except (PeftbenchError, ValueError, TypeError, RuntimeError, KeyError) as exc:
+            raise SettingsError(f"{what}: the model cannot be built with options {ctx.options}: "
+                                f"{type(exc).__name__}: {exc}") from None
+        need = 4 * (counts["total"] + 3 * counts["trainable"])  # fp32 weights, gradients, two optimiser states
+        if need > memory:
+            raise SettingsError(
+                f"{what}: {counts['trainable']:,} trainable parameters ({need / 2**30:.1f} GiB for weights, gradients "
+                f"and optimiser state) cannot fit in the {memory / 2**30:.1f} GiB of {device}; check its options "
+                f"({', '.join(f'{k}={v}' for k, v in sorted(ctx.options.items()))})")
+        if counts["trainable_without_head"] == 0 and not ctx.method.frozen_features:
+            print(f"peftbench: warning: {what} trains nothing but the head with these options "
+                  f"({', '.join(f'{k}={v}' for k, v in sorted(ctx.options.items())) or 'defaults'})",
+                  file=sys.stderr)

@@ -61,7 +61,7 @@ class PlanContext:
             options=dict(self.options if options is None else options), backbone=self.backbone,
             checkpoint=self.checkpoint, checkpoint_id=self.checkpoint_id, data_fingerprint=self.fingerprint,
             job=job, extras=dict(extras or {}), config=self.config, option_sources=dict(self.option_sources),
-            data_root=self.data_root,
+            data_root=self.data_root, method_version=int(self.method.version),
         )
 
 

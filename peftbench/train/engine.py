@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import time
 import traceback
+from typing import Callable
 
 from ..errors import Diverged
 from ..methods import get_method
 from ..provenance import now, provenance
 from ..store import RunRecord, RunSpec, RunStatus, RunStore
 from .build import build_model, load_trainable, normalizer_for, parameter_summary, save_trainable, seed_everything
+from .code import code_fingerprint
 from .env import Env
 from .loop import train
 
-__all__ = ["execute", "Env", "build_model", "load_trainable", "save_trainable", "parameter_summary",
+__all__ = ["execute", "execute_claimed", "Env", "build_model", "load_trainable", "save_trainable", "parameter_summary",
            "normalizer_for", "seed_everything", "train"]
 
 
@@ -47,12 +49,18 @@ def execute(spec: RunSpec, store: RunStore, env: Env) -> RunRecord:
     record = RunRecord.for_spec(
         spec, status=RunStatus.RUNNING, started_at=(old.started_at if old else None) or now(),
         attempts=((old.attempts if old else None) or 0) + 1, provenance=provenance(env.device),
-        extra=dict(old.extra) if old else {})
+        code=code_fingerprint(spec.method), extra=dict(old.extra) if old else {})
     store.write(spec, record)
     t0 = time.time()
+    before = float((old.wall_s if old else None) or 0.0)
+
+    def progress(entry: dict) -> None:  # a killed attempt's time still counts in wall_s
+        record.wall_s = round(before + time.time() - t0, 3)
+        store.write(spec, record)
+
     try:
         if spec.job == "train":
-            result = train(spec, store, env)
+            result = train(spec, store, env, on_epoch=progress)
         else:
             result = get_method(spec.method).run_job(spec.job, spec, store, env)
         _apply(record, result)
@@ -64,9 +72,37 @@ def execute(spec: RunSpec, store: RunStore, env: Env) -> RunRecord:
         record.status = RunStatus.FAILED
         record.error = traceback.format_exc(limit=20)
     record.ended_at = now()
-    record.wall_s = round(time.time() - t0 + float((old.wall_s if old else None) or 0.0), 3)
+    record.wall_s = round(before + time.time() - t0, 3)
     store.write(spec, record)
     if record.status != RunStatus.RUNNING:
         store.drop_checkpoint(spec)
     return record
 
+
+def execute_claimed(spec: RunSpec, store: RunStore, env: Env, *, wait: bool = False, poll_s: float = 5.0,
+                    on_claim: Callable[[], None] | None = None) -> RunRecord | None:
+    """:func:`execute` under the run's lease: the record, or None when another live process trains the
+    run (``wait=True``: wait for it to finish, or to die and leave the run to this process).
+    ``on_claim`` runs once the lease is held, before the run starts (an executor notes its job)."""
+    announced = False
+    while True:
+        old = store.load(spec)
+        if old is not None and old.is_final:
+            return old
+        lease = store.claim(spec)
+        if lease is not None:
+            with lease:
+                if lease.took_over:
+                    env.log(f"{env.prefix} {spec.label()}: taking over from a dead driver "
+                            f"(pid {lease.took_over.get('pid', '?')} on {lease.took_over.get('host', '?')})")
+                if on_claim is not None:
+                    on_claim()
+                return execute(spec, store, env)
+        if not wait:
+            return None
+        if not announced:
+            _, holder = store.lease_holder(spec)
+            env.log(f"{env.prefix} {spec.label()}: trained by pid {(holder or {}).get('pid', '?')} on "
+                    f"{(holder or {}).get('host', '?')}; waiting for it")
+            announced = True
+        time.sleep(poll_s)

@@ -158,7 +158,7 @@ def _resume(spec: RunSpec, store: RunStore, model: TunedViT, optimizer, dev: tor
     return p
 
 
-def train(spec: RunSpec, store: RunStore, env: Env) -> dict:
+def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], None] | None = None) -> dict:
     dev = torch.device(env.device)
     task = get_task(spec.task)
     method = get_method(spec.method)
@@ -224,6 +224,8 @@ def train(spec: RunSpec, store: RunStore, env: Env) -> dict:
                 + f" | run left {fmt_s(eta)}")
         for listener in env.epoch_listeners:
             listener(spec, entry)
+        if on_epoch is not None:
+            on_epoch(entry)
         if not last and env.checkpoint_every and (epoch + 1) % env.checkpoint_every == 0:
             store.save_checkpoint(
                 spec, state=model.trainable_state(), optimizer=optimizer.state_dict(), rng=_rng_state(dev),

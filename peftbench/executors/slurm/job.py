@@ -11,7 +11,7 @@ import submitit
 import torch
 
 from ...store import RunRecord, RunSpec, RunStatus, RunStore
-from ...train.engine import Env, execute
+from ...train.engine import Env, execute_claimed
 from ._util import now
 
 
@@ -50,8 +50,9 @@ def mark_start(store: RunStore, spec: RunSpec, info: dict, resume_epoch: int, st
     store.write(spec, rec)
 
 
-def _execute(spec: RunSpec, store: RunStore, env: Env) -> RunRecord:
-    return execute(spec, store, env)
+def _execute(spec: RunSpec, store: RunStore, env: Env, on_claim=None) -> RunRecord:
+    """The run, under its lease (another process holding it: wait for it, or take over when it dies)."""
+    return execute_claimed(spec, store, env, wait=True, poll_s=10.0, on_claim=on_claim)
 
 
 class RunJob(submitit.helpers.Checkpointable):
@@ -91,9 +92,9 @@ class RunJob(submitit.helpers.Checkpointable):
             if old is not None and old.is_final:
                 self.finished[spec.key] = str(old.status)
                 continue
-            mark_start(store, spec, info, store.checkpoint_epoch(spec), self.starts)
             t0 = time.time()
-            rec = _execute(spec, store, env)
+            rec = _execute(spec, store, env,
+                           on_claim=lambda s=spec: mark_start(store, s, info, store.checkpoint_epoch(s), self.starts))
             self.finished[spec.key] = str(rec.status)
             env.log(f"{env.prefix} {spec.label()}: {rec.status} ({time.time() - t0:.1f}s)")
         return dict(self.finished)

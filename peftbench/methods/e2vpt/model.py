@@ -149,12 +149,12 @@ E2VPT_RECIPE = PROMPT_RECIPE.for_suite(
 
 E2VPT_OPTIONS = {
     "prompt_tokens": Option("auto", "visual prompt tokens P per layer (auto: command.txt per-task value, spec "
-                                    "§2.5; else 10)"),
+                                    "§2.5; else 10)", type=int, keywords=("auto",), min=0),
     "kv_tokens": Option("auto", "key-value prompt tokens L per attention layer (auto: command.txt per-task "
-                                "value, spec §2.5; else 5)"),
+                                "value, spec §2.5; else 5)", type=int, keywords=("auto",), min=0),
     "share_kv": Option(True, "one KV prompt tensor for keys and values (official SHARE_PARAM_KV=True); false: "
                              "separate K and V tensors (2x parameters)"),
-    "dropout": Option(0.1, "dropout on the visual prompts (train mode only)"),
+    "dropout": Option(0.1, "dropout on the visual prompts (train mode only)", min=0.0, max=1.0),
     "kv_init": Option("kaiming", "KV prompt init: kaiming (ORIGIN_INIT=2, released commands), uniform "
                                  "(ORIGIN_INIT=0), trunc_normal (ORIGIN_INIT=1)", choices=KV_INITS),
 }
