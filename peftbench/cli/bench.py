@@ -31,7 +31,6 @@ def register(sub) -> None:
 def main(args) -> int:
     from ..bench.speed import BenchSettings, cached_linear_probe, run_bench, table_path, targets, write_table
     from ..methods import get_method
-
     from .run import check_device
 
     device = check_device(args.device)
