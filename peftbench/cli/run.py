@@ -133,6 +133,7 @@ def main(args) -> int:
     from ..executors import EXECUTORS
     from ..results.write import write_leaderboard
     from ..store import RunStore
+    from ..store.journal import Journal
     from ..sweep import freshness
     from ..sweep.drive import count_runs, drive, print_summary, summary_rows
     from ..sweep.plan import plan
@@ -173,10 +174,12 @@ def main(args) -> int:
         return 0
     env = Env(device=device, quiet=args.quiet)
     executor = chosen.create(args, env=env, runs_dir=Path(args.runs_dir), total=len(specs))
+    journal = Journal(args.runs_dir)
     try:
-        outcomes = drive(contexts, executor, store)
+        outcomes = drive(contexts, executor, store, journal)
     finally:
         executor.close()
+        journal.close()
     rows = summary_rows(outcomes)
     print()
     print_summary(rows)

@@ -36,6 +36,8 @@ def main(args) -> int:
         print(f"driver: running (pid {drv.get('pid')} on {drv.get('host')}, since {drv.get('since')})", file=out)
     elif info["state_updated_at"]:
         print(f"driver: not running (SLURM state last updated {info['state_updated_at']})", file=out)
+    for d in info.get("drivers", []):
+        print(f"sweep running: pid {d.get('pid')} on {d.get('host')}: {' '.join(d.get('argv') or [])[:200]}", file=out)
     runs = info["runs"]
     if not runs:
         print("no runs yet", file=out)
@@ -43,7 +45,12 @@ def main(args) -> int:
     table: dict[tuple, Counter] = {}
     for r in runs:
         table.setdefault((r["method"], r["task"]), Counter())[r["status"]] += 1
+    for r in runs:
+        if r.get("stale"):
+            table[(r["method"], r["task"])]["stale"] += 1
     cols = [c for c in COLUMNS if c != "interrupted" or any(r["status"] == c for r in runs)]
+    if any(r.get("stale") for r in runs):
+        cols.append("stale")
     head = f"{'method':<20} {'task':<24} " + " ".join(f"{c:>{max(7, len(c))}}" for c in cols)
     print(head, file=out)
     print("-" * len(head), file=out)
@@ -59,8 +66,12 @@ def main(args) -> int:
             label = r.get("label") or (f"{r['method']} {r['task']} {r['stage']} lr={r['hparams'].get('lr')} "
                                        f"wd={r['hparams'].get('wd')} seed={r['seed']}")
             bits = [f"{r['status']:<11}", label]
+            if r.get("holder"):
+                bits.append(f"[{r['holder']}]")
+            if r.get("stale"):
+                bits.append("stale (produced by other code)")
             if r["job"]:
-                job = f"job {r['job']}" + (f" {r['slurm_state']}" if r["slurm_state"] else "")
+                job = f"job {r['job']}" + (f" {r.get('slurm_state')}" if r.get("slurm_state") else "")
                 if r["node"]:
                     job += f" on {r['node']}"
                 bits.append(f"[{job}]")
@@ -76,8 +87,12 @@ def main(args) -> int:
             if r["status"] in ("failed", "diverged") and r["error"]:
                 print(f"      {r['error'].splitlines()[-1][:160]}", file=out)
         if any(r["status"] == "interrupted" for r in runs):
-            print("\ninterrupted: its job is over but the run has no result; the next `peftbench run` resumes it "
-                  "from its checkpoint", file=out)
+            print("\ninterrupted: the process (or job) that ran it is gone, without a result; the next "
+                  "`peftbench run` resumes it from its checkpoint", file=out)
+    stale = Counter(r["method"] for r in runs if r.get("stale"))
+    for method, n in sorted(stale.items()):
+        print(f"\nwarning: {n} finished run(s) of {method!r} were produced by other code than the installed one: "
+              "results may be stale (`peftbench run ... --rerun-stale` reruns them)", file=out)
     for err in info["unreadable"]:
         print(f"warning: {err}", file=out)
     return 0

@@ -4,21 +4,29 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import PeftbenchError
 from ..store import RunStatus, RunStore
+from ..store.journal import live_journals
+from ..store.leases import lease_state, read_lease
+from ..train.code import code_fingerprint, staleness
 from ._base import EXECUTORS
 
 
 def _entry(key: str, **kw) -> dict:
     base = {"key": key, "method": None, "task": None, "stage": "", "seed": None, "hparams": {}, "record_status": None,
             "job_id": None, "node": None, "restart_count": 0, "retries": 0, "top1": None, "error": "",
-            "checkpoint": False, "record": None}
+            "checkpoint": False, "record": None, "stale": False, "lease": "none"}
     base.update(kw)
     return base
 
 
-def _classify(record_status: str | None) -> str:
-    return {RunStatus.OK: "done", RunStatus.DIVERGED: "diverged", RunStatus.FAILED: "failed",
-            RunStatus.RUNNING: "running"}.get(record_status, "pending")
+def _classify(record_status: str | None, lease: str = "none") -> str:
+    """A record's status as status shows it: a ``running`` record whose lease is not live is a run whose
+    process is gone (``interrupted``: the next `peftbench run` resumes it from its checkpoint)."""
+    if record_status == RunStatus.RUNNING:
+        return "running" if lease == "live" else "interrupted"
+    return {RunStatus.OK: "done", RunStatus.DIVERGED: "diverged", RunStatus.FAILED: "failed"}.get(
+        record_status, "pending")
 
 
 def collect(runs_dir: str | Path, query: bool = True) -> dict:
@@ -40,11 +48,25 @@ def collect(runs_dir: str | Path, query: bool = True) -> dict:
             record_status=str(rec.status), job_id=slurm.get("job_id"), node=slurm.get("node"),
             restart_count=slurm.get("restart_count", 0), retries=len(rec.get("retries") or []), top1=rec.top1,
             error=(rec.error or "").strip(), checkpoint=path.with_name(f"{key}.ckpt.safetensors").exists(),
-            record=str(path))
+            record=str(path), stale=_stale(rec, spec.get("method")))
+        lease_path = path.with_name(f"{key}.lease")
+        state = lease_state(read_lease(lease_path), lease_path) if lease_path.exists() else "none"
+        runs[key]["lease"] = state
+        if state == "live":
+            holder = read_lease(lease_path) or {}
+            runs[key]["holder"] = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
+    drivers = live_journals(root)
+    for d in drivers:  # runs a live driver has queued that have no record yet
+        for key, info in d.get("runs", {}).items():
+            if key not in runs:
+                runs[key] = new_entry(key, method=info.get("method"), task=info.get("task"), stage=info.get("stage"),
+                                      seed=info.get("seed"), label=info.get("label"),
+                                      holder=f"queued by pid {d.get('pid')} on {d.get('host')}")
     for r in runs.values():
-        r["status"] = _classify(r["record_status"])
+        r["status"] = _classify(r["record_status"], r.get("lease", "none"))
         r.setdefault("job", None)
-    out = {"runs_dir": str(root.resolve()), "driver": None, "state_updated_at": None, "unreadable": unreadable}
+    out = {"runs_dir": str(root.resolve()), "driver": None, "state_updated_at": None, "unreadable": unreadable,
+           "drivers": [{k: d.get(k) for k in ("host", "pid", "argv", "started_at")} for d in drivers]}
     for _, plugin in EXECUTORS.items():
         info = plugin.status(root, runs, query) or {}
         for k in ("driver", "state_updated_at"):
@@ -55,6 +77,21 @@ def collect(runs_dir: str | Path, query: bool = True) -> dict:
         r.setdefault("job", r.get("job_id"))
     out["runs"] = sorted(runs.values(), key=_order)
     return out
+
+
+_CURRENT: dict[str, dict] = {}
+
+
+def _stale(rec, method: str | None) -> bool:
+    """Whether a finished record was produced by other code than the installed one."""
+    if not rec.is_final or not rec.code or not method:
+        return False
+    if method not in _CURRENT:
+        try:
+            _CURRENT[method] = code_fingerprint(method)
+        except PeftbenchError:  # a method whose plugin is not installed here
+            _CURRENT[method] = {}
+    return bool(_CURRENT[method]) and bool(staleness(rec.code, _CURRENT[method]))
 
 
 def new_entry(key: str, **kw) -> dict:

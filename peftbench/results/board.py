@@ -10,13 +10,15 @@ from __future__ import annotations
 import math
 import statistics
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from ..errors import UnknownNameError
+from ..errors import PeftbenchError, UnknownNameError
 from ..store import RunRecord, RunStore, validate
 from ..tasks import get_suite, get_task
+from ..train.code import code_fingerprint, staleness
 from .reference import Reported
 
 FINAL_STAGE = "final"
@@ -32,6 +34,7 @@ class Run:
 
     path: str
     record: RunRecord
+    stale: bool = False  # produced by other code than the installed one (peftbench.train.code)
 
     @property
     def spec(self) -> dict:
@@ -57,10 +60,16 @@ class Run:
     def top1(self) -> float | None:
         return self.record.top1
 
-    def row_key(self) -> tuple[str, str, str, str]:
+    @property
+    def precision(self) -> str:
+        return str((self.spec.get("hparams") or {}).get("precision") or "fp32")
+
+    def row_key(self) -> tuple[str, str, str, str, str]:
+        """Runs of one row: same config, backbone, checkpoint, protocol and numeric precision (seeds of
+        different precisions are never averaged into one row)."""
         s = self.spec
         return (str(s.get("config") or s.get("method")), str(s.get("backbone") or ""),
-                str(s.get("checkpoint_id") or ""), str(s.get("protocol") or ""))
+                str(s.get("checkpoint_id") or ""), str(s.get("protocol") or ""), self.precision)
 
 
 @dataclass
@@ -86,7 +95,29 @@ def load_runs(runs_dir: str | Path, warn: Callable[[str], None] | None = None) -
             warn(f"peftbench leaderboard: warning: skipping {path}: {reason}")
             continue
         runs.append(Run(rel, RunRecord.from_dict(raw)))
+    _mark_stale(runs, warn)
     return runs, skipped
+
+
+def _mark_stale(runs: list[Run], warn: Callable[[str], None]) -> None:
+    """Flag the finished runs whose code fingerprints differ from the installed code's."""
+    current: dict[str, dict] = {}
+    count: Counter = Counter()
+    for r in runs:
+        m = str(r.spec.get("method"))
+        if not r.record.code or not r.record.is_final:
+            continue
+        if m not in current:
+            try:
+                current[m] = code_fingerprint(m)
+            except PeftbenchError:
+                current[m] = {}
+        if current[m] and staleness(r.record.code, current[m]):
+            r.stale = True
+            count[m] += 1
+    for m, n in sorted(count.items()):
+        warn(f"peftbench leaderboard: warning: {n} run record(s) of {m!r} were produced by other code than the "
+             "installed one: their results may be stale (`peftbench run ... --rerun-stale` reruns them)")
 
 
 def _stderr_warn(msg: str) -> None:
@@ -161,6 +192,7 @@ class Row:
     backbone: str = ""
     checkpoint_id: str = ""
     protocol: str = ""
+    precision: str = ""
     mean: dict[str, float | None] = field(default_factory=dict)  # task -> mean top-1
     std: dict[str, float | None] = field(default_factory=dict)
     seeds: dict[str, int] = field(default_factory=dict)
@@ -179,6 +211,7 @@ class Row:
     failed: int = 0
     diverged: int = 0
     unfinished: int = 0
+    stale: int = 0  # counted runs produced by other code than the installed one
     pareto: bool | None = None
     paired_with: str = ""
     delta_groups: dict[str, float | None] = field(default_factory=dict)
@@ -283,10 +316,10 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
     superseded: list[tuple[str, str]] = []
     rows: list[Row] = []
     for key in sorted(by_row):
-        config, backbone, ck, protocol = key
+        config, backbone, ck, protocol, precision = key
         recs = by_row[key]
         row = Row("reproduced", config, method=str(recs[0].spec["method"]), backbone=backbone, checkpoint_id=ck,
-                  protocol=protocol)
+                  protocol=protocol, precision=precision)
         row.failed = sum(r.status == "failed" for r in recs)
         row.diverged = sum(r.status == "diverged" for r in recs)
         row.unfinished = sum(r.status not in ("ok", "failed", "diverged") for r in recs)
@@ -325,6 +358,7 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
             ips.append(_mean([_num(r.timing.get("train_images_per_s")) for r in kept]))
             kept_all.extend(kept)
         used.update(r.path for r in kept_all)
+        row.stale = sum(r.stale for r in kept_all)
         _fill_aggregates(row, grid)
         done = [t for t in grid.tasks if row.mean.get(t) is not None]
         tuned_done = [row.tuned[t] for t in done if row.tuned[t] is not None]
@@ -349,7 +383,7 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
         r.label = r.config
         if counts[r.config] > 1:
             extra = r.backbone + (f"@{r.checkpoint_id[:8]}" if r.checkpoint_id else "")
-            r.label = f"{r.config} [{extra}, {r.protocol}]"
+            r.label = f"{r.config} [{extra}, {r.protocol}" + (f", {r.precision}" if r.precision != "fp32" else "") + "]"
 
     reported_rows = [_reported_row(ref, grid) for ref in (reference or [])]
     by_config = {}

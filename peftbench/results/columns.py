@@ -240,10 +240,14 @@ _L = [
     Column("train_images_per_s", "mean training images/s of the counted runs", lambda r, b: fmt(r.images_per_s, 1),
            html="train images/s", html_cell=_only_rep(lambda r: num(r.images_per_s, 1))),
     Column("device", "the device of the counted runs (mixed: several)", lambda r, b: r.device),
+    Column("precision", "numeric precision of the runs (fp32 | tf32 | bf16 | fp16); seeds of different precisions "
+           "are separate rows", lambda r, b: r.precision),
     Column("failed_runs", "runs with status failed (all stages)", lambda r, b: fmt(r.failed) if _rep(r) else "",
            html="failed", html_cell=_only_rep(lambda r: f"<td>{r.failed}</td>")),
     Column("diverged_runs", "runs with status diverged (all stages)", lambda r, b: fmt(r.diverged) if _rep(r) else "",
            html="diverged", html_cell=_only_rep(lambda r: f"<td>{r.diverged}</td>")),
+    Column("stale_runs", "counted runs produced by other code than the installed one (results may be stale; "
+           "`peftbench run --rerun-stale` reruns them)", lambda r, b: fmt(r.stale) if _rep(r) else ""),
     Column("unfinished_runs", "runs not ended (running, interrupted)", lambda r, b: fmt(r.unfinished) if _rep(r) else "",
            html="unfinished", html_cell=_only_rep(lambda r: f"<td>{r.unfinished}</td>")),
     Column("pareto", "yes when no other row of the same source has lower-or-equal Tuned/Total and higher-or-equal "

@@ -14,6 +14,7 @@ from typing import Protocol
 
 from ..errors import DataError, PipelineError
 from ..store import RunRecord, RunSpec, RunStatus, RunStore, planned
+from ..store.journal import Journal
 from .protocols import PlanContext
 
 
@@ -33,8 +34,10 @@ class Outcome:
     diverged: int = 0
 
 
-def drive(contexts: list[PlanContext], executor: Executor, store: RunStore) -> list[Outcome]:
-    """Advance every pipeline stage by stage until all are done."""
+def drive(contexts: list[PlanContext], executor: Executor, store: RunStore,
+          journal: Journal | None = None) -> list[Outcome]:
+    """Advance every pipeline stage by stage until all are done (``journal``: where each stage's runs
+    are written down before they start, for ``peftbench status``)."""
     outcomes = [Outcome(ctx) for ctx in contexts]
     gens = {}
     pending: dict[int, list[RunSpec]] = {}
@@ -44,6 +47,8 @@ def drive(contexts: list[PlanContext], executor: Executor, store: RunStore) -> l
         _advance(i, gen, None, pending, outcomes)
     while pending:
         wave = [(i, s) for i in sorted(pending) for s in pending[i]]
+        if journal is not None:
+            journal.stage([s for _, s in wave])
         records = executor.run([s for _, s in wave], store)
         by_ctx: dict[int, list[RunRecord]] = {}
         for (i, _), rec in zip(wave, records):
