@@ -201,7 +201,10 @@ class Registry(Generic[T]):
         return list(self._items.values())
 
     def aliases_of(self, name: str) -> list[str]:
-        key = self._key(name)
+        """The aliases of a registered name (clashing ones included: listing never fails)."""
+        self._ensure_loaded()
+        key = self._norm(name)
+        key = self._aliases.get(key, key)
         return sorted(a for a, k in self._aliases.items() if k == key)
 
     def problems(self) -> list[str]:

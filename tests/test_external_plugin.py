@@ -218,3 +218,71 @@ def test_external_layout_suite_executor_and_column(plugin_env, tmp_path):
     header, row = board[0].split(","), board[1].split(",")
     assert header[header.index("seeds_max") + 1] == "final_runs"  # the plugin column, where it asked to be
     assert row[header.index("final_runs")] == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# plugins that misbehave: a name clash with a built-in (also through an alias in another case), an
+# entry point that fails to import. Other commands keep working; using the name is a clear error.
+# ---------------------------------------------------------------------------------------------
+
+BAD_SOURCE = '''
+from peftbench.methods import LINEAR_RECIPE, Method, TunedViT
+
+
+class MyLora(Method):
+    name = "lora"  # the built-in's name
+    description = "a second lora"
+    recipe = LINEAR_RECIPE
+
+    def build(self, backbone, num_classes, opts):
+        return TunedViT(backbone, num_classes)
+
+
+class Shadow(Method):
+    name = "shadow-probe"
+    aliases = ("BITFIT",)  # a built-in's name in another case
+    description = "an alias clash"
+    recipe = LINEAR_RECIPE
+
+    def build(self, backbone, num_classes, opts):
+        return TunedViT(backbone, num_classes)
+'''
+
+
+@pytest.fixture
+def bad_env(plugin_env):
+    site = Path(plugin_env["PYTHONPATH"].split(os.pathsep)[0])
+    (site / "pb_plugin_bad.py").write_text(BAD_SOURCE)
+    (site / "pb_plugin_broken.py").write_text("import a_module_that_does_not_exist\n")
+    info = site / "pb_plugin_bad-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pb-plugin-bad\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[peftbench.methods]\nlora = pb_plugin_bad:MyLora\n"
+                                           "shadow-probe = pb_plugin_bad:Shadow\nbroken = pb_plugin_broken\n")
+    return plugin_env
+
+
+def _run_cli(env, *args):
+    return subprocess.run(_cli() + list(args), env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_misbehaving_plugins_do_not_break_other_commands(bad_env):
+    out = _run_cli(bad_env, "list", "methods")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "method 'lora' from entry point 'lora' (pb_plugin_bad:MyLora) of package pb-plugin-bad clashes with " \
+           "method 'lora' from module peftbench.methods.peft_tuners" in out.stderr
+    assert "'BITFIT' (an alias of 'shadow-probe')" in out.stderr and "peftbench.methods.bitfit" in out.stderr
+    assert "entry point 'broken' (pb_plugin_broken) of package pb-plugin-bad failed to load: ModuleNotFoundError" \
+           in out.stderr
+    assert METHOD in out.stdout and "vpt-deep" in out.stdout  # the well-behaved plugin and the built-ins
+
+
+def test_using_a_clashing_or_broken_plugin_is_a_clear_error(bad_env, tmp_path):
+    for name, needle in (("lora", "clashes with method 'lora' from module peftbench.methods.peft_tuners"),
+                         ("bitfit", "'BITFIT' (an alias of 'shadow-probe')"),
+                         ("broken", "method 'broken' is not available: entry point 'broken'")):
+        out = _run_cli(bad_env, "params", "--method", name, "--num-classes", "10")
+        assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr, out.stderr
+    ok = _run_cli(bad_env, "params", "--method", "vpt-deep", "--num-classes", "10")
+    assert ok.returncode == 0, ok.stderr

@@ -1,39 +1,46 @@
-"""``peftbench list methods|tasks|suites|protocols|backbones``."""
+"""``peftbench list methods|tasks|suites|protocols|backbones|executors|layouts|columns``."""
 from __future__ import annotations
+
+import importlib
+
+
+def _methods(name, m, reg):
+    aliases = reg.aliases_of(name)
+    return f"{name:<18} {m.description}" + (f" (alias: {', '.join(aliases)})" if aliases else "")
+
+
+# what: (module, registry attribute, one line per item, sort key)
+LISTS = {
+    "methods": ("peftbench.methods", "METHODS", _methods, None),
+    "tasks": ("peftbench.tasks", "TASKS",
+              lambda n, t, r: f"{t.suite:<6} {n:<24} {t.num_classes:>4} classes  {t.group or '':<12} {t.description}",
+              lambda kv: (kv[1].suite, kv[1].group or "", kv[0])),
+    "suites": ("peftbench.tasks", "SUITES",
+               lambda n, s, r: f"{n:<8} {len(s.tasks):>3} tasks  protocol={s.protocol:<6} backbone={s.backbone}  "
+                               f"{s.description}", None),
+    "protocols": ("peftbench.sweep.protocols", "PROTOCOLS", lambda n, p, r: f"{n:<8} {p.description}", None),
+    "backbones": ("peftbench.backbones", "BACKBONES", lambda n, p, r: f"{n:<18} {p.description}", None),
+    "executors": ("peftbench.executors", "EXECUTORS", lambda n, e, r: f"{n:<10} {e.description}", None),
+    "layouts": ("peftbench.data.layouts", "LAYOUTS", lambda n, x, r: f"{n:<12} {x.description}", None),
+    "columns": ("peftbench.results.columns", "COLUMNS", lambda n, c, r: f"{n:<40} {c.doc}", None),
+}
+NOTES = {"backbones": "(any timm ViT name also works, e.g. vit_base_patch16_224.orig_in21k)"}
 
 
 def register(sub) -> None:
-    p = sub.add_parser("list", help="list methods, tasks, suites, protocols or backbone presets")
-    p.add_argument("what", choices=["methods", "tasks", "suites", "protocols", "backbones"])
+    p = sub.add_parser("list", help="list methods, tasks, suites, protocols, backbones, executors, layouts, columns")
+    p.add_argument("what", choices=list(LISTS))
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    if args.what == "methods":
-        from ..methods import METHODS
-
-        for name, m in METHODS.items():
-            aliases = METHODS.aliases_of(name)
-            print(f"{name:<18} {m.description}" + (f" (alias: {', '.join(aliases)})" if aliases else ""))
-    elif args.what == "tasks":
-        from ..tasks import TASKS
-
-        for name, t in sorted(TASKS.items(), key=lambda kv: (kv[1].suite, kv[1].group or "", kv[0])):
-            print(f"{t.suite:<6} {name:<24} {t.num_classes:>4} classes  {t.group or '':<12} {t.description}")
-    elif args.what == "suites":
-        from ..tasks import SUITES
-
-        for name, s in SUITES.items():
-            print(f"{name:<8} {len(s.tasks):>3} tasks  protocol={s.protocol:<6} backbone={s.backbone}  {s.description}")
-    elif args.what == "protocols":
-        from ..sweep.protocols import PROTOCOLS
-
-        for name, p in PROTOCOLS.items():
-            print(f"{name:<8} {p.description}")
-    else:
-        from ..backbones import BACKBONES
-
-        for name, p in BACKBONES.items():
-            print(f"{name:<18} {p.description}")
-        print("(any timm ViT name also works, e.g. vit_base_patch16_224.orig_in21k)")
+    module, attr, line, order = LISTS[args.what]
+    registry = getattr(importlib.import_module(module), attr)
+    items = registry.items() if order is None else sorted(registry.items(), key=order)
+    for name, item in items:
+        print(line(name, item, registry))
+    if args.what in NOTES:
+        print(NOTES[args.what])
+    for problem in registry.problems():
+        print(f"problem: {problem}")
     return 0

@@ -57,10 +57,13 @@ class LocalExecutor:
             self.env.log(f"{self.env.prefix} {spec.label()}: done already, skipped")
             return old
         t0 = time.time()
-        rec = execute_claimed(spec, store, self.env, wait=wait, poll_s=self.poll_s)
+        rec, ran = execute_claimed(spec, store, self.env, wait=wait, poll_s=self.poll_s)
         if rec is None:
             self.env.log(f"{self.env.prefix} {spec.label()}: another driver trains it; coming back to it later")
             return None
+        if not ran:
+            self.env.log(f"{self.env.prefix} {spec.label()}: done by another driver ({rec.status})")
+            return rec
         self.trained += 1
         self.trained_s += time.time() - t0
         self.env.log(f"{self.env.prefix} {spec.label()}: {rec.status}"

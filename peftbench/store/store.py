@@ -96,6 +96,8 @@ class RunStore:
         for path in sorted(self.root.glob("*/*/*.json")):
             if "." in path.stem:  # <key>.<name>.json: an artifact of a run (e.g. scores), not a record
                 continue
+            if path.parent.parent.name.startswith("."):  # .peftbench/, .slurm/: the drivers' own files
+                continue
             try:
                 yield path, read_record(path), None
             except CorruptRecord as exc:

@@ -102,6 +102,8 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
             parsed[m.name] = m.parse_options(raw[m.name])
         except OptionError as exc:
             raise SettingsError(f"--set: {exc}") from None
+    if settings.seeds and settings.num_seeds is not None:
+        raise SettingsError("--seeds and --num-seeds: give one of them")
     if settings.seeds:
         seeds = tuple(settings.seeds)
         bad = [x for x in seeds if not 0 <= x <= MAX_SEED]
@@ -137,6 +139,11 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
             for split in sorted(task_splits(t)):
                 read_split(t, data_root, split)  # raises DataError naming the file/line
             fp = fingerprint(t, data_root)
+        elif t.materialise is None or t.directory(data_root).is_dir():
+            try:  # planning only: with the data at hand the keys are those of the real runs (done runs count)
+                fp = fingerprint(t, data_root)
+            except DataError:
+                fp = None
         for m in methods:
             opts, sources = m.resolve_options(parsed[m.name], t)
             contexts.append(PlanContext(

@@ -23,6 +23,7 @@ import functools
 import hashlib
 import importlib.util
 import inspect
+import sys
 from pathlib import Path
 
 from ..methods import get_method
@@ -89,17 +90,24 @@ def method_files(cls: type) -> list[Path]:
         if root is not None and len(parts) > len(root.split(".")) + 1:  # in a sub-package: the whole of it
             files += _files_of(".".join(parts[:len(root.split(".")) + 1]))
         else:
-            try:
-                files.append(Path(inspect.getsourcefile(klass) or ""))
-            except TypeError:
-                pass
+            module = sys.modules.get(mod)
+            source = getattr(module, "__file__", None)
+            if source is None:
+                try:
+                    source = inspect.getsourcefile(klass)
+                except TypeError:
+                    source = None
+            if source:
+                files.append(Path(source))
     return [f for f in files if f.is_file()]
 
 
 def code_fingerprint(method_name: str) -> dict:
-    """``{"method": ..., "engine": ...}`` of the installed code."""
+    """``{"method": ..., "engine": ...}`` of the installed code (``"method": "unknown"`` when the
+    method's source files cannot be found, e.g. a class made in an interactive session)."""
     method = get_method(method_name)
-    return {"method": fingerprint_files(method_files(type(method))), "engine": engine_fingerprint()}
+    files = method_files(type(method))
+    return {"method": fingerprint_files(files) if files else "unknown", "engine": engine_fingerprint()}
 
 
 def staleness(recorded: dict | None, current: dict) -> list[str]:
@@ -107,4 +115,5 @@ def staleness(recorded: dict | None, current: dict) -> list[str]:
     record predates code fingerprints)."""
     if not recorded:
         return []
-    return [part for part in ("method", "engine") if recorded.get(part) != current.get(part)]
+    return [part for part in ("method", "engine")
+            if "unknown" not in (recorded.get(part), current.get(part)) and recorded.get(part) != current.get(part)]

@@ -80,15 +80,15 @@ def execute(spec: RunSpec, store: RunStore, env: Env) -> RunRecord:
 
 
 def execute_claimed(spec: RunSpec, store: RunStore, env: Env, *, wait: bool = False, poll_s: float = 5.0,
-                    on_claim: Callable[[], None] | None = None) -> RunRecord | None:
-    """:func:`execute` under the run's lease: the record, or None when another live process trains the
-    run (``wait=True``: wait for it to finish, or to die and leave the run to this process).
-    ``on_claim`` runs once the lease is held, before the run starts (an executor notes its job)."""
+                    on_claim: Callable[[], None] | None = None) -> tuple[RunRecord | None, bool]:
+    """:func:`execute` under the run's lease: ``(record, ran_here)``; ``(None, False)`` when another live
+    process trains the run (``wait=True``: wait for it to finish, or to die and leave the run to this
+    process). ``on_claim`` runs once the lease is held, before the run starts (an executor notes its job)."""
     announced = False
     while True:
         old = store.load(spec)
         if old is not None and old.is_final:
-            return old
+            return old, False
         lease = store.claim(spec)
         if lease is not None:
             with lease:
@@ -97,9 +97,9 @@ def execute_claimed(spec: RunSpec, store: RunStore, env: Env, *, wait: bool = Fa
                             f"(pid {lease.took_over.get('pid', '?')} on {lease.took_over.get('host', '?')})")
                 if on_claim is not None:
                     on_claim()
-                return execute(spec, store, env)
+                return execute(spec, store, env), True
         if not wait:
-            return None
+            return None, False
         if not announced:
             _, holder = store.lease_holder(spec)
             env.log(f"{env.prefix} {spec.label()}: trained by pid {(holder or {}).get('pid', '?')} on "

@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -46,7 +47,7 @@ from ...errors import SettingsError
 from ...store import RunRecord, RunSpec, RunStatus, RunStore
 from ._util import now
 from .job import RunJob
-from .queue import HELD_STATES, VANISHED, is_active, query_states
+from .queue import HELD_STATES, VANISHED, hopeless, is_active, pending_reasons, query_states
 from .settings import SlurmSettings
 from .state import LOCK_FILE, STATE_DIR, STATE_FILE, DriverLock, read_state
 
@@ -57,6 +58,7 @@ class SlurmExecutor:
 
     completed_grace_s = 30.0  # a COMPLETED job whose record is not final yet (shared FS lag) gets this long
     vanish_polls = 5  # a job neither sacct nor squeue knows for this many polls (and 60 s) is VANISHED
+    hopeless_after_s = 60.0  # a pending reason that cannot resolve (PartitionConfig, ...) for this long: stop
 
     def __init__(self, settings: SlurmSettings, runs_dir: str | Path, *, quiet: bool = False,
                  total: int | None = None, log: Callable[[str], None] | None = None, argv: list[str] | None = None):
@@ -82,6 +84,7 @@ class SlurmExecutor:
         self._submitted_at: dict[str, float] = {}
         self.retries_used: dict[str, int] = {}  # per run, for this driver invocation
         self._retry_queue: list[RunSpec] = []
+        self._hopeless_since: dict[str, float] = {}
         self._save_state()
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -319,6 +322,7 @@ class SlurmExecutor:
                             continue
                         pending.add(k)
                 self._flush_retries(job_of)
+                self._check_pending(job_of, pending, states)
                 if changed:
                     self._save_state()
                 summary = self._summary(pending, job_of, states)
@@ -335,6 +339,38 @@ class SlurmExecutor:
             raise
         finally:
             self._save_state()
+
+    def _check_pending(self, job_of: dict[str, str], pending: set[str], states: dict) -> None:
+        """Jobs whose pending reason says the request can never be met: after ``hopeless_after_s`` of it,
+        cancel them and stop, naming the request and the flags that change it."""
+        waiting = sorted({job_of[k] for k in pending if (states.get(job_of[k]) or {}).get("state") == "PENDING"})
+        if not waiting or self.s.cluster != "slurm":
+            return
+        reasons = self._pending_reasons(waiting)
+        now_s = time.time()
+        bad = {}
+        for jid in waiting:
+            r = reasons.get(jid)
+            if hopeless(r):
+                first = self._hopeless_since.setdefault(jid, now_s)
+                if now_s - first >= self.hopeless_after_s:
+                    bad[jid] = r
+            else:
+                self._hopeless_since.pop(jid, None)
+        if not bad:
+            return
+        jobs = sorted(bad)
+        subprocess.run(["scancel", *sorted({j.split("_")[0] for j in jobs})], capture_output=True, timeout=60)
+        reason = sorted(set(bad.values()))
+        raise SettingsError(
+            f"SLURM cannot schedule job(s) {', '.join(jobs[:5])}{' ...' if len(jobs) > 5 else ''}: pending reason "
+            f"{' / '.join(reason)} for over {self.hopeless_after_s:.0f} s; the request ({self.s.describe()}) does not "
+            "fit the cluster. Change it with --slurm-cpus, --slurm-mem-gb, --slurm-gpus, --slurm-timeout-min, "
+            "--slurm-partition/--slurm-account/--slurm-qos (or the profile's keys); `sinfo -o '%P %c %m %G %l'` shows "
+            "what the partitions offer. The jobs were cancelled; finished runs are kept.")
+
+    def _pending_reasons(self, job_ids: list[str]) -> dict[str, str]:
+        return pending_reasons(job_ids)
 
     def _summary(self, pending: set[str], job_of: dict[str, str], states: dict) -> str:
         c = Counter((states.get(job_of[k]) or {}).get("state", "SUBMITTED") for k in pending)

@@ -52,7 +52,7 @@ def mark_start(store: RunStore, spec: RunSpec, info: dict, resume_epoch: int, st
 
 def _execute(spec: RunSpec, store: RunStore, env: Env, on_claim=None) -> RunRecord:
     """The run, under its lease (another process holding it: wait for it, or take over when it dies)."""
-    return execute_claimed(spec, store, env, wait=True, poll_s=10.0, on_claim=on_claim)
+    return execute_claimed(spec, store, env, wait=True, poll_s=10.0, on_claim=on_claim)[0]
 
 
 class RunJob(submitit.helpers.Checkpointable):

@@ -84,3 +84,42 @@ def query_states(job_ids: list[str], timeout: float = 60, not_in_queue: set | No
 
 def is_active(state: str | None) -> bool:
     return state in ACTIVE_STATES
+
+
+# Pending reasons (squeue %r) that waiting does not cure: the request can never be met as it is.
+HOPELESS_REASONS = {
+    "PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount", "InvalidQOS",
+    "QOSMaxCpuPerJobLimit", "QOSMaxGRESPerJob", "QOSMaxMemoryPerJob", "QOSMaxWallDurationPerJobLimit",
+    "QOSMaxNodePerJobLimit", "AssocMaxCpuPerJobLimit", "AssocMaxGRESPerJob", "AssocMaxMemPerJob",
+    "AssocMaxWallDurationPerJobLimit", "AssocMaxNodesPerJobLimit", "ReqNodeNotAvail, UnavailableNodes",
+    "PartitionDown", "PartitionInactive", "AccountNotAllowed", "QOSNotAllowed",
+}
+
+
+def parse_reason_lines(text: str) -> dict[str, str]:
+    """``JobID|Reason`` lines (squeue -o '%i|%r') → {job id: reason} (array ranges expanded)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|", 1)
+        if len(parts) == 2 and parts[0]:
+            for jid in _expand_job_ids(parts[0]):
+                out[jid] = parts[1].strip()
+    return out
+
+
+def pending_reasons(job_ids: list[str], timeout: float = 60) -> dict[str, str]:
+    """Why pending jobs wait (squeue's reason), for the jobs squeue knows."""
+    if not job_ids or not shutil.which("squeue"):
+        return {}
+    try:
+        r = subprocess.run(["squeue", "-h", "-r", "-t", "PENDING", "-o", "%i|%r",
+                            "-j", ",".join(sorted({j.split("_")[0] for j in job_ids}))],
+                           capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    found = parse_reason_lines(r.stdout if r.returncode == 0 else "")
+    return {j: found[j] for j in job_ids if j in found}
+
+
+def hopeless(reason: str | None) -> bool:
+    return bool(reason) and (reason in HOPELESS_REASONS or reason.split(",")[0].strip() in HOPELESS_REASONS)
