@@ -1,4 +1,4 @@
-"""Adapters, LoRA (through peft), BitFit, Partial-1 and MLP-3 (issue #4; spec §4.4-§4.6, §5)."""
+"""Adapters, LoRA (through peft), BitFit, Partial-1 and MLP-3 (issue #4; docs/methods/adapter.md-§4.6, §5)."""
 from __future__ import annotations
 
 import copy
@@ -29,7 +29,7 @@ def one_backward(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.grad is not None}
 
 
-# --- spec §5: parameter counts for ViT-B/16, C = 100 (meta device, no weights) ------------------------
+# --- docs/methods/README.md §4: parameter counts for ViT-B/16, C = 100 (meta device, no weights) ------------------------
 
 SPEC5 = [
     ("adapter", [], 1_856_740),
@@ -220,7 +220,7 @@ def test_bitfit_includes_layernorm_biases(tiny_backbone):
             "backbone.patch_embed.proj.bias", "backbone.blocks.0.attn.qkv.bias"} <= trained
     assert "backbone.blocks.0.norm1.weight" not in trained
     model.train()
-    assert not model.backbone.training  # the backbone stays in eval mode (spec §7.3)
+    assert not model.backbone.training  # the backbone stays in eval mode (docs/protocols.md §12)
 
 
 def test_mlp3_head_layout_init_and_counts(tiny_backbone):

@@ -152,10 +152,10 @@ def _cli_counts(capsys, *args) -> dict:
 def test_cli_params_vit_b16(capsys):
     base = ["--num-classes", "100", "--set", "prompt_tokens=10", "--set", "kv_tokens=5"]
     c = _cli_counts(capsys, "--method", "e2vpt", *base)
-    assert c["trainable"] == c["tuned"] == 215_140  # spec §5
+    assert c["trainable"] == c["tuned"] == 215_140  # docs/methods/e2vpt.md §5
     c = _cli_counts(capsys, "--method", "e2vpt", *base, "--set", "share_kv=false")
     assert c["trainable"] == 9_216 * 10 + 18_432 * 5 + 769 * 100
     c = _cli_counts(capsys, "--method", "e2vpt-prune", *base, "--set", "prune_tokens=3", "--set", "prune_segments=4")
-    assert c["tuned"] == 171_364  # spec §3.3 worked example
+    assert c["tuned"] == 171_364  # docs/methods/e2vpt.md §5 worked example
     assert c["trainable"] == 215_140  # the masks are frozen after pruning
     assert c["pruned_prompt_entries"] == 43_776 and c["kept_prompt_entries"] == 48_384

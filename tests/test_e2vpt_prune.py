@@ -50,7 +50,7 @@ def test_masks_zero_exactly_the_specified_entries(tiny_backbone, layout):
     assert len(seen) == depth
     for got, p in zip(seen, prompts):
         assert torch.equal(got, (p.detach() * expected).expand(2, -1, -1))
-    # soft masking counts (spec §3.3): zeros per layer = D·n_tok + (P − n_tok)·2 segments·3 channels
+    # soft masking counts (docs/methods/e2vpt.md §5): zeros per layer = D·n_tok + (P − n_tok)·2 segments·3 channels
     zeros = D * 2 + (P - 2) * 2 * 3
     c = model.parameter_counts()
     assert c["pruned_prompt_entries"] == depth * zeros

@@ -330,12 +330,12 @@ def test_reported_only_leaderboard_for_a_suite_without_runs(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the reference CSVs against the papers' printed means (spec §6.6)
+# the reference CSVs against the papers' printed means (docs/protocols.md §13)
 # ---------------------------------------------------------------------------------------------
 
 # (file, method, printed column): printed values that the per-task numbers do not reproduce.
 KNOWN_EXCEPTIONS = {
-    # VFPT prints Adapter "Mean Total" 62.41; the 19-task mean of its own row is 56.35 (spec §6.6).
+    # VFPT prints Adapter "Mean Total" 62.41; the 19-task mean of its own row is 56.35 (docs/protocols.md §13).
     ("vtab-top1.csv", "Adapter-8", "printed_overall_mean_of_tasks"),
     # NOAH prints LoRA "Average" 74.5; its per-task numbers give 74.60 (its group means 79.49/84.55/59.78).
     ("vtab-top1.csv", "LoRA (NOAH)", "printed_overall_mean_of_groups"),

@@ -1,4 +1,4 @@
-"""Optimisers and the per-epoch schedule of the VPT/E^2VPT code (spec §2.4, §4.2)."""
+"""Optimisers and the per-epoch schedule of the VPT/E^2VPT code (docs/protocols.md §5, §4.2)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""`peftbench params` for ViT-B/16 equals the formulas of spec §5 (built on the meta device)."""
+"""`peftbench params` for ViT-B/16 equals the formulas of docs/methods/README.md §4 (built on the meta device)."""
 import json
 
 import pytest

@@ -61,6 +61,13 @@ class TunedViT(nn.Module):
                     state[f"{prefix}.{n}" if prefix else n] = b.detach()
         return state
 
+    def merged(self) -> nn.Module | None:
+        """The trained model as a plain timm ViT with its classifier, the method's update folded into the
+        backbone's weights (inference at the backbone's own speed, ``peftbench export``), or None when the
+        method cannot be merged (it adds non-linear modules or tokens). Its eval-mode logits must equal
+        this model's (each merging method has a test)."""
+        return None
+
     def parameter_counts(self) -> dict[str, int]:
         """trainable (incl. head), trainable_without_head, head, total, tuned (what the papers' Tuned/Total
         counts, incl. head; subclasses lower it, e.g. pruned E^2VPT's soft-masked entries)."""

@@ -1,4 +1,4 @@
-"""Bottleneck adapters after every block's MLP (spec §4.4), backbone frozen and in eval mode.
+"""Bottleneck adapters after every block's MLP (docs/methods/adapter.md), backbone frozen and in eval mode.
 
 Both variants wrap ``block.mlp`` of a timm ViT in :class:`AdaptedMlp` (the original MLP, then the
 adapter), so timm's own block computes ``out = x + adapter(mlp(norm2(x)))``; no timm code is forked.
@@ -36,7 +36,7 @@ def _finish(backbone: nn.Module, num_classes: int, adapters: list[Adapter]) -> T
 class AdapterVpt(Method):
     name = "adapter"
     aliases = ("adapter-vpt", "adapter-pfeiffer")
-    description = "adapter of the VPT tables: zero-init bottleneck D/r after every MLP (spec §4.4)"
+    description = "adapter of the VPT tables: zero-init bottleneck D/r after every MLP (docs/methods/adapter.md)"
     recipe = FULL_FT_RECIPE.for_protocol("demo", lr=0.32)  # chosen on val200 (results/demo-hparam-search.csv)
     options = {"reduction": Option(8, "reduction factor r: bottleneck D/r (VPT tables: 8, 64, 256)", min=1)}
 
@@ -51,7 +51,7 @@ class AdapterVpt(Method):
 @register_method
 class AdapterNoah(Method):
     name = "adapter-noah"
-    description = "NOAH's adapter: bottleneck 8, QuickGELU, dropout 0.1, after every MLP (spec §4.4)"
+    description = "NOAH's adapter: bottleneck 8, QuickGELU, dropout 0.1, after every MLP (docs/methods/adapter.md)"
     recipe = NOAH_RECIPE
     options = {
         "bottleneck": Option(8, "bottleneck width d (NOAH: 8)", min=1),

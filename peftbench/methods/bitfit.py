@@ -1,4 +1,4 @@
-"""BitFit / "Bias" row of the VPT tables (VPT code ``tinytl-bias``, spec §4.6).
+"""BitFit / "Bias" row of the VPT tables (VPT code ``tinytl-bias``, docs/methods/bitfit.md).
 
 Trainable: every backbone parameter whose name contains "bias" (attention, MLP, patch embedding and
 LayerNorm biases) + the head; the backbone stays in eval mode. Optimiser: the full fine-tuning recipe
@@ -12,7 +12,7 @@ from peftbench.methods import FULL_FT_RECIPE, Method, TunedViT, register_method
 class BitFit(Method):
     name = "bitfit"
     aliases = ("bias", "tinytl-bias")
-    description = "BitFit: every backbone bias (incl. LayerNorm) + head (spec §4.6)"
+    description = "BitFit: every backbone bias (incl. LayerNorm) + head (docs/methods/bitfit.md)"
     recipe = FULL_FT_RECIPE.for_protocol("demo", lr=0.08)  # chosen on val200 (results/demo-hparam-search.csv)
 
     def build(self, backbone, num_classes, opts):

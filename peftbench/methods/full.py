@@ -1,8 +1,8 @@
-"""Full fine-tuning ("end2end", spec §4.2): every parameter trained, backbone in train mode.
+"""Full fine-tuning ("end2end", docs/methods/full.md): every parameter trained, backbone in train mode.
 
 The VPT code's full fine-tuning has dropout 0.1 after the embeddings and inside the MLPs (attention
 dropout 0); timm's ViT defaults to 0, so ``dropout`` (default 0.1) is set on those modules here.
-Optimiser: the VPT code's AdamW quirk (``vpt-adamw``, see peftbench.optim).
+Optimiser: the VPT code's AdamW quirk (``vpt-adamw``, see peftbench.train.optim).
 """
 from peftbench.methods import FULL_FT_RECIPE, Method, Option, TunedViT, register_method
 
@@ -11,7 +11,7 @@ from peftbench.methods import FULL_FT_RECIPE, Method, Option, TunedViT, register
 class Full(Method):
     name = "full"
     aliases = ("end2end", "finetune", "full-finetune")
-    description = "full fine-tuning: all backbone parameters + head (spec §4.2)"
+    description = "full fine-tuning: all backbone parameters + head (docs/methods/full.md)"
     recipe = FULL_FT_RECIPE
     options = {"dropout": Option(0.1, "dropout after the embeddings and in the MLPs (VPT code: 0.1)", min=0.0, max=1.0)}
 

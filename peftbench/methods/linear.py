@@ -1,4 +1,4 @@
-"""Linear probe (spec §4.1): frozen backbone in eval mode, CLS feature after the final norm → Linear head.
+"""Linear probe (docs/methods/linear.md): frozen backbone in eval mode, CLS feature after the final norm → Linear head.
 
 Trainable: the head only (769·C for ViT-B/16). The features depend on nothing trained, so the engine
 computes them once and trains the head on cached features.
@@ -10,7 +10,7 @@ from peftbench.methods import LINEAR_RECIPE, Method, TunedViT, register_method
 class Linear(Method):
     name = "linear"
     aliases = ("linear-probe",)
-    description = "linear probe: frozen backbone, trained Linear head (spec §4.1)"
+    description = "linear probe: frozen backbone, trained Linear head (docs/methods/linear.md)"
     recipe = LINEAR_RECIPE  # SGD, batch 1024, 100 epochs, warm-up 10, VPT lr x wd grid
     frozen_features = True
 

@@ -1,12 +1,12 @@
-"""MLP-3 row of the VPT tables (VPT code ``src/models/mlp.py`` with ``MODEL.MLP_NUM 2``, spec §4.6).
+"""MLP-3 row of the VPT tables (VPT code ``src/models/mlp.py`` with ``MODEL.MLP_NUM 2``, docs/methods/mlp_head.md).
 
 Backbone frozen (eval mode); the head is the VPT code's ``MLP``: ``hidden_layers`` times
 [Linear(D, D) (kaiming-normal fan_out weight), ReLU, BatchNorm1d(D), Dropout(0.1)], then
-``last_layer`` = Linear(D, C) with the usual head init (spec §2.3). Linear-probe recipe. The features
+``last_layer`` = Linear(D, C) with the usual head init (docs/methods/README.md §2). Linear-probe recipe. The features
 depend on nothing trained, so the engine caches them (``frozen_features``).
 
 Parameters for ViT-B/16: hidden layers 2·(768·768 + 768 + 2·768) = 1,184,256, + 769·C for the last
-layer (reported as ``head``; the hidden layers count as ``trainable_without_head``, as spec §5 writes
+layer (reported as ``head``; the hidden layers count as ``trainable_without_head``, as docs/methods/README.md §4 writes
 the formula). Weight decay: all but ``last_layer.bias``.
 """
 
@@ -48,7 +48,7 @@ class MlpHeadModel(TunedViT):
 class Mlp3(Method):
     name = "mlp-3"
     aliases = ("mlp",)
-    description = "MLP-3: frozen backbone, 3-layer MLP head with BatchNorm and dropout (spec §4.6)"
+    description = "MLP-3: frozen backbone, 3-layer MLP head with BatchNorm and dropout (docs/methods/mlp_head.md)"
     # the linear probe's recipe; demo lr chosen on val200 (results/demo-hparam-search.csv)
     recipe = LINEAR_RECIPE.for_protocol("demo", lr=0.1)
     frozen_features = True

@@ -1,4 +1,4 @@
-"""Partial-1 row of the VPT tables (VPT code ``partial-1``, spec §4.6).
+"""Partial-1 row of the VPT tables (VPT code ``partial-1``, docs/methods/partial.md).
 
 Trainable: the last transformer block + the final LayerNorm + the head. The VPT code keeps the
 encoder in eval mode for this transfer type (``froze_enc``), so no dropout runs in the trained block
@@ -12,7 +12,7 @@ from peftbench.methods import FULL_FT_RECIPE, Method, TunedViT, register_method
 class Partial1(Method):
     name = "partial-1"
     aliases = ("partial",)
-    description = "Partial-1: last block + final norm + head (spec §4.6)"
+    description = "Partial-1: last block + final norm + head (docs/methods/partial.md)"
     recipe = FULL_FT_RECIPE.for_protocol("demo", lr=0.02)  # chosen on val200 (results/demo-hparam-search.csv)
     blocks = 1  # the VPT code also has partial-2 / partial-4 (last 2 / 4 blocks)
 

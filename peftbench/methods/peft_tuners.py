@@ -6,18 +6,18 @@ tuner is adding a row.
 
 How a model is built: peft injects its layers into the timm backbone in place
 (``peft.inject_adapter_in_model``; ``peft.get_peft_model`` for tuners whose state is shared between
-layers, e.g. VeRA's random projections). The head is peftbench's own Linear (spec §2.3 init,
+layers, e.g. VeRA's random projections). The head is peftbench's own Linear (docs/methods/README.md §2 init,
 trained and counted once; peft's ``modules_to_save`` is not used). Trainable: the parameters peft
 marks trainable + the head. The backbone, the injected layers' frozen base layers included, stays in
 eval mode; the injected layers and their dropout modules run in train mode while training.
 
-``lora`` is the LoRA of NOAH and of the tables that copy it (spec §4.5): rank 8 on timm's fused
+``lora`` is the LoRA of NOAH and of the tables that copy it (docs/methods/peft_tuners.md): rank 8 on timm's fused
 ``qkv`` Linear of every block, ``lora_alpha`` = rank (scaling 1: NOAH has no α/r), dropout 0.1 on
 the LoRA input, A kaiming-uniform(a=√5), B zeros: 36,864·r + 769·C parameters for ViT-B/16
 (294,912 + head at r = 8). The other rows use peft's defaults unless stated, on the same ``qkv``
 layers (``--set <tuner>.targets=qkv,proj,fc1,fc2`` widens them).
 
-Recipe: NOAH's optimiser (AdamW, batch 64, warm-up 10, see ``methods.adapter.NOAH_RECIPE``) for the
+Recipe: NOAH's optimiser (AdamW, batch 64, warm-up 10, ``peftbench.methods.NOAH_RECIPE``) for the
 VPT protocol's search; ``--protocol fixed`` runs NOAH's own fixed hyper-parameters. The demo
 protocol uses LoRA's demo lr for every row unless the row sets its own ``demo_lr`` (chosen on val200:
 ``results/demo-hparam-search.csv``).
@@ -100,7 +100,7 @@ TUNERS: dict[str, Tuner] = {
     "lora": Tuner(
         lambda o: _peft().LoraConfig(r=int(o["rank"]), lora_alpha=_alpha(o), lora_dropout=float(o["dropout"]),
                                      target_modules=_targets(o)),
-        "LoRA via peft: rank 8 on the fused qkv of every block, alpha = rank, dropout 0.1 (NOAH, spec §4.5)",
+        "LoRA via peft: rank 8 on the fused qkv of every block, alpha = rank, dropout 0.1 (NOAH, docs/methods/peft_tuners.md)",
         _lora_options(), aliases=("lora-qkv",)),
     "dora": Tuner(
         lambda o: _peft().LoraConfig(r=int(o["rank"]), lora_alpha=_alpha(o), lora_dropout=float(o["dropout"]),

@@ -1,11 +1,11 @@
-"""Visual Prompt Tuning (spec §4.3): learnable prompt tokens after CLS, backbone frozen.
+"""Visual Prompt Tuning (docs/methods/vpt.md): learnable prompt tokens after CLS, backbone frozen.
 
 * ``vpt-deep`` (alias ``vpt``): prompts before every block, replacing the previous block's prompt
   outputs; 12·768·p parameters for ViT-B/16. Prompt dropout 0.1.
 * ``vpt-shallow``: prompts at the input only; 768·p parameters. Prompt dropout 0.0.
 
 ``prompt_tokens=auto`` takes the per-task prompt length of the VPT paper inferred from its per-task
-Tuned/Total (spec §4.3, data file ``tasks/data/vpt_prompt_lengths.csv``) and 10 for other tasks; the
+Tuned/Total (docs/methods/vpt.md, data file ``tasks/data/vpt_prompt_lengths.csv``) and 10 for other tasks; the
 run record says which.
 """
 from peftbench.layers.prompted_vit import PromptedViT
@@ -47,7 +47,7 @@ def _vpt_options(dropout: float) -> dict[str, Option]:
 class VptDeep(_Vpt):
     name = "vpt-deep"
     aliases = ("vpt",)
-    description = "VPT-deep: prompt tokens before every block (spec §4.3)"
+    description = "VPT-deep: prompt tokens before every block (docs/methods/vpt.md)"
     deep = True
     options = _vpt_options(dropout=0.1)
 
@@ -55,6 +55,6 @@ class VptDeep(_Vpt):
 @register_method
 class VptShallow(_Vpt):
     name = "vpt-shallow"
-    description = "VPT-shallow: prompt tokens at the input only (spec §4.3)"
+    description = "VPT-shallow: prompt tokens at the input only (docs/methods/vpt.md)"
     deep = False
     options = _vpt_options(dropout=0.0)

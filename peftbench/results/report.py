@@ -180,7 +180,7 @@ def render_report(board: Board, svgs: dict[str, bytes]) -> str:
         parts += ['<section id="vs-reported"><h2>Reproduced − reported (percentage points)</h2>',
                   delta_table(board),
                   "<h3>Reported numbers: sources and notes</h3>",
-                  '<p class="note">From <code>results/reference/</code> (spec §6); a reported row pairs with the '
+                  '<p class="note">From <code>results/reference/</code> (docs/protocols.md §13); a reported row pairs with the '
                   "reproduced row whose config is its <code>peftbench_config</code>. Means are recomputed from "
                   "the per-task values with the same code as the reproduced rows.</p>",
                   sources_table(board), "</section>"]

@@ -1,4 +1,4 @@
-"""FGVC: five fine-grained datasets read from VPT's JSON split layout (spec §7.2).
+"""FGVC: five fine-grained datasets read from VPT's JSON split layout (docs/protocols.md §11).
 
     <data-root>/fgvc/<folder>/{train,val,test}.json   {"<image path>": <class id>, ...}
     <data-root>/fgvc/<folder>/<image sub-folder>/<image path>
@@ -19,7 +19,7 @@ Training images are augmented (Resize 256 → RandomCrop 224 → horizontal flip
 Resize 256 → CenterCrop 224 (``preprocess="resize-crop"``; what is cached and the one approximation
 are described in :mod:`peftbench.data`). Selection on val, final runs train on train and report test.
 Every class must occur in train and in test; split sizes are not checked (VPT's JSON split files are
-no longer downloadable and their exact counts could not be verified, spec §9.7).
+no longer downloadable and their exact counts could not be verified, docs/protocols.md §15).
 """
 from peftbench.tasks import Suite, Task, register_suite, register_task
 

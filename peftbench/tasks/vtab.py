@@ -1,4 +1,4 @@
-"""VTAB-1k: 19 tasks in 3 groups (spec §7.1), read from NOAH's exported layout.
+"""VTAB-1k: 19 tasks in 3 groups (docs/protocols.md §10), read from NOAH's exported layout.
 
     <data-root>/vtab-1k/<folder>/{train800,val200,train800val200,test}.txt   "<image path> <label>"
     <data-root>/vtab-1k/<folder>/images/<split>/NNNNNN.jpg

@@ -11,7 +11,7 @@ KV_INITS = ("kaiming", "uniform", "trunc_normal")  # official ORIGIN_INIT 2 / 0 
 
 
 def init_kv_prompt(tensor: torch.Tensor, kind: str, patch_size: tuple[int, int]) -> None:
-    """Initialise a (heads, L, head_dim) KV prompt like the official code (spec §2.2).
+    """Initialise a (heads, L, head_dim) KV prompt like the official code (docs/methods/e2vpt.md §2).
 
     * ``kaiming`` (ORIGIN_INIT=2, every released command): ``kaiming_uniform_(a=0, mode='fan_in',
       nonlinearity='leaky_relu')`` on the 3-d tensor → fan_in = L·head_dim, bound sqrt(6 / (L·head_dim)).
@@ -32,7 +32,7 @@ def init_kv_prompt(tensor: torch.Tensor, kind: str, patch_size: tuple[int, int])
 
 
 class KVPromptAttention(nn.Module):
-    """A timm ``Attention`` with learnable key-value prompts (spec §2.2).
+    """A timm ``Attention`` with learnable key-value prompts (docs/methods/e2vpt.md §2).
 
     The wrapped module (``self.attn``) keeps its frozen weights and is called submodule by submodule:
     q, k, v come from its ``qkv`` projection (then ``q_norm`` / ``k_norm``), the prompts are prepended

@@ -1,24 +1,24 @@
-"""E^2VPT (Han et al., ICCV 2023), without pruning: spec §2 (the official code's ``P_VK`` transfer type).
+"""E^2VPT (Han et al., ICCV 2023), without pruning: docs/methods/e2vpt.md (the official code's ``P_VK`` transfer type).
 
 Two kinds of learnable prompts on a frozen timm ViT, plus a trained linear head:
 
-* **visual prompts**: P tokens after CLS, replaced before every block (VPT-deep style, spec §2.1),
-  dropout 0.1 (train mode only). :class:`peftbench.vit.PromptedViT` with ``deep=True``.
+* **visual prompts**: P tokens after CLS, replaced before every block (VPT-deep style, docs/methods/e2vpt.md §1.1),
+  dropout 0.1 (train mode only). :class:`peftbench.layers.prompted_vit.PromptedViT` with ``deep=True``.
 * **key-value prompts**: per attention layer a tensor (num_heads, L, head_dim) prepended to the keys
   and the values *after* their projections (so the prompts bypass W_k, W_v and their biases; queries
-  are unchanged), spec §2.2. One tensor shared by K and V by default (``share_kv=True``, as in every
+  are unchanged), docs/methods/e2vpt.md §2. One tensor shared by K and V by default (``share_kv=True``, as in every
   released command), or two. :class:`KVPromptAttention` replaces each ``block.attn`` and calls the
   wrapped timm ``Attention``'s own submodules in the order of timm 1.0.31's ``Attention.forward``
   (gate, qkv, q_norm/k_norm, attention, norm, gate, proj, proj_drop) with
   ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on GPU).
 
 ``prompt_tokens`` / ``kv_tokens`` = ``auto`` take the per-task values of the released ``command.txt``
-(spec §2.5, data file ``tasks/data/e2vpt_prompt_lengths.csv``); tasks not listed get P=10, L=5. The
+(docs/methods/e2vpt.md §6, data file ``tasks/data/e2vpt_prompt_lengths.csv``); tasks not listed get P=10, L=5. The
 run record's ``option_sources`` says where each value came from. P=0 and L=0 give exactly the frozen
 backbone (+ head).
 
 Parameters (ViT-B/16, C classes): 9,216·P + 9,216·L + 769·C (shared K/V), 9,216·P + 18,432·L + 769·C
-(separate K and V), spec §5.
+(separate K and V), docs/methods/e2vpt.md §5.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class E2vptPruneModel(E2vptModel):
         counts = super().parameter_counts()
         P, D = self.num_prompts, self.backbone.embed_dim
         zeros = self.prompt_layers() * zero_entries_per_layer(self.pattern, P, D, self.segments)
-        counts["tuned"] = counts["trainable"] - zeros  # spec §3.3 (soft masking)
+        counts["tuned"] = counts["trainable"] - zeros  # docs/methods/e2vpt.md §5 (soft masking)
         counts["pruned_prompt_entries"] = zeros
         counts["kept_prompt_entries"] = self.prompt_layers() * P * D - zeros
         counts["mask_values"] = P * (1 + self.segments)
@@ -120,7 +120,7 @@ def _as_count(name: str, value) -> int:
 
 
 def resolve_prompt_lengths(opts: dict, task) -> tuple[dict, dict]:
-    """``auto`` prompt lengths → the released per-task values (spec §2.5) or the fallback."""
+    """``auto`` prompt lengths → the released per-task values (docs/methods/e2vpt.md §6) or the fallback."""
     opts = dict(opts)
     sources = {}
     for key, fallback in (("prompt_tokens", FALLBACK_PROMPT_TOKENS), ("kv_tokens", FALLBACK_KV_TOKENS)):
@@ -148,10 +148,10 @@ E2VPT_RECIPE = PROMPT_RECIPE.for_suite(
 
 
 E2VPT_OPTIONS = {
-    "prompt_tokens": Option("auto", "visual prompt tokens P per layer (auto: command.txt per-task value, spec "
-                                    "§2.5; else 10)", type=int, keywords=("auto",), min=0),
+    "prompt_tokens": Option("auto", "visual prompt tokens P per layer (auto: command.txt per-task value, "
+                                    "docs/methods/e2vpt.md §6; else 10)", type=int, keywords=("auto",), min=0),
     "kv_tokens": Option("auto", "key-value prompt tokens L per attention layer (auto: command.txt per-task "
-                                "value, spec §2.5; else 5)", type=int, keywords=("auto",), min=0),
+                                "value, docs/methods/e2vpt.md §6; else 5)", type=int, keywords=("auto",), min=0),
     "share_kv": Option(True, "one KV prompt tensor for keys and values (official SHARE_PARAM_KV=True); false: "
                              "separate K and V tensors (2x parameters)"),
     "dropout": Option(0.1, "dropout on the visual prompts (train mode only)", min=0.0, max=1.0),
@@ -164,7 +164,7 @@ E2VPT_OPTIONS = {
 class E2vpt(Method):
     name = "e2vpt"
     aliases = ("e2vpt-origin",)
-    description = "E^2VPT without pruning: deep visual prompts + key-value prompts, backbone frozen (spec §2)"
+    description = "E^2VPT without pruning: deep visual prompts + key-value prompts, backbone frozen (docs/methods/e2vpt.md)"
     options = dict(E2VPT_OPTIONS)
     recipe = E2VPT_RECIPE  # SGD momentum 0.9, batch 64, 100 epochs, warm-up 10, lr x wd grid; FGVC batch 128
 

@@ -1,7 +1,7 @@
 """E^2VPT with prompt pruning + rewinding (``e2vpt-prune``), as the official code runs it
 (``tune_vtab_PruningRewind_CVK.py`` / ``tune_fgvc_PruningRewind.py``).
 
-Masks (spec §3.2): a token mask ρ ∈ R^P and a segment ("piece") mask ∈ R^{P×16}, both initialised to
+Masks (docs/methods/e2vpt.md §3.2): a token mask ρ ∈ R^P and a segment ("piece") mask ∈ R^{P×16}, both initialised to
 1, shared by the visual prompts of all layers, applied after prompt dropout:
 ``prompt[k, d] · seg[k, s(d)] · tok[k]`` with s(d) = d mod 16 (``interleaved``, the code's
 ``repeat((1, D/16))`` layout, default) or s(d) = ⌊d / (D/16)⌋ (``contiguous``, the paper's "equal
@@ -40,7 +40,7 @@ Under a protocol with a reduced search (``EvalProtocol.reduced_search``: the ``d
 are smaller (2-point lr search, 2 token counts × 2 segment counts); the run records say so in
 ``option_sources``.
 
-Parameter counts (spec §3.3): ``tuned`` = trainable − (layers) × (zero entries of the P×D mask); the
+Parameter counts (docs/methods/e2vpt.md §5): ``tuned`` = trainable − (layers) × (zero entries of the P×D mask); the
 extra keys ``pruned_prompt_entries`` / ``kept_prompt_entries`` say how many prompt entries the masks
 zero / keep (soft masking: nothing is physically removed), ``mask_values`` the 17·P mask entries.
 """
@@ -124,7 +124,7 @@ class E2vptPrune(E2vpt):
     name = "e2vpt-prune"
     aliases = ("e2vpt_prune", "e2vpt-pruning")
     description = ("E^2VPT with token/segment prompt pruning + rewinding: search, retrain, importance, "
-                   "rewind every candidate, final seeds (spec §3.2)")
+                   "rewind every candidate, final seeds (docs/methods/e2vpt.md §3.2)")
     options = dict(PRUNE_OPTIONS)
 
     def resolve_options(self, opts, task):

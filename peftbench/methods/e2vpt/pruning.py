@@ -55,7 +55,7 @@ def pattern_tensors(pattern: dict, tokens: int, segments: int = SEGMENTS) -> tup
 
 
 def zero_entries_per_layer(pattern: dict | None, tokens: int, dim: int, segments: int = SEGMENTS) -> int:
-    """Zero entries of the (P, D) mask (spec §3.3: D·n_tok + (P − n_tok)·n_seg·D/R for a uniform n_seg)."""
+    """Zero entries of the (P, D) mask (docs/methods/e2vpt.md §5: D·n_tok + (P − n_tok)·n_seg·D/R for a uniform n_seg)."""
     if pattern is None:
         return 0
     pruned = set(pattern["pruned_tokens"])
@@ -91,7 +91,7 @@ def first_pattern(tokens: int, n_tok: int, n_seg: int) -> dict:
 
 
 def mask_importance(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict:
-    """Importance of the token / segment mask entries from their loss gradients (spec §3.1, §3.2).
+    """Importance of the token / segment mask entries from their loss gradients (docs/methods/e2vpt.md §3.1, §3.2).
 
     ``model`` has ``prompt_token_mask`` (P,) and ``prompt_segment_mask`` (P, R) and maps images to
     logits. For every batch b: L_b = mean cross-entropy, g_b = ∂L_b/∂mask. Returns per mask

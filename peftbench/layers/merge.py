@@ -1,0 +1,32 @@
+"""Folding a trained update into a plain timm ViT (for ``TunedViT.merged``)."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+def plain_vit(backbone: nn.Module, head: nn.Linear) -> nn.Module:
+    """A plain timm ViT classifier: a deep copy of ``backbone`` (a ``num_classes=0`` timm ViT whose
+    modules are the originals, weights already updated by the caller) with ``head`` as its head."""
+    model = copy.deepcopy(backbone)
+    model.reset_classifier(head.out_features)
+    with torch.no_grad():
+        model.head.weight.copy_(head.weight)
+        model.head.bias.copy_(head.bias)
+    for p in model.parameters():
+        p.requires_grad = False
+    return model.eval()
+
+
+@torch.no_grad()
+def scale_shift_linear(layer: nn.Linear, gamma: torch.Tensor, beta: torch.Tensor) -> None:
+    """``gamma * (W x + b) + beta`` as one Linear: W' = diag(gamma) W, b' = gamma b + beta (in place)."""
+    layer.weight.mul_(gamma[:, None].to(layer.weight.dtype))
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(gamma)
+    new_bias = gamma * bias + beta
+    if layer.bias is None:
+        layer.bias = nn.Parameter(new_bias, requires_grad=False)
+    else:
+        layer.bias.copy_(new_bias)
