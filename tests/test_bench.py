@@ -14,7 +14,7 @@ ensure_registered()
 def rows():
     s = BenchSettings(methods=["linear", "full", "vpt-deep", "e2vpt"], backbone=TINY_BACKBONE, batch_size=4,
                       warmup=1, steps=1, sets=("prompt_tokens=4", "kv_tokens=2"))
-    return {r["method"]: r for r in run_bench(s, log=lambda m: None)}
+    return {r["method"]: r for r in run_bench(s, log=lambda m: None) if not r["variant"]}
 
 
 def test_flops_reflect_what_each_method_trains(rows):
@@ -53,3 +53,55 @@ def test_dry_run_counts_and_estimates(rows, tmp_path, capsys):
     # VPT protocol: 10 lr x 4 wd search runs + 5 final seeds, per method and task
     assert "total: 180 runs (linear 90, vpt-deep 90)" in out
     assert "device-hours" in out
+
+
+def test_bench_writes_one_row_per_precision_and_the_estimate_uses_the_runs_precision(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from peftbench.bench.estimate import estimate_seconds
+    from peftbench.bench.speed import read_table
+
+    out = tmp_path / "b"
+    assert main(["bench", "--backbone", TINY_BACKBONE, "--methods", "linear,lora", "--batch-size", "2", "--warmup",
+                 "0", "--steps", "1", "--precision", "fp32,bf16", "--out", str(out), "--no-probe"]) == 0
+    with open(out / f"bench-cpu-{TINY_BACKBONE}.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert {(r["method"], r["variant"], r["precision"]) for r in table} >= {
+        ("linear", "", "fp32"), ("linear", "", "bf16"), ("lora", "", "fp32"), ("lora", "", "bf16"),
+        ("lora", "merged", "fp32"), ("linear", "merged", "bf16")}
+    rows = read_table(out / f"bench-cpu-{TINY_BACKBONE}.csv")
+    rows[("lora", "bf16")] = {**rows[("lora", "bf16")], "train_images_per_s": "1000", "eval_images_per_s": "1000"}
+    rows[("lora", "fp32")] = {**rows[("lora", "fp32")], "train_images_per_s": "10", "eval_images_per_s": "10"}
+    task = SimpleNamespace(name="toy", split_sizes={"train": 100, "test": 0})
+    ctx = SimpleNamespace(task=task, data_root="")
+
+    def spec(precision):
+        return SimpleNamespace(method="lora", job="train", task="toy", train_split="train", eval_split="test",
+                               hparams={"epochs": 1, "precision": precision})
+
+    import peftbench.bench.estimate as est
+
+    old = est.get_task
+    est.get_task = lambda name: SimpleNamespace(split_sizes={"train": 100, "test": 0}, augment=None)
+    try:
+        fast, _ = estimate_seconds([spec("bf16")], [ctx], rows)
+        slow, _ = estimate_seconds([spec("fp32")], [ctx], rows)
+    finally:
+        est.get_task = old
+    assert fast == pytest.approx(0.1) and slow == pytest.approx(10.0)
+
+
+@pytest.mark.parametrize("flags", [["--precision", "fp32,fp8"], ["--precision", ","], ["--batch-size", "0"],
+                                   ["--steps", "0"], ["--peak-tflops", "-1"]])
+def test_bench_refuses_bad_settings_before_measuring(flags, capsys):
+    assert main(["bench", "--backbone", TINY_BACKBONE, "--methods", "linear", "--no-probe", *flags]) == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_mfu_is_the_share_of_the_devices_peak():
+    from peftbench.bench.peaks import mfu_pct, peak_tflops
+
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "bf16") == pytest.approx(989.4)
+    assert peak_tflops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.0)  # the longest matching name wins
+    assert peak_tflops("cpu (x86_64, 2 threads)", "fp32") is None
+    assert mfu_pct(100.0, 1000.0, 200.0) == 50.0 and mfu_pct(1.0, 1.0, None) == ""

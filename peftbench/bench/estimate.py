@@ -27,9 +27,9 @@ def find_table(backbone: str, given: Path | None) -> Path | None:
     if given is not None:
         return given
     arch = backbone.split(".")[0]
-    for device in ("cuda", "cpu"):
-        for name in (backbone, arch):
-            p = table_path(TABLES, device, name)
+    for name in (backbone, arch):
+        gpu_tables = sorted(TABLES.glob(f"bench-cuda-*-{name}.csv")) + [table_path(TABLES, "cuda", name)]
+        for p in gpu_tables + [table_path(TABLES, "cpu", name)]:
             if p.is_file():
                 return p
     return None
@@ -40,7 +40,7 @@ def estimate_seconds(specs, contexts, table: dict[str, dict]) -> tuple[float, li
     data_root = {c.task.name: c.data_root for c in contexts}
     total, missing = 0.0, set()
     for s in specs:
-        row = table.get(s.method)
+        row = table.get((s.method, s.hparams.get("precision", "fp32"))) or table.get(s.method)
         if row is None or s.job != "train":
             missing.add(s.method if row is None else f"{s.method}:{s.job}")
             continue

@@ -8,6 +8,7 @@ the engine runs it, and compared with training it through the backbone over a wh
 from __future__ import annotations
 
 import csv
+import re
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,11 +23,15 @@ from ..sweep.plan import parse_sets
 from ..train.build import parameter_summary
 from ..train.loop import autocast, train_step
 from ..train.optim import build_optimizer
+from .peaks import mfu_pct, peak_tflops
 
-COLUMNS = ["method", "backbone", "device", "batch_size", "img_size", "tokens", "train_step_ms", "train_images_per_s",
-           "eval_images_per_s", "peak_memory_mb", "memory_kind", "gflops_forward_per_image",
-           "gflops_train_per_image", "trainable_params", "tuned_total_pct", "train_time_vs_full", "amp", "compile",
-           "torch"]  # amp: the precision (fp32 | tf32 | bf16 | fp16)
+COLUMNS = ["method", "variant", "backbone", "device", "precision", "compile", "batch_size", "img_size", "tokens",
+           "train_step_ms", "train_images_per_s", "eval_images_per_s", "eval_vs_plain", "peak_memory_mb",
+           "memory_kind", "gflops_forward_per_image", "gflops_train_per_image", "train_mfu_pct", "eval_mfu_pct",
+           "trainable_params", "tuned_total_pct", "train_time_vs_full", "torch"]
+# variant: "" for the model as trained; otherwise one of the model's inference variants ("merged": folded
+# into a plain timm ViT; "compacted": pruned prompts removed), measured for inference only. eval_vs_plain:
+# eval images/s relative to the plain backbone (the linear probe's merged model) in the same conditions.
 
 
 @dataclass
@@ -38,10 +43,17 @@ class BenchSettings:
     num_classes: int = 100
     warmup: int = 2
     steps: int = 5
-    compile: bool = False
-    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16
+    compile: bool = False  # the first combination's (``compiles`` lists them all)
+    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16: the first combination's (``precisions`` lists them all)
     sets: tuple[str, ...] = ()
     baseline: str = "full"  # train_time_vs_full is relative to this method
+    precisions: tuple[str, ...] = ()  # one set of rows per precision x compile (default: (precision,))
+    compiles: tuple[bool, ...] = ()  # (default: (compile,))
+    variants: bool = True  # also measure each model's inference variants
+    peak_tflops: float | None = None  # overrides bench/peaks.py for MFU
+
+    def combinations(self) -> list[tuple[str, bool]]:
+        return [(p, c) for p in (self.precisions or (self.precision,)) for c in (self.compiles or (self.compile,))]
 
 
 def _sync(device: torch.device) -> None:
@@ -99,7 +111,26 @@ def build(method_name: str, s: BenchSettings):
     return method, model
 
 
-def bench_method(method_name: str, s: BenchSettings) -> dict:
+def _peak(device: torch.device, precision: str, s: BenchSettings) -> float | None:
+    if s.peak_tflops:
+        return s.peak_tflops
+    return peak_tflops(torch.cuda.get_device_name(device), precision) if device.type == "cuda" else None
+
+
+def _eval_fn(forward, x, device: torch.device, precision: str):
+    @torch.no_grad()
+    def eval_step():
+        with autocast(device, precision):
+            forward(x)
+
+    return eval_step
+
+
+def bench_method(method_name: str, s: BenchSettings, precision: str | None = None,
+                 compile: bool | None = None) -> list[dict]:
+    """The method's row (train and eval) and one inference row per variant of its model."""
+    precision = s.precision if precision is None else precision
+    compile = s.compile if compile is None else compile
     device = torch.device(s.device)
     method, model = build(method_name, s)
     params = parameter_summary(model)
@@ -108,15 +139,9 @@ def bench_method(method_name: str, s: BenchSettings) -> dict:
     x = torch.randn(s.batch_size, 3, size, size, device=device)
     y = torch.randint(0, s.num_classes, (s.batch_size,), device=device)
     optimizer = build_optimizer(method.recipe.optimizer, model, 1e-3, 1e-4)
-    forward = torch.compile(model) if s.compile else model
-
-    step = _train_step(model, forward, x, y, optimizer, device, s.precision)
-
-    @torch.no_grad()
-    def eval_step():
-        model.eval()
-        with autocast(device, s.precision):
-            forward(x)
+    forward = torch.compile(model) if compile else model
+    peak_tf = _peak(device, precision, s)
+    step = _train_step(model, forward, x, y, optimizer, device, precision)
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -124,28 +149,42 @@ def bench_method(method_name: str, s: BenchSettings) -> dict:
     t_train = _median_time(step, s.warmup, s.steps, device)
     peak = (torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated") if device.type == "cuda" \
         else (None, "n/a on cpu")
-    t_eval = _median_time(eval_step, s.warmup, s.steps, device)
     model.eval()
-    fwd_flops = _flops(lambda: forward(x))  # (the counter's module tracker needs grad mode on)
-    train_flops = _flops(step)
-    tokens = _tokens(model, x[:1])
-    return {
-        "method": method.name, "backbone": s.backbone, "device": device_name(device), "batch_size": s.batch_size,
-        "img_size": size, "tokens": tokens, "train_step_ms": round(t_train * 1000, 2),
+    t_eval = _median_time(_eval_fn(forward, x, device, precision), s.warmup, s.steps, device)
+    fwd_flops = _flops(lambda: forward(x)) / s.batch_size  # (the counter's module tracker needs grad mode on)
+    train_flops = _flops(step) / s.batch_size
+    common = {"method": method.name, "backbone": s.backbone, "device": device_name(device), "precision": precision,
+              "compile": compile, "batch_size": s.batch_size, "img_size": size, "torch": torch.__version__}
+    rows = [{
+        **common, "variant": "", "tokens": _tokens(model, x[:1]), "train_step_ms": round(t_train * 1000, 2),
         "train_images_per_s": round(s.batch_size / t_train, 2), "eval_images_per_s": round(s.batch_size / t_eval, 2),
         "peak_memory_mb": round(peak[0], 1) if peak[0] is not None else "", "memory_kind": peak[1],
-        "gflops_forward_per_image": round(fwd_flops / s.batch_size / 1e9, 6),
-        "gflops_train_per_image": round(train_flops / s.batch_size / 1e9, 6),
+        "gflops_forward_per_image": round(fwd_flops / 1e9, 6), "gflops_train_per_image": round(train_flops / 1e9, 6),
+        "train_mfu_pct": mfu_pct(train_flops / 1e9, s.batch_size / t_train, peak_tf),
+        "eval_mfu_pct": mfu_pct(fwd_flops / 1e9, s.batch_size / t_eval, peak_tf),
         "trainable_params": params["trainable"], "tuned_total_pct": round(params["tuned_total_pct"], 4),
-        "amp": s.precision, "compile": s.compile,
-        "torch": torch.__version__,
-    }
+    }]
+    if not s.variants:
+        return rows
+    model.eval()
+    for name, variant in model.inference_variants().items():
+        variant = variant.to(device).eval()
+        fwd = torch.compile(variant) if compile else variant
+        t = _median_time(_eval_fn(fwd, x, device, precision), s.warmup, s.steps, device)
+        flops = _flops(lambda: fwd(x)) / s.batch_size
+        rows.append({**common, "variant": name, "tokens": _tokens(variant, x[:1]),
+                     "eval_images_per_s": round(s.batch_size / t, 2), "memory_kind": "",
+                     "gflops_forward_per_image": round(flops / 1e9, 6),
+                     "eval_mfu_pct": mfu_pct(flops / 1e9, s.batch_size / t, peak_tf),
+                     "trainable_params": params["trainable"], "tuned_total_pct": round(params["tuned_total_pct"], 4)})
+    return rows
 
 
 def _tokens(model, x) -> int:
-    """Sequence length entering the blocks (prompts included), read with a forward hook."""
+    """Sequence length entering the first transformer block (prompts included), read with a forward hook."""
+    block = next(m for n, m in model.named_modules() if n == "blocks.0" or n.endswith(".blocks.0"))
     seen = []
-    handle = model.backbone.blocks[0].register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    handle = block.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
     with torch.no_grad():
         model.eval()
         model(x)
@@ -184,21 +223,37 @@ def cached_linear_probe(s: BenchSettings, epochs: int = 100, num_images: int = 1
 
 def run_bench(s: BenchSettings, log=print) -> list[dict]:
     rows = []
-    for name in s.methods:
-        log(f"bench {name} on {s.backbone} ({s.device}, batch {s.batch_size}) ...")
-        rows.append(bench_method(name, s))
-        r = rows[-1]
-        log(f"  train {r['train_images_per_s']} img/s ({r['train_step_ms']} ms/step), eval {r['eval_images_per_s']}"
-            f" img/s, {r['gflops_train_per_image']} GFLOP/img train, tokens {r['tokens']}")
-    base = next((r for r in rows if r["method"] == get_method(s.baseline).name), None)
-    for r in rows:
-        r["train_time_vs_full"] = round(r["train_step_ms"] / base["train_step_ms"], 3) if base else ""
+    for precision, compile in s.combinations():
+        block = []
+        for name in s.methods:
+            log(f"bench {name} on {s.backbone} ({s.device}, batch {s.batch_size}, {precision}"
+                f"{', compiled' if compile else ''}) ...")
+            measured = bench_method(name, s, precision, compile)
+            for r in measured:
+                if r["variant"]:
+                    log(f"  {r['variant']}: eval {r['eval_images_per_s']} img/s, {r['gflops_forward_per_image']} "
+                        f"GFLOP/img, tokens {r['tokens']}")
+                else:
+                    log(f"  train {r['train_images_per_s']} img/s ({r['train_step_ms']} ms/step), eval "
+                        f"{r['eval_images_per_s']} img/s, {r['gflops_train_per_image']} GFLOP/img train, "
+                        f"tokens {r['tokens']}")
+            block += measured
+        base = next((r for r in block if r["method"] == get_method(s.baseline).name and not r["variant"]), None)
+        plain = next((r for r in block if r["method"] == "linear" and r["variant"] == "merged"), None)
+        for r in block:
+            if not r["variant"]:
+                r["train_time_vs_full"] = round(r["train_step_ms"] / base["train_step_ms"], 3) if base else ""
+            r["eval_vs_plain"] = round(r["eval_images_per_s"] / plain["eval_images_per_s"], 3) if plain else ""
+        rows += block
     return rows
 
 
-def table_path(out_dir: Path, device: str, backbone: str) -> Path:
-    """Conditions in the file name, as timm's benchmark CSVs do: results/bench-<device>-<backbone>.csv."""
+def table_path(out_dir: Path, device: str, backbone: str, gpu: str | None = None) -> Path:
+    """Conditions in the file name, as timm's benchmark CSVs do: bench-cpu-<backbone>.csv, and
+    bench-cuda-<gpu>-<backbone>.csv when the GPU's name is given (e.g. bench-cuda-h100-80gb-hbm3-...)."""
     dev = "cuda" if device.startswith("cuda") else "cpu"
+    if dev == "cuda" and gpu:
+        dev += "-" + re.sub(r"[^a-z0-9]+", "-", gpu.lower().replace("nvidia", "")).strip("-")
     return Path(out_dir) / f"bench-{dev}-{backbone.replace('/', '_')}.csv"
 
 
@@ -211,9 +266,16 @@ def write_table(rows: list[dict], path: Path) -> None:
             w.writerow({k: r.get(k, "") for k in COLUMNS})
 
 
-def read_table(path: Path) -> dict[str, dict]:
+def read_table(path: Path) -> dict:
+    """Training rows (variant "") by method and by (method, precision): uncompiled rows first, then the
+    first row of each key (tables of the 0.1 bench call the precision column ``amp``)."""
+    out: dict = {}
     with open(path, newline="") as fh:
-        return {row["method"]: row for row in csv.DictReader(fh)}
+        rows = [r for r in csv.DictReader(fh) if not r.get("variant")]
+    for row in sorted(rows, key=lambda r: r.get("compile") == "True"):
+        out.setdefault(row["method"], row)
+        out.setdefault((row["method"], row.get("precision") or row.get("amp") or "fp32"), row)
+    return out
 
 
 @dataclass(frozen=True)
@@ -231,12 +293,15 @@ TARGETS = (
     Target("vpt-deep", "full", 0.75), Target("e2vpt", "full", 0.75), Target("adapter", "full", 0.75),
     Target("lora", "full", 0.75), Target("e2vpt", "vpt-deep", 1.1, same_tokens=True),
 )
+MERGED_TARGET = 0.95  # a merged model runs at the plain backbone's speed (within timing noise)
 PROBE_TARGET = 20.0  # cached-features linear probe at least this many times faster than through the backbone
 
 
 def targets(rows: list[dict], probe: dict | None, table: tuple[Target, ...] = TARGETS) -> list[dict]:
     """The targets, as measured ratios (met or not)."""
-    by = {r["method"]: r for r in rows}
+    first = rows[0] if rows else {}
+    same = [r for r in rows if (r.get("precision"), r.get("compile")) == (first.get("precision"), first.get("compile"))]
+    by = {r["method"]: r for r in same if not r.get("variant")}
     out = []
     for t in table:
         if t.numerator in by and t.denominator in by:
@@ -245,6 +310,12 @@ def targets(rows: list[dict], probe: dict | None, table: tuple[Target, ...] = TA
             note = "" if not t.same_tokens or a["tokens"] == b["tokens"] else " (token counts differ!)"
             out.append({"target": f"{t.numerator} train step <= {t.limit:g} x {t.denominator}{note}",
                         "measured": round(ratio, 3), "met": ratio <= t.limit})
+    plain = next((r for r in same if r["method"] == "linear" and r.get("variant") == "merged"), None)
+    for r in same:
+        if plain and r.get("variant") == "merged" and r is not plain:
+            ratio = r["eval_images_per_s"] / plain["eval_images_per_s"]
+            out.append({"target": f"{r['method']} merged inference >= {MERGED_TARGET:g} x the plain backbone's images/s",
+                        "measured": round(ratio, 3), "met": ratio >= MERGED_TARGET})
     if probe:
         out.append({"target": f"linear probe via cached features >= {PROBE_TARGET:g} x faster than through the backbone",
                     "measured": round(probe["speedup"], 1), "met": probe["speedup"] >= PROBE_TARGET})

@@ -75,6 +75,10 @@ def register(sub) -> None:
     p.add_argument("--bench-table", help="bench CSV for --dry-run estimates (default: the table shipped with "
                                          "peftbench for the backbone, CUDA first: peftbench/bench/tables/)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
+    p.add_argument("--save-weights", choices=("final", "all", "none"), default="final",
+                   help="keep the trained tensors beside the record (<key>.final.safetensors, for `peftbench "
+                        "export`): of the runs evaluated on the final split (default), of all runs, or none. "
+                        "Not part of the run key")
     p.add_argument("--rerun-stale", action="store_true",
                    help="rerun finished runs whose records were produced by other code (the old records are kept "
                         "as <key>.stale.json)")
@@ -172,7 +176,7 @@ def main(args) -> int:
         done = {s.key for s in specs if store.is_done(s)}
         print_plan(specs, contexts, Path(args.bench_table) if args.bench_table else None, done)
         return 0
-    env = Env(device=device, quiet=args.quiet)
+    env = Env(device=device, quiet=args.quiet, save_weights=args.save_weights)
     executor = chosen.create(args, env=env, runs_dir=Path(args.runs_dir), total=len(specs))
     journal = Journal(args.runs_dir)
     try:

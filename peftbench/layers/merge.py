@@ -7,6 +7,11 @@ import torch
 from torch import nn
 
 
+def is_plain_timm(module: nn.Module) -> bool:
+    """Whether every sub-module is one of timm's or torch's own classes (no method module injected)."""
+    return all(type(m).__module__.split(".")[0] in ("timm", "torch") for m in module.modules())
+
+
 def plain_vit(backbone: nn.Module, head: nn.Linear) -> nn.Module:
     """A plain timm ViT classifier: a deep copy of ``backbone`` (a ``num_classes=0`` timm ViT whose
     modules are the originals, weights already updated by the caller) with ``head`` as its head."""

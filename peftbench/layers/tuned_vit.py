@@ -65,8 +65,23 @@ class TunedViT(nn.Module):
         """The trained model as a plain timm ViT with its classifier, the method's update folded into the
         backbone's weights (inference at the backbone's own speed, ``peftbench export``), or None when the
         method cannot be merged (it adds non-linear modules or tokens). Its eval-mode logits must equal
-        this model's (each merging method has a test)."""
+        this model's (each merging method has a test).
+
+        By default: a plain copy when this is a TunedViT as built (no subclass, a linear head) whose
+        backbone holds only timm's and torch's own modules, i.e. the method trained backbone weights in
+        place (linear probe, full fine-tuning, BitFit, partial tuning, LayerNorm tuning)."""
+        from .merge import is_plain_timm, plain_vit
+
+        if type(self) is TunedViT and isinstance(self.head, nn.Linear) and is_plain_timm(self.backbone):
+            return plain_vit(self.backbone, self.head)
         return None
+
+    def inference_variants(self) -> dict[str, nn.Module]:
+        """Cheaper models with this model's eval-mode logits, by name, for ``peftbench bench`` (inference
+        rows) and ``peftbench export``: ``merged`` (a plain timm ViT, from :meth:`merged`) and whatever a
+        subclass adds (e.g. ``compacted``: pruned prompts physically removed). Each has a logits test."""
+        merged = self.merged()
+        return {"merged": merged} if merged is not None else {}
 
     def parameter_counts(self) -> dict[str, int]:
         """trainable (incl. head), trainable_without_head, head, total, tuned (what the papers' Tuned/Total

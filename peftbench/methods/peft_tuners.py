@@ -35,6 +35,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from peftbench.layers.merge import is_plain_timm, plain_vit
 from peftbench.methods import NOAH_RECIPE, Method, Option, TunedViT, register_method
 
 ADAPTER_NAME = "default"
@@ -266,6 +267,24 @@ class PeftTunedViT(TunedViT):
         for layer in self.tuner_layers:
             layer.training = mode  # not recursive: the base layer stays in eval mode
         return self
+
+    def merged(self) -> nn.Module | None:
+        """peft's own merge of every injected layer into its base layer (``BaseTunerLayer.merge``), the
+        tuner layers then replaced by their base layers: a plain timm ViT. None when a tuner cannot merge."""
+        backbone = copy.deepcopy(self.backbone)
+        for name, module in list(backbone.named_modules()):
+            if not _is_tuner_layer(module):
+                continue
+            try:
+                with torch.no_grad():
+                    module.merge(safe_merge=True)
+            except (NotImplementedError, ValueError, AttributeError, TypeError):
+                return None
+            parent_name, _, child = name.rpartition(".")
+            setattr(backbone.get_submodule(parent_name) if parent_name else backbone, child, module.get_base_layer())
+        if not is_plain_timm(backbone):
+            return None
+        return plain_vit(backbone, self.head)
 
 
 class PeftTunerMethod(Method):

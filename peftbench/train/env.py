@@ -21,6 +21,9 @@ class Env:
     checkpoint_every: int = 1
     quiet: bool = False
     prefix: str = ""  # progress prefix, e.g. "[run 3/12]"
+    # trained weights kept beside the record (<key>.final.safetensors, for `peftbench export`):
+    # "final" (runs evaluated on the task's final split: the reported ones), "all" or "none"
+    save_weights: str = "final"
     # called after every finished epoch with (spec, epoch); tests use it to interrupt a run
     epoch_callbacks: list[Callable[[RunSpec, int], None]] = field(default_factory=list)
     # called after every epoch with (spec, history entry): progress displays, experiment trackers
@@ -38,6 +41,9 @@ class Env:
                 torch.manual_seed(0)
                 self._backbones[key] = create_backbone(spec.backbone, spec.checkpoint)
         return copy.deepcopy(self._backbones[key])
+
+    def keeps_weights(self, spec: RunSpec, final_eval_split: str) -> bool:
+        return self.save_weights == "all" or (self.save_weights == "final" and spec.eval_split == final_eval_split)
 
     def log(self, msg: str) -> None:
         if not self.quiet:

@@ -234,8 +234,10 @@ def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], N
         for cb in env.epoch_callbacks:
             cb(spec, epoch)
 
-    if spec.extras.get("save_final"):
-        save_trainable(model, store.artifact_path(spec, "final.safetensors"))
+    weights = None
+    if spec.extras.get("save_final") or env.keeps_weights(spec, task.splits["final"][1]):
+        weights = store.artifact_path(spec, "final.safetensors")
+        save_trainable(model, weights)
     history = prog.history
     evaluated = [h for h in history if "eval_top1" in h]
     best = max(evaluated, key=lambda h: h["eval_top1"])
@@ -259,6 +261,7 @@ def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], N
             **peak_memory(dev),
         },
         "image_size": size,
+        **({"weights": weights.name} if weights is not None else {}),
         "num_train": n,
         "num_eval": len(eval_data),
     }

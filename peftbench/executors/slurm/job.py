@@ -64,8 +64,10 @@ class RunJob(submitit.helpers.Checkpointable):
     one bad run does not stop the others of the pack or of the array.
     """
 
-    def __init__(self, specs: list[dict], runs_dir: str, device: str = "auto", quiet: bool = False):
+    def __init__(self, specs: list[dict], runs_dir: str, device: str = "auto", quiet: bool = False,
+                 save_weights: str = "final"):
         self.specs = [dict(s) for s in specs]
+        self.save_weights = save_weights
         self.runs_dir = str(runs_dir)
         self.device = device
         self.quiet = quiet
@@ -79,7 +81,7 @@ class RunJob(submitit.helpers.Checkpointable):
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus and cpus.isdigit():
             torch.set_num_threads(int(cpus))
-        env = Env(device=device, quiet=self.quiet)
+        env = Env(device=device, quiet=self.quiet, save_weights=getattr(self, "save_weights", "final"))
         store = RunStore(self.runs_dir)
         env.log(f"[{info['job_id']}] {len(self.specs)} run(s) on {info['node']} ({device}); "
                 f"restart {info['restart_count']}, start {self.starts} of this job")
