@@ -93,8 +93,17 @@ class KVPromptAttention(nn.Module):
                 pad = (torch.ones(pad_shape, dtype=torch.bool, device=attn_mask.device) if attn_mask.dtype == torch.bool
                        else torch.zeros(pad_shape, dtype=attn_mask.dtype, device=attn_mask.device))
                 attn_mask = torch.cat([pad, attn_mask], dim=-1)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=a.attn_drop.p if a.training else 0.0, is_causal=is_causal)
+        if getattr(a, "fused_attn", True):
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=a.attn_drop.p if a.training else 0.0, is_causal=is_causal)
+        else:  # timm's explicit path (its Attention.fused_attn = False): softmax(q k^T / sqrt(d)) v
+            attn = (q * a.scale) @ k.transpose(-2, -1)
+            if is_causal:
+                causal = torch.ones(N, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - N)
+                attn = attn.masked_fill(~causal, float("-inf"))
+            if attn_mask is not None:
+                attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
+            x = a.attn_drop(attn.softmax(dim=-1)) @ v
         x = x.transpose(1, 2).reshape(B, N, a.num_heads * a.head_dim)
         x = a.norm(x)
         if gate is not None:

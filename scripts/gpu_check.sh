@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# The GPU check: the CUDA bench table, the bf16 / fp32 / torch.compile paths, and a short real sweep.
+#
+#   bash scripts/gpu_check.sh                       # on a bare GPU machine, from a clean clone
+#   bash scripts/gpu_check.sh --device cpu --small  # the same steps on the CPU at small sizes (CI)
+#
+# Parts (--parts, comma-separated; default all, in this order), each well under 10 minutes on one
+# H100/H200 so that they fit the device tool's per-command limit when run one by one:
+#   install  scripts/install.sh unless .venv already imports peftbench and torch
+#   bench    peftbench bench for the methods of the E^2VPT paper's table, fp32 and bf16, eager
+#   compile  the same methods under torch.compile (bf16 and fp32): rows appended to the same table
+#   checks   scripts/gpu_checks.py: bf16 vs fp32 logits of e2vpt and vpt-deep, fused SDPA vs explicit attention
+#   sweep    the demo suite end to end on the device (run store + leaderboard), then one demo task at
+#            224 px on ViT-B/16 (random weights from a local --checkpoint file: no hub) for 2 epochs
+#            (--small: ViT-Ti/16, e2vpt only, 1 epoch)
+#
+# Outputs (--out, default results/): bench-cuda-<gpu>-<backbone>.csv (or bench-cpu-...), gpu-check-<dev>.json,
+# gpu-sweep-<dev>/ (leaderboards of the two sweeps). Any failure stops the script with a non-zero status.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=cuda
+SMALL=0
+PARTS=install,bench,compile,checks,sweep
+OUT=results
+RUNS=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --small) SMALL=1; shift ;;
+    --parts) PARTS="$2"; shift 2 ;;
+    --out) OUT="$2"; shift 2 ;;
+    --runs) RUNS="$2"; shift 2 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+has() { [[ ",$PARTS," == *",$1,"* ]]; }
+PY=.venv/bin/python
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+T0=$(date +%s)
+stamp() { echo "== [$(( $(date +%s) - T0 )) s] $*"; }
+
+if has install; then
+  if [ -x "$PY" ] && "$PY" -c "import peftbench, torch, timm" 2>/dev/null; then
+    stamp "install: .venv is ready"
+  else
+    stamp "install (scripts/install.sh)"
+    bash scripts/install.sh
+  fi
+fi
+
+if [ "$DEVICE" = "cuda" ]; then
+  "$PY" - <<'EOF'
+import sys, torch
+if not torch.cuda.is_available():
+    sys.exit("gpu_check.sh: --device cuda but torch sees no GPU (use --device cpu --small to rehearse on a CPU)")
+print(f"device: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+EOF
+fi
+
+# the methods of the E^2VPT paper's table (Table 1: full, linear, partial-1, mlp-3, bias, adapter, lora,
+# vpt-shallow, vpt-deep, e2vpt; pruned e2vpt)
+METHODS=linear,full,partial-1,mlp-3,bitfit,adapter,lora,vpt-shallow,vpt-deep,e2vpt,e2vpt-prune
+if [ "$SMALL" = 1 ]; then
+  BACKBONE=demo-vit-random; BATCH=4; WARMUP=1; STEPS=1; SETS=(--set prompt_tokens=4 --set kv_tokens=2)
+  COMPILE_METHODS=linear,e2vpt; BIG_BACKBONE=vit_tiny_patch16_224; CHECK_BATCH=8; BIG_METHODS=e2vpt; BIG_EPOCHS=1
+else
+  BACKBONE=vit_base_patch16_224; BATCH=64; WARMUP=3; STEPS=10; SETS=()
+  COMPILE_METHODS=$METHODS; BIG_BACKBONE=vit_base_patch16_224; CHECK_BATCH=32; BIG_METHODS=e2vpt,vpt-deep; BIG_EPOCHS=2
+fi
+mkdir -p "$OUT"
+BENCH_OUT=$(mktemp -d)
+TABLE_OF() { ls "$1"/bench-*-"$BACKBONE".csv; }
+
+if has bench; then
+  stamp "bench (eager, fp32 + bf16) on $BACKBONE, batch $BATCH"
+  "$PY" -m peftbench bench --device "$DEVICE" --backbone "$BACKBONE" --batch-size "$BATCH" --methods "$METHODS" \
+    --precision fp32,bf16 --warmup "$WARMUP" --steps "$STEPS" "${SETS[@]}" --out "$BENCH_OUT/eager"
+  cp "$(TABLE_OF "$BENCH_OUT/eager")" "$OUT/"
+  cp "$BENCH_OUT"/eager/*-linear-probe.json "$OUT/" 2>/dev/null || true
+fi
+
+if has compile; then
+  stamp "bench (torch.compile, fp32 + bf16) on $BACKBONE"
+  export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
+  "$PY" -m peftbench bench --device "$DEVICE" --backbone "$BACKBONE" --batch-size "$BATCH" --methods "$COMPILE_METHODS" \
+    --precision fp32,bf16 --compile on --warmup "$WARMUP" --steps "$STEPS" "${SETS[@]}" --no-probe --out "$BENCH_OUT/compiled"
+  table="$OUT/$(basename "$(TABLE_OF "$BENCH_OUT/compiled")")"
+  if [ -f "$table" ]; then  # append the compiled rows to the eager table (one header)
+    tail -n +2 "$(TABLE_OF "$BENCH_OUT/compiled")" >> "$table"
+  else
+    cp "$(TABLE_OF "$BENCH_OUT/compiled")" "$table"
+  fi
+fi
+
+if has checks; then
+  stamp "numerical checks (bf16 vs fp32, fused SDPA vs explicit attention)"
+  "$PY" scripts/gpu_checks.py --device "$DEVICE" --backbone "$BACKBONE" --batch-size "$CHECK_BATCH" "${SETS[@]}" \
+    --out "$OUT/gpu-check-$DEVICE.json"
+fi
+
+if has sweep; then
+  RUNS=${RUNS:-$(mktemp -d)/runs}
+  stamp "sweep: the demo suite on $DEVICE (runs in $RUNS/demo)"
+  SWEEP_METHODS=linear,vpt-deep,e2vpt,lora
+  [ "$SMALL" = 1 ] && SWEEP_EXTRA=(--tasks demo_animals,demo_digits --epochs 2) || SWEEP_EXTRA=()
+  "$PY" -m peftbench run --suite demo --methods "$SWEEP_METHODS" --device "$DEVICE" --runs-dir "$RUNS/demo" \
+    --quiet "${SWEEP_EXTRA[@]}"
+  "$PY" -m peftbench leaderboard --runs-dir "$RUNS/demo" --suite demo --out "$OUT/gpu-sweep-$DEVICE/demo" --force
+
+  stamp "sweep: one demo task at 224 px on $BIG_BACKBONE (random weights from a local checkpoint), $BIG_EPOCHS epoch(s)"
+  CKPT="$(dirname "$RUNS")/$BIG_BACKBONE-random.safetensors"
+  "$PY" - "$BIG_BACKBONE" "$CKPT" <<'EOF'
+import sys, timm, torch
+from safetensors.torch import save_file
+torch.manual_seed(0)
+model = timm.create_model(sys.argv[1], pretrained=False, num_classes=0)
+save_file({k: v.contiguous() for k, v in model.state_dict().items()}, sys.argv[2])
+EOF
+  "$PY" -m peftbench run --suite demo --tasks demo_animals --methods "$BIG_METHODS" --backbone "$BIG_BACKBONE" \
+    --checkpoint "$CKPT" --protocol fixed --epochs "$BIG_EPOCHS" --seeds 1 --device "$DEVICE" --runs-dir "$RUNS/vitb224"
+  "$PY" -m peftbench leaderboard --runs-dir "$RUNS/vitb224" --suite demo --out "$OUT/gpu-sweep-$DEVICE/vitb224" --force
+fi
+stamp "gpu_check.sh: all parts passed ($PARTS)"
