@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -21,6 +21,9 @@ class Env:
     checkpoint_every: int = 1
     quiet: bool = False
     prefix: str = ""  # progress prefix, e.g. "[run 3/12]"
+    # where log lines go instead of stderr: anything with ``message(text, detail)`` (the sweep's
+    # peftbench.sweep.progress.SweepProgress: a bar on a terminal, plain lines in a file)
+    progress: Any = None
     # called after every finished epoch with (spec, epoch); tests use it to interrupt a run
     epoch_callbacks: list[Callable[[RunSpec, int], None]] = field(default_factory=list)
     # called after every epoch with (spec, history entry): progress displays, experiment trackers
@@ -39,6 +42,9 @@ class Env:
                 self._backbones[key] = create_backbone(spec.backbone, spec.checkpoint)
         return copy.deepcopy(self._backbones[key])
 
-    def log(self, msg: str) -> None:
-        if not self.quiet:
+    def log(self, msg: str, detail: bool = False) -> None:
+        """A progress line; ``detail``: a per-epoch line (a progress display shows those only when verbose)."""
+        if self.progress is not None:
+            self.progress.message(msg, detail)
+        elif not self.quiet:
             print(msg, file=sys.stderr, flush=True)
