@@ -165,3 +165,15 @@ def test_comparison_section_in_the_leaderboard_report(tmp_path):
     html = (out / "fgvc-report.html").read_text()
     assert 'id="compare"' in html and 'href="#compare"' in html
     assert (out / "fgvc-compare.csv").is_file()
+
+
+def test_compare_columns_are_documented():
+    from pathlib import Path
+
+    from peftbench.results.columns import columns
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "results.md").read_text()
+    names = [c.name for c in columns("compare")]
+    assert len(names) == 18
+    for name in names:
+        assert f"`{name}`" in doc, f"docs/results.md does not document the compare column {name}"
