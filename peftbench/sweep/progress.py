@@ -7,7 +7,10 @@ its seconds from the bench table (``peftbench bench``) when one is given, else i
 (``epochs × train images + evaluations × eval images / 3``; a head on cached features: one forward
 pass over its images), and the remaining time is the remaining size times the measured seconds per
 unit of size, the current run counted by its finished epochs. With a bench table the table's rate is
-the prior, worth two average runs, so the first measurements refine it rather than replace it.
+the prior, worth two average runs, so the first measurements refine it rather than replace it. The
+first run of a process also pays one-time costs (the backbone loaded, images decoded into the cache,
+the process warmed up) before its first epoch: that setup, beyond a typical run's, is left out of
+the rate (:meth:`Eta._measured`).
 docs/results.md ("Progress and ETA") has the formula and the measurement.
 """
 from __future__ import annotations
@@ -55,11 +58,33 @@ def run_size(spec: RunSpec, cache: dict | None = None) -> float | None:
     return float(epochs * n(spec.train_split) + evals * n(spec.eval_split) * EVAL_COST)
 
 
+def separable_setup(spec: RunSpec) -> bool:
+    """Whether the time before a run's first epoch is setup rather than its work: true for training
+    through the backbone; a head on cached features computes its features there, a job has no epochs."""
+    if spec.job != "train":
+        return False
+    try:
+        return not uses_cached_features(get_method(spec.method), get_task(spec.task))
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _slot(spec: RunSpec) -> tuple:
     """What identifies a planned run before its hyper-parameters are chosen (a later stage's learning rate
     comes from the search, so its key is not known when the sweep is planned)."""
     return (spec.config or spec.method, spec.task, spec.stage, spec.job, spec.train_split, spec.eval_split,
             int((spec.hparams or {}).get("epochs") or 0), spec.seed)
+
+
+@dataclass
+class Measured:
+    """One run's measurement: its size, its seconds, and its setup seconds (the time before the first
+    epoch beyond one epoch's, when :func:`separable_setup`; None when not known or not separable)."""
+
+    size: float
+    seconds: float
+    setup: float | None = None
+    separable: bool = True
 
 
 @dataclass
@@ -69,9 +94,8 @@ class Eta:
     sizes: dict[tuple, list[float]] = field(default_factory=dict)  # slot -> sizes of the planned runs left
     prior_rate: float | None = None  # seconds per size unit (1.0 when sizes are the bench table's seconds)
     prior_weight: float = 0.0  # in size units
-    done_size: float = 0.0
-    done_s: float = 0.0
-    current: tuple[float, float] | None = None  # (size, seconds so far) of the run in progress
+    done: list[Measured] = field(default_factory=list)  # the runs trained here, in order
+    current: Measured | None = None  # the run in progress (size: all of it; seconds so far)
     current_frac: float = 0.0
 
     @classmethod
@@ -106,38 +130,66 @@ class Eta:
             if not sizes:
                 del self.sizes[_slot(spec)]
             return size
-        left = self.size_left()
         n = sum(len(v) for v in self.sizes.values())
-        return left / n if n else (self.done_size or 1.0)
+        return self.size_left() / n if n else 1.0
+
+    def put_back(self, spec: RunSpec) -> None:
+        """The run in progress goes back among the runs left (deferred to another driver)."""
+        if self.current is not None:
+            self.sizes.setdefault(_slot(spec), []).append(self.current.size)
+        self.current, self.current_frac = None, 0.0
 
     def size_left(self) -> float:
         return sum(sum(v) for v in self.sizes.values())
 
-    def start(self, spec: RunSpec) -> None:
-        self.current = (self.take(spec), 0.0)
+    def start(self, spec: RunSpec, separable: bool | None = None) -> None:
+        sep = separable_setup(spec) if separable is None else separable
+        self.current = Measured(self.take(spec), 0.0, None, sep)
         self.current_frac = 0.0
 
-    def progress(self, frac: float, seconds: float) -> None:
+    def progress(self, frac: float, seconds: float, setup: float | None = None) -> None:
+        """The run in progress: ``frac`` of its epochs done in ``seconds``, ``setup`` seconds of them setup."""
         if self.current is not None:
-            self.current = (self.current[0], seconds)
+            self.current.seconds = seconds
+            self.current.setup = setup if self.current.separable else None
             self.current_frac = min(max(frac, 0.0), 1.0)
 
-    def finish(self, seconds: float, ran: bool) -> None:
+    def finish(self, seconds: float, ran: bool, setup: float | None = None) -> None:
         """The run in progress ended (``ran`` False: it was done already, or another driver ran it)."""
         if self.current is not None and ran:
-            self.done_size += self.current[0]
-            self.done_s += seconds
-        self.current = None
-        self.current_frac = 0.0
+            cur = self.current
+            self.done.append(Measured(cur.size, seconds, setup if cur.separable else None, cur.separable))
+        self.current, self.current_frac = None, 0.0
 
     def skip(self, spec: RunSpec) -> None:
         self.take(spec)
 
+    def _measured(self) -> list[Measured]:
+        """What the rate comes from: the finished runs and the finished part of the current one, the first
+        run's one-time setup removed (what it spent before its first epoch beyond a typical run's
+        setup; all of it while no other run gives a typical one). A first run whose setup cannot be
+        told from its work (a head on cached features, a job, a run of one epoch) is left out once
+        another run is measured, and makes no estimate alone."""
+        runs = list(self.done)
+        cur = self.current
+        if cur is not None and self.current_frac > 0:
+            runs.append(Measured(cur.size * self.current_frac, cur.seconds, cur.setup, cur.separable))
+        if not runs:
+            return []
+        first, rest = runs[0], runs[1:]
+        setups = [r.setup for r in rest if r.setup is not None]
+        typical = statistics.median(setups) if setups else 0.0
+        if first.separable and first.setup is not None:
+            first = Measured(first.size, max(0.0, first.seconds - max(0.0, first.setup - typical)), first.setup)
+            return [first, *rest]
+        if rest:
+            return rest
+        return [first] if self.prior_rate is not None else []  # alone and unsure: only beside a prior
+
     def rate(self) -> float | None:
-        size, secs = self.done_size, self.done_s
-        if self.current is not None and self.current_frac > 0:
-            size += self.current[0] * self.current_frac
-            secs += self.current[1]
+        runs = self._measured()
+        size = sum(r.size for r in runs)
+        secs = sum(r.seconds for r in runs)
         if self.prior_rate is not None:
             return (secs + self.prior_rate * self.prior_weight) / (size + self.prior_weight)
         return secs / size if size > 0 else None
@@ -148,7 +200,7 @@ class Eta:
             return None
         left = self.size_left()
         if self.current is not None:
-            left += self.current[0] * (1 - self.current_frac)
+            left += self.current.size * (1 - self.current_frac)
         return rate * left
 
 
@@ -175,6 +227,7 @@ class SweepProgress:
         self.done = 0
         self.t0 = clock()
         self.run_t0: float | None = None
+        self.epoch_times: list[float] = []  # seconds since the run started, at its first two epochs' ends
         self.current: RunSpec | None = None
         self.epoch_text = ""
         self.last_line = self.t0
@@ -184,12 +237,13 @@ class SweepProgress:
 
     def run_started(self, spec: RunSpec) -> None:
         self.current, self.run_t0, self.epoch_text = spec, self.clock(), ""
+        self.epoch_times = []
         self.eta.start(spec)
         self._refresh()
 
     def run_finished(self, spec: RunSpec, ran: bool = True) -> None:
         seconds = self.clock() - (self.run_t0 or self.clock())
-        self.eta.finish(seconds, ran)
+        self.eta.finish(seconds, ran, self._setup())
         self.done += 1
         self.current, self.run_t0 = None, None
         if self.bar is not None:
@@ -198,17 +252,25 @@ class SweepProgress:
 
     def run_deferred(self, spec: RunSpec) -> None:
         """The run was left to another driver for now: back among the runs left."""
-        if self.eta.current is not None:
-            self.eta.sizes.setdefault(_slot(spec), []).append(self.eta.current[0])
-        self.eta.current = None
+        self.eta.put_back(spec)
         self.current, self.run_t0 = None, None
         self._refresh()
+
+    def _setup(self) -> float | None:
+        """The current run's time before its first epoch, less one epoch's (the second epoch's) time."""
+        if len(self.epoch_times) < 2:
+            return None
+        first, second = self.epoch_times
+        return max(0.0, first - (second - first))
 
     def epoch(self, spec: RunSpec, entry: dict) -> None:
         epochs = int((spec.hparams or {}).get("epochs") or 1)
         done = int(entry.get("epoch", 0)) + 1
         if self.run_t0 is not None:
-            self.eta.progress(done / epochs, self.clock() - self.run_t0)
+            elapsed = self.clock() - self.run_t0
+            if len(self.epoch_times) < 2:
+                self.epoch_times.append(elapsed)
+            self.eta.progress(done / epochs, elapsed, self._setup())
         self.epoch_text = f"epoch {done}/{epochs}"
         self._refresh()
         if self.mode == "lines" and self.clock() - self.last_line >= self.interval_s:
