@@ -321,7 +321,7 @@ class SweepProgress:
             if self.epoch_text:
                 what += f" {self.epoch_text}"
         self.bar.set_description_str(what or "sweep", refresh=False)
-        self.bar.set_postfix_str(f", sweep left {self.left_text()}", refresh=True)
+        self.bar.set_postfix_str(f"sweep left {self.left_text()}", refresh=True)  # tqdm adds the ", "
 
     def close(self) -> None:
         if self.bar is not None:
