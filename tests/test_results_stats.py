@@ -215,3 +215,13 @@ def test_heatmap_has_one_row_per_configuration(tmp_path):
     assert img.get_array().shape == (24, len(FGVC) + 1)  # tasks + the mean over tasks
     labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert labels[0] == "cfg23" and labels[-1] == "cfg00"  # in rank order
+
+
+def test_plots_of_a_board_of_controls_only(tmp_path):
+    from peftbench.results.plots import render_all
+
+    root = tmp_path / "runs"
+    _fgvc(root, "linear", (0.0,), 50.0, backbone="demo-vit-random")
+    board, _ = board_for(root, "fgvc")
+    out = render_all(board)
+    assert out["tasks"]["png"][:8] == b"\x89PNG\r\n\x1a\n" and out["pareto"]["svg"]

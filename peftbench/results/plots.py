@@ -307,7 +307,10 @@ def task_heatmap_figure(board: Board):
     ranked = np.array([not r.control for r in rows] or [True])  # controls take no part in the colour scale
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-empty column
-        lo, hi = np.nanmin(vals[ranked], axis=0), np.nanmax(vals[ranked], axis=0)
+        if ranked.any():
+            lo, hi = np.nanmin(vals[ranked], axis=0), np.nanmax(vals[ranked], axis=0)
+        else:  # only controls
+            lo = hi = np.full(nc, np.nan)
         span = np.where(hi - lo > 0, hi - lo, 1.0)
         rel = np.where(np.isnan(vals), np.nan, np.clip((vals - lo) / span, 0, 1))
     rel = np.where(np.isfinite(rel) & (hi - lo == 0), 0.5, rel)

@@ -156,11 +156,13 @@ def write_leaderboard(runs_dir: str | Path, out_dir: str | Path, suite: str | No
     files (``<suite>-compare.csv`` and a section of the report).
     """
     check_out_dir(runs_dir, out_dir, force=force)
-    written: list[Path] = []
-    for board in _boards(runs_dir, suite, reference_dir, warn):
-        written += write_suite(board, out_dir, plots=plots, html=html,
-                               comparison=(comparisons or {}).get(board.grid.suite))
-    if written:
+    boards = _boards(runs_dir, suite, reference_dir, warn)
+    if boards:  # the stamp first: a concurrent driver of the same store checking the folder finds it
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(out_dir) / STAMP, json.dumps({"runs_dir": _store_id(runs_dir, Path(out_dir))}) + "\n",
                           fsync=False)
+    written: list[Path] = []
+    for board in boards:
+        written += write_suite(board, out_dir, plots=plots, html=html,
+                               comparison=(comparisons or {}).get(board.grid.suite))
     return written
