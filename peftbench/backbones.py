@@ -30,6 +30,9 @@ class Preset:
     kwargs: dict
     checkpoint: Path | None
     description: str
+    # non-empty: results on this backbone are a control, not a method's result (e.g. "random weights");
+    # leaderboards list such rows apart: not ranked, not on the Pareto frontier, drawn apart in plots
+    control: str = ""
 
 
 # presets; third-party packages add theirs through the `peftbench.backbones` entry-point group
@@ -58,6 +61,7 @@ _BUILTIN: dict[str, Preset] = {
         dict(img_size=32, patch_size=4, embed_dim=96, depth=6, num_heads=3),
         None,
         "the demo ViT architecture, randomly initialised (the control for the pretrained one)",
+        control="random-weight backbone",
     ),
 }
 for _name, _preset in _BUILTIN.items():

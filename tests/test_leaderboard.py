@@ -419,7 +419,7 @@ def test_outputs_are_byte_identical_when_run_twice(vtab_store, tmp_path):
     write_leaderboard(vtab_store, b, None, reference_dir=REFERENCE)  # again, into another folder
     assert _digests(a) == _digests(b)
     exts = {p.suffix for p in wa}
-    assert exts == {".csv", ".png", ".svg", ".html"}
+    assert exts == {".csv", ".png", ".svg", ".html", ".tex", ".md"}
     assert {p.name for p in wa} >= {"vtab-leaderboard.csv", "fgvc-leaderboard.csv", "vtab-pareto.svg",
                                     "vtab-tasks.png", "vtab-report.html", "vtab-vs-reported.csv"}
     svg = (a / "vtab-pareto.svg").read_text()

@@ -138,3 +138,40 @@ def test_report_without_runs_or_reference(tmp_path):
     dom = parse(html)
     assert dom.tables["leaderboard-table"] == 1
     assert "vs-reported-table" not in dom.tables and 'id="problems-none"' in html
+
+
+LAYOUT_PROBE = """<script>window.addEventListener('load',function(){
+var out={vw:window.innerWidth,sw:document.documentElement.scrollWidth,cols:{}};
+document.querySelectorAll('#leaderboard-table thead th').forEach(function(th){
+var r=th.getBoundingClientRect();out.cols[th.textContent]=[r.left,r.right];});
+document.body.setAttribute('data-layout',JSON.stringify(out));});</script>"""
+
+
+def test_parameter_columns_visible_at_1400px(report, tmp_path):
+    """At 1400 px the configuration, its Tuned/Total % and its parameter counts are on screen without any
+    horizontal scroll (wider columns may scroll inside the table's own box, never the page)."""
+    import json
+
+    browser = find_chromium()
+    if browser is None:
+        if os.environ.get("PEFTBENCH_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("PEFTBENCH_REQUIRE_CHROMIUM=1 but no Chromium was found")
+        pytest.skip("no Chromium found (Debian: apt-get install -y chromium; or set PEFTBENCH_CHROMIUM)")
+    page = tmp_path / "probe.html"
+    page.write_text(report.read_text(encoding="utf-8").replace("</body>", LAYOUT_PROBE + "</body>"), encoding="utf-8")
+    flags = [browser, *BROWSER_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000",
+             "--window-size=1400,1000"]
+    res = subprocess.run([*flags, "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True, timeout=180)
+    assert res.returncode == 0, res.stderr[-2000:]
+    layout = json.loads(parse(res.stdout).body["data-layout"])
+    assert 1300 <= layout["vw"] <= 1400, layout["vw"]
+    assert layout["sw"] <= layout["vw"], "the page itself scrolls sideways"
+    cols = layout["cols"]
+    for name in ("rank", "config", "Tuned/Total %", "trainable params", "tuned params", "seeds"):
+        left, right = cols[name]
+        assert 0 <= left and right <= layout["vw"], f"{name!r} is off screen at 1400 px: {cols[name]}"
+    assert cols["config"][0] < cols["Tuned/Total %"][0] < cols["trainable params"][0] < cols["tuned params"][0]
+    shot = tmp_path / "shot-1400.png"
+    res = subprocess.run([*flags, f"--screenshot={shot}", report.resolve().as_uri()], capture_output=True, text=True,
+                         timeout=180)
+    assert res.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

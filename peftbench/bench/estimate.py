@@ -5,22 +5,13 @@ from collections import Counter, defaultdict
 from importlib import resources
 from pathlib import Path
 
-from ..data.splits import read_split
+from ..data.splits import split_size
 from ..methods import get_method
 from ..tasks import get_task
 from ..train.loop import uses_cached_features
 from .speed import read_table, table_path
 
 TABLES = Path(str(resources.files("peftbench.bench") / "tables"))  # the bench tables shipped with the package
-
-
-def split_size(task, data_root: str, split: str) -> int | None:
-    if split in task.split_sizes:
-        return task.split_sizes[split]
-    try:
-        return len(read_split(task, Path(data_root), split))
-    except Exception:
-        return None
 
 
 def find_table(backbone: str, given: Path | None) -> Path | None:
@@ -35,29 +26,37 @@ def find_table(backbone: str, given: Path | None) -> Path | None:
     return None
 
 
-def estimate_seconds(specs, contexts, table: dict[str, dict]) -> tuple[float, list[str]]:
-    """Training + evaluation time of ``specs`` at the table's throughputs; also what could not be estimated."""
+def estimate_each(specs, contexts, table: dict[str, dict]) -> tuple[dict[str, float], list[str]]:
+    """Per run key: the training + evaluation seconds of the spec at the table's throughputs; also what
+    could not be estimated (those specs have no entry)."""
     data_root = {c.task.name: c.data_root for c in contexts}
-    total, missing = 0.0, set()
+    out, missing = {}, set()
     for s in specs:
         row = table.get((s.method, s.hparams.get("precision", "fp32"))) or table.get(s.method)
         if row is None or s.job != "train":
             missing.add(s.method if row is None else f"{s.method}:{s.job}")
             continue
         task = get_task(s.task)
-        n_train = split_size(task, data_root[s.task], s.train_split)
-        n_eval = split_size(task, data_root[s.task], s.eval_split)
+        root = data_root.get(s.task, s.data_root)
+        n_train = split_size(task, root, s.train_split)
+        n_eval = split_size(task, root, s.eval_split)
         if n_train is None:
             missing.add(f"{s.task}:{s.train_split}")
             continue
         if uses_cached_features(get_method(s.method), task):
             # the engine computes the features once; the head's epochs on cached features are negligible
-            total += (n_train + (n_eval or 0)) / float(row["eval_images_per_s"])
+            out[s.key] = (n_train + (n_eval or 0)) / float(row["eval_images_per_s"])
             continue
         evals = 1 + (int(s.hparams["epochs"]) // int(s.hparams["eval_every"]) if s.hparams.get("eval_every") else 0)
-        total += int(s.hparams["epochs"]) * n_train / float(row["train_images_per_s"])
-        total += evals * (n_eval or 0) / float(row["eval_images_per_s"])
-    return total, sorted(missing)
+        out[s.key] = (int(s.hparams["epochs"]) * n_train / float(row["train_images_per_s"])
+                      + evals * (n_eval or 0) / float(row["eval_images_per_s"]))
+    return out, sorted(missing)
+
+
+def estimate_seconds(specs, contexts, table: dict[str, dict]) -> tuple[float, list[str]]:
+    """Training + evaluation time of ``specs`` at the table's throughputs; also what could not be estimated."""
+    each, missing = estimate_each(specs, contexts, table)
+    return sum(each.values()), missing
 
 
 def print_plan(specs, contexts, bench_table: Path | None, done: set[str] | frozenset = frozenset()) -> None:

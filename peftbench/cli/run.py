@@ -74,11 +74,15 @@ def register(sub) -> None:
                    help="print the runs the sweep needs and their estimated GPU-hours, run nothing")
     p.add_argument("--bench-table", help="bench CSV for --dry-run estimates (default: the table shipped with "
                                          "peftbench for the backbone, CUDA first: peftbench/bench/tables/)")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch progress")
     p.add_argument("--save-weights", choices=("final", "all", "none"), default="final",
                    help="keep the trained tensors beside the record (<key>.final.safetensors, for `peftbench "
                         "export`): of the runs evaluated on the final split (default), of all runs, or none. "
                         "Not part of the run key")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress output (no bar, no per-run lines): warnings, errors and the final summary only")
+    p.add_argument("--verbose", action="store_true",
+                   help="also a line per epoch (and per run found done already); default: a live bar with the "
+                        "sweep's ETA on a terminal, one line per finished run plus a status line every minute in a file")
     p.add_argument("--rerun-stale", action="store_true",
                    help="rerun finished runs whose records were produced by other code (the old records are kept "
                         "as <key>.stale.json)")
@@ -132,6 +136,25 @@ def check_runs_dir(path: str) -> Path:
     return p
 
 
+def _estimates(specs, contexts, device: str, bench_table: str | None) -> dict[str, float] | None:
+    """Per run key: seconds from the bench table of this device type (the ETA's prior), None without one."""
+    from ..bench.estimate import TABLES, estimate_each
+    from ..bench.speed import read_table, table_path
+
+    if bench_table:
+        path = Path(bench_table)
+    else:
+        backbone = contexts[0].backbone
+        path = next((p for p in (table_path(TABLES, device, backbone), table_path(TABLES, device, backbone.split(".")[0]))
+                     if p.is_file()), None)
+    if path is None or not path.is_file():
+        return None
+    try:
+        return estimate_each(specs, contexts, read_table(path))[0]
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 def main(args) -> int:
     from ..bench.estimate import print_plan
     from ..executors import EXECUTORS
@@ -141,6 +164,7 @@ def main(args) -> int:
     from ..sweep import freshness
     from ..sweep.drive import count_runs, drive, print_summary, summary_rows
     from ..sweep.plan import plan
+    from ..sweep.progress import SweepProgress
     from ..train.env import Env
     from ..train.hparams import parse_hparams
 
@@ -176,12 +200,20 @@ def main(args) -> int:
         done = {s.key for s in specs if store.is_done(s)}
         print_plan(specs, contexts, Path(args.bench_table) if args.bench_table else None, done)
         return 0
-    env = Env(device=device, quiet=args.quiet, save_weights=args.save_weights)
+    if args.quiet and args.verbose:
+        from ..errors import SettingsError
+
+        raise SettingsError("--quiet and --verbose: choose one")
+    progress = SweepProgress(specs, estimates=_estimates(specs, contexts, device, args.bench_table),
+                             mode="quiet" if args.quiet else "auto", verbose=args.verbose)
+    env = Env(device=device, quiet=args.quiet, progress=progress, save_weights=args.save_weights)
+    env.epoch_listeners.append(progress.epoch)
     executor = chosen.create(args, env=env, runs_dir=Path(args.runs_dir), total=len(specs))
     journal = Journal(args.runs_dir)
     try:
         outcomes = drive(contexts, executor, store, journal)
     finally:
+        progress.close()
         executor.close()
         journal.close()
     rows = summary_rows(outcomes)

@@ -154,13 +154,21 @@ def write_cache_file(path: Path, header: dict, split: Split, geo: Geometry, *, l
     atomic_write(path, write, fsync=False)  # a lost cache file is rebuilt; no need to wait for the disk
     if log:
         dt = time.time() - t0
-        print(f"\rpeftbench: decoded {split.task}/{split.name}: {len(split)} images "
+        lead = "\r" if _isatty() else ""  # over the \r progress line of a terminal; a log gets whole lines
+        print(f"{lead}peftbench: decoded {split.task}/{split.name}: {len(split)} images "
               f"({geo.stored}x{geo.stored}) in {dt:.1f}s ({len(split) / max(dt, 1e-9):.0f} img/s) -> {path}",
               file=sys.stderr, flush=True)
 
 
+def _isatty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _progress(label: str, total: int):
-    if not sys.stderr.isatty():
+    if not _isatty():
         return None
 
     def show(done: int) -> None:

@@ -9,6 +9,17 @@ from ..tasks import Task, task_splits
 from .layouts import Split, layout_of
 
 
+def split_size(task: Task, data_root: str | Path, split: str) -> int | None:
+    """The number of images of ``split``: the task's declared size, else the length of its list file;
+    None when neither is there (nothing is raised: estimates only)."""
+    if split in task.split_sizes:
+        return task.split_sizes[split]
+    try:
+        return len(read_split(task, Path(data_root), split))
+    except Exception:  # noqa: BLE001 - a missing or broken list only means no estimate
+        return None
+
+
 def read_split(task: Task, data_root: Path, split: str) -> Split:
     """Read and check one split list (the task's folder is materialised first if the task builds
     itself). Errors name the file, the line and what is wrong."""

@@ -23,12 +23,10 @@ class LocalExecutor:
         self.poll_s = 5.0  # how often a run another driver holds is looked at again
 
     def _prefix(self) -> str:
-        from ..train.loop import fmt_s
-
-        left = ""
-        if self.total and self.trained:
-            left = f", sweep left ~{fmt_s(self.trained_s / self.trained * (self.total - self.done + 1))}"
-        return f"[run {self.done}/{self.total or '?'}{left}]"
+        progress = self.env.progress
+        if progress is not None and hasattr(progress, "prefix"):
+            return progress.prefix()  # with the sweep's ETA (peftbench.sweep.progress)
+        return f"[run {self.done}/{self.total or '?'}]"
 
     def run(self, specs: list[RunSpec], store: RunStore) -> list[RunRecord]:
         """Each spec in turn; a run another live process holds is left to it and collected at the end
@@ -51,26 +49,41 @@ class LocalExecutor:
              counted: bool = False) -> RunRecord | None:
         if not counted:
             self.done += 1
-        self.env.prefix = self._prefix()
         old = store.load(spec)
+        if hasattr(self.env.progress, "run_started"):
+            self.env.progress.run_started(spec)
+        self.env.prefix = self._prefix()
         if old is not None and old.is_final:
-            self.env.log(f"{self.env.prefix} {spec.label()}: done already, skipped")
+            self._finished(spec, ran=False)
+            self.env.log(f"{self.env.prefix} {spec.label()}: done already, skipped", detail=True)
             return old
         t0 = time.time()
         rec, ran = execute_claimed(spec, store, self.env, wait=wait, poll_s=self.poll_s)
         if rec is None:
+            self._finished(spec, ran=False, taken_back=True)
             self.env.log(f"{self.env.prefix} {spec.label()}: another driver trains it; coming back to it later")
             return None
         if not ran:
+            self._finished(spec, ran=False)
             self.env.log(f"{self.env.prefix} {spec.label()}: done by another driver ({rec.status})")
             return rec
         self.trained += 1
         self.trained_s += time.time() - t0
-        self.env.log(f"{self.env.prefix} {spec.label()}: {rec.status}"
+        self._finished(spec, ran=True)
+        self.env.log(f"{self._prefix()} {spec.label()}: {rec.status}"
                      + (f" top1 {rec.top1:.2f}" if rec.top1 is not None else "")
                      + f" ({time.time() - t0:.1f}s)"
                      + (f"\n    {rec.error.strip().splitlines()[-1]}" if rec.error else ""))
         return rec
+
+    def _finished(self, spec: RunSpec, *, ran: bool, taken_back: bool = False) -> None:
+        progress = self.env.progress
+        if not hasattr(progress, "run_finished"):
+            return
+        if taken_back:  # deferred to the end: it is planned again then
+            progress.run_deferred(spec)
+        else:
+            progress.run_finished(spec, ran=ran)
 
     def close(self) -> None:
         pass

@@ -20,6 +20,15 @@ def num(x, digits=2, signed=False) -> str:
     return f"<td>{x:.{digits}f}</td>"
 
 
+def mean_std(x, sd, digits=2) -> str:
+    """``mean ± std`` (std smaller), or the mean alone without a std."""
+    if x is None:
+        return MISSING
+    if sd is None:
+        return f"<td>{x:.{digits}f}</td>"
+    return f'<td>{x:.{digits}f}<span class="sd"> ± {sd:.{digits}f}</span></td>'
+
+
 def integer(x) -> str:
     if x is None:
         return MISSING

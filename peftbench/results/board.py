@@ -4,6 +4,11 @@ papers' reported rows beside them. Pure aggregation: no files, no plots (``write
 Conventions (never averaged away): a task counts as *done* for a row when it has at least one
 final-stage (``spec.stage == "final"``) record with status ``ok``; a group mean or an overall mean
 is empty unless every task it covers is done.
+
+Uncertainty (docs/results.md gives the formulas): each group / overall mean has the sample std over
+seeds of the per-seed means (the seeds every task of the mean has, at least two), and the headline
+has a standard error from the suite's per-task seed noise (pooled over the configurations with two
+or more seeds), with which rows within noise of a better-ranked row are marked as ties.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from ..backbones import preset
 from ..errors import PeftbenchError, UnknownNameError
 from ..store import RunRecord, RunStore, validate
 from ..tasks import get_suite, get_task
@@ -22,6 +28,7 @@ from ..train.code import code_fingerprint, staleness
 from .reference import Reported
 
 FINAL_STAGE = "final"
+TIE_Z = 1.96  # two rows tie when their headline difference is within TIE_Z standard errors (95 %, normal)
 
 # ---------------------------------------------------------------------------------------------
 # reading the store
@@ -204,6 +211,15 @@ class Row:
     tuned_total_pct: float | None = None
     trainable: float | None = None
     trainable_excl_head: float | None = None
+    tuned_params: float | None = None  # params.tuned: what Tuned/Total counts (after pruning, e.g. e2vpt-prune)
+    per_seed: dict[str, dict[int, float]] = field(default_factory=dict)  # task -> seed -> top-1 of the counted run
+    group_std: dict[str, float | None] = field(default_factory=dict)  # std over seeds of the per-seed group mean
+    overall_groups_std: float | None = None
+    overall_tasks_std: float | None = None
+    headline_se: float | None = None  # standard error of the headline from the suite's per-task noise
+    tied_with: int | None = None  # the best rank whose row this row is within noise of (a tie)
+    control: str = ""  # why this row is a control (a random-weight backbone): not ranked, not on the frontier
+    cached_features: str = ""  # yes | no | mixed: the counted runs trained a head on cached features
     peak_memory_mb: float | None = None
     memory_kind: str = ""
     images_per_s: float | None = None
@@ -229,6 +245,14 @@ class Row:
     def headline(self, grid: SuiteGrid) -> float | None:
         return self.overall_groups if grid.groups else self.overall_tasks
 
+    def headline_std(self, grid: SuiteGrid) -> float | None:
+        return self.overall_groups_std if grid.groups else self.overall_tasks_std
+
+    @property
+    def seeds_min(self) -> int | None:
+        n = [v for v in self.seeds.values() if v]
+        return min(n) if n else None
+
 
 @dataclass
 class Board:
@@ -239,6 +263,7 @@ class Board:
     skipped: list[Skipped]
     superseded: list[tuple[str, str]]  # (record path, why)
     has_reference: bool
+    noise: dict[str, float | None] = field(default_factory=dict)  # task -> pooled seed std of the reproduced rows
 
     @property
     def reproduced(self) -> list[Row]:
@@ -292,9 +317,73 @@ def _fill_aggregates(row: Row, grid: SuiteGrid) -> None:
     for g, ts in grid.groups.items():
         row.group_mean[g] = _mean([row.mean.get(t) for t in ts])
         row.group_tuned[g] = _mean([row.tuned.get(t) for t in ts])
+        row.group_std[g] = seed_std(row.per_seed, {t: 1 / len(ts) for t in ts})
     if grid.groups:
         row.overall_groups = _mean([row.group_mean[g] for g in grid.groups])
+        row.overall_groups_std = seed_std(row.per_seed, headline_weights(grid))
     row.overall_tasks = _mean([row.mean.get(t) for t in grid.tasks])
+    row.overall_tasks_std = seed_std(row.per_seed, {t: 1 / len(grid.tasks) for t in grid.tasks})
+
+
+def headline_weights(grid: SuiteGrid) -> dict[str, float]:
+    """Each task's weight in the headline mean: 1/(G·|group|) for the mean of G group means, else 1/T."""
+    if grid.groups:
+        return {t: 1 / (len(grid.groups) * len(ts)) for ts in grid.groups.values() for t in ts}
+    return {t: 1 / len(grid.tasks) for t in grid.tasks}
+
+
+def group_weights(grid: SuiteGrid, group: str | None) -> dict[str, float]:
+    """Task weights of a group mean (``group``), or of the headline (None)."""
+    if group is None:
+        return headline_weights(grid)
+    ts = grid.groups[group]
+    return {t: 1 / len(ts) for t in ts}
+
+
+def seed_std(per_seed: dict[str, dict[int, float]], weights: dict[str, float]) -> float | None:
+    """Sample std over seeds of the weighted per-seed mean ``sum_t w_t * top1[t][s]``, over the seeds that
+    every weighted task has (at least two of them); None otherwise."""
+    if not weights or any(not per_seed.get(t) for t in weights):
+        return None
+    common = set.intersection(*(set(per_seed[t]) for t in weights))
+    if len(common) < 2:
+        return None
+    return statistics.stdev([sum(w * per_seed[t][s] for t, w in weights.items()) for s in sorted(common)])
+
+
+def pooled_noise(rows: list[Row], tasks: list[str]) -> dict[str, float | None]:
+    """Per task: the pooled sample std over seeds, sqrt(sum (n_i - 1) s_i^2 / sum (n_i - 1)), over the rows
+    with two or more seeds on the task; None when none has."""
+    out: dict[str, float | None] = {}
+    for t in tasks:
+        num = den = 0.0
+        for r in rows:
+            n, sd = r.seeds.get(t) or 0, r.std.get(t)
+            if n >= 2 and sd is not None:
+                num += (n - 1) * sd * sd
+                den += n - 1
+        out[t] = math.sqrt(num / den) if den else None
+    return out
+
+
+def headline_se(row: Row, weights: dict[str, float], noise: dict[str, float | None]) -> float | None:
+    """Standard error of a row's weighted mean: sqrt(sum_t w_t^2 sigma_t^2 / n_t), sigma_t the task's
+    pooled noise and n_t the row's seeds on it; None when a task has no noise estimate or no run."""
+    total = 0.0
+    for t, w in weights.items():
+        n, sigma = row.seeds.get(t) or 0, noise.get(t)
+        if not n or sigma is None:
+            return None
+        total += w * w * sigma * sigma / n
+    return math.sqrt(total)
+
+
+def within_noise(a: Row, b: Row, grid: SuiteGrid, z: float = TIE_Z) -> bool:
+    """The headlines of ``a`` and ``b`` differ by no more than ``z`` standard errors of the difference."""
+    ha, hb = a.headline(grid), b.headline(grid)
+    if ha is None or hb is None or a.headline_se is None or b.headline_se is None:
+        return False
+    return abs(ha - hb) <= z * math.hypot(a.headline_se, b.headline_se)
 
 
 def _latest(runs: list[Run]) -> Run:
@@ -329,7 +418,7 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
         for r in final:
             per_task.setdefault(r.spec["task"], []).append(r)
         kept_all: list[Run] = []
-        ips, params, params_nohead = [], [], []
+        ips, params, params_nohead, tuned_params = [], [], [], []
         for t in grid.tasks:
             by_seed: dict[int, list[Run]] = {}
             for r in per_task.get(t, []):
@@ -349,12 +438,14 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
                 row.seeds[t] = 0
                 continue
             accs = [r.top1 for r in kept]
+            row.per_seed[t] = {int(r.spec["seed"]): float(r.top1) for r in kept}
             row.mean[t] = statistics.fmean(accs)
             row.std[t] = statistics.stdev(accs) if len(accs) > 1 else None
             row.seeds[t] = len(accs)
             row.tuned[t] = _mean([_num(r.params.get("tuned_total_pct")) for r in kept])
             params.append(_mean([_num(r.params.get("trainable")) for r in kept]))
             params_nohead.append(_mean([_num(r.params.get("trainable_without_head")) for r in kept]))
+            tuned_params.append(_mean([_num(r.params.get("tuned", r.params.get("trainable"))) for r in kept]))
             ips.append(_mean([_num(r.timing.get("train_images_per_s")) for r in kept]))
             kept_all.extend(kept)
         used.update(r.path for r in kept_all)
@@ -365,6 +456,10 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
         row.tuned_total_pct = statistics.fmean(tuned_done) if tuned_done and len(tuned_done) == len(done) else None
         row.trainable = _mean(params) if params else None
         row.trainable_excl_head = _mean(params_nohead) if params_nohead else None
+        row.tuned_params = _mean(tuned_params) if tuned_params else None
+        cached = {bool(r.timing.get("cached_features")) for r in kept_all}
+        row.cached_features = ("mixed" if len(cached) > 1 else ("yes" if cached == {True} else "no")) if cached else ""
+        row.control = _control(backbone)
         row.images_per_s = _mean(ips) if ips else None
         mems = [_num(r.timing.get("peak_memory_mb")) for r in kept_all]
         mems = [m for m in mems if m is not None]
@@ -400,18 +495,35 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
                 target.delta_overall_tasks = _diff(mate.overall_tasks, rep.overall_tasks)
             mate.reference_source = rep.reference_source
 
+    noise = pooled_noise([r for r in rows if not r.control], grid.tasks)
+    weights = headline_weights(grid)
+    for r in rows:
+        r.headline_se = headline_se(r, weights, noise)
     for group in (rows, reported_rows):
-        flags = pareto_front([(r.tuned_total_pct, r.headline(grid)) for r in group])
-        for r, f in zip(group, flags):
+        ranked = [r for r in group if not r.control]  # controls: not ranked, not on the frontier
+        flags = pareto_front([(r.tuned_total_pct, r.headline(grid)) for r in ranked])
+        for r, f in zip(ranked, flags):
             r.pareto = f
-        group.sort(key=lambda r: (r.headline(grid) is None, -(r.headline(grid) or 0.0), r.label))
+        group.sort(key=lambda r: (bool(r.control), r.headline(grid) is None, -(r.headline(grid) or 0.0), r.label))
         rank = 0
+        above: list[Row] = []
         for r in group:
-            if r.headline(grid) is not None:
+            if r.headline(grid) is not None and not r.control:
                 rank += 1
                 r.rank = rank
+                r.tied_with = next((a.rank for a in above if within_noise(a, r, grid)), None)
+                above.append(r)
     return Board(grid, rows + reported_rows, mine, used, list(skipped or []), superseded,
-                 has_reference=bool(reference))
+                 has_reference=bool(reference), noise=noise)
+
+
+def _control(backbone: str) -> str:
+    """Why results on ``backbone`` are a control (its preset's ``control``), else ""."""
+    try:
+        p = preset(backbone)
+    except Exception:  # noqa: BLE001 - a broken backbone plugin must not stop a leaderboard
+        return ""
+    return p.control if p is not None else ""
 
 
 def _diff(a: float | None, b: float | None) -> float | None:

@@ -17,14 +17,15 @@ import csv
 import io
 import math
 from dataclasses import dataclass
+from html import escape
 from pathlib import Path
 from typing import Any, Callable
 
 from .._registry import Registry
-from ._html import MISSING, integer, num, txt
+from ._html import MISSING, integer, mean_std, num, txt
 from .board import Board, Row, Run, _diff
 
-TABLES = ("leaderboard", "runs", "vs-reported")
+TABLES = ("leaderboard", "runs", "vs-reported", "compare")
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,7 @@ class Column:
     html: str | None = None  # header in the HTML summary table (None: not shown); may use {Group}
     html_cell: Callable[..., str] | None = None  # (row, board[, key]) -> "<td>...</td>"
     html_when: Callable[[Board], bool] | None = None
+    html_order: int = 100  # the HTML summary shows its columns by (html_order, CSV order)
     after: str | None = None  # place after this column (a plugin's column); None: in registration order
 
 
@@ -118,8 +120,9 @@ def csv_text(columns: list[str], records: list[dict[str, str]]) -> str:
 
 def html_summary(board: Board) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the HTML summary table (the leaderboard columns that have an HTML form)."""
-    pairs = [(c, k) for c, k in _expand(columns("leaderboard"), board)
-             if c.html is not None and (c.html_when is None or c.html_when(board))]
+    expanded = _expand(columns("leaderboard"), board)
+    pairs = [(c, k) for c, k in expanded if c.html is not None and (c.html_when is None or c.html_when(board))]
+    pairs.sort(key=lambda ck: ck[0].html_order)  # stable: CSV order within one html_order
     head = [c.html.format(Group=(k or "").capitalize(), group=k, task=k) for c, k in pairs]
     body = [[(c.html_cell(r, board, k) if c.per else c.html_cell(r, board)) for c, k in pairs] for r in board.rows]
     return head, body
@@ -187,6 +190,48 @@ def _only_rep(fn: Callable[[Row], str]) -> Callable[[Row, Board], str]:
     return lambda r, b: fn(r) if _rep(r) else "<td></td>"
 
 
+def _rank_html(r: Row, b: Board) -> str:
+    if not r.rank:
+        return txt("control", "control") if r.control else "<td></td>"
+    if r.tied_with:
+        return (f'<td class="tie" title="within noise of rank {r.tied_with}: the headline difference is within '
+                f'1.96 standard errors">{r.rank} <span class="tie">≈{r.tied_with}</span></td>')
+    return f"<td>{r.rank}</td>"
+
+
+def _config_html(r: Row, b: Board) -> str:
+    if r.control:
+        return (f'<td class="text" title="{r.control}: a control, not ranked and not on the Pareto frontier">'
+                f'{escape(r.label)} <span class="badge">control</span></td>')
+    return txt(r.label)
+
+
+def _cuda_memory(b: Board) -> bool:
+    return any(r.memory_kind == "cuda_max_allocated" for r in b.reproduced)
+
+
+def _memory_html(r: Row, b: Board) -> str:
+    if not _rep(r):
+        return "<td></td>"
+    if r.memory_kind != "cuda_max_allocated":
+        return ('<td class="missing" title="process-wide peak RSS (CPU runs): the whole process, not the method; '
+                'peak_memory_mb and memory_kind in the CSV">RSS</td>') if r.peak_memory_mb is not None else MISSING
+    return num(r.peak_memory_mb, 0)
+
+
+def _ips_html(r: Row, b: Board) -> str:
+    if not _rep(r):
+        return "<td></td>"
+    if r.cached_features in ("yes", "mixed") and r.images_per_s is not None:
+        return (f'<td class="cached" title="a head trained on cached features (the backbone runs once): not '
+                f'comparable with backbone training">{r.images_per_s:.1f}*</td>')
+    return num(r.images_per_s, 1)
+
+
+def _ips_kind(r: Row, b: Board) -> str:
+    return {"yes": "cached_features_head", "no": "backbone_training", "mixed": "mixed"}.get(r.cached_features, "")
+
+
 def _delta_html(r: Row, b: Board) -> str:
     d = r.delta_overall_groups if b.grid.groups else r.delta_overall_tasks
     return num(d, 2, signed=True) if r.paired_with else "<td></td>"
@@ -198,47 +243,70 @@ def _delta_html(r: Row, b: Board) -> str:
 
 _L = [
     Column("rank", "position by the headline mean (mean of group means where the suite has groups, else the mean "
-           "over tasks); empty when that mean is empty", lambda r, b: fmt(r.rank),
-           html="rank", html_cell=lambda r, b: f"<td>{r.rank}</td>" if r.rank else "<td></td>"),
+           "over tasks); empty when that mean is empty, and for controls", lambda r, b: fmt(r.rank),
+           html="rank", html_cell=_rank_html, html_order=0),
     Column("source", "reproduced (from the run store) or reported (a paper's numbers)", lambda r, b: r.source,
-           html="source", html_cell=lambda r, b: txt(r.source)),
+           html="source", html_cell=lambda r, b: txt(r.source), html_order=200),
     Column("config", "the method and the options set on the command line (disambiguated when one config ran on "
-           "several backbones/protocols)", lambda r, b: r.label, html="config", html_cell=lambda r, b: txt(r.label)),
+           "several backbones/protocols)", lambda r, b: r.label, html="config", html_cell=_config_html,
+           html_order=1),
     Column("method", "the registered method", lambda r, b: r.method),
     Column("backbone", "backbone name, with @<checkpoint hash> for a local --checkpoint",
            lambda r, b: r.backbone + (f"@{r.checkpoint_id}" if r.checkpoint_id else ""),
-           html="backbone", html_cell=lambda r, b: txt(r.backbone)),
+           html="backbone", html_cell=lambda r, b: txt(r.backbone), html_order=200),
     Column("protocol", "the evaluation protocol", lambda r, b: r.protocol,
-           html="protocol", html_cell=lambda r, b: txt(r.protocol)),
+           html="protocol", html_cell=lambda r, b: txt(r.protocol), html_order=200),
     Column("{task}", "mean top-1 (%) over the final seeds of the task", lambda r, b, t: fmt(r.mean.get(t)), per="task"),
     Column("{task}_std", "sample std over the seeds (empty with one seed)", lambda r, b, t: fmt(r.std.get(t)),
            per="task"),
     Column("{group}_mean", "mean of the group's task means (empty unless every task of the group is done)",
            lambda r, b, g: fmt(r.group_mean.get(g)), per="group",
-           html="{Group} mean", html_cell=lambda r, b, g: num(r.group_mean.get(g))),
+           html="{Group} mean", html_cell=lambda r, b, g: mean_std(r.group_mean.get(g), r.group_std.get(g)),
+           html_order=10),
+    Column("{group}_mean_std", "sample std over seeds of the per-seed group mean (the seeds every task of the group "
+           "has; empty with fewer than two)", lambda r, b, g: fmt(r.group_std.get(g)), per="group"),
     Column("overall_mean_of_groups", "mean of the group means (VPT, E^2VPT, NOAH, SSF, Adapter+ convention)",
            lambda r, b: fmt(r.overall_groups), when=_groups,
-           html="overall: mean of group means", html_cell=lambda r, b: num(r.overall_groups)),
+           html="overall: mean of group means", html_cell=lambda r, b: mean_std(r.overall_groups, r.overall_groups_std),
+           html_order=11),
+    Column("overall_mean_of_groups_std", "sample std over seeds of the per-seed mean of group means",
+           lambda r, b: fmt(r.overall_groups_std), when=_groups),
     Column("overall_mean_of_tasks", "mean over all tasks (V-PETL Bench convention)", lambda r, b: fmt(r.overall_tasks),
-           html="overall: mean over tasks", html_cell=lambda r, b: num(r.overall_tasks)),
+           html="overall: mean over tasks", html_cell=lambda r, b: mean_std(r.overall_tasks, r.overall_tasks_std),
+           html_order=11),
+    Column("overall_mean_of_tasks_std", "sample std over seeds of the per-seed mean over tasks",
+           lambda r, b: fmt(r.overall_tasks_std)),
+    Column("headline_se", "standard error of the headline mean from the suite's per-task seed noise (pooled over "
+           "the configurations with two or more seeds): sqrt(sum_t w_t^2 sigma_t^2 / n_t)",
+           lambda r, b: fmt(r.headline_se)),
+    Column("tied_with_rank", "the best rank whose row this row is within noise of (|difference| <= 1.96 standard "
+           "errors of the difference): a tie; empty when distinguishable from every row above",
+           lambda r, b: fmt(r.tied_with)),
     Column("tasks_done", "tasks with at least one finished final run", lambda r, b: fmt(r.tasks_done),
-           html="tasks done", html_cell=lambda r, b: f"<td>{r.tasks_done}/{len(b.grid.tasks)}</td>"),
+           html="tasks done", html_cell=lambda r, b: f"<td>{r.tasks_done}/{len(b.grid.tasks)}</td>", html_order=12),
     Column("tasks_total", "tasks of the suite", lambda r, b: fmt(len(b.grid.tasks))),
     Column("seeds_min", "fewest seeds of a done task", lambda r, b: fmt(min(_seeds(r, b))) if _seeds(r, b) else "",
-           html="seeds", html_cell=_seeds_html),
+           html="seeds", html_cell=_seeds_html, html_order=5),
     Column("seeds_max", "most seeds of a done task", lambda r, b: fmt(max(_seeds(r, b))) if _seeds(r, b) else ""),
     Column("tuned_total_pct", "Tuned/Total % (tuned parameters incl. head / all parameters × 100), mean over the "
            "tasks done", lambda r, b: fmt(r.tuned_total_pct),
-           html="Tuned/Total %", html_cell=lambda r, b: num(r.tuned_total_pct, 3)),
+           html="Tuned/Total %", html_cell=lambda r, b: num(r.tuned_total_pct, 3), html_order=2),
     Column("trainable_params", "trainable parameters incl. head (mean over tasks: heads differ)",
-           lambda r, b: _rounded(r.trainable), html="trainable params", html_cell=_only_rep(lambda r: integer(r.trainable))),
+           lambda r, b: _rounded(r.trainable), html="trainable params",
+           html_cell=_only_rep(lambda r: integer(r.trainable)), html_order=3),
+    Column("tuned_params", "tuned parameters incl. head (params.tuned: what Tuned/Total counts; below "
+           "trainable_params where a method prunes, e.g. e2vpt-prune), mean over tasks", lambda r, b: _rounded(r.tuned_params),
+           html="tuned params", html_cell=_only_rep(lambda r: integer(r.tuned_params)), html_order=4),
     Column("trainable_params_excl_head", "trainable parameters without the head", lambda r, b: _rounded(r.trainable_excl_head)),
-    Column("peak_memory_mb", "max of the runs' peak memory (MB); see memory_kind", lambda r, b: fmt(r.peak_memory_mb, 1),
-           html="peak memory (MB)", html_cell=_only_rep(lambda r: num(r.peak_memory_mb, 0))),
+    Column("peak_memory_mb", "max of the runs' peak memory (MB); see memory_kind (process_peak_rss is process-wide: "
+           "the report does not show it)", lambda r, b: fmt(r.peak_memory_mb, 1),
+           html="peak memory (MB)", html_cell=_memory_html, html_when=_cuda_memory),
     Column("memory_kind", "cuda_max_allocated (torch's CUDA allocator) or process_peak_rss (the whole process)",
            lambda r, b: r.memory_kind),
-    Column("train_images_per_s", "mean training images/s of the counted runs", lambda r, b: fmt(r.images_per_s, 1),
-           html="train images/s", html_cell=_only_rep(lambda r: num(r.images_per_s, 1))),
+    Column("train_images_per_s", "mean training images/s of the counted runs (see train_images_kind)",
+           lambda r, b: fmt(r.images_per_s, 1), html="train images/s", html_cell=_ips_html),
+    Column("train_images_kind", "backbone_training, or cached_features_head (a head trained on features computed once: "
+           "not comparable), or mixed", _ips_kind),
     Column("device", "the device of the counted runs (mixed: several)", lambda r, b: r.device),
     Column("precision", "numeric precision of the runs (fp32 | tf32 | bf16 | fp16); seeds of different precisions "
            "are separate rows", lambda r, b: r.precision),
@@ -251,8 +319,11 @@ _L = [
     Column("unfinished_runs", "runs not ended (running, interrupted)", lambda r, b: fmt(r.unfinished) if _rep(r) else "",
            html="unfinished", html_cell=_only_rep(lambda r: f"<td>{r.unfinished}</td>")),
     Column("pareto", "yes when no other row of the same source has lower-or-equal Tuned/Total and higher-or-equal "
-           "headline accuracy (one strictly)", lambda r, b: fmt(r.pareto),
-           html="Pareto", html_cell=lambda r, b: txt({True: "yes", False: "no", None: ""}[r.pareto], "center")),
+           "headline accuracy (one strictly); empty for controls", lambda r, b: fmt(r.pareto),
+           html="Pareto", html_cell=lambda r, b: txt({True: "yes", False: "no", None: ""}[r.pareto], "center"),
+           html_order=13),
+    Column("control", "why the row is a control (the backbone preset's control, e.g. a random-weight backbone): not "
+           "ranked, not on the Pareto frontier, drawn apart in the plots", lambda r, b: r.control),
     Column("paired_with", "the reported row this reproduced row is compared with (and vice versa)",
            lambda r, b: r.paired_with, html="paired with", html_cell=lambda r, b: txt(r.paired_with)),
     Column("delta_{group}_mean", "reproduced − reported group mean (paired rows)",
@@ -260,7 +331,7 @@ _L = [
     Column("delta_overall_mean_of_groups", "reproduced − reported mean of group means",
            lambda r, b: fmt(r.delta_overall_groups), when=_groups),
     Column("delta_overall_mean_of_tasks", "reproduced − reported mean over tasks", lambda r, b: fmt(r.delta_overall_tasks),
-           html="Δ overall vs reported", html_cell=_delta_html, html_when=lambda b: b.has_reference),
+           html="Δ overall vs reported", html_cell=_delta_html, html_when=lambda b: b.has_reference, html_order=14),
     Column("reference_source", "where a reported row's numbers come from", lambda r, b: r.reference_source),
     Column("notes", "what else a reader must know about the row", lambda r, b: r.notes),
 ]
@@ -341,7 +412,44 @@ _V = [
     Column("delta_overall_mean_of_tasks", "", lambda p, b: fmt(p[0].delta_overall_tasks)),
 ]
 
-for _table, _cols in (("leaderboard", _L), ("runs", _R), ("vs-reported", _V)):
+# ---------------------------------------------------------------------------------------------
+# <suite>-compare.csv: rows are (matched configuration, line) of a peftbench.results.compare.Comparison
+# ---------------------------------------------------------------------------------------------
+
+
+def _pfmt(p: float | None) -> str:
+    return "" if p is None else f"{p:.4g}"
+
+
+_C = [
+    Column("a", "the configuration on side A (its label)", lambda p, c: p[0].a.label),
+    Column("b", "the matching configuration on side B", lambda p, c: p[0].b.label),
+    Column("side_a", "what side A is: a run store, or a --tag selection", lambda p, c: c.label_a),
+    Column("side_b", "what side B is: a run store, a reference CSV, or a --tag selection", lambda p, c: c.label_b),
+    Column("backbone", "side A's backbone", lambda p, c: p[0].a.backbone),
+    Column("protocol", "side A's protocol", lambda p, c: p[0].a.protocol),
+    Column("precision", "side A's numeric precision", lambda p, c: p[0].a.precision),
+    Column("scope", "task, group (a group mean) or overall (mean_of_groups / mean_over_tasks)", lambda p, c: p[1].scope),
+    Column("name", "the task, the group, or mean_of_groups / mean_over_tasks", lambda p, c: p[1].name),
+    Column("a_mean", "side A's top-1 % (over the seeds both sides have, when paired)", lambda p, c: fmt(p[1].a)),
+    Column("b_mean", "side B's top-1 % (same seeds)", lambda p, c: fmt(p[1].b)),
+    Column("delta", "b_mean − a_mean, percentage points (a mean's delta is the same weighted mean of the tasks' deltas)",
+           lambda p, c: fmt(p[1].delta)),
+    Column("delta_std", "sample std over seeds of the paired difference (a mean: of the per-seed weighted difference)",
+           lambda p, c: fmt(p[1].delta_std)),
+    Column("pairs", "paired observations: seeds of a task, (task, seed) pairs of a mean; 0 = unpaired",
+           lambda p, c: fmt(p[1].pairs)),
+    Column("p_sign_flip", "two-sided p of the sign-flip permutation test of delta (over seeds for a task, over "
+           "(task, seed) pairs for a mean, over tasks when unpaired)", lambda p, c: _pfmt(p[1].p_sign_flip)),
+    Column("p_t", "two-sided p of the paired t-test over seeds (tasks only; empty with one seed or a constant "
+           "difference)", lambda p, c: _pfmt(p[1].p_t)),
+    Column("p_wilcoxon", "two-sided p of the Wilcoxon signed-rank test over the tasks' deltas (means only)",
+           lambda p, c: _pfmt(p[1].p_wilcoxon)),
+    Column("significant", "yes when p_sign_flip < alpha (0.05 unless --alpha), no otherwise; empty without a test",
+           lambda p, c: fmt(p[1].significant(c.alpha))),
+]
+
+for _table, _cols in (("leaderboard", _L), ("runs", _R), ("vs-reported", _V), ("compare", _C)):
     for _c in _cols:
         register_column(Column(**{**_c.__dict__, "table": _table}), provider="module peftbench.results.columns")
 

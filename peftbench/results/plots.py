@@ -2,17 +2,21 @@
 versions in the metadata, figures built without pyplot (no global state).
 
 * ``pareto``: top-1 accuracy against Tuned/Total % (log x), one panel per VTAB group and one
-  overall; reproduced rows are filled markers, reported rows hollow markers in the colour of the
-  reproduced row they pair with; the Pareto frontier (lower Tuned/Total and higher accuracy is
-  better) is a solid staircase for reproduced rows and a dashed one for reported rows.
-* ``tasks``: per-task bars of the reproduced rows (mean ± sample std over the final seeds); the
-  paired reported value is a hollow diamond on the bar; a task that has not run is marked "n/a".
+  overall; reproduced rows are filled markers with ± std-over-seeds error bars, reported rows hollow
+  markers in the colour of the reproduced row they pair with; the Pareto frontier (lower Tuned/Total
+  and higher accuracy is better) is a solid staircase for reproduced rows and a dashed one for
+  reported rows. Controls (random-weight backbones) are dotted horizontal lines, off the frontier;
+  the y axis spans the methods' points (padded, at least ``MIN_Y_SPAN`` points).
+* ``tasks``: a configurations x tasks heatmap (mean ± sample std over the final seeds in each cell,
+  coloured by the cell's place within its column), group and overall means after the tasks,
+  reported rows last; a task that has not run is "n/a".
 """
 from __future__ import annotations
 
 import io
+import warnings
 
-from .board import Board, pareto_front
+from .board import Board, Row, pareto_front
 
 RC = {
     "svg.hashsalt": "peftbench-leaderboard",
@@ -31,6 +35,7 @@ RC = {
 PNG_DPI = 150
 MARKERS = ["o", "s", "D", "^", "v", "P", "X", "<", ">", "h", "p", "*", "d", "H", "8"]
 PER_TASK_PANELS_MAX = 6
+MIN_Y_SPAN = 6.0  # percentage points: the least a Pareto panel's y axis shows
 
 
 LEGEND_ROWS_MAX = 18  # legend entries in one column of the Pareto figure
@@ -91,27 +96,45 @@ def _frontier(ax, pts: list[tuple[float, float]], colour, style: str, label: str
     return line
 
 
+def _y_limits(values: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(low, high) of the y axis around (value, error) points: 12 % padding, at least MIN_Y_SPAN points tall
+    (a 0.7-point gap must not fill a panel), clipped to [0, 100] where that keeps the span."""
+    if not values:
+        return None
+    lo = min(v - e for v, e in values)
+    hi = max(v + e for v, e in values)
+    span = hi - lo
+    pad = max(0.12 * span, (MIN_Y_SPAN - span) / 2, 0.5)
+    lo, hi = lo - pad, hi + pad
+    if lo < 0:
+        lo, hi = 0.0, hi - lo
+    if hi > 100:
+        lo, hi = max(0.0, lo - (hi - 100)), 100.0
+    return lo, hi
+
+
 def pareto_figure(board: Board):
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.transforms import blended_transform_factory
 
     lay = board.grid
     style = _styles(board)
-    panels = []
+    panels = []  # (title, (x, y) of a row, the y error bar of a row, group)
     for g in lay.groups:
         panels.append((f"{g.capitalize()} ({len(lay.groups[g])} tasks): group mean",
-                       lambda r, g=g: (r.group_tuned.get(g), r.group_mean.get(g)), g))
+                       lambda r, g=g: (r.group_tuned.get(g), r.group_mean.get(g)), lambda r, g=g: r.group_std.get(g), g))
     overall = ("Overall: mean of the group means" if lay.groups else f"Overall: mean over the {len(lay.tasks)} tasks")
-    panels.append((overall, lambda r: (r.tuned_total_pct, r.headline(lay)), None))
+    panels.append((overall, lambda r: (r.tuned_total_pct, r.headline(lay)), lambda r: r.headline_std(lay), None))
     note = ""
-    if not any(get(r)[0] is not None and get(r)[1] is not None for r in board.reproduced for _, get, _ in panels):
+    if not any(get(r)[0] is not None and get(r)[1] is not None for r in board.reproduced for _, get, _, _ in panels):
         # Incomplete sweep: no group is complete for any configuration. Show the tasks that ran, one
         # panel each (nothing averaged), instead of empty mean panels.
         done = [t for t in lay.tasks if any(r.mean.get(t) is not None for r in board.reproduced)]
         if done:
             panels = [(f"{t} (task)", lambda r, t=t: (r.tuned.get(t) if r.tuned.get(t) is not None or
                                                       r.source == "reproduced" else r.tuned_total_pct,
-                                                      r.mean.get(t)), t)
+                                                      r.mean.get(t)), lambda r, t=t: r.std.get(t), t)
                       for t in done[:PER_TASK_PANELS_MAX]]
             note = (f"\nincomplete sweep ({len(done)} of {len(lay.tasks)} tasks ran): per-task panels; "
                     f"group and overall means need every task")
@@ -120,26 +143,37 @@ def pareto_figure(board: Board):
     nrows = -(-n // ncols)
     fig = Figure(figsize=(4.6 * ncols + 3.2, 3.9 * nrows + 0.5), layout="constrained")
     legend_note = "filled = reproduced, hollow = reported" if board.reported else "reproduced"
-    fig.suptitle(f"{lay.suite}: top-1 accuracy vs. tuned parameters (final runs; {legend_note}){note}", fontsize=11)
+    fig.suptitle(f"{lay.suite}: top-1 accuracy vs. tuned parameters (final runs, ± std over seeds; {legend_note})"
+                 f"{note}", fontsize=11)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     used_labels: list[str] = []
+    controls_drawn: list[Row] = []
     notes: list[list] = []  # per panel: the point labels, placed without overlap at the end
-    for ax, (title, get, group) in zip(axes, panels):
+    for ax, (title, get, err, group) in zip(axes, panels):
         notes.append([])
         ax.set_title(title)
         _log_axis(ax)
         ax.set_xlabel("Tuned / Total parameters (%, log scale)")
         ax.set_ylabel("Top-1 accuracy (%)")
         pts = {"reproduced": [], "reported": []}
+        ys: list[tuple[float, float]] = []
+        controls: list[tuple[Row, float]] = []
         for r in board.rows:
             x, y = get(r)
             if x is None or y is None or x <= 0:
                 continue
+            if r.control:  # drawn apart below, never on the frontier, never stretching the axis
+                controls.append((r, y))
+                continue
             colour, marker = style[r.label]
             filled = r.source == "reproduced"
+            e = err(r) if filled else None
             ax.scatter([x], [y], marker=marker, s=46 if filled else 40, zorder=3,
                        facecolors=colour if filled else "none", edgecolors=colour,
                        linewidths=1.0 if filled else 1.4)
+            if e:
+                ax.errorbar([x], [y], yerr=[e], fmt="none", ecolor=colour, elinewidth=0.9, capsize=2.5, zorder=2)
+            ys.append((y, e or 0.0))
             if filled:
                 notes[-1].append(ax.annotate(r.label, (x, y), xytext=(4, 4), textcoords="offset points",
                                              fontsize=7, color=colour, zorder=4))
@@ -147,10 +181,31 @@ def pareto_figure(board: Board):
             pts[r.source].append((x, y))
             if r.label not in used_labels:
                 used_labels.append(r.label)
-        ax.margins(x=0.12, y=0.1)
+        ax.margins(x=0.12)
+        limits = _y_limits(ys)
+        if limits:
+            ax.set_ylim(*limits)
         _frontier(ax, pts["reproduced"], "0.15", "-", None)
         _frontier(ax, pts["reported"], "0.55", "--", None)
-        if not pts["reproduced"] and not pts["reported"]:
+        if controls:
+            lo, hi = ax.get_ylim() if limits else (min(y for _, y in controls) - 5, max(y for _, y in controls) + 5)
+            if not limits:
+                ax.set_ylim(lo, hi)
+            trans = blended_transform_factory(ax.transAxes, ax.transData)
+            below = []
+            for r, y in controls:
+                if r not in controls_drawn:
+                    controls_drawn.append(r)
+                if lo <= y <= hi:
+                    ax.axhline(y, color="0.45", linestyle=":", linewidth=1.1, zorder=1)
+                    ax.text(0.99, y, f"control: {r.label} {y:.1f}", transform=trans, ha="right", va="bottom",
+                            fontsize=6.5, color="0.35")
+                else:
+                    below.append(f"{'▼' if y < lo else '▲'} control {r.label}: {y:.1f}")
+            if below:
+                ax.text(0.99, 0.02, "\n".join(below), transform=ax.transAxes, ha="right", va="bottom", fontsize=6.5,
+                        color="0.35")
+        if not pts["reproduced"] and not pts["reported"] and not controls:
             what = f"every task of the {group} group" if group else "every task"
             ax.text(0.5, 0.5, f"no complete results yet\n(needs final runs on {what})", ha="center",
                     va="center", transform=ax.transAxes, color="0.4")
@@ -181,6 +236,8 @@ def pareto_figure(board: Board):
     handles.append(Line2D([], [], color="0.15", linestyle="-", label="Pareto frontier, reproduced"))
     if board.reported:
         handles.append(Line2D([], [], color="0.55", linestyle="--", label="Pareto frontier, reported"))
+    for r in controls_drawn:
+        handles.append(Line2D([], [], color="0.45", linestyle=":", label=f"{r.label}: control\n({r.control})"))
     fig.legend(handles=handles, loc="outside right upper", frameon=False, title="configuration", title_fontsize=8,
                ncols=1 if len(handles) <= LEGEND_ROWS_MAX else 2)  # a long list would run off the figure
     _declutter(fig, notes)
@@ -221,72 +278,88 @@ def _declutter(fig, notes: list[list]) -> None:
             placed.append(box)
 
 
-def task_bars_figure(board: Board):
+def task_heatmap_figure(board: Board):
+    """Configurations x tasks: each cell the mean top-1 over seeds (± sample std below it), coloured by its
+    place within its column (the column's lowest value lightest, its highest darkest), so the best
+    configuration of every task stands out however many rows there are. Group means and the overall
+    means follow the tasks; reported rows come last, below a line."""
+    import numpy as np
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
-    from matplotlib.lines import Line2D
-    from matplotlib.patches import Patch
-    from matplotlib.transforms import blended_transform_factory
 
     lay = board.grid
-    style = _styles(board)
-    rows = [r for r in board.reproduced if r.tasks_done]
-    pairs = {mine.label: rep for mine, rep in board.pairs()}
-    k = max(len(rows), 1)
-    n = len(lay.tasks)
-    width_in = min(30.0, max(7.0, 1.2 + n * max(0.55, 0.16 * (k + 1))))
-    fig = Figure(figsize=(width_in + 2.6, 4.8), layout="constrained")
-    ax = fig.subplots()
-    ax.set_title(f"{lay.suite}: per-task top-1 accuracy (final runs, mean ± sample std over seeds"
-                 + ("; hollow diamond = reported)" if pairs else ")"))
-    ax.set_ylabel("Top-1 accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.set_xlim(-0.6, n - 0.4)
-    ax.grid(axis="x", visible=False)
-    bw = 0.8 / k
-    label_values = n * k <= 48  # value labels while they fit
-    handles = []
+    rows = [r for r in board.reproduced if r.tasks_done] + list(board.reported)
+    cols: list[tuple[str, object]] = [(t, lambda r, t=t: (r.mean.get(t), r.std.get(t))) for t in lay.tasks]
+    cols += [(f"{g} mean", lambda r, g=g: (r.group_mean.get(g), r.group_std.get(g))) for g in lay.groups]
+    if lay.groups:
+        cols.append(("mean of groups", lambda r: (r.overall_groups, r.overall_groups_std)))
+    cols.append(("mean over tasks", lambda r: (r.overall_tasks, r.overall_tasks_std)))
+    nr, nc = max(len(rows), 1), len(cols)
+    vals = np.full((nr, nc), np.nan)
+    sds = np.full((nr, nc), np.nan)
     for i, r in enumerate(rows):
-        colour, marker = style[r.label]
-        xs = [j - 0.4 + bw * (i + 0.5) for j in range(n)]
-        for j, t in enumerate(lay.tasks):
-            m = r.mean.get(t)
-            if m is None:
-                ax.text(xs[j], 1.0, "n/a", rotation=90, ha="center", va="bottom", fontsize=6, color="0.45")
+        for j, (_, get) in enumerate(cols):
+            m, sd = get(r)
+            if m is not None:
+                vals[i, j] = m
+                if sd is not None:
+                    sds[i, j] = sd
+    ranked = np.array([not r.control for r in rows] or [True])  # controls take no part in the colour scale
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-empty column
+        if ranked.any():
+            lo, hi = np.nanmin(vals[ranked], axis=0), np.nanmax(vals[ranked], axis=0)
+        else:  # only controls
+            lo = hi = np.full(nc, np.nan)
+        span = np.where(hi - lo > 0, hi - lo, 1.0)
+        rel = np.where(np.isnan(vals), np.nan, np.clip((vals - lo) / span, 0, 1))
+    rel = np.where(np.isfinite(rel) & (hi - lo == 0), 0.5, rel)
+    rel[~ranked] = np.nan  # drawn neutral
+    labels = [r.label + (" (reported)" if r.source == "reported" else "") + (" (control)" if r.control else "")
+              for r in rows]
+    label_w = 0.065 * max([len(x) for x in labels] + [10])
+    fig = Figure(figsize=(label_w + 0.62 * nc + 1.4, 1.9 + 0.3 * nr), layout="constrained")
+    ax = fig.subplots()
+    cmap = colormaps["YlGnBu"].with_extremes(bad="0.93")
+    ax.imshow(np.ma.masked_invalid(0.08 + 0.8 * rel), cmap=cmap, vmin=0, vmax=1, aspect="auto",
+              interpolation="nearest")
+    for i in range(nr if rows else 0):
+        for j in range(nc):
+            v = vals[i, j]
+            if np.isnan(v):
+                ax.text(j, i, "n/a", ha="center", va="center", fontsize=6, color="0.5")
                 continue
-            sd = r.std.get(t)
-            ax.bar(xs[j], m, width=bw * 0.92, color=colour, alpha=0.85, zorder=2,
-                   yerr=sd if sd is not None else None, capsize=1.5 if sd is not None else 0,
-                   error_kw={"elinewidth": 0.8, "ecolor": "0.2"})
-            if label_values:
-                ax.text(xs[j], m + (sd or 0.0) + 0.8, f"{m:.1f}", ha="center", va="bottom", fontsize=6,
-                        color="0.25", rotation=90 if bw < 0.3 else 0)
-            rep = pairs.get(r.label)
-            if rep is not None and rep.mean.get(t) is not None:
-                ax.scatter([xs[j]], [rep.mean[t]], marker="D", s=20, facecolors="white", edgecolors="0.05",
-                           linewidths=1.0, zorder=4)
-        handles.append(Patch(facecolor=colour, alpha=0.85,
-                             label=r.label + (f"  (◇ {pairs[r.label].label})" if r.label in pairs else "")))
-    if any(r.label in pairs for r in rows):
-        handles.append(Line2D([], [], linestyle="", marker="D", markersize=5, markerfacecolor="white",
-                              markeredgecolor="0.05", label="reported value of the paired\npaper row, on its bar"))
+            colour = "white" if ranked[i] and rel[i, j] > 0.6 else "0.1"
+            text = f"{v:.1f}" + (f"\n±{sds[i, j]:.1f}" if not np.isnan(sds[i, j]) else "")
+            ax.text(j, i, text, ha="center", va="center", fontsize=6 if "\n" in text else 6.5, color=colour,
+                    linespacing=0.95)
+    ax.set_xticks(range(nc))
+    ax.set_xticklabels([c for c, _ in cols], rotation=40, ha="right", fontsize=7)
+    ax.set_yticks(range(nr))
+    ax.set_yticklabels(labels if rows else [""], fontsize=7)
+    for k, r in enumerate(rows):
+        if r.source == "reported" or r.control:
+            ax.get_yticklabels()[k].set_fontstyle("italic")
+    ax.grid(False)
+    ax.tick_params(length=0)
+    start = 0
+    for g, ts in lay.groups.items():
+        end = start + len(ts)
+        ax.axvline(end - 0.5, color="white", linewidth=2.5)
+        ax.text((start + end - 1) / 2, -0.7, g.capitalize(), ha="center", va="bottom", fontsize=8, color="0.3",
+                fontweight="bold")
+        start = end
+    if not lay.groups:
+        ax.axvline(len(lay.tasks) - 0.5, color="white", linewidth=2.5)
+    n_rep = sum(r.source == "reproduced" for r in rows)
+    if 0 < n_rep < len(rows):
+        ax.axhline(n_rep - 0.5, color="0.2", linewidth=1.2)
+    ax.set_title(f"{lay.suite}: per-task top-1 % (final runs: mean over seeds, ± sample std)\ncolour: the cell's "
+                 "place within its column, darker = higher (controls grey, outside the scale)", fontsize=9,
+                 pad=16 if lay.groups else 6)
     if not rows:
         ax.text(0.5, 0.5, "no finished final runs yet", ha="center", va="center", transform=ax.transAxes,
                 color="0.4")
-    ax.set_xticks(range(n))
-    ax.set_xticklabels(lay.tasks, rotation=40, ha="right")
-    if lay.groups:
-        trans = blended_transform_factory(ax.transData, ax.transAxes)
-        start = 0
-        for g, ts in lay.groups.items():
-            end = start + len(ts)
-            if end < n:
-                ax.axvline(end - 0.5, color="0.5", linestyle=":", linewidth=1.0, zorder=1)
-            ax.text((start + end - 1) / 2, 0.985, g.capitalize(), transform=trans, ha="center", va="top",
-                    fontsize=8, color="0.3", fontweight="bold")
-            start = end
-    if handles:
-        fig.legend(handles=handles, loc="outside right upper", frameon=False, title="configuration",
-                   title_fontsize=8)
     return fig
 
 
@@ -296,7 +369,7 @@ def render_all(board: Board) -> dict[str, dict[str, bytes]]:
 
     with matplotlib.rc_context(RC):
         out = {}
-        for name, make in (("pareto", pareto_figure), ("tasks", task_bars_figure)):
+        for name, make in (("pareto", pareto_figure), ("tasks", task_heatmap_figure)):
             fig = make(board)
             out[name] = _save(fig)
     return out

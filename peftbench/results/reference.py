@@ -10,6 +10,8 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..errors import SettingsError
+
 if TYPE_CHECKING:
     from .board import SuiteGrid
 
@@ -42,17 +44,27 @@ def load_reference(reference_dir: str | Path | None, grid: "SuiteGrid") -> list[
     """Reported rows of ``<dir>/<suite>-top1.csv`` (+ ``<suite>-tuned_total_pct.csv``); none if absent."""
     if reference_dir is None:
         return []
-    d = Path(reference_dir)
-    top1_file = d / f"{grid.suite}-top1.csv"
+    top1_file = Path(reference_dir) / f"{grid.suite}-top1.csv"
     if not top1_file.is_file():
         return []
+    return read_reference_file(top1_file, grid)
+
+
+def read_reference_file(top1_file: str | Path, grid: "SuiteGrid") -> list[Reported]:
+    """Reported rows of one top-1 CSV (columns in docs/leaderboard.md), with the per-task Tuned/Total of
+    ``<suite>-tuned_total_pct.csv`` beside it when that file exists."""
+    top1_file = Path(top1_file)
     tuned_rows = {}
-    tuned_file = d / f"{grid.suite}-tuned_total_pct.csv"
+    tuned_file = top1_file.parent / f"{grid.suite}-tuned_total_pct.csv"
     if tuned_file.is_file():
         for row in _read_csv(tuned_file):
             tuned_rows[row["method"]] = row
+    rows = _read_csv(top1_file)
+    if rows and "method" not in rows[0]:
+        raise SettingsError(f"{top1_file}: no 'method' column (a reference CSV has method, <task>..., source, "
+                            "peftbench_config; docs/leaderboard.md)")
     out = []
-    for row in _read_csv(top1_file):
+    for row in rows:
         top1 = {t: float(row[t]) for t in grid.tasks if (row.get(t) or "").strip()}
         tuned, tuned_source = {}, ""
         if row["method"] in tuned_rows:

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import base64
 from html import escape
+from typing import TYPE_CHECKING
 
 from ._html import MISSING, num, row_cls, th, txt
-from .board import Board
+from .board import TIE_Z, Board
 from .columns import html_summary
+
+if TYPE_CHECKING:
+    from .compare import Comparison
 
 CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,"DejaVu Sans",sans-serif;margin:1.5em 2em;color:#1b1b1b;
@@ -32,6 +36,12 @@ figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555}
 .note{font-size:.88em;color:#444;max-width:60em}
 dl.cols dt{font-family:monospace;font-weight:bold}dl.cols dd{margin:0 0 .4em 1.5em;font-size:.88em}
+#leaderboard-table td:nth-child(2){white-space:normal;overflow-wrap:anywhere;min-width:7em;max-width:15em}
+span.sd{color:#666;font-size:.9em}span.tie{color:#8a5a00;font-weight:bold}
+span.badge{font-size:.75em;background:#e8e8e8;color:#444;border-radius:3px;padding:0 .3em;font-style:normal}
+td.control{color:#777;text-align:center}td.cached{color:#7a4d00}
+td.sig{font-weight:bold}
+ul.foot{font-size:.85em;color:#444;margin:.3em 0 0 0;padding-left:1.3em;max-width:75em}
 """
 
 SCRIPT = """window.addEventListener('load',function(){
@@ -45,6 +55,35 @@ def summary_table(board: Board) -> str:
     body = [f"<tr{row_cls(r)}>{''.join(c)}</tr>" for r, c in zip(board.rows, cells)]
     return (f'<div class="scroll"><table id="leaderboard-table">{th(head, 0)}<tbody>{"".join(body)}'
             f"</tbody></table></div>")
+
+
+def leaderboard_notes(board: Board) -> str:
+    """What the marks of the summary table mean, only those that occur."""
+    items = ["<b>± std</b>: sample standard deviation over seeds of the per-seed mean (over the seeds every task "
+             "of the mean has; none with one seed)."]
+    ranked = [r for r in board.reproduced if r.rank]
+    if any(r.tied_with for r in ranked):
+        items.append(f"<b>≈k</b> beside a rank: within noise of the row ranked k (the headline difference is within "
+                     f"{TIE_Z} standard errors; each row's standard error comes from the per-task seed noise pooled "
+                     "over the configurations with two or more seeds, and its own seed counts: docs/results.md). "
+                     "Rows that tie are not distinguishable on these runs; more seeds would tell.")
+    no_noise = [t for t, v in board.noise.items() if v is None]
+    if ranked and no_noise:
+        items.append("No ties are marked where a task has no noise estimate (no configuration has two or more seeds "
+                     "on " + escape(", ".join(no_noise[:5]) + (" …" if len(no_noise) > 5 else "")) + ").")
+    if any(r.control for r in board.reproduced):
+        items.append("<b>control</b>: a configuration on a control backbone (e.g. random weights): listed apart, not "
+                     "ranked, not on the Pareto frontier.")
+    if any(r.cached_features in ("yes", "mixed") for r in board.reproduced):
+        items.append("<b>*</b> images/s: a head trained on cached features (the frozen backbone runs once), not "
+                     "comparable with backbone training.")
+    rss = [r for r in board.reproduced if r.peak_memory_mb is not None and r.memory_kind != "cuda_max_allocated"]
+    if rss and not any(r.memory_kind == "cuda_max_allocated" for r in board.reproduced):
+        items.append("Peak memory is not shown: these runs measured the process-wide peak RSS (CPU), the same for "
+                     "every row of one process; <code>peak_memory_mb</code> and <code>memory_kind</code> are in the CSV.")
+    elif rss:
+        items.append("<b>RSS</b>: a process-wide peak RSS (CPU run), not the method's memory; value in the CSV.")
+    return '<ul class="foot" id="leaderboard-notes">' + "".join(f"<li>{x}</li>" for x in items) + "</ul>"
 
 
 def task_table(board: Board) -> str:
@@ -121,13 +160,89 @@ def skipped_table(board: Board) -> str:
             f"<tbody>{body}</tbody></table></div>")
 
 
+def _p_cell(line, alpha: float) -> str:
+    if line is None or line.p_sign_flip is None:
+        return "<td></td>"
+    cls = ' class="sig"' if line.p_sign_flip < alpha else ""
+    return f"<td{cls}>{line.p_sign_flip:.2g}</td>"
+
+
+def _delta_cell(line, alpha: float) -> str:
+    if line is None or line.delta is None:
+        return MISSING
+    sig = line.p_sign_flip is not None and line.p_sign_flip < alpha
+    cls = "pos" if line.delta > 0 else ("neg" if line.delta < 0 else "")
+    cls = (cls + (" sig" if sig else "")).strip()
+    tip = [f"B − A = {line.delta:+.3f}"]
+    if line.delta_std is not None:
+        tip.append(f"std over seeds {line.delta_std:.3f}")
+    tip.append(f"{line.pairs} paired" if line.pairs else "unpaired")
+    for name, p in (("sign-flip", line.p_sign_flip), ("t", line.p_t), ("Wilcoxon", line.p_wilcoxon)):
+        if p is not None:
+            tip.append(f"p {name} {p:.3g}")
+    sd = f'<span class="sd"> ± {line.delta_std:.2f}</span>' if line.delta_std is not None and line.scope != "task" else ""
+    return (f'<td class="{cls}" title="{escape("; ".join(tip))}">{line.delta:+.2f}{sd}{"*" if sig else ""}</td>')
+
+
+def comparison_section(cmp: "Comparison") -> str:
+    """The HTML section of a comparison (peftbench.results.compare): B − A per configuration."""
+    lay = cmp.grid
+    means = [("group", g, f"{g.capitalize()} mean") for g in lay.groups]
+    if lay.groups:
+        means.append(("overall", "mean_of_groups", "mean of groups"))
+    means.append(("overall", "mean_over_tasks", "mean over tasks"))
+    head = ["A", "B"] + [h for _, _, h in means] + ["p (sign-flip)", "p (Wilcoxon)", "pairs"]
+    body = []
+    for m in cmp.matches:
+        hl = m.line("overall", cmp.headline_name)
+        cells = [txt(m.a.label), txt(m.b.label)] + [_delta_cell(m.line(sc, n), cmp.alpha) for sc, n, _ in means]
+        cells += [_p_cell(hl, cmp.alpha), f"<td>{hl.p_wilcoxon:.2g}</td>" if hl and hl.p_wilcoxon is not None
+                  else "<td></td>", f"<td>{hl.pairs if hl else ''}</td>"]
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    task_body = []
+    for m in cmp.matches:
+        cells = [txt(m.a.label)] + [_delta_cell(m.line("task", t), cmp.alpha) for t in lay.tasks]
+        task_body.append(f"<tr>{''.join(cells)}</tr>")
+    what = "paired by seed" if cmp.paired else "unpaired (side B has no seeds)"
+    unmatched = ""
+    if cmp.only_a or cmp.only_b:
+        unmatched = ('<p class="note" id="compare-unmatched">Without a match: '
+                     + (f"A: {escape(', '.join(cmp.only_a))}. " if cmp.only_a else "")
+                     + (f"B: {escape(', '.join(cmp.only_b))}." if cmp.only_b else "") + "</p>")
+    return "".join([
+        '<section id="compare"><h2>Comparison: B − A (percentage points)</h2>',
+        f'<p class="note">A = <code>{escape(cmp.label_a)}</code>, B = <code>{escape(cmp.label_b)}</code>; '
+        f"configurations matched on {escape(', '.join(cmp.match_fields))}; {len(cmp.matches)} matched, {what}. "
+        f"Bold with * : p &lt; {cmp.alpha:g} in the sign-flip permutation test (per task over its seeds, per mean "
+        "over the (task, seed) pairs, weighted as the mean weighs its tasks); Wilcoxon: signed-rank test over the "
+        "tasks' deltas. With n seeds a task's smallest sign-flip p is 2/2ⁿ (0.25 with 3 seeds): per-task rows "
+        "rarely reach significance; the hover text has the paired t-test. Formulas: docs/results.md.</p>",
+        unmatched,
+        f'<div class="scroll"><table id="compare-table">{th(head, 2)}<tbody>{"".join(body)}</tbody></table></div>',
+        "<h3>Per task</h3>",
+        f'<div class="scroll"><table id="compare-task-table">{th(["A"] + list(lay.tasks), 1)}<tbody>'
+        f'{"".join(task_body)}</tbody></table></div>',
+        "</section>"])
+
+
+def render_comparison(cmp: "Comparison") -> str:
+    """A standalone page with the comparison section (``peftbench compare``)."""
+    s = cmp.grid.suite
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>peftbench compare: {escape(s)}</title>", f"<style>{CSS}</style></head>", "<body>",
+        f"<h1>peftbench compare: {escape(s)}</h1>", comparison_section(cmp),
+        f"<script>{SCRIPT}</script>", "</body></html>"]) + "\n"
+
+
 def _figure(name: str, svg: bytes, alt: str, caption: str, suite: str) -> str:
     data = base64.b64encode(svg).decode("ascii")
     return (f'<figure id="fig-{name}"><img class="plot" alt="{escape(alt)}" src="data:image/svg+xml;base64,{data}">'
             f"<figcaption>{caption} (also <code>{escape(suite)}-{name}.png</code> / <code>.svg</code>)</figcaption></figure>")
 
 
-def render_report(board: Board, svgs: dict[str, bytes]) -> str:
+def render_report(board: Board, svgs: dict[str, bytes], comparison: "Comparison | None" = None) -> str:
     lay = board.grid
     s = lay.suite
     n_ok = sum(r.status == "ok" for r in board.runs)
@@ -151,7 +266,8 @@ def render_report(board: Board, svgs: dict[str, bytes]) -> str:
         '<nav><a href="#leaderboard">Leaderboard</a><a href="#per-task">Per task</a><a href="#plots">Plots</a>'
         + ('<a href="#vs-reported">Reproduced vs reported</a>' if board.has_reference else "")
         + '<a href="#problems">Failed / diverged</a><a href="#skipped">Skipped files</a>'
-          '<a href="#conventions">Conventions</a></nav>',
+          + ('<a href="#compare">Comparison</a>' if comparison is not None else "")
+        + '<a href="#conventions">Conventions</a></nav>',
         '<section id="leaderboard"><h2>Leaderboard</h2>',
         f'<p class="note">One row per method configuration, from final-stage records with status ok; ranked by the '
         f"{headline}. A dash is empty: a task without a finished final run, or a mean over tasks of which "
@@ -159,6 +275,7 @@ def render_report(board: Board, svgs: dict[str, bytes]) -> str:
         + (" Reported rows (italic) are the papers' numbers, their means recomputed from the per-task values."
            if board.reported else "") + "</p>",
         summary_table(board),
+        leaderboard_notes(board),
         "</section>",
         '<section id="per-task"><h2>Per task: top-1 % (mean ± sample std over the final seeds)</h2>',
         task_table(board),
@@ -170,11 +287,14 @@ def render_report(board: Board, svgs: dict[str, bytes]) -> str:
                              "Top-1 accuracy against Tuned/Total % (log scale), one panel per group and overall "
                              "(per task while no group is complete)"
                              + ("; filled markers reproduced, hollow markers reported" if board.reported else "")
-                             + "; lines: Pareto frontiers", s))
+                             + "; error bars: ± std over seeds; lines: Pareto frontiers"
+                             + ("; dotted: controls, off the frontier" if any(r.control for r in board.reproduced)
+                                else ""), s))
     if "tasks" in svgs:
         parts.append(_figure("tasks", svgs["tasks"], f"{s}: per-task accuracy",
-                             "Per-task top-1 of the reproduced configurations (mean ± sample std)"
-                             + ("; hollow diamonds: the paired reported value" if board.pairs() else ""), s))
+                             "Per-task top-1, configurations × tasks (mean ± sample std over seeds; colour: the "
+                             "cell's place within its column), then the group and overall means"
+                             + ("; reported rows below the line" if board.reported else ""), s))
     parts.append("</section>")
     if board.has_reference:
         parts += ['<section id="vs-reported"><h2>Reproduced − reported (percentage points)</h2>',
@@ -184,6 +304,8 @@ def render_report(board: Board, svgs: dict[str, bytes]) -> str:
                   "reproduced row whose config is its <code>peftbench_config</code>. Means are recomputed from "
                   "the per-task values with the same code as the reproduced rows.</p>",
                   sources_table(board), "</section>"]
+    if comparison is not None:
+        parts.append(comparison_section(comparison))
     parts += [
         '<section id="problems"><h2>Failed, diverged and unfinished runs (all stages)</h2>', problems_table(board),
         "</section>",
@@ -197,9 +319,14 @@ def render_report(board: Board, svgs: dict[str, bytes]) -> str:
         "<dt>Tuned/Total %</dt><dd>params.tuned_total_pct (trainable incl. head / all parameters × 100) averaged over "
         "the tasks done; per group in the group panels.</dd>",
         "<dt>peak memory, images/s</dt><dd>max of timing.peak_memory_mb and mean of timing.train_images_per_s over "
-        "the counted runs; the memory kind (CUDA max allocated vs process peak RSS) and device are in the CSV.</dd>",
+        "the counted runs; the memory kind (CUDA max allocated vs process peak RSS) and device are in the CSV. A "
+        "process-wide RSS is not shown per row; images/s of heads on cached features are marked *.</dd>",
         "<dt>Pareto</dt><dd>no other row of the same source has lower-or-equal Tuned/Total and higher-or-equal "
-        "overall accuracy (one strictly).</dd>",
+        "overall accuracy (one strictly); controls take no part.</dd>",
+        "<dt>uncertainty</dt><dd>± is the sample std over seeds (per task: of the seeds' top-1; per mean: of the "
+        "per-seed means). Ties (≈k): |h_a − h_b| ≤ 1.96·√(SE_a² + SE_b²) with SE² = Σ_t w_t² σ_t² / n_t, σ_t the "
+        "task's seed std pooled over the configurations with ≥ 2 seeds, w_t the task's weight in the headline, "
+        "n_t the row's seeds (docs/results.md).</dd>",
         "<dt>files</dt><dd>" + escape(f"{s}-leaderboard.csv, {s}-runs.csv")
         + (escape(f", {s}-vs-reported.csv") if board.has_reference else "")
         + "; columns are documented in docs/leaderboard.md.</dd>",

@@ -7,7 +7,9 @@ writes, per suite (docs/leaderboard.md documents every column and convention)::
     <out>/<suite>-runs.csv            one row per run record (all stages, all statuses)
     <out>/<suite>-vs-reported.csv     reproduced − reported per task / group / overall (vtab, fgvc)
     <out>/<suite>-pareto.{png,svg}    accuracy vs Tuned/Total % (log x), Pareto frontier marked
-    <out>/<suite>-tasks.{png,svg}     per-task bars
+    <out>/<suite>-tasks.{png,svg}     per-task heatmap (configurations x tasks)
+    <out>/<suite>-table.tex, .md      the papers' Table 1 layout (LaTeX booktabs, Markdown)
+    <out>/<suite>-compare.csv         B − A per task / group / overall (with ``comparisons``)
     <out>/<suite>-report.html         a static, self-contained report of all of the above
 
 Everything is deterministic: the same run store gives byte-identical files (no timestamps, stable
@@ -24,17 +26,20 @@ from .._io import atomic_write_bytes, atomic_write_text
 from ..errors import SettingsError
 from .board import Board, Run, build_board, load_runs, sorted_runs, suite_grid
 from .columns import csv_text, table
+from .compare import Comparison, comparison_csv
 from .plots import render_all
 from .reference import default_reference_dir, load_reference
-from .report import render_report
+from .report import render_comparison, render_report
+from .tables import FORMATS
 
 
 def suites_in(runs: list[Run]) -> list[str]:
     return sorted({str(r.spec["suite"]) for r in runs})
 
 
-def write_suite(board: Board, out_dir: str | Path, *, plots: bool = True, html: bool = True) -> list[Path]:
-    """Write one suite's files; returns their paths."""
+def write_suite(board: Board, out_dir: str | Path, *, plots: bool = True, html: bool = True,
+                comparison: Comparison | None = None) -> list[Path]:
+    """Write one suite's files; returns their paths. Without plots and html: the CSV files only."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     s = board.grid.suite
@@ -49,16 +54,36 @@ def write_suite(board: Board, out_dir: str | Path, *, plots: bool = True, html: 
     write(f"{s}-runs.csv", csv_text(*table("runs", board, sorted_runs(board))).encode())
     if board.has_reference:
         write(f"{s}-vs-reported.csv", csv_text(*table("vs-reported", board, board.pairs())).encode())
+    if comparison is not None:
+        write(f"{s}-compare.csv", comparison_csv(comparison).encode())
     figures: dict[str, dict[str, bytes]] = {}
     if plots or html:
+        for make, ext in FORMATS.values():
+            write(f"{s}-table.{ext}", make(board).encode())
         figures = render_all(board)
         if plots:
             for name, by_fmt in figures.items():
                 for ext, data in by_fmt.items():
                     write(f"{s}-{name}.{ext}", data)
     if html:
-        write(f"{s}-report.html", render_report(board, {n: f["svg"] for n, f in figures.items()}).encode())
+        write(f"{s}-report.html", render_report(board, {n: f["svg"] for n, f in figures.items()},
+                                                comparison).encode())
     return written
+
+
+def write_comparison(cmp: Comparison, out_dir: str | Path, *, html: bool = True) -> list[Path]:
+    """``<suite>-compare.csv`` (+ ``<suite>-compare.html``) of a comparison; returns the paths."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SettingsError(f"--out {out_dir}: is a file, not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    s = cmp.grid.suite
+    paths = [out / f"{s}-compare.csv"]
+    atomic_write_text(paths[0], comparison_csv(cmp), fsync=False)
+    if html:
+        paths.append(out / f"{s}-compare.html")
+        atomic_write_text(paths[1], render_comparison(cmp), fsync=False)
+    return paths
 
 
 STAMP = ".peftbench-leaderboard.stamp"  # which store the files of a folder come from
@@ -94,30 +119,50 @@ def _store_id(runs_dir: str | Path, out: Path) -> str:
     return Path(os.path.relpath(Path(runs_dir).resolve(), out.resolve())).as_posix()
 
 
+def _boards(runs_dir, suite, reference_dir, warn) -> list[Board]:
+    runs, skipped = load_runs(runs_dir, warn)
+    if reference_dir is None:
+        reference_dir = default_reference_dir()
+    elif reference_dir is False:
+        reference_dir = None
+    out = []
+    for s in [suite] if suite else suites_in(runs):
+        grid = suite_grid(s, runs)
+        reference = load_reference(reference_dir, grid)
+        out.append(build_board(runs, grid.suite, reference, skipped, grid=grid, warn=warn))
+    return out
+
+
+def leaderboard_tables(runs_dir: str | Path, fmt: str, suite: str | None = None, *,
+                       reference_dir: str | Path | None | bool = None,
+                       warn: Callable[[str], None] | None = None) -> dict[str, str]:
+    """suite -> the leaderboard as a LaTeX (``fmt="latex"``) or Markdown (``"markdown"``) table
+    (peftbench.results.tables), for every suite of ``runs_dir`` (or ``suite``)."""
+    make = FORMATS[fmt][0]
+    return {b.grid.suite: make(b) for b in _boards(runs_dir, suite, reference_dir, warn)}
+
+
 def write_leaderboard(runs_dir: str | Path, out_dir: str | Path, suite: str | None = None, *,
                       reference_dir: str | Path | None | bool = None, plots: bool = True, html: bool = True,
-                      warn: Callable[[str], None] | None = None, force: bool = False) -> list[Path]:
+                      warn: Callable[[str], None] | None = None, force: bool = False,
+                      comparisons: dict[str, Comparison] | None = None) -> list[Path]:
     """Regenerate the leaderboard files of ``suite`` (None: every suite that has records under
     ``runs_dir``) into ``out_dir``; return the paths written.
 
     ``reference_dir``: folder of reported numbers (None: :func:`default_reference_dir`; False: none).
     Corrupt or partial record files are reported on stderr (``warn``) and skipped. Files in ``out_dir``
     that another run store produced are not overwritten unless ``force`` (:func:`check_out_dir`).
+    ``comparisons``: suite -> a :class:`~peftbench.results.compare.Comparison` to add to that suite's
+    files (``<suite>-compare.csv`` and a section of the report).
     """
     check_out_dir(runs_dir, out_dir, force=force)
-    runs, skipped = load_runs(runs_dir, warn)
-    if reference_dir is None:
-        reference_dir = default_reference_dir()
-    elif reference_dir is False:
-        reference_dir = None
-    suites = [suite] if suite else suites_in(runs)
-    written: list[Path] = []
-    for s in suites:
-        grid = suite_grid(s, runs)
-        reference = load_reference(reference_dir, grid)
-        board = build_board(runs, grid.suite, reference, skipped, grid=grid, warn=warn)
-        written += write_suite(board, out_dir, plots=plots, html=html)
-    if written:
+    boards = _boards(runs_dir, suite, reference_dir, warn)
+    if boards:  # the stamp first: a concurrent driver of the same store checking the folder finds it
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(out_dir) / STAMP, json.dumps({"runs_dir": _store_id(runs_dir, Path(out_dir))}) + "\n",
                           fsync=False)
+    written: list[Path] = []
+    for board in boards:
+        written += write_suite(board, out_dir, plots=plots, html=html,
+                               comparison=(comparisons or {}).get(board.grid.suite))
     return written

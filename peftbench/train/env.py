@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -24,6 +24,9 @@ class Env:
     # trained weights kept beside the record (<key>.final.safetensors, for `peftbench export`):
     # "final" (runs evaluated on the task's final split: the reported ones), "all" or "none"
     save_weights: str = "final"
+    # where log lines go instead of stderr: anything with ``message(text, detail)`` (the sweep's
+    # peftbench.sweep.progress.SweepProgress: a bar on a terminal, plain lines in a file)
+    progress: Any = None
     # called after every finished epoch with (spec, epoch); tests use it to interrupt a run
     epoch_callbacks: list[Callable[[RunSpec, int], None]] = field(default_factory=list)
     # called after every epoch with (spec, history entry): progress displays, experiment trackers
@@ -45,6 +48,9 @@ class Env:
     def keeps_weights(self, spec: RunSpec, final_eval_split: str) -> bool:
         return self.save_weights == "all" or (self.save_weights == "final" and spec.eval_split == final_eval_split)
 
-    def log(self, msg: str) -> None:
-        if not self.quiet:
+    def log(self, msg: str, detail: bool = False) -> None:
+        """A progress line; ``detail``: a per-epoch line (a progress display shows those only when verbose)."""
+        if self.progress is not None:
+            self.progress.message(msg, detail)
+        elif not self.quiet:
             print(msg, file=sys.stderr, flush=True)

@@ -221,7 +221,7 @@ def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], N
         eta = (time.time() - t_run) / done * (hp.epochs - epoch - 1)
         env.log(f"{env.prefix} {spec.label()} epoch {epoch + 1}/{hp.epochs} loss {entry['train_loss']:.4f}"
                 + (f" {spec.eval_split} top1 {entry['eval_top1']:.2f}" if "eval_top1" in entry else "")
-                + f" | run left {fmt_s(eta)}")
+                + f" | run left {fmt_s(eta)}", detail=True)
         for listener in env.epoch_listeners:
             listener(spec, entry)
         if on_epoch is not None:

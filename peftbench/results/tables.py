@@ -1,0 +1,205 @@
+"""The leaderboard as a paper's table: LaTeX (booktabs) and Markdown, in the layout of the PEFT papers'
+Table 1 (VPT, E^2VPT, NOAH): the method, its Tuned/Total %, the per-task accuracies grouped by VTAB
+group (Natural / Specialized / Structured) each followed by the group mean, then both overall means.
+
+Cells are ``mean ± std`` over seeds (the std is omitted with one seed); the best value of every
+column is bold, within each block of rows (reproduced, reported; not among controls): the highest
+accuracy, the lowest Tuned/Total. Values are compared at the printed precision, so rows that print the same
+are all bold. ``peftbench leaderboard --format latex|markdown`` prints these; ``write_leaderboard``
+also writes them as ``<suite>-table.tex`` / ``<suite>-table.md``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from .board import Board, Row
+
+DIGITS = 1  # accuracies as printed in the papers
+TUNED_DIGITS = 2
+
+
+@dataclass
+class _Col:
+    head: str
+    get: Callable[[Row], tuple[float | None, float | None]]  # (value, std)
+    best: str = "max"  # max | min
+    digits: int = DIGITS
+    group: str = ""  # the group header above it ("" = none)
+
+
+def _columns(board: Board) -> list[_Col]:
+    lay = board.grid
+    cols = [_Col("Tuned/Total (%)", lambda r: (r.tuned_total_pct, None), "min", TUNED_DIGITS)]
+    if lay.groups:
+        for g, ts in lay.groups.items():
+            cols += [_Col(t, lambda r, t=t: (r.mean.get(t), r.std.get(t)), group=g.capitalize()) for t in ts]
+            cols.append(_Col("Mean", lambda r, g=g: (r.group_mean.get(g), r.group_std.get(g)), group=g.capitalize()))
+        cols.append(_Col("Mean of groups", lambda r: (r.overall_groups, r.overall_groups_std), group="Overall"))
+        cols.append(_Col("Mean over tasks", lambda r: (r.overall_tasks, r.overall_tasks_std), group="Overall"))
+    else:
+        cols += [_Col(t, lambda r, t=t: (r.mean.get(t), r.std.get(t))) for t in lay.tasks]
+        cols.append(_Col("Mean", lambda r: (r.overall_tasks, r.overall_tasks_std)))
+    return cols
+
+
+CONTROLS = "Controls"
+
+
+def _bests(name: str, rows: list[Row], cols: list[_Col]) -> list[float | None]:
+    """The bold value of each column: none for a block of one row or of controls."""
+    if name == CONTROLS or len(rows) < 2:
+        return [None] * len(cols)
+    return [_best(rows, c) for c in cols]
+
+
+def _blocks(board: Board) -> list[tuple[str, list[Row]]]:
+    rep = [r for r in board.reproduced if r.tasks_done and not r.control]
+    ctl = [r for r in board.reproduced if r.tasks_done and r.control]
+    out = [("Reproduced (peftbench)", rep)]
+    if ctl:
+        out.append((CONTROLS, ctl))
+    if board.reported:
+        out.append(("Reported (papers)", list(board.reported)))
+    return [(name, rows) for name, rows in out if rows]
+
+
+def _best(rows: list[Row], col: _Col) -> float | None:
+    vals = [round(v, col.digits) for v, _ in (col.get(r) for r in rows) if v is not None]
+    if not vals:
+        return None
+    return min(vals) if col.best == "min" else max(vals)
+
+
+def _seed_note(board: Board) -> str:
+    seeds = sorted({n for r in board.reproduced for n in r.seeds.values() if n})
+    if not seeds:
+        return ""
+    span = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+    return f"mean ± sample std over {span} seed(s) (no std with one seed)"
+
+
+# ---------------------------------------------------------------------------------------------
+# LaTeX
+# ---------------------------------------------------------------------------------------------
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "–": "--", "−": "$-$",
+        "≈": r"$\approx$", "×": r"$\times$"}
+
+
+def tex_escape(text: str) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def _tex_cell(v: float | None, sd: float | None, col: _Col, best: float | None) -> str:
+    if v is None:
+        return "--"
+    text = f"{v:.{col.digits}f}"
+    if best is not None and round(v, col.digits) == best:
+        text = rf"\textbf{{{text}}}"
+    if sd is not None:
+        text += rf"{{\scriptsize$\pm${sd:.{col.digits}f}}}"
+    return text
+
+
+def latex_table(board: Board) -> str:
+    """A ``table*`` with a booktabs ``tabular`` (needs ``\\usepackage{booktabs,graphicx}``)."""
+    lay = board.grid
+    cols = _columns(board)
+    n = 1 + len(cols)
+    note = _seed_note(board)
+    lines = [f"% peftbench leaderboard --format latex: {lay.suite} (generated from the run store; do not edit)",
+             r"% needs \usepackage{booktabs} and \usepackage{graphicx}",
+             r"\begin{table*}[t]", r"\centering",
+             rf"\caption{{{tex_escape(lay.suite)}: top-1 accuracy (\%) of the final runs"
+             + (f", {tex_escape(note)}" if note else "")
+             + r"; best of each column in bold (within each block). Generated by peftbench.}",
+             rf"\label{{tab:peftbench-{tex_escape(lay.suite)}}}",
+             r"\setlength{\tabcolsep}{3pt}",
+             r"\resizebox{\textwidth}{!}{%",
+             r"\begin{tabular}{l" + "c" * len(cols) + "}",
+             r"\toprule"]
+    # group header row: one \multicolumn per group, a \cmidrule under each
+    cells, rules, j = [""], [], 0
+    while j < len(cols):
+        g = cols[j].group
+        k = j
+        while k < len(cols) and g and cols[k].group == g:
+            k += 1
+        if not g:
+            cells.append("")
+            j += 1
+            continue
+        cells.append(rf"\multicolumn{{{k - j}}}{{c}}{{{tex_escape(g)}}}")
+        rules.append(rf"\cmidrule(lr){{{j + 2}-{k + 1}}}")
+        j = k
+    if rules:
+        lines.append(" & ".join(cells) + r" \\")
+        lines.append(" ".join(rules))
+    lines.append(" & ".join(["Method"] + [rf"\rotatebox{{90}}{{{tex_escape(c.head)}}}" for c in cols]) + r" \\")
+    blocks = _blocks(board)
+    for name, rows in blocks:
+        lines.append(r"\midrule")
+        if len(blocks) > 1:
+            lines.append(rf"\multicolumn{{{n}}}{{l}}{{\emph{{{tex_escape(name)}}}}} \\")
+        bests = _bests(name, rows, cols)
+        for r in rows:
+            cells = [tex_escape(r.label)]
+            for c, best in zip(cols, bests):
+                v, sd = c.get(r)
+                cells.append(_tex_cell(v, sd, c, best))
+            lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table*}"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown (GitHub pipe table)
+# ---------------------------------------------------------------------------------------------
+
+
+def _md_escape(text: str) -> str:
+    return str(text).replace("|", r"\|").replace("*", r"\*").replace("_", r"\_")
+
+
+def _md_cell(v: float | None, sd: float | None, col: _Col, best: float | None) -> str:
+    if v is None:
+        return "–"
+    text = f"{v:.{col.digits}f}"
+    if best is not None and round(v, col.digits) == best:
+        text = f"**{text}**"
+    return text + (f" ± {sd:.{col.digits}f}" if sd is not None else "")
+
+
+def markdown_table(board: Board) -> str:
+    lay = board.grid
+    cols = _columns(board)
+    heads = []
+    for c in cols:
+        if c.head == "Mean" and c.group:
+            heads.append(f"{c.group} mean")
+        else:
+            heads.append(_md_escape(c.head))
+    out = [f"**{_md_escape(lay.suite)}**: top-1 accuracy (%) of the final runs"
+           + (f", {_seed_note(board)}" if _seed_note(board) else "") + "; best of each column in bold (within each "
+           "block)." + (" Groups: " + "; ".join(f"{g.capitalize()}: {', '.join(_md_escape(t) for t in ts)}"
+                                                 for g, ts in lay.groups.items()) + "." if lay.groups else ""),
+           "",
+           "| Method | " + " | ".join(heads) + " |",
+           "|:--|" + "|".join("--:" for _ in cols) + "|"]
+    blocks = _blocks(board)
+    for name, rows in blocks:
+        if len(blocks) > 1:
+            out.append(f"| *{name}* |" + " |" * len(cols))
+        bests = _bests(name, rows, cols)
+        for r in rows:
+            cells = [_md_escape(r.label)]
+            for c, best in zip(cols, bests):
+                v, sd = c.get(r)
+                cells.append(_md_cell(v, sd, c, best))
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+FORMATS = {"latex": (latex_table, "tex"), "markdown": (markdown_table, "md")}

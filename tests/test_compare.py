@@ -1,0 +1,179 @@
+"""``peftbench compare``: two stores that differ by a known amount, pairing by seed, the paired tests
+against independent computations, --tag selections of one store, a reference CSV, the CLI and the
+comparison section of the report."""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+import random
+
+import pytest
+from test_leaderboard import VTAB, add_record, make_vtab_store, read_csv
+
+from peftbench.cli import main
+from peftbench.results.compare import compare_paths, sign_flip_p, wilcoxon_p
+from peftbench.tasks import get_suite
+
+FGVC = list(get_suite("fgvc").tasks)
+
+
+def _store(root, shift: dict[str, float], seeds=(1, 2), tasks=FGVC, **kw):
+    for i, t in enumerate(tasks):
+        for s in seeds:
+            for cfg, d in shift.items():
+                add_record(root, config=cfg, task=t, seed=s, top1=60.0 + 3 * i + 0.7 * s + d, suite="fgvc", **kw)
+    return root
+
+
+def test_known_shift_between_two_stores(tmp_path):
+    a = _store(tmp_path / "a", {"lora": 0.0, "bitfit": 0.0})
+    b = _store(tmp_path / "b", {"lora": 1.5, "bitfit": 0.0})
+    (cmp,) = compare_paths(a, b, warn=lambda m: None)
+    assert cmp.paired and len(cmp.matches) == 2 and not cmp.only_a and not cmp.only_b
+    lora = next(m for m in cmp.matches if m.a.label == "lora")
+    for t in FGVC:
+        line = lora.line("task", t)
+        assert line.delta == pytest.approx(1.5) and line.pairs == 2
+        assert line.p_sign_flip == pytest.approx(0.5)  # 2 seeds: 2 of the 4 sign patterns are as extreme
+        assert line.p_t is None  # a constant difference: the t statistic is undefined
+    hl = lora.line("overall", "mean_over_tasks")
+    assert hl.delta == pytest.approx(1.5) and hl.delta_std == pytest.approx(0.0)
+    assert hl.a == pytest.approx(a_mean := sum(60.0 + 3 * i + 0.7 * 1.5 for i in range(len(FGVC))) / len(FGVC))
+    assert hl.b == pytest.approx(a_mean + 1.5)
+    assert hl.pairs == 10 and hl.p_sign_flip == pytest.approx(2 / 2 ** 10)  # exact: only all-+ and all-− reach it
+    assert hl.p_wilcoxon == pytest.approx(2 / 2 ** 5)  # five positive task deltas, exact signed-rank test
+    assert hl.significant() is True
+    bit = next(m for m in cmp.matches if m.a.label == "bitfit").line("overall", "mean_over_tasks")
+    assert bit.delta == pytest.approx(0.0) and bit.p_sign_flip == 1.0 and bit.significant() is False
+
+
+def test_groups_and_both_overall_means(tmp_path):
+    a = make_vtab_store(tmp_path / "a")
+    b = tmp_path / "b"
+    for p in a.rglob("*.json"):  # B = A + 2 points on every vpt-deep record
+        rec = json.loads(p.read_text())
+        if rec["spec"]["config"] == "vpt-deep" and rec["status"] == "ok":
+            rec["metrics"]["top1"] += 2.0
+        q = b / p.relative_to(a)
+        q.parent.mkdir(parents=True, exist_ok=True)
+        q.write_text(json.dumps(rec))
+    (cmp,) = compare_paths(a, b, suite="vtab", warn=lambda m: None)
+    vd = next(m for m in cmp.matches if m.a.label == "vpt-deep")
+    for g in ("natural", "specialized", "structured"):
+        assert vd.line("group", g).delta == pytest.approx(2.0)
+    assert vd.line("overall", "mean_of_groups").delta == pytest.approx(2.0)
+    assert vd.line("overall", "mean_over_tasks").pairs == len(VTAB) * 3
+    assert vd.line("overall", "mean_of_groups").p_sign_flip < 0.001  # 57 pairs, sampled flips
+    lin = next(m for m in cmp.matches if m.a.label == "linear")
+    assert lin.line("task", "dmlab").delta is None and lin.line("overall", "mean_of_groups").delta is None
+
+
+def test_pairs_only_the_seeds_both_sides_have(tmp_path):
+    a = _store(tmp_path / "a", {"lora": 0.0}, seeds=(1, 2, 3))
+    b = _store(tmp_path / "b", {"lora": 1.0}, seeds=(1, 2, 4))
+    (cmp,) = compare_paths(a, b, warn=lambda m: None)
+    line = cmp.matches[0].line("task", FGVC[0])
+    assert line.pairs == 2 and line.delta == pytest.approx(1.0)
+    assert line.a == pytest.approx(60.0 + 0.7 * 1.5)  # over seeds 1 and 2 only
+
+
+def test_sign_flip_p_against_brute_force():
+    rng = random.Random(3)
+    d = [rng.gauss(0.4, 1.0) for _ in range(8)]
+    w = [rng.uniform(0.5, 2.0) for _ in range(8)]
+    obs = abs(sum(wi * di for wi, di in zip(w, d)))
+    extreme = sum(abs(sum(s * wi * di for s, wi, di in zip(signs, w, d))) >= obs - 1e-12
+                  for signs in itertools.product((1, -1), repeat=8))
+    assert sign_flip_p(d, w) == pytest.approx(extreme / 2 ** 8)
+    assert sign_flip_p([0.3], [1.0]) == 1.0 and sign_flip_p([], []) is None
+    big = [rng.gauss(1.0, 0.2) for _ in range(40)]  # sampled flips: deterministic and tiny
+    assert sign_flip_p(big, [1.0] * 40) == sign_flip_p(big, [1.0] * 40) < 0.001
+
+
+def test_wilcoxon_matches_the_exact_distribution():
+    # ranks 1..4 all positive but one: the signed-rank statistic's exact two-sided p by enumeration
+    d = [0.5, 1.0, -1.5, 2.0]
+    t_obs = min(sum(r for r, x in zip((1, 2, 3, 4), d) if x > 0), sum(r for r, x in zip((1, 2, 3, 4), d) if x < 0))
+    count = sum(min(sum(r for r, s in zip((1, 2, 3, 4), signs) if s > 0), sum(r for r, s in zip((1, 2, 3, 4), signs)
+                                                                              if s < 0)) <= t_obs
+                for signs in itertools.product((1, -1), repeat=4))
+    assert wilcoxon_p(d) == pytest.approx(count / 16)
+    assert wilcoxon_p([0.0, 0.0, 1.0]) is None
+
+
+def test_tags_within_one_store(tmp_path):
+    root = _store(tmp_path / "runs", {"lora": 0.0}, backbone="vit-a")
+    _store(root, {"lora": -4.0}, backbone="vit-b")
+    (cmp,) = compare_paths(root, tags=("backbone=vit-a", "backbone=vit-b"), warn=lambda m: None)
+    assert cmp.match_fields == ("config", "protocol", "precision")  # the backbone is what differs
+    (m,) = cmp.matches
+    assert m.line("overall", "mean_over_tasks").delta == pytest.approx(-4.0)
+    with pytest.raises(Exception, match="no run record"):
+        compare_paths(root, tags=("backbone=vit-a", "backbone=nope"), warn=lambda m: None)
+
+
+def test_against_a_reference_csv(tmp_path):
+    a = _store(tmp_path / "a", {"lora": 0.0})
+    ref = tmp_path / "ref" / "fgvc-top1.csv"
+    ref.parent.mkdir()
+    with open(ref, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["method", "peftbench_config", "source", *FGVC])
+        w.writerow(["LoRA (paper)", "lora", "a paper", *[60.0 + 3 * i + 0.7 * 1.5 - 2.0 for i in range(len(FGVC))]])
+    (cmp,) = compare_paths(a, ref, warn=lambda m: None)
+    assert not cmp.paired
+    (m,) = cmp.matches
+    assert m.b.label == "LoRA (paper)"
+    line = m.line("task", FGVC[0])
+    assert line.delta == pytest.approx(-2.0) and line.pairs == 0 and line.p_sign_flip is None
+    hl = m.line("overall", "mean_over_tasks")
+    assert hl.delta == pytest.approx(-2.0) and hl.pairs == 0
+    assert hl.p_sign_flip == pytest.approx(2 / 2 ** 5)  # the tasks are the units
+
+
+def test_cli_compare(tmp_path, capsys):
+    a = _store(tmp_path / "a", {"lora": 0.0})
+    b = _store(tmp_path / "b", {"lora": 1.5})
+    out = tmp_path / "out"
+    assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    (line,) = [x for x in text.splitlines() if x.strip().startswith("lora")]
+    assert "+1.50" in line and "0.00195" in line and line.endswith(" *")
+    rows = read_csv(out / "fgvc-compare.csv")
+    assert {r["scope"] for r in rows} == {"task", "overall"}
+    (hl,) = [r for r in rows if r["name"] == "mean_over_tasks"]
+    assert hl["delta"] == "1.5000" and hl["significant"] == "yes" and hl["pairs"] == "10"
+    assert math.isclose(float(hl["p_sign_flip"]), 2 / 2 ** 10, rel_tol=1e-3)
+    html = (out / "fgvc-compare.html").read_text()
+    assert 'id="compare-table"' in html and 'id="compare-task-table"' in html and "+1.50" in html
+    assert main(["compare", str(a)]) == 2
+    assert "two --tag" in capsys.readouterr().err
+    assert main(["compare", str(a), "--tag", "backbone=x"]) == 2
+    assert "exactly twice" in capsys.readouterr().err
+    assert main(["compare", str(a), "--tag", "backbone", "--tag", "b=c"]) == 2
+    assert "FIELD=VALUE" in capsys.readouterr().err
+    assert main(["compare", str(a), str(b), "--match", "colour"]) == 2
+
+
+def test_comparison_section_in_the_leaderboard_report(tmp_path):
+    a = _store(tmp_path / "a", {"lora": 0.0})
+    b = _store(tmp_path / "b", {"lora": 1.5})
+    out = tmp_path / "out"
+    assert main(["leaderboard", "--runs-dir", str(a), "--out", str(out), "--compare", str(b), "--no-reference"]) == 0
+    html = (out / "fgvc-report.html").read_text()
+    assert 'id="compare"' in html and 'href="#compare"' in html
+    assert (out / "fgvc-compare.csv").is_file()
+
+
+def test_compare_columns_are_documented():
+    from pathlib import Path
+
+    from peftbench.results.columns import columns
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "results.md").read_text()
+    names = [c.name for c in columns("compare")]
+    assert len(names) == 18
+    for name in names:
+        assert f"`{name}`" in doc, f"docs/results.md does not document the compare column {name}"
