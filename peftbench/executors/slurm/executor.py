@@ -61,8 +61,10 @@ class SlurmExecutor:
     hopeless_after_s = 60.0  # a pending reason that cannot resolve (PartitionConfig, ...) for this long: stop
 
     def __init__(self, settings: SlurmSettings, runs_dir: str | Path, *, quiet: bool = False,
-                 total: int | None = None, log: Callable[[str], None] | None = None, argv: list[str] | None = None):
+                 total: int | None = None, log: Callable[[str], None] | None = None, argv: list[str] | None = None,
+                 tracking: dict | None = None):
         self.s = settings
+        self.tracking = tracking  # the sweep's experiment trackers (peftbench.trackers), made again in each job
         self.root = Path(runs_dir).resolve()
         self.dir = self.root / STATE_DIR
         self.folder = Path(settings.folder).resolve() if settings.folder else self.dir / "logs"
@@ -242,7 +244,8 @@ class SlurmExecutor:
         packs = [specs[i:i + self.s.pack] for i in range(0, len(specs), self.s.pack)]
         stages = sorted({s.stage for s in specs})
         ex.update_parameters(name=f"{self.s.job_name}-{stages[0] if len(stages) == 1 else 'mixed'}")
-        calls = [RunJob([s.to_dict() for s in pack], str(self.root), self.s.device, self.quiet) for pack in packs]
+        calls = [RunJob([s.to_dict() for s in pack], str(self.root), self.s.device, self.quiet, tracking=self.tracking)
+                 for pack in packs]
         try:
             jobs = ex.submit_array(calls) if len(calls) > 1 else [ex.submit(calls[0])]
         except Exception as exc:  # sbatch refused it: bad partition/account/qos, limits, ...
