@@ -279,7 +279,8 @@ def load_sweep(path: str | Path) -> Sweep:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         m = re.search(r"line (\d+)", str(exc))
-        raise SettingsError(f"{path}{':' + m.group(1) if m else ''}: not valid TOML ({exc})") from None
+        line = m.group(1) if m else (str(len(text.splitlines()) or 1) if "end of document" in str(exc) else "")
+        raise SettingsError(f"{path}{':' + line if line else ''}: not valid TOML ({exc})") from None
     at = lambda *key: locate(path, tuple(key))  # noqa: E731
     from ..executors import EXECUTORS
     from ..methods import get_method

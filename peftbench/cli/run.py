@@ -67,6 +67,20 @@ def sweep_from_args(args):
         value = getattr(args, field, None)
         if value is not None:
             changes[field] = list(value) if isinstance(value, tuple) else value
+    if "methods" in changes and sweep.options:  # --methods narrows the file's: its options of other methods go
+        from ..methods import get_method
+
+        chosen = [get_method(m) for m in changes["methods"]]
+        names = {m.name for m in chosen}
+        options = {}
+        for scope, table in sweep.options.items():
+            if scope == "*":
+                table = {k: v for k, v in table.items() if any(k in m.options for m in chosen)}
+            elif scope not in names:
+                continue
+            if table:
+                options[scope] = dict(table)
+        changes["options"] = options
     if getattr(args, "seeds", None):
         changes.update(seeds=list(args.seeds), num_seeds=None)
     if getattr(args, "num_seeds", None) is not None:
