@@ -19,7 +19,7 @@ from importlinter.domain.contract import Contract, ContractCheck
 PLUGIN_PACKAGES = ("peftbench.methods", "peftbench.tasks", "peftbench.data.layouts", "peftbench.data.prepare",
                    "peftbench.executors", "peftbench.trackers")
 # what a plugin must not import: the layers above the sweep
-ABOVE_PLUGINS = ("peftbench.cli", "peftbench.results", "peftbench.bench")
+ABOVE_PLUGINS = ("peftbench.cli", "peftbench.api", "peftbench.results", "peftbench.bench")
 
 
 def is_plugin(module: str) -> bool:
