@@ -122,3 +122,12 @@ def test_key_lines_finds_dotted_inline_and_table_keys():
     assert lines[("executor", "ray", "address")] == 5 and lines[("executor", "ray", "runtime_env")] == 5
     assert ("executor", "fake") not in lines  # inside a multi-line string
     assert lines[("tracking", "wandb", "project")] == 10
+
+
+@pytest.mark.parametrize("name", ["demo", "vtab-slurm", "kuberay"])
+def test_the_shipped_example_sweep_files_read(name):
+    from pathlib import Path
+
+    sweep = load_sweep(Path(__file__).resolve().parents[1] / "scripts" / "sweeps" / f"{name}.toml")
+    assert sweep.methods and sweep.name
+    assert sweep.executor == {"demo": "local", "vtab-slurm": "slurm", "kuberay": "ray"}[name]

@@ -190,3 +190,29 @@ def test_tracker_errors_before_compute(monkeypatch, tmp_path):
     monkeypatch.setattr(type(TRACKERS.get("wandb")), "requires", "no_such_module_xyz")
     with pytest.raises(SettingsError, match=r"pip install 'peftbench\[wandb\]'"):
         check_tracking(Tracking(["wandb"], "s", str(tmp_path)))
+
+
+def test_trackers_travel_to_slurm_jobs(data_root, tmp_path):
+    """The tracker choice travels in the executor's settings (Env.tracking), not in the run: a SLURM job
+    (submitit's debug cluster runs the job's RunJob here) makes its own trackers from it."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from peftbench.executors.slurm import SlurmExecutor, make_settings
+
+    runs = tmp_path / "runs"
+    contexts = plan(SweepSettings(methods=["linear"], suite="testsuite", tasks=["toy"], protocol="fixed", seeds=[1, 2],
+                                  data_root=str(data_root), backbone=TINY_BACKBONE,
+                                  overrides={"epochs": 2, "batch_size": 16, "lr_grid": (0.05,), "wd_grid": (0.0,)}))
+    settings = make_settings(flags={"gpus_per_node": 0, "cpus_per_task": 1}, sets=["cluster = 'debug'", "poll_s = 0.01"])
+    tracking = check_tracking(Tracking(["tensorboard"], "on-slurm", str(runs)))
+    ex = SlurmExecutor(settings, runs, quiet=True, total=2, log=lambda m: None, tracking=tracking.to_dict())
+    drive(contexts, ex, RunStore(runs))
+    ex.close()
+    recs = [r for _, r, _ in RunStore(runs).iter_records()]
+    assert len(recs) == 2 and all(r.status == "ok" and r.get("slurm") for r in recs)
+    for rec in recs:
+        (folder,) = glob.glob(str(runs / "tensorboard" / "on-slurm" / "linear" / "toy" / f"*-{rec.key}"))
+        acc = EventAccumulator(folder)
+        acc.Reload()
+        assert len(acc.Scalars("train/loss")) == 2 and acc.Scalars("final/top1")[0].value == pytest.approx(rec.top1)

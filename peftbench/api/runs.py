@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Callable
 
 # first columns of load_runs, in this order (the rest: every field of the record, flattened with dots)
-FIRST = ("key", "method", "config", "task", "suite", "protocol", "stage", "job", "seed", "lr", "wd", "status", "top1",
-         "stale", "failed", "finished", "tuned_total_pct", "trainable", "wall_s", "path")
+FIRST = ("key", "method", "config", "task", "suite", "protocol", "stage", "job", "seed", "lr", "wd", "precision", "status",
+         "top1", "stale", "failed", "finished", "tuned_total_pct", "trainable", "wall_s", "path")
 
 
 def load_runs(runs_dir: str | Path = "runs", *, warn: Callable[[str], None] | None = None):
@@ -37,7 +37,8 @@ def load_runs(runs_dir: str | Path = "runs", *, warn: Callable[[str], None] | No
         row = {"key": r.record.key or Path(r.path).stem, "method": spec.get("method"),
                "config": spec.get("config") or spec.get("method"), "task": spec.get("task"), "suite": spec.get("suite"),
                "protocol": spec.get("protocol"), "stage": spec.get("stage"), "job": spec.get("job", "train"),
-               "seed": spec.get("seed"), "lr": hp.get("lr"), "wd": hp.get("wd"), "status": r.status, "top1": r.top1,
+               "seed": spec.get("seed"), "lr": hp.get("lr"), "wd": hp.get("wd"), "precision": r.precision, "status": r.status,
+               "top1": r.top1,
                "stale": r.stale, "failed": r.status in ("failed", "diverged"),
                "finished": r.status in ("ok", "diverged"), "tuned_total_pct": r.params.get("tuned_total_pct"),
                "trainable": r.params.get("trainable"), "wall_s": r.record.wall_s, "path": r.path}
