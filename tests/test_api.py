@@ -105,7 +105,21 @@ def test_plan_run_load_and_leaderboard_from_python(data_root, tmp_path, monkeypa
 def test_run_sweep_skips_done_runs_and_dry_run_plans(data_root, tmp_path):
     runs = tmp_path / "runs"
     sweep = _sweep(data_root, runs, methods=["linear"], seeds=[1])
-    assert pb.run_sweep(sweep, quiet=True).ok
+
+    class Recorder:  # a run hook of this process (peftbench.train.loop.RunHooks)
+        events: list = []
+
+        def run_start(self, spec, info):
+            self.events.append(("start", info["attempt"]))
+
+        def epoch(self, spec, entry):
+            self.events.append(("epoch", entry["epoch"]))
+
+        def run_end(self, spec, record):
+            self.events.append(("end", str(record.status)))
+
+    assert pb.run_sweep(sweep, quiet=True, hooks=[Recorder()]).ok
+    assert Recorder.events == [("start", 1), ("epoch", 0), ("epoch", 1), ("end", "ok")]
     again = pb.plan_sweep(sweep)
     assert again.done == {s.key for s in again.runs}
     dry = pb.run_sweep(sweep.replace(seeds=[1, 7]), dry_run=True)

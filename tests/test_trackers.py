@@ -216,3 +216,18 @@ def test_trackers_travel_to_slurm_jobs(data_root, tmp_path):
         acc = EventAccumulator(folder)
         acc.Reload()
         assert len(acc.Scalars("train/loss")) == 2 and acc.Scalars("final/top1")[0].value == pytest.approx(rec.top1)
+
+
+def test_cli_tracker_flags_and_the_resolved_sweep(data_root, tmp_path):
+    pytest.importorskip("tensorboard")
+    from peftbench.api import load_sweep
+    from peftbench.cli import main
+
+    runs = tmp_path / "runs"
+    assert main(["run", "--methods", "linear", "--suite", "testsuite", "--tasks", "toy", "--protocol", "fixed",
+                 "--seeds", "1", "--backbone", TINY_BACKBONE, "--data-root", str(data_root), "--epochs", "2",
+                 "--batch-size", "16", "--runs-dir", str(runs), "--quiet", "--tracker", "tb",
+                 "--tracker-set", f"tensorboard.dir={tmp_path / 'tb'}", "--sweep-name", "from-cli"]) == 0
+    assert len(glob.glob(str(tmp_path / "tb" / "from-cli" / "linear" / "toy" / "final-seed1-*"))) == 1
+    resolved = load_sweep(runs / "sweeps" / "from-cli.toml")
+    assert resolved.trackers == ["tensorboard"] and resolved.tracker_settings == {"tensorboard": {"dir": str(tmp_path / "tb")}}

@@ -40,7 +40,6 @@ from ..errors import SettingsError
 from ..store import RunRecord, RunSpec, RunStatus, RunStore
 from ..store.leases import HEARTBEAT_S, _proc_start, lease_state
 from ._base import ExecutorPlugin, register_executor
-from ._status import new_entry
 
 STATE_DIR = ".ray"
 STATE_FILE = "state.json"
@@ -379,6 +378,8 @@ def read_state(runs_dir: str | Path) -> dict:
 
 def status(runs_dir: Path, runs: dict[str, dict], query: bool) -> dict:
     """What ``peftbench status`` shows of Ray: the live driver and each run's task."""
+    from ._status import new_entry  # (train's code fingerprints, torch: not when the CLI parses)
+
     state = read_state(runs_dir)
     if not state.get("runs"):
         return {}
