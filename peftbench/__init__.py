@@ -20,7 +20,7 @@ The Python API (docs/api.md) is importable from here; its names load on first us
 from ._version import __version__
 
 _API = ("Sweep", "Plan", "SweepResult", "load_sweep", "plan_sweep", "run_sweep", "load_runs", "leaderboard",
-        "build_model")
+        "status", "build_model")
 
 __all__ = ["__version__", *_API]
 

@@ -81,6 +81,8 @@ def test_plan_run_load_and_leaderboard_from_python(data_root, tmp_path, monkeypa
     bad = df[df.failed]
     assert len(bad) == 1 and bad.iloc[0]["method"] == "bitfit" and "planted failure" in bad.iloc[0]["error"]
     assert len(result.runs()) == 4
+    st = pb.status(runs, query=False)  # what `peftbench status` shows
+    assert sorted(st["status"]) == ["done", "done", "done", "failed"] and st.attrs["driver"] is None
 
     # a record produced by other code than the installed one is flagged stale
     path = runs / ok.iloc[0]["path"]

@@ -4,13 +4,13 @@ DataFrames, build a method's model for your own loop. ``peftbench run`` is a com
 Stable names (also importable from ``peftbench`` itself)::
 
     Sweep, load_sweep, plan_sweep, run_sweep, Plan, SweepResult    # sweep.py, sweepfile.py
-    load_runs, leaderboard                                           # runs.py
+    load_runs, leaderboard, status                                   # runs.py
     build_model                                                      # models.py
 """
 from .models import build_model
-from .runs import leaderboard, load_runs
+from .runs import leaderboard, load_runs, status
 from .sweep import Plan, SweepResult, check_device, check_runs_dir, plan_sweep, run_sweep, write_resolved
 from .sweepfile import Sweep, dump_sweep, load_sweep
 
 __all__ = ["Sweep", "Plan", "SweepResult", "load_sweep", "dump_sweep", "plan_sweep", "run_sweep", "load_runs",
-           "leaderboard", "build_model", "check_device", "check_runs_dir", "write_resolved"]
+           "leaderboard", "status", "build_model", "check_device", "check_runs_dir", "write_resolved"]

@@ -91,3 +91,20 @@ def leaderboard(runs="runs", suite: str | None = None, *, reference: bool | str 
                         warn=warn or (lambda m: None))
     text = csv_text(*table("leaderboard", board, board.rows))
     return pd.read_csv(io.StringIO(text))
+
+
+def status(runs_dir: str | Path = "runs", *, query: bool = True):
+    """What ``peftbench status`` shows, as a DataFrame: one row per run of ``runs_dir`` (records, runs a
+    live driver has queued, runs an executor knows of), with ``status`` (pending, running, done, failed,
+    diverged, interrupted), ``job`` (a SLURM job id, ``ray:<task id>``), ``node``, ``restart_count``,
+    ``retries``, ``top1``, ``stale``, ``holder``. ``df.attrs``: ``driver`` (a live SLURM or Ray driver)
+    and ``drivers`` (live ``peftbench run`` processes). ``query=False``: do not ask SLURM for job states."""
+    import pandas as pd
+
+    from ..executors._status import collect
+
+    info = collect(runs_dir, query=query)
+    df = pd.DataFrame(info["runs"])
+    df.attrs.update(runs_dir=info["runs_dir"], driver=info["driver"], drivers=info["drivers"],
+                    unreadable=info["unreadable"])
+    return df

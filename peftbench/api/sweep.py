@@ -115,7 +115,8 @@ def plan_sweep(sweep: Sweep, *, check_data: bool = True, args=None) -> Plan:
     from ..train.hparams import parse_hparams
 
     if not sweep.methods:
-        raise SettingsError("no methods: give --methods (or `methods` in the sweep file)")
+        raise SettingsError("--methods names no method (give --methods, or `methods` in the sweep file; "
+                            "peftbench list methods)")
     device = check_device(sweep.device)
     plugin = EXECUTORS.get(sweep.executor)
     executor_name = EXECUTORS.canonical(sweep.executor)
