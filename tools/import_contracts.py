@@ -3,7 +3,8 @@
 
 Plugin modules are the public modules of the plugin packages (``peftbench/methods/<method>``,
 ``peftbench/tasks/<suite>``, ``peftbench/data/layouts/<layout>``, ``peftbench/data/prepare/<suite>``,
-``peftbench/executors/<backend>``): no path component after the package starts with ``_``. They plug
+``peftbench/executors/<backend>``, ``peftbench/trackers/<tracker>``): no path component after the package
+starts with ``_``. They plug
 into the core, so they may import it up to the sweep layer; the core never imports them (their
 registries load them by name, so a new plugin is one file and no core edit).
 """
@@ -16,9 +17,9 @@ from importlinter.contracts.layers import LayersContract
 from importlinter.domain.contract import Contract, ContractCheck
 
 PLUGIN_PACKAGES = ("peftbench.methods", "peftbench.tasks", "peftbench.data.layouts", "peftbench.data.prepare",
-                   "peftbench.executors")
+                   "peftbench.executors", "peftbench.trackers")
 # what a plugin must not import: the layers above the sweep
-ABOVE_PLUGINS = ("peftbench.cli", "peftbench.results", "peftbench.bench")
+ABOVE_PLUGINS = ("peftbench.cli", "peftbench.api", "peftbench.results", "peftbench.bench")
 
 
 def is_plugin(module: str) -> bool:

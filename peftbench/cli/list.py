@@ -1,4 +1,4 @@
-"""``peftbench list methods|tasks|suites|protocols|backbones|executors|layouts|columns``."""
+"""``peftbench list methods|tasks|suites|protocols|backbones|executors|trackers|layouts|columns``."""
 from __future__ import annotations
 
 import importlib
@@ -21,6 +21,7 @@ LISTS = {
     "protocols": ("peftbench.sweep.protocols", "PROTOCOLS", lambda n, p, r: f"{n:<8} {p.description}", None),
     "backbones": ("peftbench.backbones", "BACKBONES", lambda n, p, r: f"{n:<18} {p.description}", None),
     "executors": ("peftbench.executors", "EXECUTORS", lambda n, e, r: f"{n:<10} {e.description}", None),
+    "trackers": ("peftbench.trackers", "TRACKERS", lambda n, t, r: f"{n:<12} {t.description}", None),
     "layouts": ("peftbench.data.layouts", "LAYOUTS", lambda n, x, r: f"{n:<12} {x.description}", None),
     "columns": ("peftbench.results.columns", "COLUMNS", lambda n, c, r: f"{n:<40} {c.doc}", None),
 }
@@ -28,7 +29,7 @@ NOTES = {"backbones": "(any timm ViT name also works, e.g. vit_base_patch16_224.
 
 
 def register(sub) -> None:
-    p = sub.add_parser("list", help="list methods, tasks, suites, protocols, backbones, executors, layouts, columns")
+    p = sub.add_parser("list", help="list methods, tasks, suites, protocols, backbones, executors, trackers, layouts, columns")
     p.add_argument("what", choices=list(LISTS))
     p.set_defaults(func=main)
 

@@ -1,9 +1,10 @@
-"""``peftbench run``: a sweep of methods × tasks under a protocol."""
+"""``peftbench run``: a sweep of methods × tasks under a protocol; the command line of
+:func:`peftbench.run_sweep` (docs/api.md). ``--config sweep.toml`` reads a sweep file
+(docs/sweep-files.md); flags given on the command line override the file's values."""
 from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 
@@ -28,9 +29,12 @@ def _names(text: str) -> list[str]:
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments that define a sweep (shared by run and the commands that plan one)."""
-    p.add_argument("--methods", type=_names, required=True, help="comma-separated method names (peftbench list methods)")
-    p.add_argument("--suite", default="demo", help="task suite: demo (default, offline), vtab, fgvc")
+    """The arguments that define a sweep. Their defaults are None: a flag that is not given leaves the
+    sweep file's value (or the default of :class:`peftbench.Sweep`)."""
+    p.add_argument("--config", metavar="SWEEP.toml",
+                   help="a sweep file (docs/sweep-files.md); flags given here override its values")
+    p.add_argument("--methods", type=_names, help="comma-separated method names (peftbench list methods)")
+    p.add_argument("--suite", help="task suite: demo (default, offline), vtab, fgvc")
     p.add_argument("--tasks", type=_names, help="comma-separated subset of the suite's tasks")
     p.add_argument("--protocol", help="vpt | fixed | demo (default: the suite's)")
     p.add_argument("--seeds", type=_ints, help="comma-separated seeds of the final runs")
@@ -47,29 +51,100 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16", "fp16"),
                    help="numeric precision of training and evaluation (part of the run key; default: the "
                         "protocol's: fp32 for vpt, bf16 on CUDA for fixed and demo, fp32 on CPU)")
-    p.add_argument("--no-verify-data", dest="verify_data", action="store_false",
+    p.add_argument("--no-verify-data", dest="verify_data", action="store_const", const=False, default=None,
                    help="do not verify the data (split sizes, classes, every image decodes) before the sweep")
 
 
-def settings_from_args(args, device: str = "cpu"):
-    from ..sweep.plan import SweepSettings
+def sweep_from_args(args):
+    """The :class:`peftbench.Sweep` of the command line: the ``--config`` file's, with every flag that was
+    given over it."""
+    from ..api import Sweep, load_sweep
 
-    overrides = {"epochs": args.epochs, "batch_size": args.batch_size,
-                 "lr_grid": args.lr, "wd_grid": args.wd}
-    return SweepSettings(methods=args.methods, suite=args.suite, tasks=args.tasks, protocol=args.protocol,
-                         seeds=list(args.seeds) if args.seeds else None, num_seeds=args.num_seeds,
-                         backbone=args.backbone, checkpoint=args.checkpoint, data_root=args.data_root,
-                         sets=args.sets, verify_data=getattr(args, "verify_data", True),
-                         overrides={k: v for k, v in overrides.items() if v is not None},
-                         precision=getattr(args, "precision", None), device=device)
+    sweep = load_sweep(args.config) if getattr(args, "config", None) else Sweep()
+    changes = {}
+    for field in ("methods", "suite", "tasks", "protocol", "backbone", "checkpoint", "data_root", "precision",
+                  "runs_dir", "device", "verify_data"):
+        value = getattr(args, field, None)
+        if value is not None:
+            changes[field] = list(value) if isinstance(value, tuple) else value
+    if "methods" in changes and sweep.options:  # --methods narrows the file's: its options of other methods go
+        from ..methods import get_method
+
+        chosen = [get_method(m) for m in changes["methods"]]
+        names = {m.name for m in chosen}
+        options = {}
+        for scope, table in sweep.options.items():
+            if scope == "*":
+                table = {k: v for k, v in table.items() if any(k in m.options for m in chosen)}
+            elif scope not in names:
+                continue
+            if table:
+                options[scope] = dict(table)
+        changes["options"] = options
+    if getattr(args, "seeds", None):
+        changes.update(seeds=list(args.seeds), num_seeds=None)
+    if getattr(args, "num_seeds", None) is not None:
+        changes.update(num_seeds=args.num_seeds, seeds=None if not getattr(args, "seeds", None) else list(args.seeds))
+    search = dict(sweep.search)
+    for flag, key in (("lr", "lr"), ("wd", "wd"), ("epochs", "epochs"), ("batch_size", "batch_size")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            search[key] = list(value) if isinstance(value, tuple) else value
+    changes["search"] = search
+    changes["sets"] = list(sweep.sets) + list(getattr(args, "sets", None) or [])
+    if getattr(args, "executor", None):
+        changes["executor"] = args.executor
+        if args.executor != sweep.executor:
+            changes["executor_settings"] = {}  # the file's settings are another executor's
+    if getattr(args, "tracker", None) is not None:
+        changes["trackers"] = list(args.tracker)
+    settings = {k: dict(v) for k, v in sweep.tracker_settings.items()}
+    for item in getattr(args, "tracker_set", None) or []:
+        from ..errors import SettingsError
+
+        key, sep, raw = item.partition("=")
+        name, dot, opt = key.strip().partition(".")
+        if not sep or not dot:
+            raise SettingsError(f"--tracker-set {item!r}: expected TRACKER.KEY=VALUE, e.g. wandb.project=vit-peft")
+        settings.setdefault(name, {})[opt] = _toml_value(raw.strip())
+    changes["tracker_settings"] = settings
+    if getattr(args, "sweep_name", None):
+        changes["name"] = args.sweep_name
+    return sweep.replace(**changes)
+
+
+def _toml_value(raw: str):
+    """A TOML literal (10, 2.5, true, "x", ["a"]); anything else is a plain string."""
+    from ..api.sweepfile import _tomllib
+
+    tomllib = _tomllib()
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def settings_from_args(args, device: str = "cpu"):
+    """The :class:`peftbench.sweep.plan.SweepSettings` of the command line (``--config`` included)."""
+    return sweep_from_args(args).settings(device)
 
 
 def register(sub) -> None:
     p = sub.add_parser("run", help="run a sweep: methods × tasks under a protocol",
-                       description="Run methods × tasks. Finished runs are skipped, unfinished ones resume.")
+                       description="Run methods × tasks. Finished runs are skipped, unfinished ones resume. "
+                                   "The resolved sweep is written to <runs-dir>/sweeps/<name>.toml "
+                                   "(run it again exactly with --config).")
     add_sweep_arguments(p)
-    p.add_argument("--runs-dir", default="runs", help="where run records go (default ./runs)")
+    p.add_argument("--runs-dir", help="where run records go (default ./runs)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--sweep-name", help="the sweep's name: groups its tracker runs and names "
+                                        "<runs-dir>/sweeps/<name>.toml (default: the sweep file's name, else "
+                                        "<suite>-<hash of its runs>)")
+    p.add_argument("--tracker", type=lambda t: [x.strip() for x in t.split(",") if x.strip()],
+                   help="experiment trackers, comma-separated: tensorboard, wandb, mlflow (peftbench list trackers; "
+                        "docs/trackers.md)")
+    p.add_argument("--tracker-set", action="append", default=[], metavar="TRACKER.KEY=VALUE",
+                   help="a tracker setting, e.g. --tracker-set wandb.project=vit-peft (repeatable)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the runs the sweep needs and their estimated GPU-hours, run nothing")
     p.add_argument("--bench-table", help="bench CSV for --dry-run estimates (default: the table shipped with "
@@ -88,147 +163,60 @@ def register(sub) -> None:
                         "as <key>.stale.json)")
     from ..executors import EXECUTORS
 
-    p.add_argument("--executor", choices=EXECUTORS.names(), default="local",
-                   help="where runs happen: " + "; ".join(f"{n}: {e.description}" for n, e in EXECUTORS.items()))
+    p.add_argument("--executor", choices=EXECUTORS.names(), default=None,
+                   help="where runs happen (default local): "
+                        + "; ".join(f"{n}: {e.description}" for n, e in EXECUTORS.items()))
     for _, plugin in EXECUTORS.items():
         plugin.add_arguments(p)
     p.set_defaults(func=main)
 
 
 def check_device(device: str | None, flag: str = "--device") -> str:
-    """The device to use (default: cuda when available); a device this machine lacks is an error."""
-    import torch
+    from ..api import check_device as check
 
-    from ..errors import SettingsError
-
-    if not device:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SettingsError(f"{flag} {device!r}: not a device (cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SettingsError(f"{flag} {device}: no CUDA device on this machine (torch.cuda.is_available() "
-                                "is False); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SettingsError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise SettingsError(f"{flag} {device}: peftbench trains on cpu or cuda")
-    return device
+    return check(device, flag)
 
 
 def check_runs_dir(path: str) -> Path:
-    """A folder the run records can be written to (created if needed)."""
-    import tempfile
+    from ..api import check_runs_dir as check
 
-    from ..errors import SettingsError
-
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise SettingsError(f"--runs-dir {path}: is a file, not a folder")
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".peftbench-write-test-"):
-            pass
-    except OSError as exc:
-        raise SettingsError(f"--runs-dir {path}: cannot write there ({exc.strerror or exc})") from None
-    return p
-
-
-def _estimates(specs, contexts, device: str, bench_table: str | None) -> dict[str, float] | None:
-    """Per run key: seconds from the bench table of this device type (the ETA's prior), None without one."""
-    from ..bench.estimate import TABLES, estimate_each
-    from ..bench.speed import read_table, table_path
-
-    if bench_table:
-        path = Path(bench_table)
-    else:
-        backbone = contexts[0].backbone
-        path = next((p for p in (table_path(TABLES, device, backbone), table_path(TABLES, device, backbone.split(".")[0]))
-                     if p.is_file()), None)
-    if path is None or not path.is_file():
-        return None
-    try:
-        return estimate_each(specs, contexts, read_table(path))[0]
-    except (OSError, KeyError, ValueError):
-        return None
+    return check(path)
 
 
 def main(args) -> int:
+    from ..api import plan_sweep, run_sweep
     from ..bench.estimate import print_plan
+    from ..errors import SettingsError
     from ..executors import EXECUTORS
-    from ..results.write import write_leaderboard
-    from ..store import RunStore
-    from ..store.journal import Journal
-    from ..sweep import freshness
-    from ..sweep.drive import count_runs, drive, print_summary, summary_rows
-    from ..sweep.plan import plan
-    from ..sweep.progress import SweepProgress
-    from ..train.env import Env
-    from ..train.hparams import parse_hparams
+    from ..sweep.drive import print_summary
 
-    t0 = time.time()
-    device = check_device(args.device)
-    settings = settings_from_args(args, device)
-    chosen = EXECUTORS.get(args.executor)
+    if args.quiet and args.verbose:
+        raise SettingsError("--quiet and --verbose: choose one")
+    sweep = sweep_from_args(args)
+    chosen = EXECUTORS.get(sweep.executor)
     for name, plugin in EXECUTORS.items():  # another executor's flags are a mistake, reported before planning
         given = plugin.given_flags(args) if plugin is not chosen else []
         if given:
-            from ..errors import SettingsError
-
             raise SettingsError(f"{', '.join(given)} only apply with --executor {name}")
-    contexts = plan(settings, check_data=not args.dry_run)  # a dry run needs no data and no weights
-    specs = count_runs(contexts)
-    for spec in specs:  # every run's hyper-parameters, typed and checked before anything runs
-        if spec.job == "train":
-            parse_hparams(spec.hparams, where=spec.label())
-    if not args.dry_run:
-        check_runs_dir(args.runs_dir)
-    store = RunStore(args.runs_dir)
-    fresh = freshness.check(specs, store)
-    for line in fresh.lines():
+    plan = plan_sweep(sweep, check_data=not args.dry_run, args=args)  # a dry run needs no data and no weights
+    for line in plan.warnings():
         print(f"peftbench: warning: {line}", file=sys.stderr)
-    if args.rerun_stale and fresh.stale:
-        n = freshness.set_aside([s for ss in fresh.stale.values() for s in ss], store)
-        fresh.done -= n
-        print(f"peftbench: --rerun-stale: {n} stale record(s) set aside as <key>.stale.json; they run again",
-              file=sys.stderr)
-    print(f"peftbench: {len(contexts)} method×task pairs, {len(specs)} runs ({fresh.done} done already) under "
-          f"protocol {contexts[0].protocol.name!r}; runs in {Path(args.runs_dir).resolve()}", file=sys.stderr)
+    stale = sum(len(v) for v in plan.stale.stale.values()) if args.rerun_stale and plan.stale else 0
+    print(f"peftbench: {len(plan.contexts)} method×task pairs, {len(plan.runs)} runs ({plan.stale.done - stale} done "
+          f"already) under protocol {plan.protocol!r}; runs in {plan.sweep.runs_dir}", file=sys.stderr)
     if args.dry_run:
-        done = {s.key for s in specs if store.is_done(s)}
-        print_plan(specs, contexts, Path(args.bench_table) if args.bench_table else None, done)
+        print_plan(plan.runs, plan.contexts, Path(args.bench_table) if args.bench_table else None, plan.done)
         return 0
-    if args.quiet and args.verbose:
-        from ..errors import SettingsError
-
-        raise SettingsError("--quiet and --verbose: choose one")
-    progress = SweepProgress(specs, estimates=_estimates(specs, contexts, device, args.bench_table),
-                             mode="quiet" if args.quiet else "auto", verbose=args.verbose)
-    env = Env(device=device, quiet=args.quiet, progress=progress, save_weights=args.save_weights)
-    env.epoch_listeners.append(progress.epoch)
-    executor = chosen.create(args, env=env, runs_dir=Path(args.runs_dir), total=len(specs))
-    journal = Journal(args.runs_dir)
-    try:
-        outcomes = drive(contexts, executor, store, journal)
-    finally:
-        progress.close()
-        executor.close()
-        journal.close()
-    rows = summary_rows(outcomes)
+    result = run_sweep(plan, rerun_stale=args.rerun_stale, quiet=args.quiet, verbose=args.verbose,
+                       save_weights=args.save_weights, bench_table=args.bench_table, args=args, argv=list(sys.argv))
     print()
-    print_summary(rows)
-    board = Path(args.runs_dir) / "leaderboard"
-    write_leaderboard(args.runs_dir, board, contexts[0].suite.name)
-    print(f"\nrun records: {Path(args.runs_dir).resolve()}")
-    print(f"leaderboard: {(board / f'{contexts[0].suite.name}-leaderboard.csv').resolve()} "
-          f"(report: {contexts[0].suite.name}-report.html beside it)  [{time.time() - t0:.0f} s]")
-    failed, diverged = sum(o.failed for o in outcomes), sum(o.diverged for o in outcomes)
-    stopped = [r for r in rows if r["error"]]
-    if failed or diverged or stopped:
-        print(f"peftbench: {failed} run(s) failed, {diverged} diverged"
-              + (f", {len(stopped)} method×task pipeline(s) could not finish" if stopped else "")
+    print_summary(result.rows)
+    print(f"\nrun records: {result.runs_dir}")
+    print(f"sweep file:  {result.sweep_file} (peftbench run --config {result.sweep_file} runs it again)")
+    print(f"leaderboard: {result.leaderboard} (report: {plan.suite}-report.html beside it)  [{result.seconds:.0f} s]")
+    if not result.ok:
+        print(f"peftbench: {result.failed} run(s) failed, {result.diverged} diverged"
+              + (f", {len(result.stopped)} method×task pipeline(s) could not finish" if result.stopped else "")
               + " (their records say why; `peftbench status` lists them)", file=sys.stderr)
         return 1
     return 0

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .._registry import Registry
+from ..errors import SettingsError
 
 if TYPE_CHECKING:
     from ..train.env import Env
@@ -24,6 +25,26 @@ class ExecutorPlugin:
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    # the keys of a sweep file's [executor.<name>] table -> help (docs/sweep-files.md)
+    settings_keys: ClassVar[dict[str, str]] = {}
+
+    def configure(self, table: dict, args: argparse.Namespace | None, where: Callable[[str], str]) -> dict:
+        """This executor's settings as plain data (TOML-writable: they go into the resolved sweep file):
+        a sweep file's ``[executor.<name>]`` table, then the command line's flags (``args``) over it.
+        ``where(key)`` names the file and line of a key for error messages. Checked here, before any
+        compute. By default an executor has no settings."""
+        for key in table:
+            raise SettingsError(f"{where(key)}: executor {self.name!r} has no setting {key!r}"
+                                + (f" (its settings: {', '.join(sorted(self.settings_keys))})" if self.settings_keys else ""))
+        return {}
+
+    def make(self, settings: dict, *, env: "Env", runs_dir: Path, total: int,
+             args: argparse.Namespace | None = None) -> Any:
+        """The executor for ``settings`` (from :meth:`configure`): what ``peftbench run`` and
+        :func:`peftbench.run_sweep` use. By default :meth:`create` with the command line's namespace
+        (executors written before sweep files)."""
+        return self.create(args if args is not None else argparse.Namespace(**settings), env=env, runs_dir=runs_dir,
+                           total=total)
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         """Add this executor's own flags to ``peftbench run`` (an argument group)."""

@@ -96,3 +96,6 @@ class Local(ExecutorPlugin):
 
     def create(self, args, *, env, runs_dir, total):
         return LocalExecutor(env, total=total)
+
+    def make(self, settings, *, env, runs_dir, total, args=None):
+        return LocalExecutor(env, total=total)

@@ -19,10 +19,10 @@ from ..store import RunRecord, RunSpec, RunStatus, RunStore
 from .build import build_model, load_trainable, normalizer_for, parameter_summary, save_trainable, seed_everything
 from .code import code_fingerprint
 from .env import Env
-from .loop import train
+from .loop import RunHooks, call_hooks, train
 
-__all__ = ["execute", "execute_claimed", "Env", "build_model", "load_trainable", "save_trainable", "parameter_summary",
-           "normalizer_for", "seed_everything", "train"]
+__all__ = ["execute", "execute_claimed", "Env", "RunHooks", "build_model", "load_trainable", "save_trainable",
+           "parameter_summary", "normalizer_for", "seed_everything", "train"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +53,8 @@ def execute(spec: RunSpec, store: RunStore, env: Env) -> RunRecord:
     store.write(spec, record)
     t0 = time.time()
     before = float((old.wall_s if old else None) or 0.0)
+    call_hooks(env, "run_start", spec, {"attempt": record.attempts, "resume_epoch": store.checkpoint_epoch(spec),
+                                        "device": env.device})
 
     def progress(entry: dict) -> None:  # a killed attempt's time still counts in wall_s
         record.wall_s = round(before + time.time() - t0, 3)
@@ -76,6 +78,7 @@ def execute(spec: RunSpec, store: RunStore, env: Env) -> RunRecord:
     store.write(spec, record)
     if record.status != RunStatus.RUNNING:
         store.drop_checkpoint(spec)
+    call_hooks(env, "run_end", spec, record)
     return record
 
 

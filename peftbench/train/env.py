@@ -31,6 +31,12 @@ class Env:
     epoch_callbacks: list[Callable[[RunSpec, int], None]] = field(default_factory=list)
     # called after every epoch with (spec, history entry): progress displays, experiment trackers
     epoch_listeners: list[Callable[[RunSpec, dict], None]] = field(default_factory=list)
+    # run hooks (peftbench.train.loop.RunHooks: start, every epoch, end), e.g. the experiment trackers; an
+    # exception inside a hook is reported and never fails the run
+    hooks: list = field(default_factory=list)
+    # what the hooks were made from, as plain data (the trackers and their settings, peftbench.trackers):
+    # executors hand it to the processes that run the runs (SLURM jobs, Ray workers); not part of a run key
+    tracking: dict | None = None
     _backbones: dict = field(default_factory=dict, repr=False)
 
     def backbone(self, spec: RunSpec) -> torch.nn.Module:

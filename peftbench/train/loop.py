@@ -5,11 +5,18 @@ from the checkpoint, then per epoch: set the warm-up + cosine lr, train on the e
 batching policy of :mod:`peftbench.data.loader`), evaluate when asked, checkpoint. The bench and the
 methods' jobs use the same pieces: :func:`autocast`, :func:`train_step`, :func:`evaluate`,
 :func:`features`, :func:`uses_cached_features`.
+
+Code that wants to follow runs (experiment trackers, progress displays) implements :class:`RunHooks`
+and is put into ``Env.hooks``: the engine calls ``run_start`` before a run trains, the loop calls
+``epoch`` after every epoch and the engine ``run_end`` with the final record. The loop knows no
+tracker: a hook is any object with these methods, and one that raises is reported on stderr and
+never fails, stops or loses the run (:func:`call_hooks`).
 """
 from __future__ import annotations
 
 import contextlib
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +39,38 @@ from .hparams import HParams, parse_hparams
 from .optim import build_optimizer, effective_lr, lr_at_epoch, set_lr
 
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RunHooks:
+    """What code that follows runs may implement (every method is optional to override).
+
+    ``run_start(spec, info)``: the run is about to train (``info``: ``attempt``, ``resume_epoch``, ``device``);
+    ``epoch(spec, entry)``: an epoch ended (``entry``: ``epoch``, ``lr``, ``train_loss``, ``eval_top1`` when
+    evaluated); ``run_end(spec, record)``: the run's final :class:`~peftbench.store.RunRecord` was written
+    (status ok, failed or diverged)."""
+
+    def run_start(self, spec: RunSpec, info: dict) -> None:
+        pass
+
+    def epoch(self, spec: RunSpec, entry: dict) -> None:
+        pass
+
+    def run_end(self, spec: RunSpec, record) -> None:
+        pass
+
+
+def call_hooks(env: Env, event: str, *args) -> None:
+    """Call ``event`` on every hook of ``env``; an exception is reported on stderr and swallowed (a hook
+    never fails a run), interrupts (KeyboardInterrupt, SystemExit) go through."""
+    for hook in env.hooks:
+        fn = getattr(hook, event, None)
+        if fn is None:
+            continue
+        try:
+            fn(*args)
+        except Exception as exc:  # a hook's failure is never the run's
+            print(f"peftbench: warning: run hook {type(hook).__name__}.{event} failed ({type(exc).__name__}: {exc}); "
+                  "the run goes on", file=sys.stderr, flush=True)
 
 
 def uses_cached_features(method: Method, task: Task) -> bool:
@@ -224,6 +263,7 @@ def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], N
                 + f" | run left {fmt_s(eta)}", detail=True)
         for listener in env.epoch_listeners:
             listener(spec, entry)
+        call_hooks(env, "epoch", spec, dict(entry))
         if on_epoch is not None:
             on_epoch(entry)
         if not last and env.checkpoint_every and (epoch + 1) % env.checkpoint_every == 0:

@@ -36,12 +36,22 @@ class Slurm(ExecutorPlugin):
     def given_flags(self, args):
         return _settings.given_flags(args)
 
+    settings_keys = {"profile": "a TOML cluster profile to read first (its keys are these)",
+                     **{k: h for k, (_, h) in PROFILE_KEYS.items()}}
+
+    def configure(self, table, args, where):
+        return _settings.configure(table, args, where)
+
     def create(self, args, *, env, runs_dir, total):
+        return self.make(_settings.configure({}, args, lambda k: k), env=env, runs_dir=runs_dir, total=total)
+
+    def make(self, settings, *, env, runs_dir, total, args=None):
         from .executor import SlurmExecutor
 
-        s = settings_from_args(args)
+        s = _settings.from_config(settings)
         print(f"peftbench: SLURM: {s.describe()}", file=sys.stderr)
-        return SlurmExecutor(s, runs_dir, quiet=env.quiet, total=total, save_weights=env.save_weights)
+        return SlurmExecutor(s, runs_dir, quiet=env.quiet, total=total, tracking=env.tracking,
+                             save_weights=env.save_weights)
 
     def status(self, runs_dir, runs, query):
         from .status import status

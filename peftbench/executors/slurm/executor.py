@@ -62,9 +62,10 @@ class SlurmExecutor:
 
     def __init__(self, settings: SlurmSettings, runs_dir: str | Path, *, quiet: bool = False,
                  total: int | None = None, log: Callable[[str], None] | None = None, argv: list[str] | None = None,
-                 save_weights: str = "final"):
+                 tracking: dict | None = None, save_weights: str = "final"):
         self.s = settings
         self.save_weights = save_weights
+        self.tracking = tracking  # the sweep's experiment trackers (peftbench.trackers), made again in each job
         self.root = Path(runs_dir).resolve()
         self.dir = self.root / STATE_DIR
         self.folder = Path(settings.folder).resolve() if settings.folder else self.dir / "logs"
@@ -244,7 +245,8 @@ class SlurmExecutor:
         packs = [specs[i:i + self.s.pack] for i in range(0, len(specs), self.s.pack)]
         stages = sorted({s.stage for s in specs})
         ex.update_parameters(name=f"{self.s.job_name}-{stages[0] if len(stages) == 1 else 'mixed'}")
-        calls = [RunJob([s.to_dict() for s in pack], str(self.root), self.s.device, self.quiet, self.save_weights)
+        calls = [RunJob([s.to_dict() for s in pack], str(self.root), self.s.device, self.quiet,
+                        tracking=self.tracking, save_weights=self.save_weights)
                  for pack in packs]
         try:
             jobs = ex.submit_array(calls) if len(calls) > 1 else [ex.submit(calls[0])]

@@ -11,6 +11,7 @@ import submitit
 import torch
 
 from ...store import RunRecord, RunSpec, RunStatus, RunStore
+from ...trackers import hooks_for
 from ...train.engine import Env, execute_claimed
 from ._util import now
 
@@ -65,9 +66,10 @@ class RunJob(submitit.helpers.Checkpointable):
     """
 
     def __init__(self, specs: list[dict], runs_dir: str, device: str = "auto", quiet: bool = False,
-                 save_weights: str = "final"):
+                 tracking: dict | None = None, save_weights: str = "final"):
         self.specs = [dict(s) for s in specs]
         self.save_weights = save_weights
+        self.tracking = tracking  # experiment trackers (peftbench.trackers.Tracking as plain data)
         self.runs_dir = str(runs_dir)
         self.device = device
         self.quiet = quiet
@@ -81,7 +83,9 @@ class RunJob(submitit.helpers.Checkpointable):
         cpus = os.environ.get("SLURM_CPUS_PER_TASK")
         if cpus and cpus.isdigit():
             torch.set_num_threads(int(cpus))
-        env = Env(device=device, quiet=self.quiet, save_weights=getattr(self, "save_weights", "final"))
+        tracking = getattr(self, "tracking", None)  # (a job pickled by an older peftbench has none)
+        env = Env(device=device, quiet=self.quiet, tracking=tracking, hooks=hooks_for(tracking),
+                  save_weights=getattr(self, "save_weights", "final"))
         store = RunStore(self.runs_dir)
         env.log(f"[{info['job_id']}] {len(self.specs)} run(s) on {info['node']} ({device}); "
                 f"restart {info['restart_count']}, start {self.starts} of this job")

@@ -147,14 +147,21 @@ FLAG_KEYS = {
 
 
 def make_settings(profile: str | Path | None = None, sets: list[str] = (), flags: dict | None = None,
-                  extra_args: list[str] = (), setup: list[str] = ()) -> SlurmSettings:
-    """Defaults < profile < ``--slurm-set`` < named flags; ``--slurm-arg`` / ``--slurm-setup`` add to
-    the profile's ``additional_parameters`` / ``setup``."""
+                  extra_args: list[str] = (), setup: list[str] = (), table: dict | None = None,
+                  where=None) -> SlurmSettings:
+    """Defaults < profile < a sweep file's ``[executor.slurm]`` table < ``--slurm-set`` < named flags;
+    ``--slurm-arg`` / ``--slurm-setup`` add to the profile's ``additional_parameters`` / ``setup``.
+    ``where(key)``: where a key of ``table`` is (file and line), for error messages."""
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
     if profile:
         for k, v in read_profile(profile).items():
             values[k], sources[k] = v, str(profile)
+    for k, v in (table or {}).items():
+        at = where(k) if where else "[executor.slurm]"
+        if k in PROFILE_KEYS and float in PROFILE_KEYS[k][0] and isinstance(v, int) and not isinstance(v, bool):
+            v = float(v)
+        values[k], sources[k] = _check_value(k, v, at), at
     for item in sets:
         k, v = _parse_set(item, "--slurm-set")
         if k in PROFILE_KEYS and float in PROFILE_KEYS[k][0] and isinstance(v, int) and not isinstance(v, bool):
@@ -225,6 +232,38 @@ def given_flags(args) -> list[str]:
                              ("--slurm-arg", getattr(args, "slurm_arg", None)),
                              ("--slurm-setup", getattr(args, "slurm_setup", None))) if v]
     return given
+
+
+def configure(table: dict, args, where) -> dict:
+    """The resolved SLURM settings of a sweep as plain data: defaults < profile (``--slurm-profile``, or the
+    table's ``profile`` key) < the sweep file's ``[executor.slurm]`` table < the command line's flags."""
+    table = dict(table or {})
+    profile = table.pop("profile", None)
+    if profile is not None and not isinstance(profile, str):
+        raise SettingsError(f"{where('profile')}: 'profile' must be the path of a TOML cluster profile")
+    if args is not None and getattr(args, "slurm_profile", None):
+        profile = args.slurm_profile
+    flags = {key: getattr(args, dest, None) for dest, key in FLAG_KEYS.items()} if args is not None else {}
+    s = make_settings(profile, (getattr(args, "slurm_set", None) or []) if args is not None else [], flags,
+                      (getattr(args, "slurm_arg", None) or []) if args is not None else [],
+                      (getattr(args, "slurm_setup", None) or []) if args is not None else [], table=table, where=where)
+    if args is not None and getattr(args, "device", None):
+        s.device = args.device
+        _validate(s)
+    return {k: v for k, v in _asdict(s).items() if v is not None}
+
+
+def _asdict(s: SlurmSettings) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "sources"}
+
+
+def from_config(settings: dict) -> SlurmSettings:
+    """The :class:`SlurmSettings` of :func:`configure`'s plain data."""
+    s = SlurmSettings(**{k: v for k, v in settings.items() if k in PROFILE_KEYS})
+    _validate(s)
+    return s
 
 
 def settings_from_args(args) -> SlurmSettings | None:

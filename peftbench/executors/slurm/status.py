@@ -49,5 +49,6 @@ def status(runs_dir: Path, runs: dict[str, dict], query: bool) -> dict:
         info = live.get(job) or {}
         r["slurm_state"] = info.get("state")
         r["status"] = classify(r, info.get("state"))
-        r["job"] = job
+        if job or not r.get("job"):  # (another executor's job id is left alone)
+            r["job"] = job
     return {"driver": driver_lock_holder(runs_dir), "state_updated_at": state.get("updated_at")}
