@@ -44,11 +44,34 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wd", type=_floats, help="weight decay value(s): replaces the search grid")
     p.add_argument("--epochs", type=int, help="override the number of epochs")
     p.add_argument("--batch-size", type=int, help="override the batch size")
+    p.add_argument("--search", choices=("grid", "halving"), default="grid",
+                   help="how a search stage picks its lr x wd point: grid (default, the papers' protocol: every point "
+                        "trains every epoch) or halving (successive halving on the same schedule; docs/sweeps.md)")
+    p.add_argument("--halving-rungs", type=_floats, metavar="F1,F2,...,1",
+                   help="--search halving: the rungs as fractions of the epochs, increasing, the last 1 "
+                        "(default 0.1,0.33,1)")
+    p.add_argument("--halving-factor", type=float, metavar="ETA",
+                   help="--search halving: keep the best 1/ETA of the configurations after each rung (default 3)")
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16", "fp16"),
                    help="numeric precision of training and evaluation (part of the run key; default: the "
                         "protocol's: fp32 for vpt, bf16 on CUDA for fixed and demo, fp32 on CPU)")
     p.add_argument("--no-verify-data", dest="verify_data", action="store_false",
                    help="do not verify the data (split sizes, classes, every image decodes) before the sweep")
+
+
+def search_from_args(args):
+    """The --search settings (halving flags without --search halving are an error)."""
+    from ..errors import SettingsError
+    from ..sweep.search import DEFAULT_FACTOR, DEFAULT_RUNGS, Search
+
+    kind = getattr(args, "search", None) or "grid"
+    rungs, factor = getattr(args, "halving_rungs", None), getattr(args, "halving_factor", None)
+    if kind != "halving":
+        given = [f for f, v in (("--halving-rungs", rungs), ("--halving-factor", factor)) if v is not None]
+        if given:
+            raise SettingsError(f"{', '.join(given)} only apply with --search halving")
+    return Search(kind, tuple(rungs) if rungs is not None else DEFAULT_RUNGS,
+                  factor if factor is not None else DEFAULT_FACTOR).check()
 
 
 def settings_from_args(args, device: str = "cpu"):
@@ -61,7 +84,8 @@ def settings_from_args(args, device: str = "cpu"):
                          backbone=args.backbone, checkpoint=args.checkpoint, data_root=args.data_root,
                          sets=args.sets, verify_data=getattr(args, "verify_data", True),
                          overrides={k: v for k, v in overrides.items() if v is not None},
-                         precision=getattr(args, "precision", None), device=device)
+                         precision=getattr(args, "precision", None), device=device,
+                         search=search_from_args(args))
 
 
 def register(sub) -> None:
