@@ -200,3 +200,32 @@ def test_record_says_which_search_produced_it(data_root, tmp_path):
         rec = json.loads(path.read_text())
         if "spec" in rec:
             assert rec["spec"]["search"] == "halving"
+
+
+def test_costs_of_each_choice_use_the_fused_rows_of_the_bench_table(data_root, tmp_path, monkeypatch, capsys):
+    from peftbench.bench.estimate import print_costs
+    from peftbench.methods import get_method
+
+    table = tmp_path / "bench.csv"
+    table.write_text("method,variant,device,precision,compile,train_images_per_s,eval_images_per_s\n"
+                     "vpt-deep,,cpu,fp32,False,100,1e12\n"
+                     "vpt-deep,fused-4,cpu,fp32,False,300,1e12\n")
+    settings = SweepSettings(methods=["vpt-deep"], suite="testsuite", tasks=["toy"], data_root=str(data_root),
+                             backbone=TINY_BACKBONE, seeds=[1],
+                             overrides={"epochs": 10, "batch_size": 16, "lr_grid": (0.1, 0.2, 0.4, 0.8),
+                                        "wd_grid": (0.0, 0.001)})
+    contexts = plan(settings)
+    rows = print_costs(contexts, table)
+    assert len(rows) == 2 and "can be fused" in capsys.readouterr().out  # no method declares itself fusable here
+    monkeypatch.setattr(type(get_method("vpt-deep")), "fusable", True, raising=False)
+    rows = {(r["kind"], r["fuse"]): r for r in print_costs(contexts, table)}
+    assert set(rows) == {("grid", 0), ("grid", 4), ("halving", 0), ("halving", 4)}
+    n_train, n_final = 48, 64  # the toy task's train800 and train800val200
+    grid = rows[("grid", 0)]
+    assert grid["search_image_steps"] == 8 * 10 * n_train and grid["image_steps"] == 8 * 10 * n_train + 10 * n_final
+    assert grid["hours"] * 3600 == pytest.approx(grid["image_steps"] / 100)
+    # fused: the 8 search runs train in 2 groups of 4 at 300 configuration-images/s; the final run alone
+    assert rows[("grid", 4)]["hours"] * 3600 == pytest.approx(8 * 10 * n_train / 300 + 10 * n_final / 100)
+    _, halving = budget(8, 10, Search("halving"))
+    assert rows[("halving", 0)]["search_image_steps"] == halving * n_train
+    assert "fused (--fuse 4)" in capsys.readouterr().out

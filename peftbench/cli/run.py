@@ -157,7 +157,7 @@ def check_runs_dir(path: str) -> Path:
 
 
 def main(args) -> int:
-    from ..bench.estimate import print_plan
+    from ..bench.estimate import print_costs, print_plan
     from ..executors import EXECUTORS
     from ..results.write import write_leaderboard
     from ..store import RunStore
@@ -198,7 +198,9 @@ def main(args) -> int:
           f"protocol {contexts[0].protocol.name!r}; runs in {Path(args.runs_dir).resolve()}", file=sys.stderr)
     if args.dry_run:
         done = {s.key for s in specs if store.is_done(s)}
-        print_plan(specs, contexts, Path(args.bench_table) if args.bench_table else None, done)
+        table = Path(args.bench_table) if args.bench_table else None
+        print_plan(specs, contexts, table, done)
+        print_costs(contexts, table, done, fuse=getattr(args, "fuse", None))
         return 0
     env = Env(device=device, quiet=args.quiet, save_weights=args.save_weights)
     executor = chosen.create(args, env=env, runs_dir=Path(args.runs_dir), total=len(specs))
