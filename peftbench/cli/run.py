@@ -117,25 +117,9 @@ def register(sub) -> None:
 
 def check_device(device: str | None, flag: str = "--device") -> str:
     """The device to use (default: cuda when available); a device this machine lacks is an error."""
-    import torch
+    from ..train.env import check_device as check
 
-    from ..errors import SettingsError
-
-    if not device:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SettingsError(f"{flag} {device!r}: not a device (cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SettingsError(f"{flag} {device}: no CUDA device on this machine (torch.cuda.is_available() "
-                                "is False); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SettingsError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise SettingsError(f"{flag} {device}: peftbench trains on cpu or cuda")
-    return device
+    return check(device, flag)
 
 
 def check_runs_dir(path: str) -> Path:
@@ -169,7 +153,8 @@ def main(args) -> int:
     from ..train.hparams import parse_hparams
 
     t0 = time.time()
-    device = check_device(args.device)
+    devices = getattr(args, "devices", None)  # --devices (local workers): the first one plans the precision
+    device = check_device(args.device or (devices[0] if devices else None))
     settings = settings_from_args(args, device)
     chosen = EXECUTORS.get(args.executor)
     for name, plugin in EXECUTORS.items():  # another executor's flags are a mistake, reported before planning
