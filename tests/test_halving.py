@@ -78,6 +78,19 @@ def test_a_configuration_that_survives_every_rung_ends_with_exactly_the_grid_rec
     (fg,), (fh,) = g["final"], h["final"]
     assert fg.key == fh.key and fg.history == fh.history  # the same choice, the same final run
     assert fh.spec["search"] == "halving"
+    assert leaderboard_search(tmp_path / "grid", tmp_path) == {"vpt-deep": "grid"}
+    assert leaderboard_search(tmp_path / "halving", tmp_path) == {"vpt-deep": "halving"}
+
+
+def leaderboard_search(runs, tmp_path):
+    import csv
+
+    from peftbench.results.write import write_leaderboard
+
+    out = tmp_path / f"board-{runs.name}"
+    write_leaderboard(runs, out, "testsuite", plots=False, html=False)
+    with open(out / "testsuite-leaderboard.csv") as fh:
+        return {r["config"]: r["search"] for r in csv.DictReader(fh) if r["source"] == "reproduced"}
 
 
 def test_finished_rungs_are_never_recomputed_and_a_grid_store_trains_only_the_lower_rungs(data_root, tmp_path,
@@ -102,6 +115,7 @@ def test_finished_rungs_are_never_recomputed_and_a_grid_store_trains_only_the_lo
     recs = by_stage(RunStore(runs))
     assert all(r.get("searches") == ["grid", "halving"] for r in recs["search"] + recs["final"])
     assert all("searches" not in r.extra for r in recs["search-rung1"])
+    assert leaderboard_search(runs, tmp_path) == {"vpt-deep": "grid + halving"}
 
 
 def test_a_missing_rung_state_costs_compute_not_correctness(data_root, tmp_path):
