@@ -243,3 +243,27 @@ def test_costs_of_each_choice_use_the_fused_rows_of_the_bench_table(data_root, t
     _, halving = budget(8, 10, Search("halving"))
     assert rows[("halving", 0)]["search_image_steps"] == halving * n_train
     assert "fused (--fuse 4)" in capsys.readouterr().out
+
+
+def test_slurm_runs_each_rung_as_one_job_array(data_root, tmp_path):
+    from peftbench.executors.slurm import SlurmExecutor, make_settings
+
+    settings = make_settings(flags={"gpus_per_node": 0, "cpus_per_task": 1, "max_retries": 0},
+                             sets=["cluster = 'debug'", "poll_s = 0.01"])
+    ctxs = plan(SweepSettings(methods=["linear"], suite="testsuite", tasks=["toy"], protocol="vpt",
+                              data_root=str(data_root), backbone=TINY_BACKBONE, seeds=[1], search=SURVIVE,
+                              overrides={**OVERRIDES, "lr_grid": (0.05, 0.01, 0.2)}))
+    runs = tmp_path / "runs"
+    ex = SlurmExecutor(settings, runs, quiet=True, log=lambda m: None)
+    submitted = []
+    real_submit = ex._submit
+    ex._submit = lambda specs, why: submitted.append([s.stage for s in specs]) or real_submit(specs, why)
+    try:
+        outcomes = drive(ctxs, ex, RunStore(runs))
+    finally:
+        ex.close()
+    assert outcomes[0].error is None
+    assert submitted == [["search-rung1"] * 3, ["search-rung2"] * 2, ["search"] * 2, ["final"]]
+    st = by_stage(RunStore(runs))
+    assert all(r.status == "ok" and r.get("slurm") for recs in st.values() for r in recs)
+    assert all(r.get("resumed_from") for r in st["search"] + st["search-rung2"])
