@@ -147,9 +147,16 @@ def _fusable(method: str) -> bool:
 
 
 def fusable_groups(specs, fuse: int) -> list[list]:
-    """The runs ``--fuse K`` trains together: up to K runs of one fusable method on one task that differ only
-    in lr and wd (the configurations of one search stage or rung: same seed, so the same data order, same
-    epochs); every other run alone. An estimate's assumption, stated in docs/sweeps.md."""
+    """The runs ``--fuse K`` trains together: the engine's grouping (``peftbench.train.fused.plan_groups``)
+    where peftbench has it, else up to K runs of one fusable method on one task that differ only in lr and wd
+    (the configurations of one search stage or rung: same seed, so the same data order, same epochs); every
+    other run alone."""
+    try:
+        from ..train.fused import plan_groups  # type: ignore[import-not-found]
+    except ImportError:
+        plan_groups = None
+    if plan_groups is not None:
+        return plan_groups(list(specs), fuse)
     groups: dict[str, list] = {}
     out: list[list] = []
     for s in specs:
@@ -188,6 +195,7 @@ def print_costs(contexts, bench_table: Path | None, done: set[str] | frozenset =
     path = find_table(contexts[0].backbone, bench_table)
     table = read_table(path) if path is not None else None
     fused = read_fused(path) if path is not None else {}
+    fuse = fuse if fuse and fuse > 1 else 0  # --fuse 1: no fusing
     k = fuse or max((key[1] for key in fused), default=0)
     methods = sorted({c.method.name for c in contexts})
     fusable = [m for m in methods if _fusable(m)]
@@ -204,7 +212,7 @@ def print_costs(contexts, bench_table: Path | None, done: set[str] | frozenset =
             rows.append({"search": search.describe(), "kind": search.kind, "fuse": fz, "runs": len(specs),
                          "to_run": len(todo), "search_image_steps": search_steps, "image_steps": steps,
                          "hours": None if seconds is None else seconds / 3600,
-                         "chosen": search == contexts[0].search and fz == (fuse or 0)})
+                         "chosen": search == contexts[0].search and fz == fuse})
     print("what each choice costs (of the runs to run; image-steps = training images x epochs; * = this command):",
           file=file)
     print(f"  {'search':<9} {'fuse':>4} {'runs':>7} {'to run':>7} {'search image-steps':>19} {'all image-steps':>16} "

@@ -13,6 +13,7 @@ over and resumes it from its checkpoint; a run whose worker died twice is record
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import multiprocessing
 import os
 import threading
@@ -134,8 +135,10 @@ class LocalExecutor:
             slots = ctx.Queue()
             for w in range(self.workers):
                 slots.put((w + 1, self.devices[w % len(self.devices)]))
-            settings = {"quiet": self.env.quiet, "save_weights": self.env.save_weights,
-                        "checkpoint_every": self.env.checkpoint_every, "eval_batch_size": self.env.eval_batch_size}
+            # the env's plain settings (quiet, save_weights, checkpoint_every, ...): callbacks and caches stay here
+            settings = {f.name: getattr(self.env, f.name) for f in dataclasses.fields(self.env)
+                        if f.name not in ("device", "prefix") and not f.name.startswith("_")
+                        and not isinstance(getattr(self.env, f.name), (list, dict))}
             threads = max(1, cores() // self.workers)
             self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
                                                 initargs=(slots, self._events, settings, threads, self.initializer))
@@ -150,9 +153,13 @@ class LocalExecutor:
                 return
             self.env.log(item)
 
+    def groups(self, specs: list[RunSpec], indices: list[int]) -> list[list[int]]:
+        """The runs of a stage that a worker executes together (today: each run alone)."""
+        return [[i] for i in indices]
+
     def _run_pool(self, specs: list[RunSpec], store: RunStore) -> list[RunRecord]:
         out: dict[int, RunRecord] = {}
-        todo: list[tuple[int, bool]] = []  # (index, wait)
+        fresh: list[int] = []
         for i, spec in enumerate(specs):
             old = store.load(spec)
             if old is not None and old.is_final:
@@ -161,44 +168,54 @@ class LocalExecutor:
                 self.env.log(f"{self.env.prefix} {spec.label()}: done already, skipped")
                 out[i] = old
             else:
-                todo.append((i, False))
+                fresh.append(i)
+        todo: list[tuple[list[int], bool]] = [(g, False) for g in self.groups(specs, fresh)]  # (group, wait)
         deaths: dict[str, int] = {}
         while todo:
             pool = self._start_pool()
-            futures = {pool.submit(_work, [specs[i].to_dict()], str(store.root), wait, self.poll_s): (i, wait)
-                       for i, wait in todo}
+            futures = {pool.submit(_work, [specs[i].to_dict() for i in group], str(store.root), wait, self.poll_s):
+                       (group, wait) for group, wait in todo}
             todo, broken = [], False
             try:
                 for fut in cf.as_completed(futures):
-                    i, wait = futures[fut]
-                    spec = specs[i]
+                    group, wait = futures[fut]
                     try:
-                        ((raw, ran, seconds, where),) = fut.result()
+                        results = fut.result()
                     except cf.process.BrokenProcessPool:  # a worker died: every unfinished run comes back
                         broken = True
-                        old = store.load(spec)
-                        if old is not None and old.status == RunStatus.RUNNING:  # it had started
-                            deaths[spec.key] = deaths.get(spec.key, 0) + 1
-                        if deaths.get(spec.key, 0) < MAX_WORKER_DEATHS:
-                            todo.append((i, wait))
-                            continue
-                        raw, ran, seconds, where = _worker_died(spec, store, deaths[spec.key]).to_dict(), True, 0.0, ""
-                    if not wait:
-                        self.done += 1
-                    self.env.prefix = self._prefix()
-                    rec = self._report(spec, RunRecord.from_dict(raw) if raw is not None else None, ran, seconds, where)
-                    if rec is None:
-                        todo.append((i, True))  # another driver's: wait for it once this stage's own runs are done
-                    else:
-                        out[i] = rec
+                        again = []
+                        for i in group:
+                            old = store.load(specs[i])
+                            if old is not None and old.status == RunStatus.RUNNING:  # it had started
+                                deaths[specs[i].key] = deaths.get(specs[i].key, 0) + 1
+                            if deaths.get(specs[i].key, 0) < MAX_WORKER_DEATHS:
+                                again.append(i)
+                            else:
+                                self._finish(specs[i], i, _worker_died(specs[i], store, deaths[specs[i].key]).to_dict(),
+                                             True, 0.0, "", wait, out, todo)
+                        if again:
+                            todo.append((again, wait))
+                        continue
+                    for i, (raw, ran, seconds, where) in zip(group, results):
+                        self._finish(specs[i], i, raw, ran, seconds, where, wait, out, todo)
             except BaseException:
                 self._stop_pool(cancel=True)
                 raise
             if broken:
-                self.env.log(f"[local] a worker process died; starting new workers ({len(todo)} run(s) to go; "
-                             "unfinished runs resume from their checkpoints)")
+                self.env.log(f"[local] a worker process died; starting new workers ({sum(len(g) for g, _ in todo)} "
+                             "run(s) to go; unfinished runs resume from their checkpoints)")
                 self._stop_pool(cancel=True)
         return [out[i] for i in range(len(specs))]
+
+    def _finish(self, spec, i, raw, ran, seconds, where, wait, out, todo) -> None:
+        if not wait:
+            self.done += 1
+        self.env.prefix = self._prefix()
+        rec = self._report(spec, RunRecord.from_dict(raw) if raw is not None else None, ran, seconds, where)
+        if rec is None:
+            todo.append(([i], True))  # another driver's: wait for it once this stage's own runs are done
+        else:
+            out[i] = rec
 
     def _stop_pool(self, cancel: bool = False) -> None:
         if self._pool is not None:
