@@ -267,3 +267,15 @@ def test_slurm_runs_each_rung_as_one_job_array(data_root, tmp_path):
     st = by_stage(RunStore(runs))
     assert all(r.status == "ok" and r.get("slurm") for recs in st.values() for r in recs)
     assert all(r.get("resumed_from") for r in st["search"] + st["search-rung2"])
+
+
+def test_e2vpt_prune_searches_its_stage_a_by_halving_and_marks_every_later_stage(data_root):
+    settings = SweepSettings(methods=["e2vpt-prune"], suite="testsuite", tasks=["toy"], data_root=str(data_root),
+                             backbone=TINY_BACKBONE, seeds=[1], search=Search("halving"),
+                             overrides={"epochs": 10, "batch_size": 16, "lr_grid": (0.1, 0.2, 0.4, 0.8),
+                                        "wd_grid": (0.0,)})
+    specs = count_runs(plan(settings))
+    stages = [s.stage for s in specs]
+    assert stages[:4] == ["search-rung1"] * 4 and stages[4:6] == ["search-rung2"] * 2
+    assert "search" not in stages and {"before_pruning", "importance", "rewind", "final"} <= set(stages)
+    assert all(s.search == "halving" for s in specs)
