@@ -131,3 +131,30 @@ def test_the_shipped_example_sweep_files_read(name):
     sweep = load_sweep(Path(__file__).resolve().parents[1] / "scripts" / "sweeps" / f"{name}.toml")
     assert sweep.methods and sweep.name
     assert sweep.executor == {"demo": "local", "vtab-slurm": "slurm", "kuberay": "ray"}[name]
+
+
+def test_halving_and_local_workers_from_a_sweep_file(data_root, tmp_path):
+    """``[search] kind = "halving"`` plans the halving rungs the flag plans; ``[executor.local] workers``
+    reaches the local executor; the flags override both; bad values name the file and line."""
+    text = sweep_text(data_root).replace('lr = 0.05', 'lr = [0.01, 0.05, 0.2]') + \
+        'kind = "halving"\nhalving_rungs = [0.5, 1]\nhalving_factor = 3\n\n[executor]\nname = "local"\n\n' \
+        '[executor.local]\nworkers = 2\n'
+    f = tmp_path / "halving.toml"
+    f.write_text(text)
+    plan = plan_sweep(load_sweep(f).replace(runs_dir=str(tmp_path / "runs")))
+    assert plan.contexts[0].search.kind == "halving" and plan.contexts[0].search.rungs == (0.5, 1.0)
+    assert plan.executor_settings == {"workers": 2}
+    parser = build_parser()
+    flag = sweep_from_args(parser.parse_args(["run", "--config", str(f), "--search", "grid", "--halving-rungs", "1"]))
+    with pytest.raises(PeftbenchError, match="only apply with --search halving"):
+        plan_sweep(flag.replace(runs_dir=str(tmp_path / "runs")))
+    grid = sweep_from_args(parser.parse_args(["run", "--config", str(f), "--search", "grid"])).replace(
+        search={"lr": [0.01, 0.05, 0.2], "wd": [0.0], "epochs": 2, "batch_size": 16, "kind": "grid"})
+    assert plan_sweep(grid.replace(runs_dir=str(tmp_path / "runs"))).contexts[0].search.kind == "grid"
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text.replace("workers = 2", "workers = 0"))
+    with pytest.raises(PeftbenchError, match=r"bad\.toml:\d+.*workers"):
+        plan_sweep(load_sweep(bad).replace(runs_dir=str(tmp_path / "runs")))
+    bad.write_text(text.replace('kind = "halving"', 'kind = "random"'))
+    with pytest.raises(PeftbenchError, match=r"bad\.toml:\d+.*grid or halving"):
+        load_sweep(bad)

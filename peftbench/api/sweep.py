@@ -21,23 +21,9 @@ from .sweepfile import Sweep, locate, merged_options
 
 def check_device(device: str | None, flag: str = "--device") -> str:
     """The device to use (default: cuda when available); a device this machine lacks is an error."""
-    import torch
+    from ..train.env import check_device as check  # (imports torch: only when a sweep is planned)
 
-    if not device:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SettingsError(f"{flag} {device!r}: not a device (cpu, cuda or cuda:N)") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SettingsError(f"{flag} {device}: no CUDA device on this machine (torch.cuda.is_available() "
-                                "is False); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SettingsError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type != "cpu":
-        raise SettingsError(f"{flag} {device}: peftbench trains on cpu or cuda")
-    return device
+    return check(device, flag)
 
 
 def check_runs_dir(path: str | Path) -> Path:
@@ -117,7 +103,6 @@ def plan_sweep(sweep: Sweep, *, check_data: bool = True, args=None) -> Plan:
     if not sweep.methods:
         raise SettingsError("--methods names no method (give --methods, or `methods` in the sweep file; "
                             "peftbench list methods)")
-    device = check_device(sweep.device)
     plugin = EXECUTORS.get(sweep.executor)
     executor_name = EXECUTORS.canonical(sweep.executor)
     for other in sweep.executor_settings:  # settings of another executor are a mistake
@@ -126,6 +111,10 @@ def plan_sweep(sweep: Sweep, *, check_data: bool = True, args=None) -> Plan:
     table = next((v for k, v in sweep.executor_settings.items() if EXECUTORS.canonical(k) == executor_name), {})
     where = _where(sweep, ("executor", executor_name))
     executor_settings = plugin.configure(dict(table), args, where)
+    devices = executor_settings.get("devices") if isinstance(executor_settings, dict) else None
+    if devices and sweep.device:
+        raise SettingsError("device and the local executor's devices: give one of them (devices: one worker per device)")
+    device = check_device(sweep.device or (devices[0] if devices else None))  # (the first worker's plans the precision)
     runs_dir = Path(sweep.runs_dir).resolve()
     tracking = check_tracking(Tracking(list(sweep.trackers), sweep.name or "", str(runs_dir),
                                        {k: dict(v) for k, v in sweep.tracker_settings.items()}))

@@ -27,7 +27,8 @@ class Sweep:
     Every field has the meaning of the ``peftbench run`` flag of the same name (docs/sweep-files.md has
     each key of the sweep file, which holds the same fields). ``options``: method options, ``{"*": {option:
     value}}`` for every selected method that has the option and ``{method: {option: value}}`` for one;
-    ``search``: ``lr`` and ``wd`` (lists: they replace the search grid), ``epochs``, ``batch_size``;
+    ``search``: ``lr`` and ``wd`` (lists: they replace the search grid), ``epochs``, ``batch_size``,
+    ``kind`` (grid | halving), ``halving_rungs``, ``halving_factor`` (docs/sweeps.md);
     ``executor_settings`` / ``tracker_settings``: ``{name: {key: value}}``."""
 
     methods: list[str] = field(default_factory=list)
@@ -76,16 +77,36 @@ class Sweep:
         """The :class:`peftbench.sweep.plan.SweepSettings` this sweep plans with."""
         from ..sweep.plan import SweepSettings
 
-        unknown = sorted(set(self.search) - set(OVERRIDE_KEYS))
+        unknown = sorted(set(self.search) - set(OVERRIDE_KEYS) - set(SEARCH_STRATEGY_KEYS))
         if unknown:
-            raise SettingsError(f"search: unknown key {unknown[0]!r} (known: {', '.join(OVERRIDE_KEYS)})")
+            known = ", ".join([*OVERRIDE_KEYS, *SEARCH_STRATEGY_KEYS])
+            raise SettingsError(f"search: unknown key {unknown[0]!r} (known: {known})")
         overrides = {OVERRIDE_KEYS[k]: (tuple(v) if k in ("lr", "wd") and isinstance(v, (list, tuple)) else
-                                        (v,) if k in ("lr", "wd") else v) for k, v in self.search.items() if v is not None}
+                                        (v,) if k in ("lr", "wd") else v) for k, v in self.search.items()
+                     if v is not None and k in OVERRIDE_KEYS}
         return SweepSettings(methods=list(self.methods), suite=self.suite, tasks=list(self.tasks) if self.tasks else None,
                              protocol=self.protocol, seeds=list(self.seeds) if self.seeds else None,
                              num_seeds=self.num_seeds, backbone=self.backbone, checkpoint=self.checkpoint,
                              data_root=self.data_root, sets=self.all_sets(), verify_data=self.verify_data,
-                             overrides=overrides, precision=self.precision, device=device)
+                             overrides=overrides, precision=self.precision, device=device,
+                             search=self.search_strategy())
+
+    def search_strategy(self):
+        """The :class:`peftbench.sweep.search.Search` of ``search.kind`` / ``halving_rungs`` / ``halving_factor``
+        (halving settings without ``kind = "halving"`` are an error)."""
+        from ..sweep.search import DEFAULT_FACTOR, DEFAULT_RUNGS, Search
+
+        kind = self.search.get("kind") or "grid"
+        rungs, factor = self.search.get("halving_rungs"), self.search.get("halving_factor")
+        if kind != "halving":
+            given = [f"--{k.replace('_', '-')}" for k, v in (("halving_rungs", rungs), ("halving_factor", factor))
+                     if v is not None]
+            if given:
+                raise SettingsError(f"{', '.join(given)} (search.halving_*) only apply with --search halving")
+        if isinstance(factor, list):
+            factor = factor[0] if len(factor) == 1 else factor
+        return Search(kind, tuple(rungs) if rungs is not None else DEFAULT_RUNGS,
+                      factor if factor is not None else DEFAULT_FACTOR).check()
 
 
 def format_value(v: Any) -> str:
@@ -137,12 +158,17 @@ TOP_KEYS: dict[str, tuple[str, str]] = {
 }
 TABLES = {"options": "method options: [options] for every selected method that has the option, "
                      "[options.<method>] for one method",
-          "search": "hyper-parameters: lr and wd (lists: they replace the search grid), epochs, batch_size",
+          "search": "hyper-parameters: lr and wd (lists: they replace the search grid), epochs, batch_size; "
+                    "kind = grid | halving, halving_rungs, halving_factor (docs/sweeps.md)",
           "executor": "name = local | slurm | ray, and [executor.<name>] with that executor's settings",
           "tracking": "trackers = [...] and [tracking.<tracker>] with a tracker's settings"}
 SEARCH_KEYS = {"lr": ("numbers", "base learning rate(s): replace the search grid"),
                "wd": ("numbers", "weight decay value(s): replace the search grid"),
-               "epochs": ("int", "number of epochs"), "batch_size": ("int", "batch size")}
+               "epochs": ("int", "number of epochs"), "batch_size": ("int", "batch size"),
+               "kind": ("str", "how a search stage picks its point: grid (default) or halving (docs/sweeps.md)"),
+               "halving_rungs": ("numbers", "halving: the rungs as fractions of the epochs, increasing, the last 1"),
+               "halving_factor": ("numbers", "halving: keep the best 1/factor of the configurations after each rung")}
+SEARCH_STRATEGY_KEYS = ("kind", "halving_rungs", "halving_factor")
 PATH_KEYS = ("checkpoint", "data_root", "runs_dir")
 
 
@@ -319,6 +345,12 @@ def load_sweep(path: str | Path) -> Sweep:
         value = _check(SEARCH_KEYS[key][0], value, at("search", key), f"search.{key}")
         if key in ("lr", "wd") and any(not v >= 0 for v in value):
             raise SettingsError(f"{at('search', key)}: search.{key} must not be negative, got {value!r}")
+        if key == "kind" and value not in ("grid", "halving"):
+            raise SettingsError(f"{at('search', key)}: search.kind must be grid or halving, got {value!r}")
+        if key == "halving_factor":
+            if len(value) != 1:
+                raise SettingsError(f"{at('search', key)}: search.halving_factor must be one number, got {value!r}")
+            value = value[0]
         if key in ("epochs", "batch_size") and value < 1:
             raise SettingsError(f"{at('search', key)}: search.{key} must be >= 1, got {value!r}")
         sweep.search[key] = value

@@ -1,6 +1,11 @@
-"""Sweep planning: how many trainings a sweep needs and how long they take, from a bench table."""
+"""Sweep planning: how many trainings a sweep needs and how long they take, from a bench table; and
+what each choice costs (``--search grid | halving``, with and without fusing configurations)."""
 from __future__ import annotations
 
+import csv
+import dataclasses
+import json
+import re
 from collections import Counter, defaultdict
 from importlib import resources
 from pathlib import Path
@@ -26,37 +31,217 @@ def find_table(backbone: str, given: Path | None) -> Path | None:
     return None
 
 
-def estimate_each(specs, contexts, table: dict[str, dict]) -> tuple[dict[str, float], list[str]]:
-    """Per run key: the training + evaluation seconds of the spec at the table's throughputs; also what
-    could not be estimated (those specs have no entry)."""
+def trained_epochs(spec) -> tuple[int, int]:
+    """(first, stop) epoch a training spec trains: a rung run stops at ``hparams.stop_epoch`` and a run that
+    continues a rung starts at the epoch it resumes from."""
+    hp = spec.hparams
+    stop = int(hp.get("stop_epoch") or hp["epochs"])
+    start = int((getattr(spec, "resume_from", None) or {}).get("epoch") or 0)
+    return start, stop
+
+
+def evaluations(spec) -> int:
+    """Evaluations of the eval split a training spec runs: every ``eval_every`` epochs and after its last."""
+    start, stop = trained_epochs(spec)
+    every = int(spec.hparams.get("eval_every") or 0)
+    n = sum(1 for e in range(start, stop) if every and (e + 1) % every == 0)
+    return n + (0 if every and stop % every == 0 else 1)
+
+
+def _sizes(s, data_root: dict) -> tuple[int | None, int | None]:
+    task = get_task(s.task)
+    root = data_root.get(s.task, getattr(s, "data_root", ""))
+    return split_size(task, root, s.train_split), split_size(task, root, s.eval_split)
+
+
+def image_steps(specs, contexts) -> tuple[int, set[str]]:
+    """Training images × epochs of the training specs (what the search changes); what could not be counted."""
     data_root = {c.task.name: c.data_root for c in contexts}
-    out, missing = {}, set()
+    total, missing = 0, set()
     for s in specs:
-        row = table.get((s.method, s.hparams.get("precision", "fp32"))) or table.get(s.method)
-        if row is None or s.job != "train":
-            missing.add(s.method if row is None else f"{s.method}:{s.job}")
+        if s.job != "train":
             continue
-        task = get_task(s.task)
-        root = data_root.get(s.task, s.data_root)
-        n_train = split_size(task, root, s.train_split)
-        n_eval = split_size(task, root, s.eval_split)
+        n_train, _ = _sizes(s, data_root)
         if n_train is None:
             missing.add(f"{s.task}:{s.train_split}")
             continue
-        if uses_cached_features(get_method(s.method), task):
-            # the engine computes the features once; the head's epochs on cached features are negligible
-            out[s.key] = (n_train + (n_eval or 0)) / float(row["eval_images_per_s"])
-            continue
-        evals = 1 + (int(s.hparams["epochs"]) // int(s.hparams["eval_every"]) if s.hparams.get("eval_every") else 0)
-        out[s.key] = (int(s.hparams["epochs"]) * n_train / float(row["train_images_per_s"])
-                      + evals * (n_eval or 0) / float(row["eval_images_per_s"]))
+        start, stop = trained_epochs(s)
+        total += (stop - start) * n_train
+    return total, missing
+
+
+def _row(table: dict, s) -> dict | None:
+    return table.get((s.method, s.hparams.get("precision", "fp32"))) or table.get(s.method)
+
+
+def estimate_each(specs, contexts, table: dict[str, dict]) -> tuple[dict[str, float], list[str]]:
+    """Per run key: the training + evaluation seconds of the spec (unfused) at the table's throughputs; also
+    what could not be estimated (those specs have no entry). The sweep's ETA starts from these."""
+    out, missing = {}, set()
+    for s in specs:
+        seconds, miss = estimate_seconds([s], contexts, table)
+        if miss:
+            missing.update(miss)
+        else:
+            out[s.key] = seconds
     return out, sorted(missing)
 
 
-def estimate_seconds(specs, contexts, table: dict[str, dict]) -> tuple[float, list[str]]:
-    """Training + evaluation time of ``specs`` at the table's throughputs; also what could not be estimated."""
-    each, missing = estimate_each(specs, contexts, table)
-    return sum(each.values()), missing
+def estimate_seconds(specs, contexts, table: dict[str, dict], fused: dict | None = None,
+                     fuse: int = 0) -> tuple[float, list[str]]:
+    """Training + evaluation time of ``specs`` at the table's throughputs; also what could not be estimated.
+
+    ``fuse`` K > 1 with ``fused`` (the table's ``fused-<K>`` rows, :func:`read_fused`): the runs that
+    :func:`fusable_groups` puts together train at the fused row's configuration-images/s."""
+    data_root = {c.task.name: c.data_root for c in contexts}
+    total, missing = 0.0, set()
+    for group in (fusable_groups(specs, fuse) if fuse > 1 else [[s] for s in specs]):
+        s = group[0]
+        row = _row(table, s)
+        if row is None or s.job != "train":
+            missing.add(s.method if row is None else f"{s.method}:{s.job}")
+            continue
+        n_train, n_eval = _sizes(s, data_root)
+        if n_train is None:
+            missing.add(f"{s.task}:{s.train_split}")
+            continue
+        if uses_cached_features(get_method(s.method), get_task(s.task)):
+            # the engine computes the features once; the head's epochs on cached features are negligible
+            total += len(group) * (n_train + (n_eval or 0)) / float(row["eval_images_per_s"])
+            continue
+        start, stop = trained_epochs(s)
+        ips = float(row["train_images_per_s"])
+        frow = _fused_row(fused or {}, s, len(group)) if len(group) > 1 else None
+        if frow is not None:  # configuration-images per second of K fused configurations
+            ips = float(frow["train_images_per_s"])
+        total += len(group) * (stop - start) * n_train / ips
+        total += len(group) * evaluations(s) * (n_eval or 0) / float(row["eval_images_per_s"])
+    return total, sorted(missing)
+
+
+# ---------------------------------------------------------------------------------------------
+# fused configurations (--fuse K): which runs train together, and the bench rows that time them
+# ---------------------------------------------------------------------------------------------
+
+_FUSED = re.compile(r"^fused-(\d+)$")
+
+
+def read_fused(path: Path) -> dict[tuple[str, int, str], dict]:
+    """The table's ``fused-<K>`` rows by (method, K, precision): ``train_images_per_s`` is the total
+    configuration-images per second (K × batch / step time) of K configurations trained together."""
+    out: dict = {}
+    with open(path, newline="") as fh:
+        for row in csv.DictReader(fh):
+            m = _FUSED.match(row.get("variant") or "")
+            if m and row.get("compile") != "True":
+                out.setdefault((row["method"], int(m.group(1)), row.get("precision") or row.get("amp") or "fp32"), row)
+    return out
+
+
+def _fused_row(fused: dict, s, k: int) -> dict | None:
+    """The fused row for ``k`` configurations: measured at k, else at the largest K < k (a group of fewer
+    configurations than any measured K trains at the unfused speed)."""
+    precision = s.hparams.get("precision", "fp32")
+    ks = [kk for (m, kk, p) in fused if m == s.method and p == precision and kk <= k]
+    return fused[(s.method, max(ks), precision)] if ks else None
+
+
+def _fusable(method: str) -> bool:
+    return bool(getattr(get_method(method), "fusable", False))
+
+
+def fusable_groups(specs, fuse: int) -> list[list]:
+    """The runs ``--fuse K`` trains together: the engine's grouping (``peftbench.train.fused.plan_groups``)
+    where peftbench has it, else up to K runs of one fusable method on one task that differ only in lr and wd
+    (the configurations of one search stage or rung: same seed, so the same data order, same epochs); every
+    other run alone."""
+    try:
+        from ..train.fused import plan_groups  # type: ignore[import-not-found]
+    except ImportError:
+        plan_groups = None
+    if plan_groups is not None:
+        return plan_groups(list(specs), fuse)
+    groups: dict[str, list] = {}
+    out: list[list] = []
+    for s in specs:
+        if s.job != "train" or not _fusable(s.method):
+            out.append([s])
+            continue
+        ident = {k: v for k, v in s.hparams.items() if k not in ("lr", "wd")}
+        key = json.dumps([s.method, s.task, s.stage, s.seed, s.train_split, s.eval_split, s.options, ident,
+                          trained_epochs(s), getattr(s, "extras", {})], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(s)
+    for members in groups.values():
+        out += [members[i:i + fuse] for i in range(0, len(members), fuse)]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# what each choice costs
+# ---------------------------------------------------------------------------------------------
+
+
+def _choices(contexts) -> list:
+    from ..sweep.search import Search
+
+    chosen = contexts[0].search
+    grid = chosen if chosen.kind == "grid" else Search("grid")
+    halving = chosen if chosen.kind == "halving" else Search("halving")
+    return [grid, halving]
+
+
+def print_costs(contexts, bench_table: Path | None, done: set[str] | frozenset = frozenset(),
+                fuse: int | None = None, file=None) -> list[dict]:
+    """Runs, image-steps and device-hours of the sweep for ``--search grid`` and ``halving``, each without
+    and with fusing (K = ``fuse``, else the largest K of the table's fused rows). Returns the rows."""
+    from ..sweep.drive import count_runs
+
+    path = find_table(contexts[0].backbone, bench_table)
+    table = read_table(path) if path is not None else None
+    fused = read_fused(path) if path is not None else {}
+    fuse = fuse if fuse and fuse > 1 else 0  # --fuse 1: no fusing
+    k = fuse or max((key[1] for key in fused), default=0)
+    methods = sorted({c.method.name for c in contexts})
+    fusable = [m for m in methods if _fusable(m)]
+    if not fusable:
+        k = 0
+    rows = []
+    for search in _choices(contexts):
+        specs = count_runs([dataclasses.replace(c, search=search) for c in contexts])
+        todo = [s for s in specs if s.key not in done]
+        steps, _ = image_steps(todo, contexts)
+        search_steps, _ = image_steps([s for s in todo if s.stage.startswith("search")], contexts)
+        for fz in ([0, k] if k > 1 else [0]):
+            seconds = estimate_seconds(todo, contexts, table, fused, fz)[0] if table is not None else None
+            rows.append({"search": search.describe(), "kind": search.kind, "fuse": fz, "runs": len(specs),
+                         "to_run": len(todo), "search_image_steps": search_steps, "image_steps": steps,
+                         "hours": None if seconds is None else seconds / 3600,
+                         "chosen": search == contexts[0].search and fz == fuse})
+    print("what each choice costs (of the runs to run; image-steps = training images x epochs; * = this command):",
+          file=file)
+    print(f"  {'search':<9} {'fuse':>4} {'runs':>7} {'to run':>7} {'search image-steps':>19} {'all image-steps':>16} "
+          f"{'device-hours':>13}", file=file)
+    for r in rows:
+        hours = "-" if r["hours"] is None else f"{r['hours']:.2f}"
+        print(f"{'*' if r['chosen'] else ' '} {r['kind']:<9} {r['fuse'] or '-':>4} {r['runs']:>7} {r['to_run']:>7} "
+              f"{r['search_image_steps'] / 1e6:>18.3f}M {r['image_steps'] / 1e6:>15.3f}M {hours:>13}", file=file)
+    grid, halving = (next(r for r in rows if r["kind"] == kind and not r["fuse"]) for kind in ("grid", "halving"))
+    if halving["image_steps"] and halving["search_image_steps"]:
+        print(f"  {halving['search']}: {grid['search_image_steps'] / halving['search_image_steps']:.2f}x fewer "
+              f"image-steps in the search stages, {grid['image_steps'] / halving['image_steps']:.2f}x in all "
+              "(docs/sweeps.md)", file=file)
+    if path is None:
+        print("  device-hours: no bench table for this backbone (`peftbench bench --backbone ...`)", file=file)
+    if not fusable:
+        print(f"  fused: none of {', '.join(methods)} can be fused (Method.fusable)", file=file)
+    elif path is not None and k <= 1:
+        print(f"  fused: speed not measured (no fused-<K> rows in {path}; `peftbench bench` with fusing adds them)",
+              file=file)
+    elif path is not None:
+        timed = sorted({m for (m, kk, _) in fused if kk == k and m in methods})
+        print(f"  fused (--fuse {k}): fused-{k} rows for {', '.join(timed) or 'none of these methods'}; "
+              f"fusable methods: {', '.join(fusable) or 'none'}; other runs at their unfused speed", file=file)
+    return rows
 
 
 def print_plan(specs, contexts, bench_table: Path | None, done: set[str] | frozenset = frozenset()) -> None:

@@ -48,6 +48,14 @@ def add_sweep_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wd", type=_floats, help="weight decay value(s): replaces the search grid")
     p.add_argument("--epochs", type=int, help="override the number of epochs")
     p.add_argument("--batch-size", type=int, help="override the batch size")
+    p.add_argument("--search", choices=("grid", "halving"), default=None,
+                   help="how a search stage picks its lr x wd point: grid (default, the papers' protocol: every point "
+                        "trains every epoch) or halving (successive halving on the same schedule; docs/sweeps.md)")
+    p.add_argument("--halving-rungs", type=_floats, metavar="F1,F2,...,1",
+                   help="--search halving: the rungs as fractions of the epochs, increasing, the last 1 "
+                        "(default 0.1,0.33,1)")
+    p.add_argument("--halving-factor", type=float, metavar="ETA",
+                   help="--search halving: keep the best 1/ETA of the configurations after each rung (default 3)")
     p.add_argument("--precision", choices=("fp32", "tf32", "bf16", "fp16"),
                    help="numeric precision of training and evaluation (part of the run key; default: the "
                         "protocol's: fp32 for vpt, bf16 on CUDA for fixed and demo, fp32 on CPU)")
@@ -86,7 +94,8 @@ def sweep_from_args(args):
     if getattr(args, "num_seeds", None) is not None:
         changes.update(num_seeds=args.num_seeds, seeds=None if not getattr(args, "seeds", None) else list(args.seeds))
     search = dict(sweep.search)
-    for flag, key in (("lr", "lr"), ("wd", "wd"), ("epochs", "epochs"), ("batch_size", "batch_size")):
+    for flag, key in (("lr", "lr"), ("wd", "wd"), ("epochs", "epochs"), ("batch_size", "batch_size"),
+                      ("search", "kind"), ("halving_rungs", "halving_rungs"), ("halving_factor", "halving_factor")):
         value = getattr(args, flag, None)
         if value is not None:
             search[key] = list(value) if isinstance(value, tuple) else value
@@ -185,7 +194,7 @@ def check_runs_dir(path: str) -> Path:
 
 def main(args) -> int:
     from ..api import plan_sweep, run_sweep
-    from ..bench.estimate import print_plan
+    from ..bench.estimate import print_costs, print_plan
     from ..errors import SettingsError
     from ..executors import EXECUTORS
     from ..sweep.drive import print_summary
@@ -205,7 +214,9 @@ def main(args) -> int:
     print(f"peftbench: {len(plan.contexts)} method×task pairs, {len(plan.runs)} runs ({plan.stale.done - stale} done "
           f"already) under protocol {plan.protocol!r}; runs in {plan.sweep.runs_dir}", file=sys.stderr)
     if args.dry_run:
-        print_plan(plan.runs, plan.contexts, Path(args.bench_table) if args.bench_table else None, plan.done)
+        table = Path(args.bench_table) if args.bench_table else None
+        print_plan(plan.runs, plan.contexts, table, plan.done)
+        print_costs(plan.contexts, table, plan.done, fuse=getattr(args, "fuse", None))
         return 0
     result = run_sweep(plan, rerun_stale=args.rerun_stale, quiet=args.quiet, verbose=args.verbose,
                        save_weights=args.save_weights, bench_table=args.bench_table, args=args, argv=list(sys.argv))

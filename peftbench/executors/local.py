@@ -1,52 +1,105 @@
-"""``--executor local``: every run in this process, one after the other."""
+"""``--executor local``: the runs of each stage on this machine, one after the other in this process, or in
+parallel worker processes (``--workers N``, ``--devices cuda:0,cuda:1,...``).
+
+Workers are ``spawn``-ed processes (a :class:`concurrent.futures.ProcessPoolExecutor`), each bound to one
+device for its life (``--devices`` round-robin; CPU workers get ``cores / N`` torch threads each). The
+driver hands out the runs of the current stage; a worker trains one at a time through
+:func:`_execute_group`, under the run's lease (``peftbench.store.leases``), so workers, other drivers and
+SLURM jobs sharing the run store never train a run twice. Workers send their progress lines to the
+driver, which prints them as one view (``[w2 cuda:1] ...``) with its own ``[run i/N]`` lines. A worker that
+dies (killed, out of memory) is replaced; its run's lease is then dead, so the next worker takes the run
+over and resumes it from its checkpoint; a run whose worker died twice is recorded as failed.
+"""
 from __future__ import annotations
 
+import concurrent.futures as cf
+import dataclasses
+import multiprocessing
+import os
+import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from ..store import RunRecord, RunSpec, RunStore
+from ..errors import SettingsError
+from ..store import RunRecord, RunSpec, RunStatus, RunStore
 from ._base import ExecutorPlugin, register_executor
 
 if TYPE_CHECKING:
     from ..train.env import Env
 
+MAX_WORKER_DEATHS = 2  # a run whose worker died this many times is recorded as failed
+
+
+def _execute_group(specs: list[RunSpec], store: RunStore, env: "Env", *, wait: bool = False,
+                   poll_s: float = 5.0) -> list[tuple[RunRecord | None, bool]]:
+    """Train a group of runs of one stage here (today a group is one run): ``(record, ran_here)`` per spec,
+    ``(None, False)`` for a run another live process holds (``wait=True``: wait for it). The one place where
+    the local executor and its workers execute runs."""
+    from ..train.engine import execute_claimed  # (torch is imported when runs start, not when the CLI parses)
+
+    return [execute_claimed(spec, store, env, wait=wait, poll_s=poll_s) for spec in specs]
+
+
+def cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
 
 class LocalExecutor:
-    """Runs specs one after the other in this process."""
+    """Runs the specs of a stage one after the other in this process (``workers`` 1), or in ``workers``
+    worker processes on ``devices`` (round-robin; default: the env's device)."""
 
-    def __init__(self, env: "Env", total: int | None = None):
+    def __init__(self, env: "Env", total: int | None = None, workers: int = 1, devices: list[str] | None = None,
+                 initializer: Callable[["Env"], None] | None = None):
         self.env = env
         self.total = total
         self.done = 0
-        self.trained = 0  # runs executed (not skipped) by this process, and their time
+        self.trained = 0  # runs executed (not skipped) by this process or its workers, and their time
         self.trained_s = 0.0
         self.poll_s = 5.0  # how often a run another driver holds is looked at again
+        self.devices = list(devices) if devices else [env.device]
+        self.workers = max(1, int(workers), len(devices or []))
+        # called in each worker with its Env before its first run (picklable: a module-level function): plugins
+        # registered in-process, epoch listeners and callbacks (the driver's own Env lists do not reach workers)
+        self.initializer = initializer
+        self._pool: cf.ProcessPoolExecutor | None = None
+        self._events = None
+        self._reader: threading.Thread | None = None
 
     def _prefix(self) -> str:
         progress = self.env.progress
         if progress is not None and hasattr(progress, "prefix"):
             return progress.prefix()  # with the sweep's ETA (peftbench.sweep.progress)
-        return f"[run {self.done}/{self.total or '?'}]"
+        from ..train.loop import fmt_s
+
+        left = ""
+        if self.total and self.trained:
+            rest = self.total - self.done + 1
+            left = f", sweep left ~{fmt_s(self.trained_s / self.trained * rest / min(self.workers, max(rest, 1)))}"
+        return f"[run {self.done}/{self.total or '?'}{left}]"
 
     def run(self, specs: list[RunSpec], store: RunStore) -> list[RunRecord]:
-        """Each spec in turn; a run another live process holds is left to it and collected at the end
-        (or taken over if its holder dies)."""
-        from ..train.engine import execute_claimed  # (torch is imported when runs start, not when the CLI parses)
-
+        """The records of ``specs`` (finished runs are not rerun); a run another live process holds is left
+        to it and collected at the end (or taken over if its holder dies)."""
+        if self.workers > 1:
+            return self._run_pool(specs, store)
         out: dict[int, RunRecord] = {}
         deferred: list[int] = []
         for i, spec in enumerate(specs):
-            rec = self._one(spec, store, execute_claimed, wait=False)
+            rec = self._one(spec, store, wait=False)
             if rec is None:
                 deferred.append(i)
             else:
                 out[i] = rec
         for i in deferred:
-            out[i] = self._one(specs[i], store, execute_claimed, wait=True, counted=True)
+            out[i] = self._one(specs[i], store, wait=True, counted=True)
         return [out[i] for i in range(len(specs))]
 
-    def _one(self, spec: RunSpec, store: RunStore, execute_claimed, *, wait: bool,
-             counted: bool = False) -> RunRecord | None:
+    # -- in this process -----------------------------------------------------------------------
+
+    def _one(self, spec: RunSpec, store: RunStore, *, wait: bool, counted: bool = False) -> RunRecord | None:
         if not counted:
             self.done += 1
         old = store.load(spec)
@@ -54,48 +107,268 @@ class LocalExecutor:
             self.env.progress.run_started(spec)
         self.env.prefix = self._prefix()
         if old is not None and old.is_final:
-            self._finished(spec, ran=False)
+            self._progress(spec, ran=False)
             self.env.log(f"{self.env.prefix} {spec.label()}: done already, skipped", detail=True)
             return old
         t0 = time.time()
-        rec, ran = execute_claimed(spec, store, self.env, wait=wait, poll_s=self.poll_s)
+        ((rec, ran),) = _execute_group([spec], store, self.env, wait=wait, poll_s=self.poll_s)
+        return self._report(spec, rec, ran, time.time() - t0)
+
+    def _report(self, spec: RunSpec, rec: RunRecord | None, ran: bool, seconds: float, where: str = "") -> RunRecord | None:
         if rec is None:
-            self._finished(spec, ran=False, taken_back=True)
+            self._progress(spec, ran=False, taken_back=True, seconds=seconds if where else None)
             self.env.log(f"{self.env.prefix} {spec.label()}: another driver trains it; coming back to it later")
             return None
         if not ran:
-            self._finished(spec, ran=False)
+            self._progress(spec, ran=False, seconds=seconds if where else None)
             self.env.log(f"{self.env.prefix} {spec.label()}: done by another driver ({rec.status})")
             return rec
         self.trained += 1
-        self.trained_s += time.time() - t0
-        self._finished(spec, ran=True)
+        self.trained_s += seconds
+        self._progress(spec, ran=True, seconds=seconds if where else None)
         self.env.log(f"{self._prefix()} {spec.label()}: {rec.status}"
                      + (f" top1 {rec.top1:.2f}" if rec.top1 is not None else "")
-                     + f" ({time.time() - t0:.1f}s)"
+                     + f" ({where}{seconds:.1f}s)"
                      + (f"\n    {rec.error.strip().splitlines()[-1]}" if rec.error else ""))
         return rec
 
-    def _finished(self, spec: RunSpec, *, ran: bool, taken_back: bool = False) -> None:
+    def _progress(self, spec: RunSpec, *, ran: bool, taken_back: bool = False, seconds: float | None = None) -> None:
+        """Tell the sweep's progress view (``seconds``: a run a worker trained, in that many seconds)."""
         progress = self.env.progress
         if not hasattr(progress, "run_finished"):
             return
+        if seconds is not None:  # from a worker: the view never saw it start; it shares the wall time
+            progress.run_started(spec)
+            progress.run_t0 = progress.clock() - seconds / self.workers
         if taken_back:  # deferred to the end: it is planned again then
             progress.run_deferred(spec)
         else:
             progress.run_finished(spec, ran=ran)
 
+    # -- in worker processes -------------------------------------------------------------------
+
+    def _start_pool(self) -> cf.ProcessPoolExecutor:
+        if self._pool is None:
+            ctx = multiprocessing.get_context("spawn")
+            if self._events is None:
+                self._events = ctx.Queue()
+                self._reader = threading.Thread(target=self._read_events, name="worker progress", daemon=True)
+                self._reader.start()
+            slots = ctx.Queue()
+            for w in range(self.workers):
+                slots.put((w + 1, self.devices[w % len(self.devices)]))
+            # the env's plain settings (quiet, save_weights, checkpoint_every, ...): callbacks and caches stay here
+            settings = {f.name: getattr(self.env, f.name) for f in dataclasses.fields(self.env)
+                        if f.name not in ("device", "prefix") and not f.name.startswith("_")
+                        and not isinstance(getattr(self.env, f.name), (list, dict))}
+            threads = max(1, cores() // self.workers)
+            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
+                                                initargs=(slots, self._events, settings, threads, self.initializer))
+            self.env.log(f"[local] {self.workers} workers on {', '.join(sorted(set(self.devices)))}"
+                         + (f", {threads} torch thread(s) each" if any(d == "cpu" for d in self.devices) else ""))
+        return self._pool
+
+    def _read_events(self) -> None:
+        while True:
+            item = self._events.get()
+            if item is None:
+                return
+            self.env.log(*item)
+
+    def groups(self, specs: list[RunSpec], indices: list[int]) -> list[list[int]]:
+        """The runs of a stage that a worker executes together (today: each run alone)."""
+        return [[i] for i in indices]
+
+    def _run_pool(self, specs: list[RunSpec], store: RunStore) -> list[RunRecord]:
+        out: dict[int, RunRecord] = {}
+        fresh: list[int] = []
+        for i, spec in enumerate(specs):
+            old = store.load(spec)
+            if old is not None and old.is_final:
+                self.done += 1
+                self._progress(spec, ran=False, seconds=0.0)
+                self.env.prefix = self._prefix()
+                self.env.log(f"{self.env.prefix} {spec.label()}: done already, skipped", detail=True)
+                out[i] = old
+            else:
+                fresh.append(i)
+        todo: list[tuple[list[int], bool]] = [(g, False) for g in self.groups(specs, fresh)]  # (group, wait)
+        deaths: dict[str, int] = {}
+        while todo:
+            pool = self._start_pool()
+            futures = {pool.submit(_work, [specs[i].to_dict() for i in group], str(store.root), wait, self.poll_s):
+                       (group, wait) for group, wait in todo}
+            todo, broken = [], False
+            try:
+                for fut in cf.as_completed(futures):
+                    group, wait = futures[fut]
+                    try:
+                        results = fut.result()
+                    except cf.process.BrokenProcessPool:  # a worker died: every unfinished run comes back
+                        broken = True
+                        again = []
+                        for i in group:
+                            old = store.load(specs[i])
+                            if old is not None and old.status == RunStatus.RUNNING:  # it had started
+                                deaths[specs[i].key] = deaths.get(specs[i].key, 0) + 1
+                            if deaths.get(specs[i].key, 0) < MAX_WORKER_DEATHS:
+                                again.append(i)
+                            else:
+                                self._finish(specs[i], i, _worker_died(specs[i], store, deaths[specs[i].key]).to_dict(),
+                                             True, 0.0, "", wait, out, todo)
+                        if again:
+                            todo.append((again, wait))
+                        continue
+                    for i, (raw, ran, seconds, where) in zip(group, results):
+                        self._finish(specs[i], i, raw, ran, seconds, where, wait, out, todo)
+            except BaseException:
+                self._stop_pool(cancel=True)
+                raise
+            if broken:
+                self.env.log(f"[local] a worker process died; starting new workers ({sum(len(g) for g, _ in todo)} "
+                             "run(s) to go; unfinished runs resume from their checkpoints)")
+                self._stop_pool(cancel=True)
+        return [out[i] for i in range(len(specs))]
+
+    def _finish(self, spec, i, raw, ran, seconds, where, wait, out, todo) -> None:
+        if not wait:
+            self.done += 1
+        self.env.prefix = self._prefix()
+        rec = self._report(spec, RunRecord.from_dict(raw) if raw is not None else None, ran, seconds, where)
+        if rec is None:
+            todo.append(([i], True))  # another driver's: wait for it once this stage's own runs are done
+        else:
+            out[i] = rec
+
+    def _stop_pool(self, cancel: bool = False) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
+            self._pool = None
+
     def close(self) -> None:
-        pass
+        self._stop_pool()
+        if self._events is not None:
+            self._events.put(None)
+            if self._reader is not None:
+                self._reader.join(timeout=5)
+            self._events = None
+
+
+def _worker_died(spec: RunSpec, store: RunStore, times: int) -> RunRecord:
+    rec = store.load(spec) or RunRecord.for_spec(spec)
+    rec.status = RunStatus.FAILED
+    rec.error = (f"the worker process training this run died {times} times (killed, out of memory, or a crash in "
+                 "native code); run the same command again to try once more")
+    store.write(spec, rec)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# inside a worker process
+# ---------------------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _init_worker(slots, events, settings: dict, threads: int, initializer) -> None:
+    """Bind this worker to its device and thread count; its log lines go to the driver."""
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    import torch
+
+    from ..train.env import Env
+
+    number, device = slots.get()
+    torch.set_num_threads(threads)
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+
+    class WorkerEnv(Env):
+        def log(self, msg: str, detail: bool = False) -> None:
+            if not self.quiet:
+                events.put((msg, detail))
+
+    tag = f"[w{number} {device}]"
+    env = WorkerEnv(device=device, prefix=tag, **settings)
+    if initializer is not None:
+        initializer(env)
+    _WORKER.update(env=env, tag=tag)
+
+
+def _work(spec_dicts: list[dict], runs_dir: str, wait: bool, poll_s: float) -> list[tuple]:
+    """Train a group of runs in this worker: per spec (record dict or None, ran here, seconds, where)."""
+    env, tag = _WORKER["env"], _WORKER["tag"]
+    specs = [RunSpec.from_dict(d) for d in spec_dicts]
+    t0 = time.time()
+    env.prefix = tag
+    results = _execute_group(specs, RunStore(runs_dir), env, wait=wait, poll_s=poll_s)
+    seconds = (time.time() - t0) / max(1, len(specs))
+    return [(rec.to_dict() if rec is not None else None, ran, seconds, f"{tag[1:-1]}, ") for rec, ran in results]
+
+
+# ---------------------------------------------------------------------------------------------
+# the plugin
+# ---------------------------------------------------------------------------------------------
+
+
+def _devices(text: str) -> list[str]:
+    return [d.strip() for d in text.split(",") if d.strip()]
 
 
 @register_executor
 class Local(ExecutorPlugin):
     name = "local"
-    description = "run here, one run after the other (default)"
+    description = "run here: one run after the other, or in parallel worker processes (--workers, --devices)"
+
+    def add_arguments(self, parser):
+        g = parser.add_argument_group("local executor")
+        g.add_argument("--workers", type=int, metavar="N",
+                       help="train N runs at a time in N worker processes sharing the run store (default 1: in "
+                            "this process); on CPU each worker gets cores/N torch threads")
+        g.add_argument("--devices", type=_devices, metavar="DEV,DEV,...",
+                       help="one worker per device, e.g. cuda:0,cuda:1,cuda:2,cuda:3 (with --workers N: N workers "
+                            "on these devices, round-robin)")
+
+    def given_flags(self, args):
+        return [f for f, v in (("--workers", getattr(args, "workers", None)),
+                               ("--devices", getattr(args, "devices", None))) if v is not None]
+
+    settings_keys = {"workers": "worker processes training runs at a time (default 1: in the driver's process)",
+                     "devices": "one worker per device, e.g. [\"cuda:0\", \"cuda:1\"]"}
+
+    def configure(self, table, args, where):
+        from ..train.env import check_device
+
+        unknown = [k for k in table if k not in self.settings_keys]
+        if unknown:
+            raise SettingsError(f"{where(unknown[0])}: executor 'local' has no setting {unknown[0]!r} "
+                                f"(its settings: {', '.join(sorted(self.settings_keys))})")
+        out: dict = {}
+        workers = table.get("workers")
+        if getattr(args, "workers", None) is not None:
+            workers, wk = args.workers, "--workers"
+        else:
+            wk = f"{where('workers')}: workers ="
+        if workers is not None:
+            if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+                raise SettingsError(f"{wk} {workers!r}: must be at least 1 (a whole number)")
+            out["workers"] = int(workers)
+        devices = table.get("devices")
+        if getattr(args, "devices", None) is not None:
+            devices, dk = args.devices, "--devices"
+        else:
+            dk = f"{where('devices')}: devices ="
+        if devices is not None:
+            if isinstance(devices, str):
+                devices = _devices(devices)
+            if not isinstance(devices, list) or not devices or not all(isinstance(d, str) for d in devices):
+                raise SettingsError(f"{dk} {devices!r}: a list of devices, e.g. cuda:0,cuda:1")
+            if getattr(args, "device", None):
+                raise SettingsError("--device and --devices: give one of them (--devices: one worker per device)")
+            out["devices"] = [check_device(d, "--devices") for d in devices]
+        return out
 
     def create(self, args, *, env, runs_dir, total):
-        return LocalExecutor(env, total=total)
+        return self.make(self.configure({}, args, lambda k: k), env=env, runs_dir=runs_dir, total=total, args=args)
 
     def make(self, settings, *, env, runs_dir, total, args=None):
-        return LocalExecutor(env, total=total)
+        return LocalExecutor(env, total=total, workers=settings.get("workers") or 1, devices=settings.get("devices"))

@@ -237,6 +237,18 @@ def _delta_html(r: Row, b: Board) -> str:
     return num(d, 2, signed=True) if r.paired_with else "<td></td>"
 
 
+def _search(r: Row, b: Board) -> str:
+    """The searches that selected the row's counted runs (``searches`` when a run served several sweeps)."""
+    if not _rep(r):
+        return ""
+    key = (r.config, r.backbone, r.checkpoint_id, r.protocol, r.precision)
+    found = set()
+    for run in b.runs:
+        if run.path in b.used and run.row_key() == key:
+            found.update(run.record.get("searches") or [str(run.spec.get("search") or "grid")])
+    return " + ".join(sorted(found))
+
+
 # ---------------------------------------------------------------------------------------------
 # <suite>-leaderboard.csv
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +322,9 @@ _L = [
     Column("device", "the device of the counted runs (mixed: several)", lambda r, b: r.device),
     Column("precision", "numeric precision of the runs (fp32 | tf32 | bf16 | fp16); seeds of different precisions "
            "are separate rows", lambda r, b: r.precision),
+    Column("search", "how the counted final runs' hyper-parameters were selected: grid (every point trained to the "
+           "end, the papers' protocol) or halving (successive halving, docs/sweeps.md); joined with + when runs "
+           "were selected by both", lambda r, b: _search(r, b)),
     Column("failed_runs", "runs with status failed (all stages)", lambda r, b: fmt(r.failed) if _rep(r) else "",
            html="failed", html_cell=_only_rep(lambda r: f"<td>{r.failed}</td>")),
     Column("diverged_runs", "runs with status diverged (all stages)", lambda r, b: fmt(r.diverged) if _rep(r) else "",

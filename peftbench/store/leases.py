@@ -122,7 +122,7 @@ def claim(path: Path, *, what: str = "", heartbeat: bool = True) -> Lease | None
     lease cannot both take it over."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path.with_name(path.name + ".lock")):
+    with locked(path.with_name(path.name + ".lock")):
         existed = path.exists()
         holder = read_lease(path) if existed else None
         if existed and lease_state(holder, path) == "live":
@@ -138,7 +138,8 @@ def claim(path: Path, *, what: str = "", heartbeat: bool = True) -> Lease | None
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path):
+def locked(lock_path: Path):
+    """An exclusive ``flock`` of ``lock_path`` (created if needed) while the block runs."""
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

@@ -22,6 +22,11 @@ metrics             top1 (last epoch, on the eval split), eval_split, final_trai
 timing              train_s, train_images_per_s, cached_features, peak_memory_mb, memory_kind
 image_size, num_train, num_eval, wall_s
 code                {"method": ..., "engine": ...}: fingerprints of the code that ran it (stale results)
+stopped_at_epoch    a run stopped at a rung of successive halving (``hparams.stop_epoch`` < epochs):
+                    the epoch it stopped at; its end state is ``<key>.rung.safetensors``
+resumed_from        {"key", "epoch"}: the rung run whose end state this run started from
+searches            the searches whose sweeps used this run when it is more than ``spec.search``
+                    (a run planned by a grid sweep and reused by a halving sweep: [grid, halving])
 (anything else)     fields other code adds: executors (``slurm``, ``retries``), jobs other than
                     training (``scores``, ``importance``, ``artifacts``); kept verbatim in
                     :attr:`RunRecord.extra` and written back at the top level
@@ -91,6 +96,13 @@ class RunSpec:
     config: str = ""  # leaderboard label: method + the options the user set
     option_sources: dict = field(default_factory=dict)
     data_root: str = ""
+    # the search of the sweep that planned the run (grid | halving; docs/sweeps.md): not part of the key,
+    # since a run's result depends on its hyper-parameters, never on how they were chosen
+    search: str = "grid"
+    # where a run stopped at a rung of successive halving starts from: {"key": <the earlier rung's run>,
+    # "epoch": <its stop epoch>}; not part of the key either: resuming a prefix of the same trajectory gives
+    # exactly what training from epoch 0 gives (the engine checks it is that prefix, tests prove equality)
+    resume_from: dict = field(default_factory=dict)
 
     IDENTITY = ("method", "task", "suite", "protocol", "stage", "train_split", "eval_split", "hparams", "seed",
                 "options", "backbone", "checkpoint_id", "data_fingerprint", "job", "extras")
@@ -99,6 +111,17 @@ class RunSpec:
     def key(self) -> str:
         ident = {k: getattr(self, k) for k in self.IDENTITY}
         if self.method_version != 1:  # version 1 is the implicit version of every key made before versions
+            ident["method_version"] = self.method_version
+        blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def trajectory_key(self) -> str:
+        """The key of the full run this run is a prefix of: the identity without the stage name and without
+        ``hparams["stop_epoch"]`` (a run stopped at a rung and the run that finishes the schedule share it)."""
+        ident = {k: getattr(self, k) for k in self.IDENTITY if k != "stage"}
+        ident["hparams"] = {k: v for k, v in self.hparams.items() if k != "stop_epoch"}
+        if self.method_version != 1:
             ident["method_version"] = self.method_version
         blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -114,6 +137,8 @@ class RunSpec:
     def label(self) -> str:
         hp = self.hparams
         return (f"{self.method} {self.task} {self.stage} lr={hp.get('lr')} wd={hp.get('wd')} seed={self.seed}"
+                + (f" epochs {self.resume_from.get('epoch', 0) if self.resume_from else 0}-{hp['stop_epoch']}"
+                   f"/{hp.get('epochs')}" if hp.get("stop_epoch") else "")
                 + (f" {self.job}" if self.job != "train" else ""))
 
 

@@ -6,6 +6,8 @@ Layout under ``--runs-dir`` (default ``./runs``)::
     <runs-dir>/<method>/<task>/<key>.ckpt.safetensors  resume state of an unfinished run (trainable tensors,
                                                        optimizer and RNG state, no pickle), deleted at the end
     <runs-dir>/<method>/<task>/<key>.lease             who trains the run now (host, pid, heartbeat; leases.py)
+    <runs-dir>/<method>/<task>/<key>.rung.safetensors  end state of a run stopped at a rung of successive
+                                                       halving (checkpoint format): the next rung starts from it
     <runs-dir>/<method>/<task>/<key>.<name>            artifacts a run keeps (weights, masks, scores)
 
 The key hashes everything that determines the result: method, resolved method options, task and its
@@ -17,12 +19,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .._io import atomic_write_text
 from ..errors import CorruptRecord, StoreError
 from . import checkpoints
-from .leases import Lease, claim, lease_state, read_lease
+from .leases import Lease, claim, lease_state, locked, read_lease
 from .records import RunRecord, RunSpec, validate
 
 
@@ -89,6 +91,21 @@ class RunStore:
         except OSError as exc:
             raise StoreError(f"cannot write the run record {path}: {exc.strerror or exc}") from None
 
+    def update(self, spec: RunSpec, change: Callable[[RunRecord], bool]) -> RunRecord | None:
+        """Read, change and write back ``spec``'s record under the lock that serialises claims of the run
+        (``change`` returns whether it changed anything); None when there is no record."""
+        lock = self.lease_path(spec)
+        lock = lock.with_name(lock.name + ".lock")
+        try:
+            lock.parent.mkdir(parents=True, exist_ok=True)
+            with locked(lock):
+                rec = self.load(spec)
+                if rec is not None and change(rec):
+                    self.write(spec, rec)
+                return rec
+        except OSError as exc:
+            raise StoreError(f"cannot update the run record {self.record_path(spec)}: {exc.strerror or exc}") from None
+
     def iter_raw(self) -> Iterator[tuple[Path, dict | None, str | None]]:
         """Every record file: (path, parsed JSON or None, error message or None)."""
         if not self.root.exists():
@@ -130,6 +147,19 @@ class RunStore:
 
     def drop_checkpoint(self, spec: RunSpec) -> None:
         self.checkpoint_path(spec).unlink(missing_ok=True)
+
+    # -- end states of runs stopped at a rung (successive halving) -------------------------------
+    def rung_state_path(self, spec: RunSpec, key: str | None = None) -> Path:
+        """The end state of ``spec`` (or of run ``key`` of the same method and task) stopped at a rung."""
+        return self._dir(spec) / f"{key or spec.key}.rung.safetensors"
+
+    def save_rung_state(self, spec: RunSpec, **payload: Any) -> None:
+        checkpoints.save(self.rung_state_path(spec), **payload)
+
+    def load_rung_state(self, spec: RunSpec, key: str) -> dict | None:
+        """The end state of run ``key`` (None when it is not there); refuses anything not written by peftbench."""
+        path = self.rung_state_path(spec, key)
+        return checkpoints.load(path) if path.exists() else None
 
 
 def read_record(path: Path) -> dict:

@@ -51,8 +51,8 @@ def drive(contexts: list[PlanContext], executor: Executor, store: RunStore,
             journal.stage([s for _, s in wave])
         records = executor.run([s for _, s in wave], store)
         by_ctx: dict[int, list[RunRecord]] = {}
-        for (i, _), rec in zip(wave, records):
-            by_ctx.setdefault(i, []).append(rec)
+        for (i, spec), rec in zip(wave, records):
+            by_ctx.setdefault(i, []).append(note_search(spec, rec, store))
         pending = {}
         for i, recs in by_ctx.items():
             outcomes[i].records = recs
@@ -61,6 +61,27 @@ def drive(contexts: list[PlanContext], executor: Executor, store: RunStore,
             outcomes[i].diverged += sum(r.status == RunStatus.DIVERGED for r in recs)
             _advance(i, gens[i], recs, pending, outcomes)
     return outcomes
+
+
+def searches_of(rec: RunRecord) -> list[str]:
+    """The searches whose sweeps used a run: ``searches`` when a second sweep reused it, else the spec's."""
+    return list(rec.get("searches") or [str(rec.spec.get("search") or "grid")])
+
+
+def note_search(spec: RunSpec, rec: RunRecord, store: RunStore) -> RunRecord:
+    """A finished run that another search planned first (the same key: a grid run that a halving sweep
+    reuses as its last rung or final run) gets this sweep's search added to its ``searches``."""
+    if not rec.is_final or spec.search in searches_of(rec):
+        return rec
+
+    def add(r: RunRecord) -> bool:
+        have = searches_of(r)
+        if spec.search in have:
+            return False
+        r.extra["searches"] = sorted({*have, spec.search})
+        return True
+
+    return store.update(spec, add) or rec
 
 
 def _advance(i, gen, sent, pending, outcomes) -> None:

@@ -21,6 +21,7 @@ from ..errors import DataError, OptionError, PeftbenchError, SettingsError
 from ..methods import Method, get_method
 from ..tasks import Task, default_data_root, get_suite, get_task, task_splits
 from .protocols import PlanContext, get_protocol
+from .search import Search
 
 
 @dataclass
@@ -39,6 +40,7 @@ class SweepSettings:
     verify_data: bool = True
     precision: str | None = None  # None: the protocol's default for the device
     device: str = "cpu"  # where the runs will train (the protocol's default precision depends on it)
+    search: Search = field(default_factory=Search)  # --search grid | halving (docs/sweeps.md)
 
 
 def parse_sets(sets: list[str], methods: list[Method], *, strict: bool = True) -> dict[str, dict[str, str]]:
@@ -89,6 +91,7 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
     if len({m.name for m in methods}) != len(methods):
         raise SettingsError("--methods lists a method twice")
     check_overrides(settings.overrides)
+    search = settings.search.check()
     tasks: list[Task] = [get_task(t) for t in (settings.tasks or suite.tasks)]
     if not tasks:
         raise SettingsError("--tasks names no task")
@@ -152,7 +155,7 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
                 seeds=seeds, backbone=backbone,
                 checkpoint=str(Path(settings.checkpoint).resolve()) if settings.checkpoint else None,
                 checkpoint_id=ck_id, data_root=str(data_root.resolve()), fingerprint=fp,
-                overrides=dict(settings.overrides), precision=precision))
+                overrides=dict(settings.overrides), precision=precision, search=search))
     contexts = [ctx.protocol.adapt(ctx) for ctx in contexts]
     check_models(contexts, settings.device)
     return contexts

@@ -6,7 +6,9 @@ pipeline of a sweep in lock-step, so a stage of the whole sweep is one batch of 
 SLURM job array). The run store is the truth: replaying a pipeline skips finished runs.
 
 * ``vpt``   (VPT / E^2VPT): lr × wd grid on train800 → val200, selection by last-epoch val top-1
-  (tie → smaller lr), then final runs on train800val200 → test for every seed; fp32.
+  (tie → smaller lr), then final runs on train800val200 → test for every seed; fp32. With
+  ``--search halving`` the grid is searched by successive halving (:func:`search_stage`,
+  :mod:`peftbench.sweep.search`, docs/sweeps.md).
 * ``fixed`` (NOAH style): given hyper-parameters, train800val200 → test for every seed.
 * ``demo``  : the demo suite's protocol: fixed per-method hyper-parameters, few epochs.
 
@@ -19,13 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Generator
+from typing import Callable, ClassVar, Generator
 
 from .._registry import Registry
 from ..errors import PipelineError
 from ..methods import Method
 from ..store import RunRecord, RunSpec
 from ..tasks import Suite, Task
+from .search import Search, rung_epochs, survivors
 
 VPT_SEEDS = (42, 44, 82, 100, 800)
 RECIPE_KEYS = ("optimizer", "batch_size", "epochs", "warmup_epochs", "lr_grid", "wd_grid")
@@ -50,9 +53,10 @@ class PlanContext:
     overrides: dict = field(default_factory=dict)  # hyper-parameters given on the command line
     precision: str = "fp32"
     dry_run: bool = False
+    search: Search = field(default_factory=Search)  # how search stages pick their configuration
 
     def spec(self, stage: str, role: str, hparams: dict, seed: int, *, job: str = "train",
-             extras: dict | None = None, options: dict | None = None) -> RunSpec:
+             extras: dict | None = None, options: dict | None = None, search: str = "grid") -> RunSpec:
         """A run of ``stage`` on the splits the task uses for ``role`` (search | final)."""
         train_split, eval_split = self.task.splits[role]
         return RunSpec(
@@ -61,17 +65,74 @@ class PlanContext:
             options=dict(self.options if options is None else options), backbone=self.backbone,
             checkpoint=self.checkpoint, checkpoint_id=self.checkpoint_id, data_fingerprint=self.fingerprint,
             job=job, extras=dict(extras or {}), config=self.config, option_sources=dict(self.option_sources),
-            data_root=self.data_root, method_version=int(self.method.version),
+            data_root=self.data_root, method_version=int(self.method.version), search=search,
         )
 
+    def search_used(self, points: list) -> str:
+        """The search that picks among ``points``: ``--search``, or grid when there is nothing to pick."""
+        return self.search.kind if len(points) > 1 else "grid"
 
-def select_best(records: list[RunRecord], prefer_smaller: str = "lr") -> RunRecord:
-    """Best last-epoch eval top-1; ties go to the smaller ``prefer_smaller`` hyper-parameter."""
-    ok = [r for r in records if r.usable]
+
+def rank(records: list[RunRecord], prefer_smaller: str = "lr") -> list[int]:
+    """Indices of the usable records, best first: last-epoch eval top-1, ties to the smaller
+    ``prefer_smaller`` hyper-parameter, then to the earlier record (grid order)."""
+    ok = [i for i, r in enumerate(records) if r.usable]
     if not ok:
         statuses = sorted({str(r.status) for r in records})
         raise PipelineError(f"no usable run to select from ({len(records)} runs: {', '.join(statuses)})")
-    return max(ok, key=lambda r: (r.top1, -float(r.hparams.get(prefer_smaller, 0))))
+    return sorted(ok, key=lambda i: (-records[i].top1, float(records[i].hparams.get(prefer_smaller, 0)), i))
+
+
+def select_best(records: list[RunRecord], prefer_smaller: str = "lr") -> RunRecord:
+    """Best last-epoch eval top-1; ties go to the smaller ``prefer_smaller`` hyper-parameter, then to the
+    first in grid order."""
+    return records[rank(records, prefer_smaller)[0]]
+
+
+SpecMaker = Callable[[str, dict], RunSpec]  # (stage, hyper-parameters) -> the run spec
+
+
+def search_stage(ctx: PlanContext, points: list[dict], base: dict, make_spec: SpecMaker
+                 ) -> Generator[list[RunSpec], list[RunRecord], RunRecord]:
+    """The search over ``points`` (each a dict of hyper-parameters on top of ``base``), as one stage
+    (``--search grid``) or one stage per rung of successive halving (``--search halving``,
+    :mod:`peftbench.sweep.search`); ``yield from`` it in a pipeline: it returns the selected record.
+
+    Grid: stage ``search``, every point trains the whole schedule. Halving: rung r < R is stage
+    ``search-rung<r>`` with ``hparams["stop_epoch"] = e_r`` (a different run); the last rung is stage
+    ``search`` without it, so its runs are the grid's runs (same key, same record: a store that holds the
+    grid search needs no training for them). Runs of a rung after the first start from the end state of
+    the same configuration's run at the rung before (``RunSpec.resume_from``)."""
+    def mark(spec: RunSpec, **kw) -> RunSpec:
+        return dataclasses.replace(spec, search=ctx.search_used(points), **kw)
+
+    if ctx.search.kind != "halving" or len(points) <= 1:
+        records = yield [mark(make_spec("search", {**base, **p})) for p in points]
+        return select_best(records)
+    epochs = int(base["epochs"])
+    stops = rung_epochs(ctx.search.rungs, epochs)
+    alive = list(range(len(points)))  # indices into points, in grid order
+    before: dict[int, RunSpec] = {}
+    for r, stop in enumerate(stops):
+        last = stop == epochs
+        specs = []
+        for i in alive:
+            hp = {**base, **points[i]}
+            if not last:
+                hp["stop_epoch"] = stop
+            resume = {"key": before[i].key, "epoch": int(before[i].hparams["stop_epoch"])} if i in before else {}
+            specs.append(mark(make_spec("search" if last else f"search-rung{r + 1}", hp), resume_from=resume))
+        records = yield specs
+        order = rank(records)
+        if last:
+            return records[order[0]]
+        keep = survivors(len(alive), ctx.search.factor)
+        if keep <= 1:  # the next rung would train one configuration: the selection is made
+            return records[order[0]]
+        chosen = sorted(order[:keep])
+        before = {alive[j]: specs[j] for j in chosen}
+        alive = [alive[j] for j in chosen]
+    raise AssertionError("unreachable: the last rung stops at the last epoch")
 
 
 class EvalProtocol:
@@ -172,12 +233,11 @@ class VptProtocol(EvalProtocol):
             chosen = points[0]
         else:
             base = self.base_hparams(ctx, "search")
-            search = [ctx.spec("search", "search", {**base, **p}, ctx.seeds[0]) for p in points]
-            records = yield search
-            best = select_best(records)
+            best = yield from search_stage(ctx, points, base,
+                                           lambda stage, hp: ctx.spec(stage, "search", hp, ctx.seeds[0]))
             chosen = {k: best.hparams[k] for k in ("lr", "wd")}
         base = self.base_hparams(ctx, "final")
-        yield [ctx.spec("final", "final", {**base, **chosen}, s) for s in ctx.seeds]
+        yield [ctx.spec("final", "final", {**base, **chosen}, s, search=ctx.search_used(points)) for s in ctx.seeds]
 
 
 @register_protocol

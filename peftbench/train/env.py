@@ -9,6 +9,7 @@ from typing import Any, Callable
 import torch
 
 from ..backbones import create_backbone
+from ..errors import SettingsError
 from ..store import RunSpec
 
 
@@ -60,3 +61,22 @@ class Env:
             self.progress.message(msg, detail)
         elif not self.quiet:
             print(msg, file=sys.stderr, flush=True)
+
+
+def check_device(device: str | None, flag: str = "--device") -> str:
+    """The device to use (default: cuda when available); a device this machine lacks is an error."""
+    if not device:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SettingsError(f"{flag} {device!r}: not a device (cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SettingsError(f"{flag} {device}: no CUDA device on this machine (torch.cuda.is_available() "
+                                "is False); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SettingsError(f"{flag} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise SettingsError(f"{flag} {device}: peftbench trains on cpu or cuda")
+    return device

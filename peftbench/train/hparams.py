@@ -31,6 +31,14 @@ class HParams:
     precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16 (autocast); absent from the dict means fp32
     mean: tuple[float, float, float] | None = None  # normalisation (None: ImageNet's)
     std: tuple[float, float, float] | None = None
+    # train epochs [0, stop_epoch) of the ``epochs``-epoch schedule and stop (a rung of successive halving,
+    # docs/sweeps.md): the lr schedule is the full one; absent means the whole schedule
+    stop_epoch: int | None = None
+
+    @property
+    def stop(self) -> int:
+        """The epoch the run stops at (``epochs`` unless it stops at a rung)."""
+        return self.epochs if self.stop_epoch is None else self.stop_epoch
 
 
 _KINDS = {f.name: f.type for f in fields(HParams)}
@@ -63,7 +71,7 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
     for key, value in hp.items():
         if key in ("lr", "wd", "warmup_lr", "min_lr"):
             kw[key] = _number(key, value, float)
-        elif key in ("epochs", "batch_size", "warmup_epochs", "eval_every"):
+        elif key in ("epochs", "batch_size", "warmup_epochs", "eval_every", "stop_epoch"):
             kw[key] = _number(key, value, int)
         elif key == "lr_scaling":
             if not isinstance(value, bool):
@@ -88,6 +96,8 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
         (h.eval_every >= 0, f"eval_every={h.eval_every}: must not be negative"),
         (h.precision in PRECISIONS, f"precision={h.precision!r}: expected one of {', '.join(PRECISIONS)}"),
         (h.std is None or all(s > 0 for s in h.std), "std: every value must be > 0"),
+        (h.stop_epoch is None or 1 <= h.stop_epoch <= h.epochs,
+         f"stop_epoch={h.stop_epoch}: must be in 1..epochs ({h.epochs})"),
     )
     for ok, msg in checks:
         if not ok:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..backbones import image_size
 from ..data.loader import SplitData, batches, epoch_order, load_split
 from ..data.transforms import augmenter
-from ..errors import Diverged
+from ..errors import Diverged, StoreError
 from ..layers.tuned_vit import TunedViT
 from ..methods import Method, get_method
 from ..store import RunSpec, RunStore
@@ -173,6 +173,7 @@ class _Progress:
     start_epoch: int = 0
     train_time: float = 0.0
     train_images: int = 0
+    resumed_from: dict | None = None  # the rung run this run continues ({"key", "epoch"})
 
 
 def _rng_state(dev: torch.device) -> dict[str, torch.Tensor]:
@@ -183,18 +184,47 @@ def _rng_state(dev: torch.device) -> dict[str, torch.Tensor]:
 
 
 def _resume(spec: RunSpec, store: RunStore, model: TunedViT, optimizer, dev: torch.device, env: Env) -> _Progress:
-    ck = store.load_checkpoint(spec)
+    """Where the run starts: its own checkpoint (an interrupted attempt), else the end state of the rung run
+    it continues (``spec.resume_from``, successive halving), else epoch 0."""
+    ck, where = store.load_checkpoint(spec), store.checkpoint_path(spec)
+    source = None
+    if ck is None and spec.resume_from:
+        key = str(spec.resume_from.get("key") or "")
+        where = store.rung_state_path(spec, key)
+        ck = store.load_rung_state(spec, key)
+        if ck is None:
+            env.log(f"{env.prefix} {spec.label()}: the end state of rung run {key} is gone ({where}); training "
+                    "from epoch 0 (the same result, more compute)")
+            return _Progress()
+        trajectory = ck["info"].get("trajectory")
+        if trajectory != spec.trajectory_key:
+            raise StoreError(f"{where}: the end state of another training run (trajectory {trajectory}), not an "
+                             f"earlier part of {spec.label()} (trajectory {spec.trajectory_key}); delete it to "
+                             "train this run from epoch 0")
+        source = {"key": key, "epoch": int(ck["info"]["epoch"]) + 1}
     if ck is None:
         return _Progress()
-    copy_into(model, ck["state"], str(store.checkpoint_path(spec)))
+    copy_into(model, ck["state"], str(where))
     optimizer.load_state_dict(ck["optimizer"])
     torch.set_rng_state(ck["rng"]["cpu"])
     if dev.type == "cuda" and "cuda" in ck["rng"]:
         torch.cuda.set_rng_state(ck["rng"]["cuda"], dev)
     info = ck["info"]
-    p = _Progress(list(info["history"]), int(info["epoch"]) + 1, float(info["train_time"]), int(info["train_images"]))
-    env.log(f"{env.prefix} resuming {spec.label()} after epoch {p.start_epoch}")
+    p = _Progress(list(info["history"]), int(info["epoch"]) + 1, float(info["train_time"]), int(info["train_images"]),
+                  source or info.get("resumed_from"))
+    if source:
+        env.log(f"{env.prefix} {spec.label()}: continuing rung run {source['key']} after epoch {p.start_epoch}")
+    else:
+        env.log(f"{env.prefix} resuming {spec.label()} after epoch {p.start_epoch}")
     return p
+
+
+def _state_info(spec: RunSpec, epoch: int, prog: _Progress) -> dict:
+    info = {"epoch": epoch, "history": prog.history, "train_time": prog.train_time, "train_images": prog.train_images,
+            "trajectory": spec.trajectory_key}
+    if prog.resumed_from:
+        info["resumed_from"] = prog.resumed_from
+    return info
 
 
 def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], None] | None = None) -> dict:
@@ -231,11 +261,14 @@ def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], N
     augment = None if cached else augmenter(task, size)
 
     prog = _resume(spec, store, model, optimizer, dev, env)
+    stop = hp.stop  # the schedule is that of hp.epochs epochs; a run stopped at a rung trains [0, stop)
+    if prog.start_epoch >= stop:
+        raise StoreError(f"{spec.label()}: starts after epoch {prog.start_epoch} but stops at epoch {stop}")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     n = len(train_data)
     t_run = time.time()
-    for epoch in range(prog.start_epoch, hp.epochs):
+    for epoch in range(prog.start_epoch, stop):
         lr = lr_at_epoch(epoch, peak_lr, hp.epochs, hp.warmup_epochs, hp.warmup_lr, hp.min_lr)
         set_lr(optimizer, lr)
         model.train()
@@ -252,12 +285,12 @@ def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], N
         prog.train_time += time.time() - t_epoch
         prog.train_images += n
         entry = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / n}
-        last = epoch == hp.epochs - 1
+        last = epoch == stop - 1
         if last or (hp.eval_every and (epoch + 1) % hp.eval_every == 0):
             entry["eval_top1"] = evaluate(model, forward, eval_x, eval_data.labels, prepare, env, hp.precision)
         prog.history.append(entry)
         done = epoch - prog.start_epoch + 1
-        eta = (time.time() - t_run) / done * (hp.epochs - epoch - 1)
+        eta = (time.time() - t_run) / done * (stop - epoch - 1)
         env.log(f"{env.prefix} {spec.label()} epoch {epoch + 1}/{hp.epochs} loss {entry['train_loss']:.4f}"
                 + (f" {spec.eval_split} top1 {entry['eval_top1']:.2f}" if "eval_top1" in entry else "")
                 + f" | run left {fmt_s(eta)}", detail=True)
@@ -267,12 +300,13 @@ def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], N
         if on_epoch is not None:
             on_epoch(entry)
         if not last and env.checkpoint_every and (epoch + 1) % env.checkpoint_every == 0:
-            store.save_checkpoint(
-                spec, state=model.trainable_state(), optimizer=optimizer.state_dict(), rng=_rng_state(dev),
-                info={"epoch": epoch, "history": prog.history, "train_time": prog.train_time,
-                      "train_images": prog.train_images})
+            store.save_checkpoint(spec, state=model.trainable_state(), optimizer=optimizer.state_dict(),
+                                  rng=_rng_state(dev), info=_state_info(spec, epoch, prog))
         for cb in env.epoch_callbacks:
             cb(spec, epoch)
+    if stop < hp.epochs:  # stopped at a rung: the next rung continues from this state
+        store.save_rung_state(spec, state=model.trainable_state(), optimizer=optimizer.state_dict(),
+                              rng=_rng_state(dev), info=_state_info(spec, stop - 1, prog))
 
     weights = None
     if spec.extras.get("save_final") or env.keeps_weights(spec, task.splits["final"][1]):
@@ -283,7 +317,8 @@ def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], N
     best = max(evaluated, key=lambda h: h["eval_top1"])
     return {
         "params": params,
-        "hparams_effective": {"lr": peak_lr, "batch_size": hp.batch_size, "epochs": hp.epochs},
+        "hparams_effective": {"lr": peak_lr, "batch_size": hp.batch_size, "epochs": hp.epochs,
+                              **({"stop_epoch": stop} if stop < hp.epochs else {})},
         "history": history,
         "metrics": {
             "top1": history[-1]["eval_top1"],
@@ -304,4 +339,6 @@ def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], N
         **({"weights": weights.name} if weights is not None else {}),
         "num_train": n,
         "num_eval": len(eval_data),
+        **({"stopped_at_epoch": stop} if stop < hp.epochs else {}),
+        **({"resumed_from": prog.resumed_from} if prog.resumed_from else {}),
     }

@@ -11,7 +11,8 @@ multiplies them by a fixed 0/1 pattern and they are frozen.
 The pipeline (:meth:`E2vptPrune.pipeline`), every run an ordinary run of the store:
 
 A. ``search``         lr × wd grid, train800 → val200, masks present and trainable; best last-epoch
-                      val top-1 (tie → smaller lr).
+                      val top-1 (tie → smaller lr); ``--search halving``: successive halving over the
+                      grid (:func:`peftbench.sweep.protocols.search_stage`, docs/sweeps.md).
 B. ``before_pruning`` the chosen (lr, wd) once more on the search splits; saves the initial and final
                       trainable tensors (``<key>.init.safetensors``, ``<key>.final.safetensors``).
 C. ``importance``     (job, no training) stage-B weights, model in eval mode, one pass over the
@@ -58,7 +59,7 @@ from peftbench.data.loader import batches, epoch_order, load_split
 from peftbench.data.transforms import augmenter
 from peftbench.errors import PipelineError
 from peftbench.methods import Option, OptionError, register_method
-from peftbench.sweep.protocols import select_best
+from peftbench.sweep.protocols import search_stage
 from peftbench.tasks import get_task
 from peftbench.train.engine import build_model, normalizer_for, parameter_summary
 
@@ -181,17 +182,19 @@ class E2vptPrune(E2vpt):
         if not pairs:
             raise PipelineError(f"no pruning candidates for prompt_tokens={P}")
 
+        seed0 = ctx.seeds[0]
+        points = protocol.search_points(search_ctx)
+        searched = ctx.search_used(points)  # every stage after the search was planned by it
+
         def spec(stage, role, hp, seed, **kw):
-            s = ctx.spec(stage, role, hp, seed, **kw)
+            s = ctx.spec(stage, role, hp, seed, search=searched, **kw)
             return dataclasses.replace(s, option_sources=dict(sources))
 
-        seed0 = ctx.seeds[0]
-        # A. lr x wd search, masks present and trainable
-        points = protocol.search_points(search_ctx)
+        # A. lr x wd search (grid, or successive halving: --search), masks present and trainable
         if len(points) > 1:
             base = protocol.base_hparams(ctx, "search")
-            records = yield [spec("search", "search", {**base, **p}, seed0, options=model_opts) for p in points]
-            best = select_best(records)
+            best = yield from search_stage(ctx, points, base,
+                                           lambda stage, hp: spec(stage, "search", hp, seed0, options=model_opts))
             chosen = {k: best.hparams[k] for k in ("lr", "wd")}
         else:
             chosen = dict(points[0])
