@@ -24,6 +24,8 @@ class Env:
     # trained weights kept beside the record (<key>.final.safetensors, for `peftbench export`):
     # "final" (runs evaluated on the task's final split: the reported ones), "all" or "none"
     save_weights: str = "final"
+    # --fuse K: executors train up to K runs that differ only in lr / wd as one model (peftbench.train.fused)
+    fuse: int = 1
     # called after every finished epoch with (spec, epoch); tests use it to interrupt a run
     epoch_callbacks: list[Callable[[RunSpec, int], None]] = field(default_factory=list)
     # called after every epoch with (spec, history entry): progress displays, experiment trackers
