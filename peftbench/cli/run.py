@@ -79,6 +79,10 @@ def register(sub) -> None:
                    help="keep the trained tensors beside the record (<key>.final.safetensors, for `peftbench "
                         "export`): of the runs evaluated on the final split (default), of all runs, or none. "
                         "Not part of the run key")
+    p.add_argument("--fuse", type=int, default=1, metavar="K",
+                   help="train up to K runs of one method on one task that differ only in lr / wd together, as one "
+                        "model (frozen backbone once, the K sets of trained tensors stacked; methods that cannot fuse "
+                        "run alone; docs/fused.md). Each run keeps its own record; not part of the run key")
     p.add_argument("--rerun-stale", action="store_true",
                    help="rerun finished runs whose records were produced by other code (the old records are kept "
                         "as <key>.stale.json)")
@@ -145,6 +149,10 @@ def main(args) -> int:
     from ..train.hparams import parse_hparams
 
     t0 = time.time()
+    if args.fuse < 1:
+        from ..errors import SettingsError
+
+        raise SettingsError(f"--fuse {args.fuse}: must be at least 1 (1: no fusing)")
     device = check_device(args.device)
     settings = settings_from_args(args, device)
     chosen = EXECUTORS.get(args.executor)
@@ -172,11 +180,18 @@ def main(args) -> int:
               file=sys.stderr)
     print(f"peftbench: {len(contexts)} method×task pairs, {len(specs)} runs ({fresh.done} done already) under "
           f"protocol {contexts[0].protocol.name!r}; runs in {Path(args.runs_dir).resolve()}", file=sys.stderr)
+    if args.fuse > 1:
+        from ..train.fused import plan_groups
+
+        groups = plan_groups(specs, args.fuse)
+        fused = [g for g in groups if len(g) > 1]
+        print(f"peftbench: --fuse {args.fuse}: {sum(map(len, fused))} of the {len(specs)} runs train in {len(fused)} "
+              f"fused group(s), {len(groups) - len(fused)} alone", file=sys.stderr)
     if args.dry_run:
         done = {s.key for s in specs if store.is_done(s)}
         print_plan(specs, contexts, Path(args.bench_table) if args.bench_table else None, done)
         return 0
-    env = Env(device=device, quiet=args.quiet, save_weights=args.save_weights)
+    env = Env(device=device, quiet=args.quiet, save_weights=args.save_weights, fuse=args.fuse)
     executor = chosen.create(args, env=env, runs_dir=Path(args.runs_dir), total=len(specs))
     journal = Journal(args.runs_dir)
     try:

@@ -41,7 +41,8 @@ class Slurm(ExecutorPlugin):
 
         s = settings_from_args(args)
         print(f"peftbench: SLURM: {s.describe()}", file=sys.stderr)
-        return SlurmExecutor(s, runs_dir, quiet=env.quiet, total=total, save_weights=env.save_weights)
+        return SlurmExecutor(s, runs_dir, quiet=env.quiet, total=total, save_weights=env.save_weights,
+                             fuse=env.fuse)
 
     def status(self, runs_dir, runs, query):
         from .status import status
