@@ -146,6 +146,11 @@ class FusedModel:
         self.param_names = [n for n in self.state_names if n in params]
         self.buffer_names = [n for n in self.state_names if n not in params]
         self._vmapped = torch.func.vmap(self._call, in_dims=(0, 0, None), randomness="same")
+        self._leaves: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = [self._own(base)]
+
+    def _own(self, model: TunedViT) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The model's per-configuration tensors (parameters, buffers), in :attr:`state_names` order."""
+        return ([model.get_parameter(n) for n in self.param_names], [model.get_buffer(n) for n in self.buffer_names])
 
     def add(self, model: TunedViT) -> None:
         """Add a configuration's model; its frozen tensors must equal the first model's (CannotFuse)."""
@@ -172,6 +177,7 @@ class FusedModel:
                         raise CannotFuse(f"the frozen tensor {full} differs between the configurations")
                     table[name] = ref  # stored once: the first model's
         self.models.append(model)
+        self._leaves.append(self._own(model))
 
     def __len__(self) -> int:
         return len(self.models)
@@ -181,12 +187,12 @@ class FusedModel:
         return torch.func.functional_call(self.module, (params, buffers), (x,), strict=False)
 
     def _stacked(self, which: list[int], detach: bool) -> tuple[dict, dict]:
-        def stack(name: str, is_param: bool) -> torch.Tensor:
-            ts = [(m.get_parameter(name) if is_param else m.get_buffer(name)) for m in (self.models[i] for i in which)]
-            return torch.stack([t.detach() for t in ts] if detach else ts)
-
-        params = {self.local[n]: stack(n, True) for n in self.param_names}
-        buffers = {self.local[n]: stack(n, False) for n in self.buffer_names}
+        params, buffers = {}, {}
+        for j, n in enumerate(self.param_names):
+            ts = [self._leaves[i][0][j] for i in which]
+            params[self.local[n]] = torch.stack([t.detach() for t in ts] if detach else ts)
+        for j, n in enumerate(self.buffer_names):
+            buffers[self.local[n]] = torch.stack([self._leaves[i][1][j] for i in which])
         return params, buffers
 
     def forward(self, x: torch.Tensor, which: list[int] | None = None, *, detach: bool = False) -> torch.Tensor:
@@ -200,10 +206,10 @@ class FusedModel:
             out = self._vmapped(params, buffers, x)
         if buffers and self.module.training:
             with torch.no_grad():
-                for n in self.buffer_names:
+                for j, n in enumerate(self.buffer_names):
                     stacked = buffers[self.local[n]]
                     for row, i in enumerate(which):
-                        self.models[i].get_buffer(n).copy_(stacked[row])
+                        self._leaves[i][1][j].copy_(stacked[row])
         return out
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizers: list, which: list[int], device: torch.device,
