@@ -234,7 +234,8 @@ def _safe(name: str) -> str:
 
 
 def run_sweep(sweep: Sweep | Plan, *, dry_run: bool = False, rerun_stale: bool = False, quiet: bool = False,
-              verbose: bool = False, save_weights: str = "final", bench_table: str | Path | None = None,
+              verbose: bool = False, save_weights: str = "final", fuse: int = 1,
+              bench_table: str | Path | None = None,
               leaderboard: bool = True, args=None, argv: list[str] | None = None, hooks: list | None = None,
               log: Callable[[str], None] | None = None) -> SweepResult | Plan:
     """Run a sweep (a :class:`Sweep`, or the :class:`Plan` of one): finished runs are skipped, unfinished
@@ -244,7 +245,8 @@ def run_sweep(sweep: Sweep | Plan, *, dry_run: bool = False, rerun_stale: bool =
     ``verbose``: no progress output / also a line per epoch (default: a bar with the sweep's ETA on a
     terminal, a line per run in a file; ETA priors from ``bench_table`` or the shipped bench table).
     ``save_weights``: "final" (the trained tensors of the runs evaluated on the final split, for
-    ``peftbench export``), "all" or "none"."""
+    ``peftbench export``), "all" or "none". ``fuse`` K > 1: up to K runs of a stage that differ only in lr /
+    wd train as one model (docs/fused.md; each keeps its own record)."""
     from ..executors import EXECUTORS
     from ..store import RunStore
     from ..store.journal import Journal
@@ -258,6 +260,8 @@ def run_sweep(sweep: Sweep | Plan, *, dry_run: bool = False, rerun_stale: bool =
         raise SettingsError(f"save_weights {save_weights!r}: one of final, all, none")
     if quiet and verbose:
         raise SettingsError("quiet and verbose: choose one")
+    if isinstance(fuse, bool) or not isinstance(fuse, int) or fuse < 1:
+        raise SettingsError(f"fuse {fuse!r}: a whole number, at least 1 (1: no fusing)")
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.time()
     p = sweep if isinstance(sweep, Plan) else plan_sweep(sweep, check_data=not dry_run, args=args)
@@ -278,7 +282,8 @@ def run_sweep(sweep: Sweep | Plan, *, dry_run: bool = False, rerun_stale: bool =
     progress = SweepProgress(p.runs, estimates=_estimates(p.runs, p.contexts, p.device, bench_table),
                              mode="quiet" if quiet else "auto", verbose=verbose)
     env = Env(device=p.device, quiet=quiet, tracking=p.tracking.to_dict() if p.tracking.trackers else None,
-              hooks=hooks_for(p.tracking) + list(hooks or []), progress=progress, save_weights=save_weights)
+              hooks=hooks_for(p.tracking) + list(hooks or []), progress=progress, save_weights=save_weights,
+              fuse=fuse)
     env.epoch_listeners.append(progress.epoch)
     executor = EXECUTORS.get(p.sweep.executor).make(p.executor_settings, env=env, runs_dir=runs_dir,
                                                     total=len(p.runs), args=args)

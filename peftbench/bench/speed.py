@@ -4,6 +4,9 @@ Measured on random weights of the chosen architecture (the weights do not change
 fixed batch size, after warm-up, as medians over timed steps. The linear probe is also measured
 through cached features (one forward pass per image, then the head trains on the features), the way
 the engine runs it, and compared with training it through the backbone over a whole protocol.
+``fuse`` adds a row per K for each fusable method: K configurations trained as one model
+(peftbench.train.fused, variant ``fused-<K>``), whose images/s count configuration-images
+(K × batch / fused step time), comparable with the method's own row.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ..methods import get_method
 from ..provenance import device_name
 from ..sweep.plan import parse_sets
 from ..train.build import parameter_summary
+from ..train.fused import FusedModel
 from ..train.loop import autocast, train_step
 from ..train.optim import build_optimizer
 from .peaks import mfu_pct, peak_tflops
@@ -29,9 +33,11 @@ COLUMNS = ["method", "variant", "backbone", "device", "precision", "compile", "b
            "train_step_ms", "train_images_per_s", "eval_images_per_s", "eval_vs_plain", "peak_memory_mb",
            "memory_kind", "gflops_forward_per_image", "gflops_train_per_image", "train_mfu_pct", "eval_mfu_pct",
            "trainable_params", "tuned_total_pct", "train_time_vs_full", "torch"]
-# variant: "" for the model as trained; otherwise one of the model's inference variants ("merged": folded
-# into a plain timm ViT; "compacted": pruned prompts removed), measured for inference only. eval_vs_plain:
-# eval images/s relative to the plain backbone (the linear probe's merged model) in the same conditions.
+# variant: "" for the model as trained; "fused-<K>": K configurations trained as one model (images/s count
+# configuration-images: K x batch per fused step); otherwise one of the model's inference variants
+# ("merged": folded into a plain timm ViT; "compacted": pruned prompts removed), measured for inference
+# only. eval_vs_plain: eval images/s relative to the plain backbone (the linear probe's merged model) in
+# the same conditions.
 
 
 @dataclass
@@ -51,6 +57,7 @@ class BenchSettings:
     compiles: tuple[bool, ...] = ()  # (default: (compile,))
     variants: bool = True  # also measure each model's inference variants
     peak_tflops: float | None = None  # overrides bench/peaks.py for MFU
+    fuse: tuple[int, ...] = ()  # one fused-<K> row per K for each fusable method (uncompiled combinations)
 
     def combinations(self) -> list[tuple[str, bool]]:
         return [(p, c) for p in (self.precisions or (self.precision,)) for c in (self.compiles or (self.compile,))]
@@ -180,6 +187,57 @@ def bench_method(method_name: str, s: BenchSettings, precision: str | None = Non
     return rows
 
 
+def bench_fused(method_name: str, s: BenchSettings, k: int, precision: str | None = None) -> dict:
+    """K configurations of the method trained as one model (peftbench.train.fused) on one batch: the
+    fused step's time, and configuration-images per second (K × batch / step time) for train and eval."""
+    precision = s.precision if precision is None else precision
+    device = torch.device(s.device)
+    method, model = build(method_name, s)
+    params = parameter_summary(model)
+    size = image_size(model.backbone)
+    fused = FusedModel(model.to(device))
+    optimizers = [build_optimizer(method.recipe.optimizer, model, 1e-3, 1e-4)]
+    for _ in range(k - 1):
+        _, other = build(method_name, s)
+        fused.add(other.to(device))
+        optimizers.append(build_optimizer(method.recipe.optimizer, other, 1e-3, 1e-4))
+    x = torch.randn(s.batch_size, 3, size, size, device=device)
+    y = torch.randint(0, s.num_classes, (s.batch_size,), device=device)
+    which = list(range(k))
+
+    def step():
+        fused.base.train()
+        fused.train_step(x, y, optimizers, which, device, precision)
+
+    @torch.no_grad()
+    def eval_step():
+        with autocast(device, precision):
+            fused.forward(x, detach=True)
+
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    t_train = _median_time(step, s.warmup, s.steps, device)
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated") if device.type == "cuda" \
+        else (None, "n/a on cpu")
+    fused.base.eval()
+    t_eval = _median_time(eval_step, s.warmup, s.steps, device)
+    images = k * s.batch_size
+    fwd_flops = _flops(lambda: fused.forward(x)) / images
+    train_flops = _flops(step) / images
+    peak_tf = _peak(device, precision, s)
+    return {"method": method.name, "variant": f"fused-{k}", "backbone": s.backbone, "device": device_name(device),
+            "precision": precision, "compile": False, "batch_size": s.batch_size, "img_size": size,
+            "tokens": _tokens(model, x[:1]), "train_step_ms": round(t_train * 1000, 2),
+            "train_images_per_s": round(images / t_train, 2), "eval_images_per_s": round(images / t_eval, 2),
+            "peak_memory_mb": round(peak[0], 1) if peak[0] is not None else "", "memory_kind": peak[1],
+            "gflops_forward_per_image": round(fwd_flops / 1e9, 6), "gflops_train_per_image": round(train_flops / 1e9, 6),
+            "train_mfu_pct": mfu_pct(train_flops / 1e9, images / t_train, peak_tf),
+            "eval_mfu_pct": mfu_pct(fwd_flops / 1e9, images / t_eval, peak_tf),
+            "trainable_params": params["trainable"], "tuned_total_pct": round(params["tuned_total_pct"], 4),
+            "torch": torch.__version__}
+
+
 def _tokens(model, x) -> int:
     """Sequence length entering the first transformer block (prompts included), read with a forward hook."""
     block = next(m for n, m in model.named_modules() if n == "blocks.0" or n.endswith(".blocks.0"))
@@ -238,6 +296,15 @@ def run_bench(s: BenchSettings, log=print) -> list[dict]:
                         f"{r['eval_images_per_s']} img/s, {r['gflops_train_per_image']} GFLOP/img train, "
                         f"tokens {r['tokens']}")
             block += measured
+            if not compile and get_method(name).fusable:
+                for k in s.fuse:
+                    r = bench_fused(name, s, k, precision)
+                    own = measured[0]["train_images_per_s"]
+                    log(f"  fused-{k}: train {r['train_images_per_s']} configuration-images/s ({r['train_step_ms']} ms "
+                        f"per fused step, {r['train_images_per_s'] / own:.2f} x one run's), eval {r['eval_images_per_s']}")
+                    block.append(r)
+            elif not compile and s.fuse:
+                log(f"  (not fusable: no fused rows for {name})")
         base = next((r for r in block if r["method"] == get_method(s.baseline).name and not r["variant"]), None)
         plain = next((r for r in block if r["method"] == "linear" and r["variant"] == "merged"), None)
         for r in block:
@@ -293,6 +360,7 @@ TARGETS = (
     Target("vpt-deep", "full", 0.75), Target("e2vpt", "full", 0.75), Target("adapter", "full", 0.75),
     Target("lora", "full", 0.75), Target("e2vpt", "vpt-deep", 1.1, same_tokens=True),
 )
+FUSED_TARGET = 1.5  # K configurations fused: at least this many times one run's images/s (issue 16)
 MERGED_TARGET = 0.95  # a merged model runs at the plain backbone's speed (within timing noise)
 PROBE_TARGET = 20.0  # cached-features linear probe at least this many times faster than through the backbone
 
@@ -316,6 +384,12 @@ def targets(rows: list[dict], probe: dict | None, table: tuple[Target, ...] = TA
             ratio = r["eval_images_per_s"] / plain["eval_images_per_s"]
             out.append({"target": f"{r['method']} merged inference >= {MERGED_TARGET:g} x the plain backbone's images/s",
                         "measured": round(ratio, 3), "met": ratio >= MERGED_TARGET})
+    for r in same:
+        fused = r.get("variant") or ""
+        if fused.startswith("fused-") and r["method"] in by:
+            ratio = r["train_images_per_s"] / by[r["method"]]["train_images_per_s"]
+            out.append({"target": f"{r['method']} {fused} train configuration-images/s >= {FUSED_TARGET:g} x one run's",
+                        "measured": round(ratio, 3), "met": ratio >= FUSED_TARGET})
     if probe:
         out.append({"target": f"linear probe via cached features >= {PROBE_TARGET:g} x faster than through the backbone",
                     "measured": round(probe["speedup"], 1), "met": probe["speedup"] >= PROBE_TARGET})

@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--no-variants", action="store_true",
                    help="skip the inference rows of merged / compacted models")
     p.add_argument("--no-probe", action="store_true", help="skip the cached-features linear-probe comparison")
+    p.add_argument("--fuse", default="", metavar="K[,K...]",
+                   help="also measure K configurations of each fusable method trained as one model (rows with variant "
+                        "fused-<K>; images/s count configuration-images: K x batch per fused step), e.g. --fuse 4 or 2,4,8")
     p.set_defaults(func=main)
 
 
@@ -60,12 +63,18 @@ def main(args) -> int:
         if value < least:
             raise SettingsError(f"{flag} must be at least {least}, not {value}")
     compiles = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
+    try:
+        fuse = tuple(int(k) for k in args.fuse.split(",") if k.strip())
+    except ValueError:
+        raise SettingsError(f"--fuse {args.fuse!r}: expected comma-separated integers") from None
+    if any(k < 2 for k in fuse):
+        raise SettingsError(f"--fuse {args.fuse}: every K must be at least 2")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         raise SettingsError(f"--peak-tflops must be positive, not {args.peak_tflops:g}")
     s = BenchSettings(methods=methods, backbone=args.backbone, batch_size=args.batch_size, device=device,
                       warmup=args.warmup, steps=args.steps, compile=compiles[0], precision=precisions[0],
                       sets=tuple(args.sets), precisions=tuple(precisions), compiles=compiles,
-                      variants=not args.no_variants, peak_tflops=args.peak_tflops)
+                      variants=not args.no_variants, peak_tflops=args.peak_tflops, fuse=fuse)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     rows = run_bench(s, log)
     gpu = None

@@ -167,6 +167,10 @@ def register(sub) -> None:
     p.add_argument("--verbose", action="store_true",
                    help="also a line per epoch (and per run found done already); default: a live bar with the "
                         "sweep's ETA on a terminal, one line per finished run plus a status line every minute in a file")
+    p.add_argument("--fuse", type=int, default=1, metavar="K",
+                   help="train up to K runs of one method on one task that differ only in lr / wd together, as one "
+                        "model (frozen backbone once, the K sets of trained tensors stacked; methods that cannot fuse "
+                        "run alone; docs/fused.md). Each run keeps its own record; not part of the run key")
     p.add_argument("--rerun-stale", action="store_true",
                    help="rerun finished runs whose records were produced by other code (the old records are kept "
                         "as <key>.stale.json)")
@@ -201,6 +205,8 @@ def main(args) -> int:
 
     if args.quiet and args.verbose:
         raise SettingsError("--quiet and --verbose: choose one")
+    if args.fuse < 1:
+        raise SettingsError(f"--fuse {args.fuse}: must be at least 1 (1: no fusing)")
     sweep = sweep_from_args(args)
     chosen = EXECUTORS.get(sweep.executor)
     for name, plugin in EXECUTORS.items():  # another executor's flags are a mistake, reported before planning
@@ -213,13 +219,21 @@ def main(args) -> int:
     stale = sum(len(v) for v in plan.stale.stale.values()) if args.rerun_stale and plan.stale else 0
     print(f"peftbench: {len(plan.contexts)} method×task pairs, {len(plan.runs)} runs ({plan.stale.done - stale} done "
           f"already) under protocol {plan.protocol!r}; runs in {plan.sweep.runs_dir}", file=sys.stderr)
+    if args.fuse > 1:
+        from ..train.fused import plan_groups
+
+        groups = plan_groups(plan.runs, args.fuse)
+        fused = [g for g in groups if len(g) > 1]
+        print(f"peftbench: --fuse {args.fuse}: {sum(map(len, fused))} of the {len(plan.runs)} runs train in "
+              f"{len(fused)} fused group(s), {len(groups) - len(fused)} alone", file=sys.stderr)
     if args.dry_run:
         table = Path(args.bench_table) if args.bench_table else None
         print_plan(plan.runs, plan.contexts, table, plan.done)
         print_costs(plan.contexts, table, plan.done, fuse=getattr(args, "fuse", None))
         return 0
     result = run_sweep(plan, rerun_stale=args.rerun_stale, quiet=args.quiet, verbose=args.verbose,
-                       save_weights=args.save_weights, bench_table=args.bench_table, args=args, argv=list(sys.argv))
+                       save_weights=args.save_weights, fuse=args.fuse,
+                       bench_table=args.bench_table, args=args, argv=list(sys.argv))
     print()
     print_summary(result.rows)
     print(f"\nrun records: {result.runs_dir}")

@@ -9,6 +9,9 @@ SLURM jobs sharing the run store never train a run twice. Workers send their pro
 driver, which prints them as one view (``[w2 cuda:1] ...``) with its own ``[run i/N]`` lines. A worker that
 dies (killed, out of memory) is replaced; its run's lease is then dead, so the next worker takes the run
 over and resumes it from its checkpoint; a run whose worker died twice is recorded as failed.
+
+With ``--fuse K`` (``Env.fuse``) the unit of work is a fused group: up to K runs of a stage that differ only
+in lr / wd, trained as one model (:mod:`peftbench.train.fused`); in this process or in a worker alike.
 """
 from __future__ import annotations
 
@@ -32,11 +35,13 @@ MAX_WORKER_DEATHS = 2  # a run whose worker died this many times is recorded as 
 
 def _execute_group(specs: list[RunSpec], store: RunStore, env: "Env", *, wait: bool = False,
                    poll_s: float = 5.0) -> list[tuple[RunRecord | None, bool]]:
-    """Train a group of runs of one stage here (today a group is one run): ``(record, ran_here)`` per spec,
-    ``(None, False)`` for a run another live process holds (``wait=True``: wait for it). The one place where
-    the local executor and its workers execute runs."""
-    from ..train.engine import execute_claimed  # (torch is imported when runs start, not when the CLI parses)
+    """Train a group of runs of one stage here (one run, or a fused group: :func:`LocalExecutor.groups`):
+    ``(record, ran_here)`` per spec, ``(None, False)`` for a run another live process holds (``wait=True``,
+    a single run: wait for it). The one place where the local executor and its workers execute runs."""
+    from ..train.engine import execute_claimed, execute_group  # (torch is imported when runs start)
 
+    if len(specs) > 1:
+        return execute_group(specs, store, env)
     return [execute_claimed(spec, store, env, wait=wait, poll_s=poll_s) for spec in specs]
 
 
@@ -87,17 +92,45 @@ class LocalExecutor:
             return self._run_pool(specs, store)
         out: dict[int, RunRecord] = {}
         deferred: list[int] = []
-        for i, spec in enumerate(specs):
-            rec = self._one(spec, store, wait=False)
-            if rec is None:
-                deferred.append(i)
-            else:
-                out[i] = rec
+        for idx in self.groups(specs, list(range(len(specs)))):
+            recs = self._group([specs[i] for i in idx], store) if len(idx) > 1 else \
+                [self._one(specs[idx[0]], store, wait=False)]
+            for i, rec in zip(idx, recs):
+                if rec is None:
+                    deferred.append(i)
+                else:
+                    out[i] = rec
         for i in deferred:
             out[i] = self._one(specs[i], store, wait=True, counted=True)
         return [out[i] for i in range(len(specs))]
 
     # -- in this process -----------------------------------------------------------------------
+
+    def _group(self, group: list[RunSpec], store: RunStore) -> list[RunRecord | None]:
+        """A fused group, in this process."""
+        first = self.done + 1
+        todo = [s for s in group if not store.is_done(s)]
+        for s in group:
+            self.done += 1
+            if s not in todo:
+                self._progress(s, ran=False, seconds=0.0)
+                self.env.prefix = self._prefix()
+                self.env.log(f"{self.env.prefix} {s.label()}: done already, skipped", detail=True)
+        self.env.prefix = self._prefix().replace(f"[run {self.done}/", f"[runs {first}-{self.done}/", 1)
+        if len(todo) > 1:
+            self.env.log(f"{self.env.prefix} {len(todo)} runs of {todo[0].method} on {todo[0].task} fused (lr, wd: "
+                         + ", ".join(f"{s.hparams.get('lr')}/{s.hparams.get('wd')}" for s in todo) + ")")
+        t0 = time.time()
+        results = _execute_group(group, store, self.env)
+        dt = time.time() - t0
+        recs: list[RunRecord | None] = []
+        for spec, (rec, ran) in zip(group, results):
+            if spec in todo:
+                # the group's time is shared by the runs it trained (the progress view and the ETA)
+                recs.append(self._report(spec, rec, ran, dt / max(1, len(todo)), "fused, "))
+            else:
+                recs.append(rec)
+        return recs
 
     def _one(self, spec: RunSpec, store: RunStore, *, wait: bool, counted: bool = False) -> RunRecord | None:
         if not counted:
@@ -176,8 +209,13 @@ class LocalExecutor:
             self.env.log(*item)
 
     def groups(self, specs: list[RunSpec], indices: list[int]) -> list[list[int]]:
-        """The runs of a stage that a worker executes together (today: each run alone)."""
-        return [[i] for i in indices]
+        """The runs of a stage executed together: fused groups of up to ``env.fuse`` runs that differ only
+        in lr / wd (:func:`peftbench.train.fused.group_indices`), every other run alone."""
+        if self.env.fuse <= 1 or len(indices) < 2:
+            return [[i] for i in indices]
+        from ..train.fused import group_indices
+
+        return [[indices[j] for j in g] for g in group_indices([specs[i] for i in indices], self.env.fuse)]
 
     def _run_pool(self, specs: list[RunSpec], store: RunStore) -> list[RunRecord]:
         out: dict[int, RunRecord] = {}

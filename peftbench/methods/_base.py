@@ -116,6 +116,14 @@ class Method:
     # True when the features fed to the head do not depend on anything trained (linear probe,
     # MLP head): the engine may then compute them once and train the head on cached features.
     frozen_features: ClassVar[bool] = False
+    # True when K configurations of the method that differ only in lr and wd can train as one model
+    # (``peftbench run --fuse K``, peftbench.train.fused, docs/fused.md): the backbone stays frozen (in eval
+    # mode, without dropout), the trainable tensors and the train modules' buffers are the only things
+    # that differ between configurations, and the forward is a function of them that torch.func.vmap
+    # batches (no in-place write into a frozen tensor, no autograd.Function without vmap support, no
+    # sparse tensors). The engine still checks that the frozen tensors are equal and trains the runs one
+    # by one when the fused step fails; a test trains every fusable method fused and separately.
+    fusable: ClassVar[bool] = False
 
     def build(self, backbone: nn.Module, num_classes: int, opts: dict[str, Any]) -> TunedViT:
         raise NotImplementedError

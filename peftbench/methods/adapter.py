@@ -39,6 +39,7 @@ class AdapterVpt(Method):
     description = "adapter of the VPT tables: zero-init bottleneck D/r after every MLP (docs/methods/adapter.md)"
     recipe = FULL_FT_RECIPE.for_protocol("demo", lr=0.32)  # chosen on val200 (results/demo-hparam-search.csv)
     options = {"reduction": Option(8, "reduction factor r: bottleneck D/r (VPT tables: 8, 64, 256)", min=1)}
+    fusable = True
 
     def build(self, backbone, num_classes, opts):
         r = int(opts["reduction"])
@@ -53,6 +54,7 @@ class AdapterNoah(Method):
     name = "adapter-noah"
     description = "NOAH's adapter: bottleneck 8, QuickGELU, dropout 0.1, after every MLP (docs/methods/adapter.md)"
     recipe = NOAH_RECIPE
+    fusable = True
     options = {
         "bottleneck": Option(8, "bottleneck width d (NOAH: 8)", min=1),
         "dropout": Option(0.1, "dropout inside the adapter, after the activation (NOAH: 0.1)", min=0.0, max=1.0),

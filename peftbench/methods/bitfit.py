@@ -14,6 +14,7 @@ class BitFit(Method):
     aliases = ("bias", "tinytl-bias")
     description = "BitFit: every backbone bias (incl. LayerNorm) + head (docs/methods/bitfit.md)"
     recipe = FULL_FT_RECIPE.for_protocol("demo", lr=0.08)  # chosen on val200 (results/demo-hparam-search.csv)
+    fusable = True  # the frozen weights are shared, the biases stacked per configuration
 
     def build(self, backbone, num_classes, opts):
         model = TunedViT(backbone, num_classes)

@@ -13,6 +13,7 @@ class Linear(Method):
     description = "linear probe: frozen backbone, trained Linear head (docs/methods/linear.md)"
     recipe = LINEAR_RECIPE  # SGD, batch 1024, 100 epochs, warm-up 10, VPT lr x wd grid
     frozen_features = True
+    fusable = True
 
     def build(self, backbone, num_classes, opts):
         return TunedViT(backbone, num_classes)

@@ -52,6 +52,7 @@ class Mlp3(Method):
     # the linear probe's recipe; demo lr chosen on val200 (results/demo-hparam-search.csv)
     recipe = LINEAR_RECIPE.for_protocol("demo", lr=0.1)
     frozen_features = True
+    fusable = True
     options = {
         "hidden_layers": Option(2, "hidden Linear-ReLU-BatchNorm-Dropout layers before the last Linear (MLP-3: 2)", min=0),
         "dropout": Option(0.1, "dropout after each hidden layer (VPT code: 0.1)", min=0.0, max=1.0),

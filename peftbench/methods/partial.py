@@ -15,6 +15,7 @@ class Partial1(Method):
     description = "Partial-1: last block + final norm + head (docs/methods/partial.md)"
     recipe = FULL_FT_RECIPE.for_protocol("demo", lr=0.02)  # chosen on val200 (results/demo-hparam-search.csv)
     blocks = 1  # the VPT code also has partial-2 / partial-4 (last 2 / 4 blocks)
+    fusable = True  # the first blocks are shared, the last block stacked per configuration
 
     def build(self, backbone, num_classes, opts):
         model = TunedViT(backbone, num_classes)

@@ -56,6 +56,9 @@ class Tuner:
     aliases: tuple[str, ...] = ()
     min_peft: str = "0.15"  # first peft release that has the tuner (pyproject needs >= 0.15)
     demo_lr: float | None = None  # the demo protocol's base lr, when the shared one (LoRA's) does not suit
+    # Method.fusable (docs/fused.md): False when peft's layer does not run under torch.func.vmap
+    # (tests/test_fused.py trains every fusable row fused and separately)
+    fusable: bool = True
 
 
 def _targets(opts: dict[str, Any], key: str = "targets") -> list[str]:
@@ -112,7 +115,7 @@ TUNERS: dict[str, Tuner] = {
         lambda o: _peft().LoHaConfig(r=int(o["rank"]), alpha=_alpha(o), rank_dropout=float(o["dropout"]),
                                      target_modules=_targets(o)),
         "LoHa via peft: Hadamard product of two rank-r products on qkv",
-        _lycoris_options()),
+        _lycoris_options(), fusable=False),  # an autograd.Function without vmap support
     "lokr": Tuner(
         lambda o: _peft().LoKrConfig(r=int(o["rank"]), alpha=_alpha(o), rank_dropout=float(o["dropout"]),
                                      target_modules=_targets(o)),
@@ -140,7 +143,7 @@ TUNERS: dict[str, Tuner] = {
         {"n_frequency": Option(1000, "learned Fourier coefficients per layer", min=1),
          "scaling": Option(150.0, "scale of the inverse-DFT update"),
          "seed": Option(777, "seed of the random frequency locations"),
-         "targets": TARGETS}),
+         "targets": TARGETS}, fusable=False),  # index_put_ of the trained spectrum into a fresh tensor
     "boft": Tuner(
         lambda o: _peft().BOFTConfig(boft_block_size=int(o["block_size"]),
                                      boft_n_butterfly_factor=int(o["butterfly_factor"]),
@@ -156,7 +159,7 @@ TUNERS: dict[str, Tuner] = {
         "OFT via peft: block-diagonal orthogonal rotation of the input (8 blocks) on qkv",
         {"blocks": Option(8, "number of orthogonal blocks (must divide the input width)", min=1),
          "dropout": Option(0.0, "multiplicative block dropout (train mode only)", min=0.0, max=1.0),
-         "targets": TARGETS}),
+         "targets": TARGETS}, fusable=False),  # index_put_ of the trained blocks into a fresh tensor
     "hra": Tuner(
         lambda o: _peft().HRAConfig(r=int(o["rank"]), target_modules=_targets(o)),
         "HRA via peft: r Householder reflections of the weight, on qkv",
@@ -171,14 +174,16 @@ TUNERS: dict[str, Tuner] = {
          "dropout": Option(0.0, "dropout on the RandLoRA input", min=0.0, max=1.0),
          "prng_key": Option(0, "seed of the shared random bases"),
          "targets": TARGETS},
-        min_peft="0.16", demo_lr=0.013),  # LoRA's 0.04 does not learn (alpha/r = 20): demo-hparam-search.csv
+        # demo_lr: LoRA's 0.04 does not learn (alpha/r = 20): demo-hparam-search.csv; not fusable: an
+        # autograd.Function without vmap support
+        min_peft="0.16", demo_lr=0.013, fusable=False),
     "shira": Tuner(
         lambda o: _peft().ShiraConfig(r=int(o["rank"]), random_seed=int(o["seed"]), target_modules=_targets(o)),
         "SHiRA via peft: sparse high-rank update, r·(in+out) trained weights per layer (LoRA-r budget), on qkv",
         {"rank": Option(8, "budget: r·(in + out) trained entries per layer, as LoRA rank r", min=1),
          "seed": Option(0, "seed of the random sparse mask"),
          "targets": TARGETS},
-        min_peft="0.17"),
+        min_peft="0.17", fusable=False),  # sparse tensors (no vmap)
 }
 
 
@@ -317,6 +322,7 @@ def _register_all() -> list[type[PeftTunerMethod]]:
             "name": name, "tuner": name, "aliases": row.aliases, "description": row.description,
             "options": dict(row.options), "__module__": __name__, "__qualname__": cls_name,
             "recipe": NOAH_RECIPE if row.demo_lr is None else NOAH_RECIPE.for_protocol("demo", lr=row.demo_lr),
+            "fusable": row.fusable,
         })
         globals()[cls_name] = cls  # importable by name (pickling)
         register_method(cls)

@@ -18,6 +18,7 @@ FALLBACK_TOKENS = 10
 class _Vpt(Method):
     deep: bool = True
     recipe = PROMPT_RECIPE  # SGD, batch 64, 100 epochs, warm-up 10, lr x wd grid
+    fusable = True
 
     def resolve_options(self, opts, task):
         opts = dict(opts)

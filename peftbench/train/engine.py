@@ -1,5 +1,6 @@
 """One run → one record: :func:`execute` builds the method's model on the backbone, trains it (or runs
-the method's job), and writes the run's :class:`~peftbench.store.RunRecord`.
+the method's job), and writes the run's :class:`~peftbench.store.RunRecord`. :func:`execute_group` does
+it for a group of runs that train fused (``--fuse K``, :mod:`peftbench.train.fused`): one record each.
 
 A record that is final (ok, diverged) is returned as it is. Otherwise the run starts (or resumes from
 its checkpoint), a loss that is not finite is recorded as ``diverged`` and any exception as
@@ -8,6 +9,7 @@ executor's job information) are kept.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from typing import Callable
@@ -19,10 +21,12 @@ from ..store import RunRecord, RunSpec, RunStatus, RunStore
 from .build import build_model, load_trainable, normalizer_for, parameter_summary, save_trainable, seed_everything
 from .code import code_fingerprint
 from .env import Env
+from .fused import CannotFuse, plan_groups, train_fused
 from .loop import RunHooks, call_hooks, train
 
-__all__ = ["execute", "execute_claimed", "Env", "RunHooks", "build_model", "load_trainable", "save_trainable",
-           "parameter_summary", "normalizer_for", "seed_everything", "train"]
+__all__ = ["execute", "execute_claimed", "execute_group", "execute_fused", "plan_groups", "Env", "RunHooks",
+           "build_model", "load_trainable", "save_trainable", "parameter_summary", "normalizer_for", "seed_everything",
+           "train"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,45 +45,139 @@ def _apply(record: RunRecord, result: dict) -> None:
             record.extra[k] = v
 
 
+# fields of a record that describe how one attempt trained, not kept when the run is started again
+_PER_ATTEMPT = ("fused",)
+
+
+class _Attempt:
+    """One attempt at a run: its ``running`` record (wall time kept up to date per epoch) and its end."""
+
+    def __init__(self, spec: RunSpec, store: RunStore, env: Env, old: RunRecord | None):
+        self.spec, self.store, self.env = spec, store, env
+        extra = {k: v for k, v in (old.extra if old else {}).items() if k not in _PER_ATTEMPT}
+        self.record = RunRecord.for_spec(
+            spec, status=RunStatus.RUNNING, started_at=(old.started_at if old else None) or now(),
+            attempts=((old.attempts if old else None) or 0) + 1, provenance=provenance(env.device),
+            code=code_fingerprint(spec.method), extra=extra)
+        store.write(spec, self.record)
+        self.t0 = time.time()
+        self.before = float((old.wall_s if old else None) or 0.0)
+        call_hooks(env, "run_start", spec, {"attempt": self.record.attempts,
+                                            "resume_epoch": store.checkpoint_epoch(spec), "device": env.device})
+
+    def progress(self, entry: dict | None = None) -> None:  # a killed attempt's time still counts in wall_s
+        self.record.wall_s = round(self.before + time.time() - self.t0, 3)
+        self.store.write(self.spec, self.record)
+
+    def finish(self, result: dict | None = None, *, diverged: Diverged | None = None,
+               failed: str | None = None) -> RunRecord:
+        record = self.record
+        if diverged is not None:
+            record.status = RunStatus.DIVERGED
+            record.error = str(diverged)
+        elif failed is not None:
+            record.status = RunStatus.FAILED
+            record.error = failed
+        else:
+            _apply(record, result or {})
+            record.status = RunStatus((result or {}).get("status", "ok"))
+        record.ended_at = now()
+        record.wall_s = round(self.before + time.time() - self.t0, 3)
+        self.store.write(self.spec, record)
+        if record.status != RunStatus.RUNNING:
+            self.store.drop_checkpoint(self.spec)
+        call_hooks(self.env, "run_end", self.spec, record)
+        return record
+
+    def run(self, env: Env) -> RunRecord:
+        """Train the run (or run its job) alone and record how it ended."""
+        spec = self.spec
+        try:
+            if spec.job == "train":
+                result = train(spec, self.store, env, on_epoch=self.progress)
+            else:
+                result = get_method(spec.method).run_job(spec.job, spec, self.store, env)
+        except Diverged as exc:
+            return self.finish(diverged=exc)
+        except Exception:  # recorded, the sweep goes on
+            return self.finish(failed=traceback.format_exc(limit=20))
+        return self.finish(result)
+
+
 def execute(spec: RunSpec, store: RunStore, env: Env) -> RunRecord:
     """Run ``spec`` unless its record is final; return the record (also written to the store)."""
     old = store.load(spec)
     if old is not None and old.is_final:
         return old
-    record = RunRecord.for_spec(
-        spec, status=RunStatus.RUNNING, started_at=(old.started_at if old else None) or now(),
-        attempts=((old.attempts if old else None) or 0) + 1, provenance=provenance(env.device),
-        code=code_fingerprint(spec.method), extra=dict(old.extra) if old else {})
-    store.write(spec, record)
-    t0 = time.time()
-    before = float((old.wall_s if old else None) or 0.0)
-    call_hooks(env, "run_start", spec, {"attempt": record.attempts, "resume_epoch": store.checkpoint_epoch(spec),
-                                        "device": env.device})
+    return _Attempt(spec, store, env, old).run(env)
 
-    def progress(entry: dict) -> None:  # a killed attempt's time still counts in wall_s
-        record.wall_s = round(before + time.time() - t0, 3)
-        store.write(spec, record)
 
-    try:
-        if spec.job == "train":
-            result = train(spec, store, env, on_epoch=progress)
+def execute_fused(specs: list[RunSpec], store: RunStore, env: Env) -> list[RunRecord]:
+    """:func:`execute` for a fused group (:func:`peftbench.train.fused.plan_groups`): the runs that are not
+    final train as one model (:func:`peftbench.train.fused.train_fused`), each recorded as its own run;
+    when they cannot fuse (:class:`~peftbench.train.fused.CannotFuse`) each trains alone."""
+    out: dict[int, RunRecord] = {}
+    todo: list[int] = []
+    for i, spec in enumerate(specs):
+        old = store.load(spec)
+        if old is not None and old.is_final:
+            out[i] = old
         else:
-            result = get_method(spec.method).run_job(spec.job, spec, store, env)
-        _apply(record, result)
-        record.status = RunStatus(result.get("status", "ok"))
-    except Diverged as exc:
-        record.status = RunStatus.DIVERGED
-        record.error = str(exc)
-    except Exception:  # recorded, the sweep goes on
-        record.status = RunStatus.FAILED
-        record.error = traceback.format_exc(limit=20)
-    record.ended_at = now()
-    record.wall_s = round(before + time.time() - t0, 3)
-    store.write(spec, record)
-    if record.status != RunStatus.RUNNING:
-        store.drop_checkpoint(spec)
-    call_hooks(env, "run_end", spec, record)
-    return record
+            todo.append(i)
+    if len(todo) == 1:
+        out[todo[0]] = execute(specs[todo[0]], store, env)
+    elif todo:
+        attempts = {i: _Attempt(specs[i], store, env, store.load(specs[i])) for i in todo}
+        by_key = {specs[i].key: attempts[i] for i in todo}
+        group = [specs[i] for i in todo]
+        try:
+            results = train_fused(group, store, env, on_epoch=lambda spec, entry: by_key[spec.key].progress(entry))
+        except CannotFuse as exc:
+            env.log(f"{env.prefix} {len(group)} runs of {group[0].method} on {group[0].task} cannot train fused "
+                    f"({exc}); training them one by one")
+            for i in todo:
+                out[i] = attempts[i].run(env)
+        except Exception:  # the group failed: every run of it is recorded as failed, the sweep goes on
+            tb = traceback.format_exc(limit=20)
+            for i in todo:
+                out[i] = attempts[i].finish(failed=tb)
+        else:
+            for i, res in zip(todo, results):
+                out[i] = attempts[i].finish(diverged=res) if isinstance(res, Diverged) else attempts[i].finish(res)
+    return [out[i] for i in range(len(specs))]
+
+
+def execute_group(specs: list[RunSpec], store: RunStore, env: Env,
+                  on_claim: Callable[[RunSpec], None] | None = None) -> list[tuple[RunRecord | None, bool]]:
+    """:func:`execute_claimed` for a fused group: ``(record, ran_here)`` per run. Every run that is not
+    final and whose lease this process gets trains here (runs that resume from the same epoch fused
+    together, :func:`execute_fused`); a run another live process holds is ``(None, False)``, left to the
+    caller (wait for it, or come back later). ``on_claim(spec)`` runs once the run's lease is held."""
+    out: list[tuple[RunRecord | None, bool]] = [(None, False)] * len(specs)
+    with contextlib.ExitStack() as leases:
+        claimed: list[int] = []
+        for i, spec in enumerate(specs):
+            old = store.load(spec)
+            if old is not None and old.is_final:
+                out[i] = (old, False)
+                continue
+            lease = store.claim(spec)
+            if lease is None:
+                continue
+            leases.enter_context(lease)
+            if lease.took_over:
+                env.log(f"{env.prefix} {spec.label()}: taking over from a dead driver "
+                        f"(pid {lease.took_over.get('pid', '?')} on {lease.took_over.get('host', '?')})")
+            if on_claim is not None:
+                on_claim(spec)
+            claimed.append(i)
+        by_epoch: dict[int, list[int]] = {}  # runs fuse only with runs that resume from the same epoch
+        for i in claimed:
+            by_epoch.setdefault(store.checkpoint_epoch(specs[i]), []).append(i)
+        for idx in by_epoch.values():
+            for i, rec in zip(idx, execute_fused([specs[i] for i in idx], store, env)):
+                out[i] = (rec, True)
+    return out
 
 
 def execute_claimed(spec: RunSpec, store: RunStore, env: Env, *, wait: bool = False, poll_s: float = 5.0,

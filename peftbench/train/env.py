@@ -28,6 +28,8 @@ class Env:
     # where log lines go instead of stderr: anything with ``message(text, detail)`` (the sweep's
     # peftbench.sweep.progress.SweepProgress: a bar on a terminal, plain lines in a file)
     progress: Any = None
+    # --fuse K: executors train up to K runs that differ only in lr / wd as one model (peftbench.train.fused)
+    fuse: int = 1
     # called after every finished epoch with (spec, epoch); tests use it to interrupt a run
     epoch_callbacks: list[Callable[[RunSpec, int], None]] = field(default_factory=list)
     # called after every epoch with (spec, history entry): progress displays, experiment trackers

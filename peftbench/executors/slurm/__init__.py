@@ -51,7 +51,7 @@ class Slurm(ExecutorPlugin):
         s = _settings.from_config(settings)
         print(f"peftbench: SLURM: {s.describe()}", file=sys.stderr)
         return SlurmExecutor(s, runs_dir, quiet=env.quiet, total=total, tracking=env.tracking,
-                             save_weights=env.save_weights)
+                             save_weights=env.save_weights, fuse=env.fuse)
 
     def status(self, runs_dir, runs, query):
         from .status import status

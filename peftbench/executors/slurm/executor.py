@@ -45,6 +45,7 @@ import submitit
 from ..._io import atomic_write_text
 from ...errors import SettingsError
 from ...store import RunRecord, RunSpec, RunStatus, RunStore
+from ...train.fused import plan_groups
 from ._util import now
 from .job import RunJob
 from .queue import HELD_STATES, VANISHED, hopeless, is_active, pending_reasons, query_states
@@ -62,10 +63,11 @@ class SlurmExecutor:
 
     def __init__(self, settings: SlurmSettings, runs_dir: str | Path, *, quiet: bool = False,
                  total: int | None = None, log: Callable[[str], None] | None = None, argv: list[str] | None = None,
-                 tracking: dict | None = None, save_weights: str = "final"):
+                 tracking: dict | None = None, save_weights: str = "final", fuse: int = 1):
         self.s = settings
         self.save_weights = save_weights
         self.tracking = tracking  # the sweep's experiment trackers (peftbench.trackers), made again in each job
+        self.fuse = int(fuse)  # --fuse K: an array task trains fused groups of up to K runs
         self.root = Path(runs_dir).resolve()
         self.dir = self.root / STATE_DIR
         self.folder = Path(settings.folder).resolve() if settings.folder else self.dir / "logs"
@@ -240,13 +242,15 @@ class SlurmExecutor:
             del jobs[:-10]
 
     def _submit(self, specs: list[RunSpec], why: str) -> dict[str, str]:
-        """One job array for ``specs`` (packs of ``pack`` runs per task) → {key: job id}."""
+        """One job array for ``specs`` (packs of ``pack`` runs per task; with ``--fuse K``, of ``pack`` fused
+        groups of up to K runs) → {key: job id}."""
         ex = self._submitit()
-        packs = [specs[i:i + self.s.pack] for i in range(0, len(specs), self.s.pack)]
+        units = plan_groups(specs, self.fuse)  # one run each without --fuse
+        packs = [[s for unit in units[i:i + self.s.pack] for s in unit] for i in range(0, len(units), self.s.pack)]
         stages = sorted({s.stage for s in specs})
         ex.update_parameters(name=f"{self.s.job_name}-{stages[0] if len(stages) == 1 else 'mixed'}")
         calls = [RunJob([s.to_dict() for s in pack], str(self.root), self.s.device, self.quiet,
-                        tracking=self.tracking, save_weights=self.save_weights)
+                        tracking=self.tracking, save_weights=self.save_weights, fuse=self.fuse)
                  for pack in packs]
         try:
             jobs = ex.submit_array(calls) if len(calls) > 1 else [ex.submit(calls[0])]

@@ -12,7 +12,7 @@ import torch
 
 from ...store import RunRecord, RunSpec, RunStatus, RunStore
 from ...trackers import hooks_for
-from ...train.engine import Env, execute_claimed
+from ...train.engine import Env, execute_claimed, execute_group, plan_groups
 from ._util import now
 
 
@@ -57,7 +57,8 @@ def _execute(spec: RunSpec, store: RunStore, env: Env, on_claim=None) -> RunReco
 
 
 class RunJob(submitit.helpers.Checkpointable):
-    """One array task: run its specs one after the other on the job's device.
+    """One array task: run its specs one after the other on the job's device (``fuse`` > 1: the specs
+    that can train fused as groups of up to ``fuse``, peftbench.train.fused).
 
     Checkpointable: on preemption or time limit submitit calls :meth:`checkpoint`, which resubmits
     this callable (with the keys it already finished); the requeued job resumes each unfinished run
@@ -66,8 +67,9 @@ class RunJob(submitit.helpers.Checkpointable):
     """
 
     def __init__(self, specs: list[dict], runs_dir: str, device: str = "auto", quiet: bool = False,
-                 tracking: dict | None = None, save_weights: str = "final"):
+                 tracking: dict | None = None, save_weights: str = "final", fuse: int = 1):
         self.specs = [dict(s) for s in specs]
+        self.fuse = int(fuse)
         self.save_weights = save_weights
         self.tracking = tracking  # experiment trackers (peftbench.trackers.Tracking as plain data)
         self.runs_dir = str(runs_dir)
@@ -89,20 +91,34 @@ class RunJob(submitit.helpers.Checkpointable):
         store = RunStore(self.runs_dir)
         env.log(f"[{info['job_id']}] {len(self.specs)} run(s) on {info['node']} ({device}); "
                 f"restart {info['restart_count']}, start {self.starts} of this job")
-        for i, d in enumerate(self.specs):
-            spec = RunSpec.from_dict(d)
-            if spec.key in self.finished:
+        specs = [RunSpec.from_dict(d) for d in self.specs]
+        pos = {s.key: i for i, s in enumerate(specs)}
+        for group in plan_groups(specs, getattr(self, "fuse", 1)):
+            todo = []
+            for spec in group:
+                if spec.key in self.finished:
+                    continue
+                old = store.load(spec)
+                if old is not None and old.is_final:
+                    self.finished[spec.key] = str(old.status)
+                    continue
+                todo.append(spec)
+            if not todo:
                 continue
-            env.prefix = f"[{info['job_id']} {i + 1}/{len(self.specs)}]"
-            old = store.load(spec)
-            if old is not None and old.is_final:
-                self.finished[spec.key] = str(old.status)
-                continue
+            env.prefix = (f"[{info['job_id']} {pos[todo[0].key] + 1}/{len(specs)}]" if len(todo) == 1 else
+                          f"[{info['job_id']} {pos[todo[0].key] + 1}-{pos[todo[-1].key] + 1}/{len(specs)}]")
             t0 = time.time()
-            rec = _execute(spec, store, env,
-                           on_claim=lambda s=spec: mark_start(store, s, info, store.checkpoint_epoch(s), self.starts))
-            self.finished[spec.key] = str(rec.status)
-            env.log(f"{env.prefix} {spec.label()}: {rec.status} ({time.time() - t0:.1f}s)")
+            mark = lambda s: mark_start(store, s, info, store.checkpoint_epoch(s), self.starts)  # noqa: E731
+            if len(todo) > 1:
+                env.log(f"{env.prefix} {len(todo)} runs of {todo[0].method} on {todo[0].task} fused")
+                results = execute_group(todo, store, env, on_claim=mark)
+            else:
+                results = [(None, False)]
+            for spec, (rec, _) in zip(todo, results):
+                if rec is None:  # alone, or held by another process: wait for it, or take it over
+                    rec = _execute(spec, store, env, on_claim=lambda s=spec: mark(s))
+                self.finished[spec.key] = str(rec.status)
+                env.log(f"{env.prefix} {spec.label()}: {rec.status} ({time.time() - t0:.1f}s)")
         return dict(self.finished)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:

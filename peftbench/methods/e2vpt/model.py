@@ -167,6 +167,7 @@ class E2vpt(Method):
     description = "E^2VPT without pruning: deep visual prompts + key-value prompts, backbone frozen (docs/methods/e2vpt.md)"
     options = dict(E2VPT_OPTIONS)
     recipe = E2VPT_RECIPE  # SGD momentum 0.9, batch 64, 100 epochs, warm-up 10, lr x wd grid; FGVC batch 128
+    fusable = True  # e2vpt-prune inherits it: its search stage fuses; later stages differ in options
 
     def resolve_options(self, opts, task):
         return resolve_prompt_lengths(opts, task)
