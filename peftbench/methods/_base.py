@@ -116,6 +116,9 @@ class Method:
     # True when the features fed to the head do not depend on anything trained (linear probe,
     # MLP head): the engine may then compute them once and train the head on cached features.
     frozen_features: ClassVar[bool] = False
+    # options `peftbench bench` builds the method with unless --set gives them: for a method whose inference
+    # cost depends on what its pipeline selects (e2vpt-prune's pruning pattern), a typical selection
+    bench_options: ClassVar[dict[str, Any]] = {}
 
     def build(self, backbone: nn.Module, num_classes: int, opts: dict[str, Any]) -> TunedViT:
         raise NotImplementedError
