@@ -16,7 +16,7 @@ def timm_head(in_features: int, num_classes: int) -> nn.Linear:
 
 def drop_path_rates(depth: int, rate: float) -> list[float]:
     """timm's linear stochastic-depth rule: block i drops with probability rate · i / (depth − 1)."""
-    return [float(x) for x in torch.linspace(0, rate, depth)]
+    return [float(x) for x in torch.linspace(0, rate, depth, device="cpu")]  # (also under a meta-device build)
 
 
 def add_drop_path(backbone: nn.Module, rate: float) -> list[nn.Module]:
