@@ -372,6 +372,7 @@ def test_reference_csvs_reaverage_to_the_printed_means(name, tol):
             diff = abs(recomputed[col] - float(v))
             if (name, r["method"], col) in KNOWN_EXCEPTIONS:
                 assert diff > tol, f"{name} {r['method']} {col} is listed as an exception but agrees"
+                checked += 1
             else:
                 assert diff <= tol, f"{name} {r['method']} {col}: printed {v}, recomputed {recomputed[col]:.3f}"
                 checked += 1
