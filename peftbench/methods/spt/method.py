@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from peftbench._io import atomic_write
 from peftbench.backbones import image_size
 from peftbench.data.loader import batches, load_split
+from peftbench.data.transforms import augmenter
 from peftbench.errors import OptionError, PipelineError
 from peftbench.methods import Method, Option, Recipe, register_method
 from peftbench.sweep.protocols import select_best
@@ -193,7 +194,10 @@ class _Spt(Method):
         try:
             for p in names:
                 timm_params[p].requires_grad_(True)
-            for x, y, _ in batches(data.images, data.labels, order, bs, prepare=normalizer_for(spec, dev), device=dev):
+            # VTAB: no augmentation (the official --no_aug); a task that augments its training split (FGVC: stored
+            # larger, cropped while training) gets its training augmentation
+            for x, y, _ in batches(data.images, data.labels, order, bs, prepare=normalizer_for(spec, dev),
+                                   augment=augmenter(task, size), device=dev):
                 model.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(model(x).float(), y)
                 loss.backward()
