@@ -63,7 +63,11 @@ class VfptModel(PromptedViT):
         m = self.fourier_num_tokens
         if m == 0:
             return prompts
-        f = fourier_transform(prompts[:, :m], self.dims).to(prompts.dtype)
+        x = prompts[:, :m]
+        if x.dtype in (torch.float16, torch.bfloat16):  # FFTs of any length need fp32 (or fp64)
+            x = x.float()
+        with torch.autocast(x.device.type, enabled=False):
+            f = fourier_transform(x, self.dims).to(prompts.dtype)
         rest = prompts[:, m:]
         return torch.cat([f, rest] if self.location == "prepend" else [rest, f], dim=1)
 

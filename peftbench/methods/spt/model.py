@@ -135,7 +135,8 @@ class SptModel(TunedViT):
         unknown = [n for n in [*selection["vectors"], *selection["unstructured"]] if n not in self.tensors]
         unknown += [op for op in selection["structured"] if f"{op}.weight" not in self.tensors]
         if unknown:
-            raise ValueError(f"the selection names tensors this backbone does not have: {unknown[:5]}")
+            raise ValueError(f"the selection names tensors this backbone does not have: {unknown[:5]} (the released "
+                             f"selections are ViT-B/16's: --set selection=none on another backbone)")
         backbone.cls_token.requires_grad = True
         params = dict(backbone.named_parameters())
         modules = dict(backbone.named_modules())
