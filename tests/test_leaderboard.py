@@ -326,7 +326,8 @@ def test_reported_only_leaderboard_for_a_suite_without_runs(tmp_path):
     rows = read_csv(out / "fgvc-leaderboard.csv")
     (e2,) = [r for r in rows if r["config"] == "E^2VPT"]
     assert float(e2["overall_mean_of_tasks"]) == pytest.approx(89.22, abs=0.005)
-    assert e2["rank"] == "1"
+    higher = [r for r in rows if r["rank"] and float(r["overall_mean_of_tasks"]) > float(e2["overall_mean_of_tasks"])]
+    assert e2["rank"] == str(1 + len(higher))  # ranked by the mean (reported rows of later methods may lead)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,6 +340,8 @@ KNOWN_EXCEPTIONS = {
     ("vtab-top1.csv", "Adapter-8", "printed_overall_mean_of_tasks"),
     # NOAH prints LoRA "Average" 74.5; its per-task numbers give 74.60 (its group means 79.49/84.55/59.78).
     ("vtab-top1.csv", "LoRA (NOAH)", "printed_overall_mean_of_groups"),
+    # SNELL's copy of SPT-LoRA's FGVC row prints Mean 90.1; its five per-task numbers give 90.04.
+    ("fgvc-top1.csv", "SPT-LoRA", "printed_overall_mean_of_tasks"),
 }
 
 
@@ -369,6 +372,7 @@ def test_reference_csvs_reaverage_to_the_printed_means(name, tol):
             diff = abs(recomputed[col] - float(v))
             if (name, r["method"], col) in KNOWN_EXCEPTIONS:
                 assert diff > tol, f"{name} {r['method']} {col} is listed as an exception but agrees"
+                checked += 1
             else:
                 assert diff <= tol, f"{name} {r['method']} {col}: printed {v}, recomputed {recomputed[col]:.3f}"
                 checked += 1

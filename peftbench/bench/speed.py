@@ -110,8 +110,9 @@ def _flops(fn) -> int:
 
 def build(method_name: str, s: BenchSettings):
     method = get_method(method_name)
-    # the bench's --set values go to the methods that have the option (e.g. prompt_tokens)
-    opts = method.parse_options(parse_sets(list(s.sets), [method], strict=False)[method.name])
+    # the bench's --set values go to the methods that have the option (e.g. prompt_tokens), over the method's
+    # own bench options (a typical selection for methods whose cost depends on one: Method.bench_options)
+    opts = method.parse_options({**method.bench_options, **parse_sets(list(s.sets), [method], strict=False)[method.name]})
     opts, _ = method.resolve_options(opts, None)
     torch.manual_seed(0)
     model = method.build(create_backbone(s.backbone, pretrained=False), s.num_classes, opts)

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-DEFAULT_METHODS = "linear,full,vpt-shallow,vpt-deep,e2vpt,adapter,lora,bitfit"
+DEFAULT_METHODS = "linear,full,vpt-shallow,vpt-deep,e2vpt,e2vpt-prune,adapter,lora,bitfit"
 
 
 def register(sub) -> None:

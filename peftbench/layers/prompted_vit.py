@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from .prompt_folding import FoldedPromptViT, fold_deep_prompts, foldable
 from .tuned_vit import TunedViT
 
 
@@ -58,7 +59,33 @@ class PromptedViT(TunedViT):
         return None
 
     def transform_prompts(self, prompts: torch.Tensor) -> torch.Tensor:
+        """(B, P, D) prompts after dropout → what enters the block (subclasses: masks, Fourier transforms)."""
         return prompts
+
+    @torch.no_grad()
+    def eval_prompts(self, layer: int) -> torch.Tensor | None:
+        """(P, D): the prompts entering block ``layer`` in eval mode (no dropout, transform applied)."""
+        p = self.layer_prompts(layer)
+        return None if p is None else self.transform_prompts(p.detach().unsqueeze(0))[0]
+
+    def foldable(self) -> bool:
+        """Deep prompts before every block whose outputs nothing reads (CLS pooling): they fold into keys/values."""
+        depth = len(self.backbone.blocks)
+        return (self.num_prompts > 0 and (self.deep_prompt_embeddings is not None or depth == 1)
+                and foldable(self))
+
+    def folded(self, keep: list[int] | None = None) -> FoldedPromptViT:
+        """The eval-mode model with its prompts folded into fixed keys/values of every attention (rows in
+        ``keep`` stay tokens): docs/methods/vpt.md §10."""
+        rows = [self.eval_prompts(i) for i in range(len(self.backbone.blocks))]
+        return fold_deep_prompts(rows, self.backbone, self.head, keep)
+
+    def inference_variants(self) -> dict[str, nn.Module]:
+        """``folded``: every deep prompt token replaced by its fixed key/value pair (same logits, 197 tokens)."""
+        variants = super().inference_variants()
+        if self.foldable():
+            variants["folded"] = self.folded()
+        return variants
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         vit = self.backbone

@@ -124,6 +124,9 @@ class Method:
     # sparse tensors). The engine still checks that the frozen tensors are equal and trains the runs one
     # by one when the fused step fails; a test trains every fusable method fused and separately.
     fusable: ClassVar[bool] = False
+    # options `peftbench bench` builds the method with unless --set gives them: for a method whose inference
+    # cost depends on what its pipeline selects (e2vpt-prune's pruning pattern), a typical selection
+    bench_options: ClassVar[dict[str, Any]] = {}
 
     def build(self, backbone: nn.Module, num_classes: int, opts: dict[str, Any]) -> TunedViT:
         raise NotImplementedError

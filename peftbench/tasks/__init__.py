@@ -21,7 +21,7 @@ from ._base import (
                     register_task,
                     task_splits,
 )
-from ._per_task import per_task_value
+from ._per_task import data_file, per_task_value
 
 __all__ = ["Task", "Suite", "TASKS", "SUITES", "register_task", "register_suite", "get_task", "get_suite",
-           "default_data_root", "normalise_task_name", "parse_names", "task_splits", "per_task_value"]
+           "default_data_root", "normalise_task_name", "parse_names", "task_splits", "per_task_value", "data_file"]

@@ -23,6 +23,11 @@ def _table(filename: str) -> dict[str, dict[str, str]]:
     return rows
 
 
+def data_file(filename: str) -> Path:
+    """The path of a data file shipped in ``peftbench/tasks/data/`` (e.g. a JSON of released selections)."""
+    return DATA / filename
+
+
 def per_task_value(filename: str, column: str, task, fallback):
     """(value, source) of ``column`` for ``task`` in ``peftbench/tasks/data/<filename>``; ``fallback`` when the
     task is not listed (or ``task`` is None)."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from peftbench.layers.prompt_folding import attend_with_prefix
 
 KV_INITS = ("kaiming", "uniform", "trunc_normal")  # official ORIGIN_INIT 2 / 0 / 1
 
@@ -38,7 +39,8 @@ class KVPromptAttention(nn.Module):
     q, k, v come from its ``qkv`` projection (then ``q_norm`` / ``k_norm``), the prompts are prepended
     to K and V along the token axis (``LAYER_BEHIND=True``), attention is
     ``softmax(Q [P_k; K]^T / sqrt(head_dim)) [P_v; V]`` and the N outputs go through its ``norm``,
-    ``gate``, ``proj`` and ``proj_drop``. Parameter names contain ``prompt`` (``kv_prompt`` shared;
+    ``gate``, ``proj`` and ``proj_drop`` (:func:`peftbench.layers.prompt_folding.attend_with_prefix`, shared with
+    the folded inference models). Parameter names contain ``prompt`` (``kv_prompt`` shared;
     ``k_prompt`` / ``v_prompt`` separate).
     """
 
@@ -74,40 +76,8 @@ class KVPromptAttention(nn.Module):
         return self.k_prompt, self.v_prompt
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
-        a = self.attn
-        B, N, _ = x.shape
-        gate = a.gate(x).sigmoid() if getattr(a, "gate", None) is not None else None
-        qkv = a.qkv(x).reshape(B, N, 3, a.num_heads, a.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = a.q_norm(q), a.k_norm(k)
         prompts = self.prompts()
-        if prompts is not None:
-            if is_causal:
-                raise ValueError("key-value prompts and a causal mask do not go together")
-            pk, pv = prompts
-            k = torch.cat([pk.to(k.dtype).unsqueeze(0).expand(B, -1, -1, -1), k], dim=2)
-            v = torch.cat([pv.to(v.dtype).unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
-            if attn_mask is not None:  # every query may attend to the prompts
-                attn_mask = attn_mask.expand(*attn_mask.shape[:-1], N)
-                pad_shape = (*attn_mask.shape[:-1], self.kv_tokens)
-                pad = (torch.ones(pad_shape, dtype=torch.bool, device=attn_mask.device) if attn_mask.dtype == torch.bool
-                       else torch.zeros(pad_shape, dtype=attn_mask.dtype, device=attn_mask.device))
-                attn_mask = torch.cat([pad, attn_mask], dim=-1)
-        if getattr(a, "fused_attn", True):
-            x = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, dropout_p=a.attn_drop.p if a.training else 0.0, is_causal=is_causal)
-        else:  # timm's explicit path (its Attention.fused_attn = False): softmax(q k^T / sqrt(d)) v
-            attn = (q * a.scale) @ k.transpose(-2, -1)
-            if is_causal:
-                causal = torch.ones(N, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - N)
-                attn = attn.masked_fill(~causal, float("-inf"))
-            if attn_mask is not None:
-                attn = attn.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else attn + attn_mask
-            x = a.attn_drop(attn.softmax(dim=-1)) @ v
-        x = x.transpose(1, 2).reshape(B, N, a.num_heads * a.head_dim)
-        x = a.norm(x)
-        if gate is not None:
-            x = x * gate
-        x = a.proj(x)
-        x = a.proj_drop(x)
-        return x
+        pk, pv = prompts if prompts is not None else (None, None)
+        if prompts is not None and is_causal:
+            raise ValueError("key-value prompts and a causal mask do not go together")
+        return attend_with_prefix(self.attn, x, pk, pv, attn_mask=attn_mask, is_causal=is_causal)

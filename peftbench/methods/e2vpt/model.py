@@ -93,6 +93,18 @@ class E2vptPruneModel(E2vptModel):
     def transform_prompts(self, prompts: torch.Tensor) -> torch.Tensor:
         return prompts * self.prompt_mask().to(prompts.dtype)
 
+    def pruned_tokens(self) -> list[int]:
+        return sorted({int(k) for k in self.pattern["pruned_tokens"]}) if self.pattern is not None else []
+
+    def inference_variants(self) -> dict[str, nn.Module]:
+        """+ ``compacted`` (a fixed pruning pattern): the pruned prompt tokens removed from the sequence, the
+        kept ones with their pruned segments folded in (docs/methods/e2vpt.md §11)."""
+        variants = super().inference_variants()
+        if self.pattern is not None and self.foldable():
+            pruned = set(self.pruned_tokens())
+            variants["compacted"] = self.folded(keep=[k for k in range(self.num_prompts) if k not in pruned])
+        return variants
+
     def prompt_layers(self) -> int:
         if self.num_prompts == 0:
             return 0

@@ -127,6 +127,9 @@ class E2vptPrune(E2vpt):
     description = ("E^2VPT with token/segment prompt pruning + rewinding: search, retrain, importance, "
                    "rewind every candidate, final seeds (docs/methods/e2vpt.md §3.2)")
     options = dict(PRUNE_OPTIONS)
+    # `peftbench bench` measures a pruned model: half the tokens and half the segments of the rest (q = 50 % of
+    # both, the middle of the candidate grid, docs/methods/e2vpt.md §11); --set prune_tokens=... overrides it
+    bench_options = {"prune_tokens": 5, "prune_segments": 8}
 
     def resolve_options(self, opts, task):
         opts, sources = resolve_prompt_lengths(opts, task)
