@@ -122,3 +122,37 @@ def test_bad_worker_flags_are_refused_before_compute(data_root, tmp_path, capsys
                  "--backbone", TINY_BACKBONE, "--runs-dir", str(tmp_path / "runs"), *flags]) == 2
     assert needle in capsys.readouterr().err
     assert not list((tmp_path / "runs").rglob("*.json"))
+
+
+def test_workers_with_the_sweep_progress_view_and_trackers(data_root, tmp_path):
+    """What `peftbench run --workers N` hands its workers: an Env with the sweep's progress view (which stays
+    in the driver: it holds a stream) and its trackers (plain data: each worker makes its own hooks)."""
+    import glob
+    import io
+
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from peftbench.sweep.progress import SweepProgress
+    from peftbench.trackers import Tracking, check_tracking, hooks_for
+
+    runs = tmp_path / "runs"
+    ctx = contexts(data_root)
+    specs = count_runs(ctx)
+    stream = io.StringIO()
+    progress = SweepProgress(specs, stream=stream, mode="lines")
+    tracking = check_tracking(Tracking(["tensorboard"], "with-workers", str(runs)))
+    env = Env(progress=progress, tracking=tracking.to_dict(), hooks=hooks_for(tracking))
+    ex = LocalExecutor(env, total=len(specs), workers=2, initializer=setup_worker)
+    try:
+        drive(ctx, ex, RunStore(runs))
+    finally:
+        ex.close()
+    recs = records(runs)
+    assert len(recs) == 4 and all(r.status == "ok" for r in recs)
+    assert progress.done == 4 and stream.getvalue().count(": ok top1") == 4
+    for rec in recs:
+        (folder,) = glob.glob(str(runs / "tensorboard" / "with-workers" / "vpt-shallow" / rec.spec["task"] / f"*-{rec.key}"))
+        acc = EventAccumulator(folder)
+        acc.Reload()
+        assert len(acc.Scalars("train/loss")) == 3

@@ -191,9 +191,11 @@ class LocalExecutor:
             for w in range(self.workers):
                 slots.put((w + 1, self.devices[w % len(self.devices)]))
             # the env's plain settings (quiet, save_weights, checkpoint_every, ...): callbacks and caches stay here
+            # (and its trackers as plain data: each worker makes its own tracker hooks from them)
             settings = {f.name: getattr(self.env, f.name) for f in dataclasses.fields(self.env)
                         if f.name not in ("device", "prefix") and not f.name.startswith("_")
-                        and not isinstance(getattr(self.env, f.name), (list, dict))}
+                        and isinstance(getattr(self.env, f.name), (bool, int, float, str, type(None)))}
+            settings["tracking"] = getattr(self.env, "tracking", None)
             threads = max(1, cores() // self.workers)
             self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
                                                 initargs=(slots, self._events, settings, threads, self.initializer))
@@ -326,7 +328,10 @@ def _init_worker(slots, events, settings: dict, threads: int, initializer) -> No
                 events.put((msg, detail))
 
     tag = f"[w{number} {device}]"
+    from ..trackers import hooks_for
+
     env = WorkerEnv(device=device, prefix=tag, **settings)
+    env.hooks = hooks_for(env.tracking)  # the sweep's trackers, in this worker
     if initializer is not None:
         initializer(env)
     _WORKER.update(env=env, tag=tag)
