@@ -56,3 +56,12 @@ def make_data_root(root: Path) -> Path:
         if not (root / "testsuite" / name / "test.txt").exists():
             write_noah_task(root / "testsuite" / name, seed=1 if name == "toy" else 2)
     return root
+
+
+def tiny_backbone_2x32() -> str:
+    """A registered random ViT of 2 blocks, width 32, on 32-pixel images (patch 8): its name."""
+    name = "test-tiny-vit-2x32"
+    if name not in BACKBONES:
+        register_backbone(name, Preset("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=2,
+                                                                    num_heads=2), None, "random tiny ViT for tests"))
+    return name

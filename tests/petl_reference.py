@@ -81,3 +81,25 @@ def tiny_kwargs(vit) -> dict:
 
 def weights(module) -> dict:
     return {n: p.detach() for n, p in module.named_parameters()}
+
+
+def build(name, backbone, task=None, num_classes: int = 5, **opts):
+    """Method ``name`` built on ``backbone`` with ``opts`` (strings, as from --set), resolved for ``task``."""
+    from peftbench.methods import get_method
+
+    m = get_method(name)
+    o, _ = m.resolve_options(m.parse_options({k: str(v) for k, v in opts.items()}), task)
+    return m.build(backbone, num_classes, o)
+
+
+def randomise(model, std=0.2, seed=0):
+    """Perturb every trained tensor (zero-initialised ones become non-zero, scales stay near 1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+def inputs(seed=0):
+    return torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from petl_reference import gelu, linear, reference_features, tiny_kwargs, weights
+from petl_reference import build, gelu, inputs, linear, randomise, reference_features, tiny_kwargs, weights
 from timm.layers import DropPath
 
 from peftbench.cli.params import count
@@ -20,24 +20,6 @@ C = 5
 D, L, H = 768, 12, 3072  # ViT-B/16 width, depth, MLP width
 HEAD = (D + 1) * 100  # the head for C = 100
 
-
-def build(name, backbone, task=None, **opts):
-    m = get_method(name)
-    o, _ = m.resolve_options(m.parse_options({k: str(v) for k, v in opts.items()}), task)
-    return m.build(backbone, C, o)
-
-
-def randomise(model, std=0.2, seed=0):
-    """Perturb every trained tensor (zero-initialised ones become non-zero, scales stay near 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-
-
-def inputs(seed=0):
-    return torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
 def reference_logits(ref, model, x, hooks):

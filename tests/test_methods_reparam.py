@@ -11,7 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from petl_reference import linear, reference_features, tiny_kwargs, weights
+from petl_reference import build, inputs, linear, randomise, reference_features, tiny_kwargs, weights
 
 from peftbench.cli.params import count
 from peftbench.layers.merge import is_plain_timm
@@ -23,24 +23,6 @@ D, L, H = 768, 12, 3072  # ViT-B/16 width, depth, MLP width
 HEAD = (D + 1) * 100
 MERGEABLE = ["ssf", "fact-tt", "fact-tk", "repadapter", "difffit", "ln-tune"]
 
-
-def build(name, backbone, task=None, **opts):
-    m = get_method(name)
-    o, _ = m.resolve_options(m.parse_options({k: str(v) for k, v in opts.items()}), task)
-    return m.build(backbone, C, o)
-
-
-def randomise(model, std=0.2, seed=0):
-    """Perturb every trained tensor (zero-initialised ones become non-zero, scales stay near 1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
-
-
-def inputs(seed=0):
-    return torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
 
 
 def reference_logits(ref, model, x, hooks):

@@ -268,19 +268,16 @@ def test_dry_run_stages():
 
 
 def test_pipeline_end_to_end(tmp_path, demo_root):
+    from helpers import tiny_backbone_2x32
     from safetensors.torch import load_file
 
-    from peftbench.backbones import BACKBONES, Preset, register_backbone
     from peftbench.executors.local import LocalExecutor
     from peftbench.store import RunStore
     from peftbench.sweep.drive import drive
     from peftbench.sweep.plan import SweepSettings, plan
     from peftbench.train.engine import Env
 
-    name = "test-tiny-vit-2x32"
-    if name not in BACKBONES:
-        register_backbone(name, Preset("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=2,
-                                                                    num_heads=2), None, "random tiny ViT for tests"))
+    name = tiny_backbone_2x32()
     settings = SweepSettings(methods=["spt-lora"], suite="demo", tasks=["demo_digits"], backbone=name,
                              data_root=str(demo_root), sets=["low_rank_dim=2"],
                              overrides={"epochs": 1, "batch_size": 250, "lr_grid": (0.01, 0.001)})

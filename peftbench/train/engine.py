@@ -22,9 +22,9 @@ from .build import build_model, load_trainable, normalizer_for, parameter_summar
 from .code import code_fingerprint
 from .env import Env
 from .fused import CannotFuse, plan_groups, train_fused
-from .loop import RunHooks, call_hooks, train
+from .loop import RunHooks, call_hooks, job_inputs, train
 
-__all__ = ["execute", "execute_claimed", "execute_group", "execute_fused", "plan_groups", "Env", "RunHooks",
+__all__ = ["execute", "execute_claimed", "execute_group", "execute_fused", "plan_groups", "Env", "RunHooks", "job_inputs",
            "build_model", "load_trainable", "save_trainable", "parameter_summary", "normalizer_for", "seed_everything",
            "train"]
 

@@ -255,6 +255,19 @@ def state_info(spec: RunSpec, epoch: int, prog: Progress) -> dict:
     return info
 
 
+def job_inputs(spec: RunSpec, store: RunStore, env: Env):
+    """What a method's job (a pass over the training split before any training: E^2VPT's importance
+    scores, GPS's gradients, SPT's sensitivity) starts from: ``(device, task, model on the device, its
+    parameter summary, the training split, the image size)``."""
+    dev = torch.device(env.device)
+    task = get_task(spec.task)
+    model = build_model(spec, env, store)
+    params = parameter_summary(model)
+    model.to(dev)
+    size = image_size(model.backbone)
+    return dev, task, model, params, load_split(task, Path(spec.data_root), spec.train_split, size), size
+
+
 def run_data(spec: RunSpec, model: TunedViT, env: Env, precision: str = "fp32") -> RunData:
     """Load the run's splits for ``model`` (on the env's device); a head that trains on features nothing
     trained changes gets them computed once (:func:`uses_cached_features`)."""

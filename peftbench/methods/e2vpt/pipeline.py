@@ -49,19 +49,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
-
-import torch
 
 from peftbench._io import atomic_write_text
-from peftbench.backbones import image_size
-from peftbench.data.loader import batches, epoch_order, load_split
+from peftbench.data.loader import batches, epoch_order
 from peftbench.data.transforms import augmenter
 from peftbench.errors import PipelineError
 from peftbench.methods import Option, OptionError, register_method
 from peftbench.sweep.protocols import search_stage
-from peftbench.tasks import get_task
-from peftbench.train.engine import build_model, normalizer_for, parameter_summary
+from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import (
     E2VPT_OPTIONS,
@@ -250,14 +245,8 @@ class E2vptPrune(E2vpt):
     def run_job(self, job, spec, store, env):
         if job != "importance":
             return super().run_job(job, spec, store, env)
-        dev = torch.device(env.device)
-        task = get_task(spec.task)
-        model = build_model(spec, env, store)
-        params = parameter_summary(model)
-        model.to(dev)
+        dev, task, model, params, data, size = job_inputs(spec, store, env)
         model.eval()  # prompt dropout off
-        size = image_size(model.backbone)
-        data = load_split(task, Path(spec.data_root), spec.train_split, size)
         # the official pass reads the training loader (augmented for FGVC): epoch 0's order and augmentation
         n = len(data)
         order = epoch_order(spec.seed, 0, n)

@@ -17,18 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
-
-import torch
 
 from peftbench._io import atomic_write, atomic_write_text
-from peftbench.backbones import image_size
-from peftbench.data.loader import batches, epoch_order, load_split
+from peftbench.data.loader import batches, epoch_order
 from peftbench.errors import PipelineError
 from peftbench.methods import Method, Option, Recipe, register_method
 from peftbench.sweep.protocols import select_best
-from peftbench.tasks import get_task, per_task_value
-from peftbench.train.engine import build_model, normalizer_for, parameter_summary
+from peftbench.tasks import per_task_value
+from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import GpsModel, flat_index, top_k_per_row
 from .selection import accumulate_gradients, contrastive_augment
@@ -123,13 +119,7 @@ class Gps(Method):
             return super().run_job(job, spec, store, env)
         from safetensors.torch import save_file
 
-        dev = torch.device(env.device)
-        task = get_task(spec.task)
-        model = build_model(spec, env, store)
-        params = parameter_summary(model)
-        model.to(dev)
-        size = image_size(model.backbone)
-        data = load_split(task, Path(spec.data_root), spec.train_split, size)
+        dev, task, model, params, data, size = job_inputs(spec, store, env)
         n, bs = len(data), int(spec.hparams["batch_size"])
         order = epoch_order(spec.seed, 0, n)
         if n >= bs:

@@ -16,20 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from peftbench._io import atomic_write
-from peftbench.backbones import image_size
-from peftbench.data.loader import batches, load_split
+from peftbench.data.loader import batches
 from peftbench.data.transforms import augmenter
 from peftbench.errors import OptionError, PipelineError
 from peftbench.methods import Method, Option, Recipe, register_method
 from peftbench.sweep.protocols import select_best
-from peftbench.tasks import data_file, get_task
-from peftbench.train.engine import build_model, normalizer_for, parameter_summary
+from peftbench.tasks import data_file
+from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import STRUCTURED_INITS, SptModel, delta_layout
 from .sensitivity import OPS, TARGET_BUDGETS, spt_tensors, sweep, unstructured_indices
@@ -174,13 +172,7 @@ class _Spt(Method):
             return super().run_job(job, spec, store, env)
         from safetensors.torch import save_file
 
-        dev = torch.device(env.device)
-        task = get_task(spec.task)
-        model = build_model(spec, env, store)
-        params = parameter_summary(model)
-        model.to(dev)
-        size = image_size(model.backbone)
-        data = load_split(task, Path(spec.data_root), spec.train_split, size)
+        dev, task, model, params, data, size = job_inputs(spec, store, env)
         bs = int(spec.hparams["batch_size"])
         n = min(len(data), bs * int(spec.options["sensitivity_batches"]))
         order = torch.arange(n)  # the official SequentialSampler: file order, the first batches
