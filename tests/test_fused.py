@@ -336,6 +336,8 @@ def test_plan_groups_fuses_only_runs_that_differ_in_lr_and_wd(data_root):
 
 def test_cli_fuse(data_root, tmp_path, capsys):
     assert cli_main(["run", "--methods", "linear", "--fuse", "0", "--runs-dir", str(tmp_path)]) == 2
+    assert cli_main(["run", "--methods", "linear", "--fuse", "2", "--executor", "ray", "--runs-dir", str(tmp_path)]) == 2
+    assert "executor 'ray' trains runs one at a time" in capsys.readouterr().err
     code = cli_main(["run", "--methods", "vpt-deep,full", "--suite", "vtab", "--tasks", "dtd", "--dry-run",
                      "--fuse", "8", "--backbone", TINY_BACKBONE, "--runs-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err

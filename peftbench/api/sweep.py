@@ -265,6 +265,8 @@ def run_sweep(sweep: Sweep | Plan, *, dry_run: bool = False, rerun_stale: bool =
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.time()
     p = sweep if isinstance(sweep, Plan) else plan_sweep(sweep, check_data=not dry_run, args=args)
+    if fuse > 1 and not EXECUTORS.get(p.sweep.executor).fuses:
+        raise SettingsError(f"fuse {fuse}: executor {p.sweep.executor!r} trains runs one at a time")
     if dry_run:
         return p
     runs_dir = check_runs_dir(p.sweep.runs_dir)

@@ -213,6 +213,9 @@ def main(args) -> int:
         given = plugin.given_flags(args) if plugin is not chosen else []
         if given:
             raise SettingsError(f"{', '.join(given)} only apply with --executor {name}")
+    if args.fuse > 1 and not chosen.fuses:
+        raise SettingsError(f"--fuse {args.fuse}: executor {chosen.name!r} trains runs one at a time (fused groups: "
+                            f"{', '.join(n for n, e in EXECUTORS.items() if e.fuses)})")
     plan = plan_sweep(sweep, check_data=not args.dry_run, args=args)  # a dry run needs no data and no weights
     for line in plan.warnings():
         print(f"peftbench: warning: {line}", file=sys.stderr)

@@ -27,6 +27,8 @@ class ExecutorPlugin:
     description: ClassVar[str] = ""
     # the keys of a sweep file's [executor.<name>] table -> help (docs/sweep-files.md)
     settings_keys: ClassVar[dict[str, str]] = {}
+    # whether the executor trains fused groups of runs (``peftbench run --fuse K``, docs/fused.md)
+    fuses: ClassVar[bool] = False
 
     def configure(self, table: dict, args: argparse.Namespace | None, where: Callable[[str], str]) -> dict:
         """This executor's settings as plain data (TOML-writable: they go into the resolved sweep file):

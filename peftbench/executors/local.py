@@ -361,6 +361,7 @@ def _devices(text: str) -> list[str]:
 class Local(ExecutorPlugin):
     name = "local"
     description = "run here: one run after the other, or in parallel worker processes (--workers, --devices)"
+    fuses = True
 
     def add_arguments(self, parser):
         g = parser.add_argument_group("local executor")

@@ -29,6 +29,7 @@ def __getattr__(name: str):
 class Slurm(ExecutorPlugin):
     name = "slurm"
     description = "one submitit job array per stage (preemption, requeue, bounded retries, re-attach)"
+    fuses = True
 
     def add_arguments(self, parser):
         _settings.add_arguments(parser)
