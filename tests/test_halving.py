@@ -280,3 +280,21 @@ def test_e2vpt_prune_searches_its_stage_a_by_halving_and_marks_every_later_stage
     assert stages[:4] == ["search-rung1"] * 4 and stages[4:6] == ["search-rung2"] * 2
     assert "search" not in stages and {"before_pruning", "importance", "rewind", "final"} <= set(stages)
     assert all(s.search == "halving" for s in specs)
+
+
+def test_fused_halving_equals_halving_run_by_run(data_root, tmp_path):
+    """--search halving with --fuse: the configurations of each rung train as one model, continuing from
+    their own rung states; every record equals the one of the same halving trained run by run."""
+    _, alone = sweep(data_root, tmp_path / "alone", search=SURVIVE)
+    _, fused = sweep(data_root, tmp_path / "fused", search=SURVIVE, env=Env(quiet=True, save_weights="all", fuse=4))
+    a, f = by_stage(alone), by_stage(fused)
+    assert sorted(a) == sorted(f) == ["final", "search", "search-rung1", "search-rung2"]
+    for stage in ("search-rung1", "search-rung2", "search"):
+        for ra, rf in zip(a[stage], f[stage]):
+            assert ra.key == rf.key and rf.get("fused", {}).get("group_size") == 2
+            assert [e["epoch"] for e in ra.history] == [e["epoch"] for e in rf.history]
+            for ea, ef in zip(ra.history, rf.history):
+                assert ef["train_loss"] == pytest.approx(ea["train_loss"], rel=1e-5, abs=1e-6)
+            assert rf.top1 == pytest.approx(ra.top1, abs=1e-5)
+            assert rf.get("resumed_from") == ra.get("resumed_from")
+    assert a["final"][0].key == f["final"][0].key
