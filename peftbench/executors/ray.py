@@ -166,7 +166,8 @@ def mark_start(store: RunStore, spec: RunSpec, info: dict) -> None:
     store.write(spec, rec)
 
 
-def run_task(spec: dict, runs_dir: str, device: str, quiet: bool, tracking: dict | None) -> dict:
+def run_task(spec: dict, runs_dir: str, device: str, quiet: bool, tracking: dict | None,
+             save_weights: str = "final") -> dict:
     """One run, inside a Ray task (the function Ray runs; a module-level function, so workers import it)."""
     import ray
     import torch
@@ -184,7 +185,8 @@ def run_task(spec: dict, runs_dir: str, device: str, quiet: bool, tracking: dict
     task_id = ctx.get_task_id()
     info = {"task_id": task_id, "node_id": ctx.get_node_id(), "host": socket.gethostname(), "pid": os.getpid(),
             "gpus": gpus, "device": dev}
-    env = Env(device=dev, quiet=quiet, tracking=tracking, hooks=hooks_for(tracking), prefix=f"[ray {task_id[:10]}]")
+    env = Env(device=dev, quiet=quiet, tracking=tracking, hooks=hooks_for(tracking), prefix=f"[ray {task_id[:10]}]",
+              save_weights=save_weights)
     rec, ran = execute_claimed(s, store, env, wait=True, poll_s=5.0, on_claim=lambda: mark_start(store, s, info))
     return {"key": s.key, "status": str(rec.status), "ran": ran, "host": info["host"], "task_id": task_id}
 
@@ -207,8 +209,9 @@ class RayExecutor:
     protocol); see the module docstring."""
 
     def __init__(self, settings: RaySettings, runs_dir: str | Path, *, quiet: bool = False, total: int | None = None,
-                 tracking: dict | None = None, log=None):
+                 tracking: dict | None = None, log=None, save_weights: str = "final"):
         self.ray = ray = _import_ray()
+        self.save_weights = save_weights
         self.s = settings
         self.root = Path(runs_dir).resolve()
         self.quiet = quiet
@@ -304,7 +307,7 @@ class RayExecutor:
                 while queue and len(refs) < limit:
                     s = queue.pop(0)
                     ref = self._remote.options(name=f"peftbench:{s.label()}"[:200], **opts).remote(
-                        s.to_dict(), str(self.root), self.s.device, self.quiet, self.tracking)
+                        s.to_dict(), str(self.root), self.s.device, self.quiet, self.tracking, self.save_weights)
                     refs[ref] = s
                     t0[s.key] = time.time()
                     self.state["runs"][s.key] = {"method": s.method, "task": s.task, "stage": s.stage, "label": s.label(),
@@ -426,7 +429,8 @@ class Ray(ExecutorPlugin):
     def make(self, settings, *, env, runs_dir, total, args=None):
         s = RaySettings(**settings)
         print(f"peftbench: Ray: {s.describe()}", file=sys.stderr)
-        return RayExecutor(s, runs_dir, quiet=env.quiet, total=total, tracking=env.tracking)
+        return RayExecutor(s, runs_dir, quiet=env.quiet, total=total, tracking=env.tracking,
+                           save_weights=env.save_weights)
 
     def status(self, runs_dir, runs, query):
         return status(runs_dir, runs, query)
