@@ -32,7 +32,8 @@ import pytest
 
 pytestmark = pytest.mark.slurm
 
-EPOCHS = 4  # room for two interruptions, each after a checkpoint and before the last epoch
+EPOCHS = 8  # room for two interruptions, each after a checkpoint and before the last epoch (a loaded
+#            machine reaches the first interruption several epochs in)
 
 
 def _no_cluster_reason() -> str | None:
