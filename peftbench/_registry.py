@@ -213,6 +213,27 @@ class Registry(Generic[T]):
         return sorted(set(self.broken.values()) | set(self.conflicts.values()))
 
 
+def instance_registry(kind: str, base: type, *, builtin: str, group: str,
+                      article: str = "a") -> tuple[Registry, Callable[[type], type]]:
+    """A registry of one instance per ``base`` subclass (executors, trackers), and its class decorator.
+    An entry point of ``group`` may name a module (imported: its decorators register) or a subclass."""
+    def register_object(obj: object, provider: str) -> None:
+        if isinstance(obj, type) and issubclass(obj, base):
+            obj = obj()
+        if not isinstance(obj, base):
+            raise TypeError(f"a {group} entry point must name a module or {article} {base.__name__}, got {obj!r}")
+        registry.add(obj.name, obj, obj.aliases, provider)
+
+    registry: Registry = Registry(kind, builtin=builtin, group=group, register_object=register_object)
+
+    def register(cls: type) -> type:
+        """Class decorator: register one instance of the subclass ``cls`` under ``cls.name``."""
+        registry.add(cls.name, cls(), cls.aliases)
+        return cls
+
+    return registry, register
+
+
 def _provider_of(item: object) -> str:
     mod = getattr(item, "__module__", None) or getattr(type(item), "__module__", None)
     return f"module {mod}" if mod else "?"

@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
-from .._registry import Registry
+from .._registry import Registry, instance_registry
 from ..errors import SettingsError
 
 if TYPE_CHECKING:
@@ -66,19 +66,7 @@ class ExecutorPlugin:
         return {}
 
 
-def _register_object(obj: object, provider: str) -> None:
-    if isinstance(obj, type) and issubclass(obj, ExecutorPlugin):
-        obj = obj()
-    if not isinstance(obj, ExecutorPlugin):
-        raise TypeError(f"a peftbench.executors entry point must name a module or an ExecutorPlugin, got {obj!r}")
-    EXECUTORS.add(obj.name, obj, obj.aliases, provider)
-
-
-EXECUTORS: Registry[ExecutorPlugin] = Registry("executor", builtin="peftbench.executors", group="peftbench.executors",
-                                              register_object=_register_object)
-
-
-def register_executor(cls: type[ExecutorPlugin]) -> type[ExecutorPlugin]:
-    """Class decorator: register one instance of an :class:`ExecutorPlugin` subclass under ``cls.name``."""
-    EXECUTORS.add(cls.name, cls(), cls.aliases)
-    return cls
+EXECUTORS: Registry[ExecutorPlugin]
+EXECUTORS, register_executor = instance_registry("executor", ExecutorPlugin, builtin="peftbench.executors",
+                                                 group="peftbench.executors", article="an")
+register_executor.__doc__ = "Class decorator: register one instance of an :class:`ExecutorPlugin` subclass under ``cls.name``."

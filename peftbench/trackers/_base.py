@@ -19,7 +19,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
-from .._registry import Registry
+from .._registry import Registry, instance_registry
 from ..errors import SettingsError
 from ..store import RunRecord, RunSpec
 
@@ -94,22 +94,9 @@ class Tracking:
         return (self.options.get(tracker) or {}).get(key, default)
 
 
-def _register_object(obj: object, provider: str) -> None:
-    if isinstance(obj, type) and issubclass(obj, Tracker):
-        obj = obj()
-    if not isinstance(obj, Tracker):
-        raise TypeError(f"a peftbench.trackers entry point must name a module or a Tracker, got {obj!r}")
-    TRACKERS.add(obj.name, obj, obj.aliases, provider)
-
-
-TRACKERS: Registry[Tracker] = Registry("tracker", builtin="peftbench.trackers", group="peftbench.trackers",
-                                       register_object=_register_object)
-
-
-def register_tracker(cls: type[Tracker]) -> type[Tracker]:
-    """Class decorator: register one instance of a :class:`Tracker` subclass under ``cls.name``."""
-    TRACKERS.add(cls.name, cls(), cls.aliases)
-    return cls
+TRACKERS: Registry[Tracker]
+TRACKERS, register_tracker = instance_registry("tracker", Tracker, builtin="peftbench.trackers", group="peftbench.trackers")
+register_tracker.__doc__ = "Class decorator: register one instance of a :class:`Tracker` subclass under ``cls.name``."
 
 
 def check_tracking(tracking: Tracking) -> Tracking:
