@@ -63,7 +63,7 @@ fi
 # vpt-shallow, vpt-deep, e2vpt; pruned e2vpt)
 METHODS=linear,full,partial-1,mlp-3,bitfit,adapter,lora,vpt-shallow,vpt-deep,e2vpt,e2vpt-prune
 if [ "$SMALL" = 1 ]; then
-  BACKBONE=demo-vit-random; BATCH=4; WARMUP=1; STEPS=1; SETS=(--set prompt_tokens=4 --set kv_tokens=2)
+  BACKBONE=demo-vit-random; BATCH=4; WARMUP=1; STEPS=1; SETS=(--set prompt_tokens=4 --set kv_tokens=2 --set e2vpt-prune.prune_tokens=2)
   COMPILE_METHODS=linear,e2vpt; BIG_BACKBONE=vit_tiny_patch16_224; CHECK_BATCH=8; BIG_METHODS=e2vpt; BIG_EPOCHS=1
 else
   BACKBONE=vit_base_patch16_224; BATCH=64; WARMUP=3; STEPS=10; SETS=()
