@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import re
 from collections import Counter, defaultdict
 from importlib import resources
@@ -151,29 +150,10 @@ def _fusable(method: str) -> bool:
 
 
 def fusable_groups(specs, fuse: int) -> list[list]:
-    """The runs ``--fuse K`` trains together: the engine's grouping (``peftbench.train.fused.plan_groups``)
-    where peftbench has it, else up to K runs of one fusable method on one task that differ only in lr and wd
-    (the configurations of one search stage or rung: same seed, so the same data order, same epochs); every
-    other run alone."""
-    try:
-        from ..train.fused import plan_groups  # type: ignore[import-not-found]
-    except ImportError:
-        plan_groups = None
-    if plan_groups is not None:
-        return plan_groups(list(specs), fuse)
-    groups: dict[str, list] = {}
-    out: list[list] = []
-    for s in specs:
-        if s.job != "train" or not _fusable(s.method):
-            out.append([s])
-            continue
-        ident = {k: v for k, v in s.hparams.items() if k not in ("lr", "wd")}
-        key = json.dumps([s.method, s.task, s.stage, s.seed, s.train_split, s.eval_split, s.options, ident,
-                          trained_epochs(s), getattr(s, "extras", {})], sort_keys=True, default=str)
-        groups.setdefault(key, []).append(s)
-    for members in groups.values():
-        out += [members[i:i + fuse] for i in range(0, len(members), fuse)]
-    return out
+    """The runs ``--fuse K`` trains together: the engine's own grouping (``peftbench.train.fused.plan_groups``)."""
+    from ..train.fused import plan_groups
+
+    return plan_groups(list(specs), fuse)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -170,11 +170,12 @@ class LocalExecutor:
         progress = self.env.progress
         if not hasattr(progress, "run_finished"):
             return
-        if seconds is not None:  # from a worker: the view never saw it start; it shares the wall time
-            progress.run_started(spec)
-            progress.run_t0 = progress.clock() - seconds / self.workers
         if taken_back:  # deferred to the end: it is planned again then
+            if seconds is not None:  # the view never saw it start
+                progress.run_started(spec)
             progress.run_deferred(spec)
+        elif seconds is not None:  # from a worker or a fused group: the workers share the wall time
+            progress.run_finished_elsewhere(spec, seconds / self.workers, ran=ran)
         else:
             progress.run_finished(spec, ran=ran)
 

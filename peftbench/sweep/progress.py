@@ -250,6 +250,13 @@ class SweepProgress:
             self.bar.update(1)
         self._refresh()
 
+    def run_finished_elsewhere(self, spec: RunSpec, seconds: float, ran: bool = True) -> None:
+        """A run that ended in another process (a worker, a fused group) in ``seconds`` of wall time this
+        sweep spent on it; the view never saw it start."""
+        self.run_started(spec)
+        self.run_t0 = self.clock() - seconds
+        self.run_finished(spec, ran)
+
     def run_deferred(self, spec: RunSpec) -> None:
         """The run was left to another driver for now: back among the runs left."""
         self.eta.put_back(spec)
