@@ -4,6 +4,9 @@ the state file and ``peftbench status``. The real cluster is tests/test_slurm_in
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import cloudpickle
@@ -106,10 +109,35 @@ def test_run_job_is_checkpointable_and_pickles(tmp_path, data_root):
     job = RunJob([spec(data_root).to_dict()], str(tmp_path), "auto")
     job.finished["x"] = "ok"
     assert isinstance(job, submitit.helpers.Checkpointable)
-    delayed = job.checkpoint()
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        delayed = job.checkpoint()
+    finally:
+        signal.signal(signal.SIGTERM, before)  # checkpoint() ignores SIGTERM from then on (next test)
     assert delayed.function is job  # resubmits itself
     back = cloudpickle.loads(cloudpickle.dumps(delayed))
     assert back.function.finished == {"x": "ok"} and back.function.specs == job.specs
+
+
+def test_requeue_command_survives_the_jobs_sigterm(tmp_path):
+    """After checkpoint(), submitit runs ``scontrol requeue``; SLURM's SIGTERM to the job's processes
+    (the preemption's, or the requeue's own) must not kill that child (CI saw ``Command ['scontrol',
+    'requeue', ...] died with SIGTERM``). Here, in a fresh interpreter with submitit's SIGTERM handler
+    installed: a child started after checkpoint() outlives a SIGTERM sent to it; one started before
+    dies of it."""
+    script = f"""
+import signal, subprocess, sys
+from peftbench.executors.slurm import RunJob
+signal.signal(signal.SIGTERM, lambda *a: None)  # submitit's bypass handler (not inherited by children)
+child = "kill -TERM $$; echo alive"
+before = subprocess.run(["sh", "-c", child], capture_output=True, text=True)
+RunJob([], {str(tmp_path)!r}, "cpu").checkpoint()
+after = subprocess.run(["sh", "-c", child], capture_output=True, text=True)
+print(before.returncode, after.returncode, after.stdout.strip())
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(-signal.SIGTERM), "0", "alive"], r.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
 import time
 from typing import Any
 
@@ -122,6 +124,14 @@ class RunJob(submitit.helpers.Checkpointable):
         return dict(self.finished)
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        # submitit calls this from its USR2 handler, then runs ``scontrol requeue`` and exits. SLURM's
+        # SIGTERM (the preemption's own, or the one the requeue itself sends to the job's processes)
+        # can reach that scontrol child while it runs: with the default disposition it dies and the
+        # requeue is reported failed (the run would then fail instead of resuming). An ignored signal
+        # stays ignored across fork and exec, so from here on this process and its children ignore
+        # SIGTERM (submitit's own handler only logged it; the process exits right after the requeue).
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print(f"[{job_info()['job_id']}] checkpoint: requeueing; unfinished runs resume from their last "
               f"epoch checkpoint ({len(self.finished)}/{len(self.specs)} done in this job)", file=sys.stderr, flush=True)
         return submitit.helpers.DelayedSubmission(self, *args, **kwargs)
