@@ -205,6 +205,32 @@ def test_only_selected_tensors_get_gradients():
     assert c["tuned"] - c["trainable"] == 5 == c["untrained_norm_entries"]
 
 
+@pytest.mark.parametrize("kind", ["lora", "adapter"])
+def test_selection_artifact_keys_name_the_models_buffers(kind, tmp_path):
+    """The sensitivity stage names the entry indices before the model exists (index_buffer_key); a Linear that
+    also gets structured modules (block 0's qkv: q and v structured, deltas on its bias) is wrapped, its
+    deltas under ``.base``. The demo suite's final runs failed on exactly this ("do not exist in the model")."""
+    from safetensors.torch import save_file
+
+    from peftbench.methods.spt.model import index_buffer_key
+    from peftbench.train.build import load_trainable
+
+    sel = _selection()
+    m = _model(kind, selection=sel)
+    names = m.index_buffer_names()
+    assert "blocks.0.attn.qkv.bias" in names and ".base." in names["blocks.0.attn.qkv.bias"]  # the wrapped case
+    assert {p: index_buffer_key(p, sel) for p in m.deltas} == names
+    assert set(names.values()) <= set(m.state_dict())
+    g = torch.Generator().manual_seed(3)
+    state = {key: torch.randperm(m.deltas[p].numel, generator=g)[:m.deltas[p].index.numel()].sort().values
+             for p, key in names.items()}
+    save_file(state, str(tmp_path / "sel.safetensors"))
+    fresh = SptModel(_backbone(), 5, kind, sel, rank=4)
+    load_trainable(fresh, tmp_path / "sel.safetensors")
+    for p, key in names.items():
+        assert torch.equal(fresh.deltas[p].index, state[key])
+
+
 def test_merged_spt_lora_is_a_plain_vit_with_the_same_logits():
     m = _model("lora").eval()
     merged = m.inference_variants()["merged"]

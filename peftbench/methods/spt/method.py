@@ -29,7 +29,7 @@ from peftbench.sweep.protocols import select_best
 from peftbench.tasks import data_file
 from peftbench.train.engine import job_inputs, normalizer_for
 
-from .model import STRUCTURED_INITS, SptModel, delta_layout
+from .model import STRUCTURED_INITS, SptModel, delta_layout, index_buffer_key
 from .sensitivity import OPS, TARGET_BUDGETS, spt_tensors, sweep, unstructured_indices
 
 SEARCH_BUDGETS = (0.2, 0.4, 0.6, 0.8)
@@ -73,6 +73,7 @@ def _selection(value, kind: str) -> dict | None:
 
 class _Spt(Method):
     kind = "lora"
+    version = 2  # 2: selection artifacts name a wrapped Linear's deltas under ``.base`` (version 1's failed to load)
     recipe = SPT_RECIPE
     bench_options = {"selection": "released:cifar100@0.4"}  # a real selection's shape (docs/methods/spt.md §7)
     options = {
@@ -215,8 +216,7 @@ class _Spt(Method):
             state = {}
             for pname, plist in delta_layout(by_name, structure, timm_params).items():
                 idx = [t.offset + (torch.arange(k) if full else entries[t.name]) for t, k, full in plist]
-                mname, tname = pname.rsplit(".", 1)
-                state[f"backbone.{mname}.parametrizations.{tname}.0.index"] = torch.cat(idx).long().contiguous()
+                state[index_buffer_key(pname, structure)] = torch.cat(idx).long().contiguous()
             name = f"selection-{budget}.safetensors"
             atomic_write(store.artifact_path(spec, name), lambda tmp, st=state: save_file(st, str(tmp)))
             selections[str(budget)] = structure

@@ -114,6 +114,23 @@ def delta_layout(tensors: dict[str, SptTensor], selection: dict, params: dict[st
     return parts
 
 
+def structured_linear(op: str) -> str:
+    """The timm Linear a structured op acts on (q, k and v: the fused ``attn.qkv``)."""
+    block, name = op.split(".", 2)[1], op.split(".", 2)[2]
+    return f"blocks.{block}.attn.qkv" if name in QKV else op
+
+
+def index_buffer_key(pname: str, selection: dict) -> str:
+    """The state-dict key of the entry indices of timm parameter ``pname``'s sparse delta in the
+    :class:`SptModel` built from ``selection``: a Linear that also gets structured modules is wrapped
+    (:class:`SptLinear`), so its parametrization lives under ``.base``. The sensitivity stage names its
+    artifact's tensors with this, before any such model exists."""
+    mname, tname = pname.rsplit(".", 1)
+    if mname in {structured_linear(op) for op in selection["structured"]}:
+        mname += ".base"
+    return f"backbone.{mname}.parametrizations.{tname}.0.index"
+
+
 def _routes(kind: str, op: str) -> tuple[str, bool]:
     """(source, dropout) of the structured module on ``op`` (docs/methods/spt.md §3)."""
     if kind == "lora":
@@ -157,8 +174,8 @@ class SptModel(TunedViT):
         groups: dict[str, dict[str, tuple]] = {}
         for op in selection["structured"]:
             t = self.tensors[f"{op}.weight"]
-            block, name = op.split(".", 2)[:2], op.split(".", 2)[2]
-            linear = f"blocks.{block[1]}.attn.qkv" if name in QKV else op
+            name = op.split(".", 2)[2]
+            linear = structured_linear(op)
             out_dim, in_dim = t.shape
             src, drop = _routes(kind, name)
             width = (in_dim, out_dim) if src == "input" else (out_dim, out_dim)
@@ -175,11 +192,9 @@ class SptModel(TunedViT):
         self.train_modules.extend(add_drop_path(backbone, float(drop_path)))
 
     def index_buffer_names(self) -> dict[str, str]:
-        out = {}
-        for pname in self.deltas:
-            mname, tname = pname.rsplit(".", 1)
-            out[pname] = f"backbone.{mname}.parametrizations.{tname}.0.index"
-        return out
+        """timm parameter → the state-dict key of its delta's entry indices (where the module really is)."""
+        where = {id(m.index): name for name, m in self.named_modules() if isinstance(m, SparseDelta)}
+        return {pname: f"{where[id(d.index)]}.index" for pname, d in self.deltas.items()}
 
     # -- counts ------------------------------------------------------------------------------
     def parameter_counts(self) -> dict[str, int]:
