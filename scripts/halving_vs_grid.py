@@ -2,7 +2,7 @@
 configuration, how far apart are the two on val200 and on test when not, and how many image-steps it saves.
 
     nice -n 10 python scripts/halving_vs_grid.py --runs-dir runs-halving
-        [--methods linear,vpt-shallow,...] [--tasks demo_digits,...] [--factors 3,2] [--workers N]
+        [--methods linear,vpt-shallow,...] [--tasks demo_digits,...] [--factors 3,2] [--workers N] [--fuse K]
 
 Per method, the grid is a small documented one around the method's demo-protocol lr (the demo protocol has
 one lr per method): lr = demo lr x (0.25, 0.5, 1, 2), wd = (0.0001, 0) (the last two wd values of the VPT grid),
@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", help="comma-separated demo tasks (default: all)")
     p.add_argument("--factors", default="3,2", help="halving reduction factors to compare (rungs 0.1,0.33,1)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--fuse", type=int, default=1, help="train up to K runs of a stage fused (fusable methods; the "
+                   "results equal separate runs', docs/fused.md: only the time it takes changes)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", default=str(OUT))
     args = p.parse_args(argv)
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
     tasks = args.tasks.split(",") if args.tasks else None
     factors = [float(f) for f in args.factors.split(",") if f]
     store = RunStore(args.runs_dir)
-    env = Env(quiet=True, checkpoint_every=0)  # runs are short: resumable per run, not per epoch
+    env = Env(quiet=True, checkpoint_every=0, fuse=args.fuse)  # runs are short: resumable per run, not per epoch
     executor = LocalExecutor(env, workers=args.workers)
     rows = []
     t0 = time.time()
