@@ -44,7 +44,8 @@ class TimedExecutor:
         self.inner.close()
 
 
-def one_sweep(method: str, task: str, lrs: tuple[float, ...], epochs: int | None, fuse: int, runs: Path):
+def one_sweep(method: str, task: str, lrs: tuple[float, ...], epochs: int | None, fuse: int, runs: Path,
+              device: str = "cpu"):
     from peftbench.executors.local import LocalExecutor
     from peftbench.store import RunStore
     from peftbench.sweep.drive import count_runs, drive
@@ -53,7 +54,7 @@ def one_sweep(method: str, task: str, lrs: tuple[float, ...], epochs: int | None
 
     overrides = {"lr_grid": lrs, **({"epochs": epochs} if epochs else {})}
     contexts = plan(SweepSettings(methods=[method], suite="demo", tasks=[task], overrides=overrides, verify_data=False))
-    env = Env(device="cpu", quiet=True, save_weights="none", fuse=fuse)
+    env = Env(device=device, quiet=True, save_weights="none", fuse=fuse)
     ex = TimedExecutor(LocalExecutor(env, len(count_runs(contexts))))
     store = RunStore(runs)
     drive(contexts, ex, store)
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=None, help="override the demo protocol's epochs")
     ap.add_argument("--fuse", type=int, default=None, help="K (default: the grid's size)")
     ap.add_argument("--out", default="results/fused-vs-sequential.csv")
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
     from peftbench.methods import get_method
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
                 got = {}
                 for way in order:
                     runs = tmp / f"{name}-{task}-{way}"
-                    got[way] = one_sweep(name, task, lrs, args.epochs, k if way == "fused" else 1, runs)
+                    got[way] = one_sweep(name, task, lrs, args.epochs, k if way == "fused" else 1, runs, args.device)
                     shutil.rmtree(runs, ignore_errors=True)
                 (s_st, s_recs), (f_st, f_recs) = got["sequential"], got["fused"]
                 worst, tops, same = compare(s_recs, f_recs)

@@ -10,6 +10,8 @@
 #   bench    peftbench bench for the methods of the E^2VPT paper's table, fp32 and bf16, eager
 #   compile  the same methods under torch.compile (bf16 and fp32): rows appended to the same table
 #   checks   scripts/gpu_checks.py: bf16 vs fp32 logits of e2vpt and vpt-deep, fused SDPA vs explicit attention
+#   fused    --fuse on the device: scripts/fused_step.py (one step of 4 configurations, separate vs fused) and
+#            scripts/fused_vs_sequential.py (the demo lr grids trained both ways; --small: 2 methods, 1 epoch)
 #   sweep    the demo suite end to end on the device (run store + leaderboard), then one demo task at
 #            224 px on ViT-B/16 (random weights from a local --checkpoint file: no hub) for 2 epochs
 #            (--small: ViT-Ti/16, e2vpt only, 1 epoch)
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/.."
 
 DEVICE=cuda
 SMALL=0
-PARTS=install,bench,compile,checks,sweep
+PARTS=install,bench,compile,checks,fused,sweep
 OUT=results
 RUNS=""
 while [ $# -gt 0 ]; do
@@ -65,9 +67,11 @@ METHODS=linear,full,partial-1,mlp-3,bitfit,adapter,lora,vpt-shallow,vpt-deep,e2v
 if [ "$SMALL" = 1 ]; then
   BACKBONE=demo-vit-random; BATCH=4; WARMUP=1; STEPS=1; SETS=(--set prompt_tokens=4 --set kv_tokens=2 --set e2vpt-prune.prune_tokens=2)
   COMPILE_METHODS=linear,e2vpt; BIG_BACKBONE=vit_tiny_patch16_224; CHECK_BATCH=8; BIG_METHODS=e2vpt; BIG_EPOCHS=1
+  FUSE=2; FUSED_EXTRA=(--methods linear,vpt-deep --epochs 1); STEP_EXTRA=(--batch-size 8 --steps 2)
 else
   BACKBONE=vit_base_patch16_224; BATCH=64; WARMUP=3; STEPS=10; SETS=()
   COMPILE_METHODS=$METHODS; BIG_BACKBONE=vit_base_patch16_224; CHECK_BATCH=32; BIG_METHODS=e2vpt,vpt-deep; BIG_EPOCHS=2
+  FUSE=4,8; FUSED_EXTRA=(); STEP_EXTRA=()
 fi
 mkdir -p "$OUT"
 BENCH_OUT=$(mktemp -d)
@@ -76,7 +80,7 @@ TABLE_OF() { ls "$1"/bench-*-"$BACKBONE".csv; }
 if has bench; then
   stamp "bench (eager, fp32 + bf16) on $BACKBONE, batch $BATCH"
   "$PY" -m peftbench bench --device "$DEVICE" --backbone "$BACKBONE" --batch-size "$BATCH" --methods "$METHODS" \
-    --precision fp32,bf16 --warmup "$WARMUP" --steps "$STEPS" "${SETS[@]}" --out "$BENCH_OUT/eager"
+    --precision fp32,bf16 --warmup "$WARMUP" --steps "$STEPS" "${SETS[@]}" --fuse "$FUSE" --out "$BENCH_OUT/eager"
   cp "$(TABLE_OF "$BENCH_OUT/eager")" "$OUT/"
   cp "$BENCH_OUT"/eager/*-linear-probe.json "$OUT/" 2>/dev/null || true
 fi
@@ -98,6 +102,13 @@ if has checks; then
   stamp "numerical checks (bf16 vs fp32, fused SDPA vs explicit attention)"
   "$PY" scripts/gpu_checks.py --device "$DEVICE" --backbone "$BACKBONE" --batch-size "$CHECK_BATCH" "${SETS[@]}" \
     --out "$OUT/gpu-check-$DEVICE.json"
+fi
+
+if has fused; then
+  stamp "fused configurations on $DEVICE: one step, then the demo lr grids separate vs --fuse 4"
+  "$PY" scripts/fused_step.py --device "$DEVICE" --methods vpt-deep,lora,e2vpt "${STEP_EXTRA[@]}" | tee "$OUT/fused-step-$DEVICE.md"
+  "$PY" scripts/fused_vs_sequential.py --device "$DEVICE" --tasks demo_digits "${FUSED_EXTRA[@]}" \
+    --out "$OUT/fused-vs-sequential-$DEVICE.csv"
 fi
 
 if has sweep; then

@@ -65,3 +65,18 @@ def tiny_backbone_2x32() -> str:
         register_backbone(name, Preset("vit_tiny_patch16_224", dict(img_size=32, patch_size=8, embed_dim=32, depth=2,
                                                                     num_heads=2), None, "random tiny ViT for tests"))
     return name
+
+
+def plan_contexts(method: str, task: str, protocol: str = "vpt", sets=()) -> list:
+    """The planning context of one method x task under a protocol (no data, no store): what a pipeline
+    test dry-runs through ``peftbench.sweep.drive.count_runs``. ``sets``: ``OPTION=VALUE`` strings."""
+    from peftbench.methods import get_method
+    from peftbench.sweep.protocols import PlanContext, get_protocol
+    from peftbench.tasks import get_suite, get_task
+
+    m, t, proto = get_method(method), get_task(task), get_protocol(protocol)
+    opts, sources = m.resolve_options(m.parse_options(dict(s.split("=", 1) for s in sets)), t)
+    return [proto.adapt(PlanContext(method=m, task=t, suite=get_suite(t.suite), protocol=proto, options=opts,
+                                    option_sources=sources, config=method, seeds=proto.default_seeds,
+                                    backbone="demo-vit", checkpoint=None, checkpoint_id=None, data_root="/nonexistent",
+                                    fingerprint=None))]

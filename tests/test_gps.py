@@ -10,10 +10,10 @@ from collections import Counter
 import pytest
 import timm
 import torch
+from helpers import plan_contexts
 
 from peftbench.cli.params import count
 from peftbench.layers.merge import is_plain_timm
-from peftbench.methods import get_method
 from peftbench.methods.gps.model import GpsModel, flat_index, parameter_role, top_k_per_row
 from peftbench.methods.gps.selection import accumulate_gradients, supcon_loss
 from peftbench.train.optim import build_optimizer
@@ -176,17 +176,7 @@ def test_vit_b16_counts(K, weights):
 
 
 def _contexts(task, protocol="vpt", method="gps"):
-    from peftbench.sweep.protocols import PlanContext, get_protocol
-    from peftbench.tasks import get_suite, get_task
-
-    m = get_method(method)
-    t = get_task(task)
-    opts, sources = m.resolve_options(m.parse_options({}), t)
-    proto = get_protocol(protocol)
-    return [proto.adapt(PlanContext(method=m, task=t, suite=get_suite(t.suite), protocol=proto, options=opts,
-                                    option_sources=sources, config=method, seeds=proto.default_seeds,
-                                    backbone="demo-vit", checkpoint=None, checkpoint_id=None, data_root="/nonexistent",
-                                    fingerprint=None))]
+    return plan_contexts(method, task, protocol)
 
 
 def test_dry_run_stages():

@@ -11,10 +11,10 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import plan_contexts
 
 from peftbench.cli.params import count
 from peftbench.layers.merge import is_plain_timm
-from peftbench.methods import get_method
 from peftbench.methods.spt.model import SptLinear, SptModel
 from peftbench.methods.spt.sensitivity import allocate, spt_tensors, structured_cost, sweep, unstructured_indices
 from peftbench.tasks import data_file
@@ -262,17 +262,7 @@ def test_released_masks_reproduce_their_budgets_on_vit_b16():
 
 
 def _contexts(task, protocol="vpt", method="spt-lora", sets=()):
-    from peftbench.sweep.protocols import PlanContext, get_protocol
-    from peftbench.tasks import get_suite, get_task
-
-    m = get_method(method)
-    t = get_task(task)
-    opts, sources = m.resolve_options(m.parse_options(dict(s.split("=") for s in sets)), t)
-    proto = get_protocol(protocol)
-    return [proto.adapt(PlanContext(method=m, task=t, suite=get_suite(t.suite), protocol=proto, options=opts,
-                                    option_sources=sources, config=method, seeds=proto.default_seeds,
-                                    backbone="demo-vit", checkpoint=None, checkpoint_id=None, data_root="/nonexistent",
-                                    fingerprint=None))]
+    return plan_contexts(method, task, protocol, sets)
 
 
 def test_dry_run_stages():
