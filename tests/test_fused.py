@@ -54,6 +54,15 @@ def sweep(s, runs, fuse=1, env=None):
     return store
 
 
+def separately(s, runs):
+    """The search stage of ``s``, each run trained alone into a fresh store: the reference."""
+    specs = search_specs(s)
+    ref = RunStore(runs)
+    for sp in specs:
+        execute_group([sp], ref, Env(quiet=True, save_weights="all"))
+    return specs, ref
+
+
 def search_specs(s):
     ctx = plan(s)[0]
     return next(ctx.method.pipeline(ctx, ctx.protocol))
@@ -211,10 +220,7 @@ class Interrupt(BaseException):
 
 def test_a_killed_fused_group_resumes_from_each_runs_checkpoint(data_root, tmp_path):
     s = settings(data_root, "e2vpt", lrs=(0.05, 0.1, 0.2), wds=(0.0,), epochs=3)
-    specs = search_specs(s)
-    ref = RunStore(tmp_path / "ref")
-    for sp in specs:
-        execute_group([sp], ref, Env(quiet=True, save_weights="all"))
+    specs, ref = separately(s, tmp_path / "ref")
 
     def kill(spec, epoch):
         if epoch == 1:
@@ -235,10 +241,7 @@ def test_a_killed_fused_group_resumes_from_each_runs_checkpoint(data_root, tmp_p
 
 def test_runs_resuming_from_different_epochs_fuse_with_their_peers(data_root, tmp_path):
     s = settings(data_root, "vpt-deep", lrs=(0.05, 0.1, 0.2), wds=(0.0,), epochs=3)
-    specs = search_specs(s)
-    ref = RunStore(tmp_path / "ref")
-    for sp in specs:
-        execute_group([sp], ref, Env(quiet=True, save_weights="all"))
+    specs, ref = separately(s, tmp_path / "ref")
 
     def kill(spec, epoch):
         if epoch == 0:
@@ -258,10 +261,7 @@ def test_runs_resuming_from_different_epochs_fuse_with_their_peers(data_root, tm
 
 def test_a_group_that_cannot_fuse_trains_its_runs_one_by_one(data_root, tmp_path, monkeypatch):
     s = settings(data_root, "lora", lrs=(0.05, 0.1), wds=(0.0,))
-    specs = search_specs(s)
-    ref = RunStore(tmp_path / "ref")
-    for sp in specs:
-        execute_group([sp], ref, Env(quiet=True, save_weights="all"))
+    specs, ref = separately(s, tmp_path / "ref")
 
     def broken(self, *a, **k):
         raise RuntimeError("vmap: no batching rule for this layer")
@@ -390,3 +390,26 @@ def test_every_fusable_method_is_declared_so(data_root):
     default (not fusable), and the engine groups by the flag alone."""
     assert "full" not in FUSABLE and {"linear", "vpt-deep", "e2vpt", "lora", "adapter", "bitfit"} <= set(FUSABLE)
     assert fused_mod.fuse_key(search_specs(settings(data_root, "full"))[0]) is None
+
+
+@pytest.mark.parametrize("method", ["gps", "spt-lora"])
+def test_selection_methods_fuse_their_search_stage(method, data_root, tmp_path):
+    """GPS and SPT: the selection job runs alone; the search runs (one selection artifact, loaded as the
+    sparse deltas' frozen entry indices, shared by the group) train as one fused model, each equal to
+    its separate run."""
+    import dataclasses
+
+    s = dataclasses.replace(settings(data_root, method), sets={"gps": ["K=1"], "spt-lora": ["budget=0.4",
+                                                                                          "low_rank_dim=2"]}[method])
+    sep = sweep(s, tmp_path / "sep")
+    fus = sweep(s, tmp_path / "fus", fuse=4)
+    ra, rb = by_key(sep), by_key(fus)
+    assert ra.keys() == rb.keys()
+    search = [k for k, r in ra.items() if r.spec["stage"] == "search"]
+    assert len(search) == 4
+    for key in ra:
+        if ra[key].spec["job"] != "train":  # the selection stage: a method job, never fused
+            assert "fused" not in rb[key].extra
+            continue
+        assert_same_run(ra[key], rb[key], sep, fus)
+    assert all(rb[k].extra["fused"]["group_size"] == 4 for k in search)
