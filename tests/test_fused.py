@@ -92,7 +92,7 @@ def exact_zero_gradient(name: str, t: torch.Tensor) -> torch.Tensor:
 
 def final_logits(spec: RunSpec, store: RunStore) -> torch.Tensor:
     """The trained model (from its final weights) on a fixed batch, in eval mode."""
-    model = build_model(spec, Env(quiet=True))
+    model = build_model(spec, Env(quiet=True), store)  # the store: a selection the spec names (GPS, SPT)
     load_trainable(model, store.artifact_path(spec, "final.safetensors"))
     torch.manual_seed(123)
     with torch.no_grad():

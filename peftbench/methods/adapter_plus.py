@@ -114,6 +114,7 @@ def _finish(backbone: nn.Module, num_classes: int, adapters: list[nn.Module], tr
 @register_method
 class AdapterPlus(Method):
     name = "adapter-plus"
+    fusable = True  # the adapters stacked per configuration
     description = "Adapter+: channel-scaled bottleneck after every block, DropPath 0.1 (docs/methods/adapter_plus.md)"
     version = 1
     recipe = ADAPTER_PLUS_RECIPE
@@ -149,6 +150,7 @@ class AdapterPlus(Method):
 @register_method
 class AdapterHoulsby(Method):
     name = "adapter-houlsby"
+    fusable = True  # the adapters stacked per configuration
     aliases = ("houlsby",)
     description = "Houlsby adapter (Adapter+ code): after attention and MLP, LayerNorms trained (docs/methods/adapter_plus.md)"
     version = 1

@@ -70,6 +70,7 @@ ADAPTFORMER_RECIPE = Recipe(optimizer="adamw", batch_size=64, epochs=100, warmup
 @register_method
 class AdaptFormer(Method):
     name = "adaptformer"
+    fusable = True  # the parallel adapters stacked per configuration
     description = "AdaptFormer: scaled ReLU bottleneck parallel to every MLP, un-normed input (docs/methods/adaptformer.md)"
     version = 1
     recipe = ADAPTFORMER_RECIPE

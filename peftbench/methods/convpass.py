@@ -105,6 +105,7 @@ CONVPASS_RECIPE = Recipe(optimizer="adamw", batch_size=64, epochs=100, warmup_ep
 @register_method
 class Convpass(Method):
     name = "convpass"
+    fusable = True  # the convolutional bypasses stacked per configuration
     description = "Convpass: 3x3-conv bypasses parallel to every attention and MLP (docs/methods/convpass.md)"
     version = 1
     recipe = CONVPASS_RECIPE

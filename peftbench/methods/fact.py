@@ -175,6 +175,7 @@ FACT_TK_RECIPE = FACT_RECIPE.for_protocol("demo", lr=0.01)
 class _FacT(Method):
     tucker: bool = False
     version = 1
+    fusable = True  # the shared factors and cores stacked per configuration
     recipe = FACT_RECIPE
 
     def resolve_options(self, opts, task):

@@ -69,6 +69,7 @@ DIFFFIT_RECIPE = Recipe(optimizer="adamw", batch_size=64, epochs=100, warmup_epo
 @register_method
 class LnTune(Method):
     name = "ln-tune"
+    fusable = True  # the LayerNorm affines stacked per configuration
     aliases = ("ln",)
     description = "LN-tune: every LayerNorm weight and bias of the ViT + head (docs/methods/ln_tune.md)"
     version = 1
@@ -85,6 +86,7 @@ class LnTune(Method):
 @register_method
 class DiffFit(Method):
     name = "difffit"
+    fusable = True  # the biases, norms and scales stacked per configuration
     description = "DiffFit: biases, LayerNorms and a learned scale on every attention/MLP branch (docs/methods/difffit.md)"
     version = 1
     recipe = DIFFFIT_RECIPE

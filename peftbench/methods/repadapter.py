@@ -123,6 +123,7 @@ REPADAPTER_RECIPE = Recipe(optimizer="adamw", batch_size=64, epochs=100, warmup_
 @register_method
 class RepAdapterMethod(Method):
     name = "repadapter"
+    fusable = True  # the group-wise adapters stacked per configuration
     description = "RepAdapter: linear grouped adapters before every qkv and fc1, mergeable (docs/methods/repadapter.md)"
     version = 1
     recipe = REPADAPTER_RECIPE

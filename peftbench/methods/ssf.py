@@ -111,6 +111,7 @@ SSF_RECIPE = Recipe(
 @register_method
 class Ssf(Method):
     name = "ssf"
+    fusable = True  # the scales and shifts stacked per configuration
     description = "SSF: learned scale and shift after every linear op and LayerNorm of the ViT (docs/methods/ssf.md)"
     version = 1
     recipe = SSF_RECIPE

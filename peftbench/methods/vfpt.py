@@ -89,6 +89,7 @@ VFPT_RECIPE = PROMPT_RECIPE.for_suite(
 @register_method
 class Vfpt(Method):
     name = "vfpt"
+    fusable = True  # the prompts stacked per configuration; the FFT runs under vmap
     aliases = ("visual-fourier-prompt-tuning",)
     description = "VFPT: VPT-deep with a 2-D FFT (real part) on a fraction of the prompts (docs/methods/vfpt.md)"
     recipe = VFPT_RECIPE  # SGD momentum 0.9, batch 64, 100 epochs, warm-up 10, VPT lr x wd grid
