@@ -213,10 +213,12 @@ class Registry(Generic[T]):
         return sorted(set(self.broken.values()) | set(self.conflicts.values()))
 
 
-def instance_registry(kind: str, base: type, *, builtin: str, group: str,
+def instance_registry(kind: str, base: type, *, group: str, builtin: str | None = None,
                       article: str = "a") -> tuple[Registry, Callable[[type], type]]:
-    """A registry of one instance per ``base`` subclass (executors, trackers), and its class decorator.
-    An entry point of ``group`` may name a module (imported: its decorators register) or a subclass."""
+    """A registry of one instance per ``base`` subclass (executors, trackers, protocols), and its class
+    decorator. ``builtin``: the module whose import registers the built-in ones (None: they are
+    registered where ``base`` is defined). An entry point of ``group`` may name a module (imported:
+    its decorators register) or a subclass."""
     def register_object(obj: object, provider: str) -> None:
         if isinstance(obj, type) and issubclass(obj, base):
             obj = obj()

@@ -23,7 +23,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Generator
 
-from .._registry import Registry
+from .._registry import Registry, instance_registry
 from ..errors import PipelineError
 from ..methods import Method
 from ..store import RunRecord, RunSpec
@@ -177,21 +177,9 @@ def _override(hp: dict, overrides: dict) -> dict:
     return out
 
 
-def register_protocol(cls: type[EvalProtocol]) -> type[EvalProtocol]:
-    """Class decorator: register one instance of an :class:`EvalProtocol` subclass under ``cls.name``."""
-    PROTOCOLS.add(cls.name, cls(), cls.aliases)
-    return cls
-
-
-def _register_object(obj: object, provider: str) -> None:
-    if isinstance(obj, type) and issubclass(obj, EvalProtocol):
-        obj = obj()
-    if not isinstance(obj, EvalProtocol):
-        raise TypeError(f"a peftbench.protocols entry point must name a module or an EvalProtocol, got {obj!r}")
-    PROTOCOLS.add(obj.name, obj, obj.aliases, provider)
-
-
-PROTOCOLS: Registry[EvalProtocol] = Registry("protocol", group="peftbench.protocols", register_object=_register_object)
+PROTOCOLS: Registry[EvalProtocol]
+PROTOCOLS, register_protocol = instance_registry("protocol", EvalProtocol, group="peftbench.protocols", article="an")
+register_protocol.__doc__ = "Class decorator: register one instance of an :class:`EvalProtocol` subclass under ``cls.name``."
 
 
 @register_protocol
