@@ -175,14 +175,10 @@ def test_vit_b16_counts(K, weights):
     assert c["official_dense_gradient"] == 85_798_656 - 25 * 1_536 - 768 - 197 * 768 + 769 * 100
 
 
-def _contexts(task, protocol="vpt", method="gps"):
-    return plan_contexts(method, task, protocol)
-
-
 def test_dry_run_stages():
     from peftbench.sweep.drive import count_runs
 
-    specs = count_runs(_contexts("caltech101"))
+    specs = count_runs(plan_contexts("gps", "caltech101"))
     assert Counter(s.stage for s in specs) == {"gradients": 2, "search": 8, "final": 5}
     grads = {s.train_split: s for s in specs if s.stage == "gradients"}
     assert set(grads) == {"train800", "train800val200"} and all(s.job == "gradients" for s in grads.values())
@@ -192,9 +188,9 @@ def test_dry_run_stages():
             assert s.hparams["batch_size"] == 16 and s.hparams["lr_scaling"] is False  # released caltech101 script
             assert s.hparams["optimizer"] == "adamw" and s.hparams["wd"] == 0.0
     assert grads["train800"].options == {"K": 1, "drop_path": 0.0}
-    specs = count_runs(_contexts("nabirds"))
+    specs = count_runs(plan_contexts("gps", "nabirds"))
     assert {s.options["K"] for s in specs} == {20}
-    specs = count_runs(_contexts("demo_digits", "demo"))
+    specs = count_runs(plan_contexts("gps", "demo_digits", "demo"))
     assert Counter(s.stage for s in specs) == {"gradients": 1, "final": 1}
 
 

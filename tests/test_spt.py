@@ -261,14 +261,10 @@ def test_released_masks_reproduce_their_budgets_on_vit_b16():
     assert count("spt-adapter", 100, sets=["selection=released:lora:cifar100@0.4"])["trainable_without_head"] == 419_250
 
 
-def _contexts(task, protocol="vpt", method="spt-lora", sets=()):
-    return plan_contexts(method, task, protocol, sets)
-
-
 def test_dry_run_stages():
     from peftbench.sweep.drive import count_runs
 
-    specs = count_runs(_contexts("dtd"))
+    specs = count_runs(plan_contexts("spt-lora", "dtd"))
     assert Counter(s.stage for s in specs) == {"sensitivity": 1, "search": 4, "final": 5}
     (job,) = [s for s in specs if s.stage == "sensitivity"]
     assert job.train_split == "train800" and job.hparams == {"batch_size": 32}
@@ -277,9 +273,9 @@ def test_dry_run_stages():
     for s in search:
         assert s.extras["init_state"] == f"{job.key}.selection-{s.options['budget']}.safetensors"
         assert s.hparams["lr"] == 0.001 and s.hparams["wd"] == 0.0001 and s.hparams["lr_scaling"] is False
-    specs = count_runs(_contexts("dtd", sets=("budget=0.6",), method="spt-adapter"))
+    specs = count_runs(plan_contexts("spt-adapter", "dtd", sets=("budget=0.6",)))
     assert Counter(s.stage for s in specs) == {"sensitivity": 1, "final": 5}
-    specs = count_runs(_contexts("demo_digits", "demo"))
+    specs = count_runs(plan_contexts("spt-lora", "demo_digits", "demo"))
     assert Counter(s.stage for s in specs) == {"sensitivity": 1, "final": 1}
 
 
