@@ -4,6 +4,7 @@ the state file and ``peftbench status``. The real cluster is tests/test_slurm_in
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -18,8 +19,9 @@ from peftbench.cli import build_parser
 from peftbench.cli import main as cli_main
 from peftbench.errors import SettingsError
 from peftbench.executors import slurm as slurm_mod
-from peftbench.executors.slurm import RunJob, SlurmExecutor, make_settings, parse_state_lines, read_state
+from peftbench.executors.slurm import SlurmExecutor, make_settings, parse_state_lines, read_state
 from peftbench.executors.slurm import job as slurm_job
+from peftbench.executors.slurm import payload as slurm_payload
 from peftbench.store import RunRecord, RunSpec, RunStore
 from peftbench.sweep.drive import count_runs, drive
 from peftbench.sweep.plan import SweepSettings, plan
@@ -105,39 +107,148 @@ def test_parse_sacct_and_squeue_lines():
     assert st["125_7"]["state"] == "OUT_OF_MEMORY" and "123_0.batch" not in st
 
 
-def test_run_job_is_checkpointable_and_pickles(tmp_path, data_root):
-    job = RunJob([spec(data_root).to_dict()], str(tmp_path), "auto")
-    job.finished["x"] = "ok"
-    assert isinstance(job, submitit.helpers.Checkpointable)
-    before = signal.getsignal(signal.SIGTERM)
+def test_a_job_payload_is_json_checked_field_by_field(tmp_path, data_root):
+    """What a job runs is JSON (no pickle): written private (0o600 in a 0o700 folder), read back into the same
+    specs; a payload naming an unregistered method or task, or a field of the wrong type, is refused."""
+    folder = tmp_path / "logs"
+    settings = {"runs_dir": str(tmp_path / "runs"), "device": "auto", "quiet": True, "tracking": None,
+                "save_weights": "final", "fuse": 1, "timeout_min": 10, "signal_delay_s": 60, "max_num_timeout": 3}
+    a, b = spec(data_root, seed=1), spec(data_root, seed=2, task="toy_b")
+    path = slurm_payload.write_payload(folder, settings, [[a], [b]])
+    assert oct(path.stat().st_mode & 0o777) == "0o600" and oct(path.parent.stat().st_mode & 0o777) == "0o700"
+    data = json.loads(path.read_text())
+    assert data["format"] == "peftbench-slurm-job" and len(data["tasks"]) == 2
+    got, specs = slurm_payload.read_payload(path, 1)
+    assert got == settings and [s.key for s in specs] == [b.key]
+    with pytest.raises(SettingsError, match="array task 2 does not exist"):
+        slurm_payload.read_payload(path, 2)
+    for change, match in ((lambda d: d["tasks"][0][0].update(method="../../etc"), "not a run spec"),
+                          (lambda d: d["tasks"][0][0].update(task="nope"), "not a run spec"),
+                          (lambda d: d.update(fuse="2"), "field 'fuse'"),
+                          (lambda d: d.update(format="pickle"), "not a peftbench job payload")):
+        d = json.loads(path.read_text())
+        change(d)
+        path.write_text(json.dumps(d))
+        with pytest.raises(SettingsError, match=match):
+            slurm_payload.read_payload(path, 0)
+    cli = subprocess.run([sys.executable, "-m", "peftbench.executors.slurm.job", str(path)], capture_output=True,
+                         text=True, timeout=120)
+    assert cli.returncode == 2 and "not a peftbench job payload" in cli.stderr and "Traceback" not in cli.stderr
+
+
+def test_a_payload_or_folder_others_can_write_is_refused(tmp_path, data_root):
+    """Whoever can write the SLURM folder or a payload could change what a job trains: a group-writable
+    payload (or folder), or one another user owns, is refused by the job and by the driver before it submits."""
+    settings = {"runs_dir": str(tmp_path / "runs"), "device": "auto", "quiet": True, "tracking": None,
+                "save_weights": "final", "fuse": 1, "timeout_min": 10, "signal_delay_s": 60, "max_num_timeout": 3}
+    path = slurm_payload.write_payload(tmp_path / "logs", settings, [[spec(data_root)]])
+    path.chmod(0o620)
+    with pytest.raises(SettingsError, match="group or others may write it"):
+        slurm_payload.read_payload(path, 0)
+    path.chmod(0o600)
+    path.parent.chmod(0o770)
+    with pytest.raises(SettingsError, match="group or others may write it"):
+        slurm_payload.read_payload(path, 0)
+    path.parent.chmod(0o700)
+    if os.geteuid() == 0:  # root can hand the file to another user: then it is that user's payload
+        os.chown(path, 54321, -1)
+        with pytest.raises(SettingsError, match="owned by"):
+            slurm_payload.read_payload(path, 0)
+    # the driver: a group-writable SLURM folder (umask 002 on a shared store) is refused before submitting
+    runs = tmp_path / "runs2"
+    ex = SlurmExecutor(debug_settings(), runs, quiet=True, log=lambda m: None)
     try:
-        delayed = job.checkpoint()
+        (runs / ".slurm").chmod(0o775)
+        with pytest.raises(SettingsError, match=r"\.slurm: group or others may write it"):
+            ex.run([spec(data_root)], RunStore(runs))
     finally:
-        signal.signal(signal.SIGTERM, before)  # checkpoint() ignores SIGTERM from then on (next test)
-    assert delayed.function is job  # resubmits itself
-    back = cloudpickle.loads(cloudpickle.dumps(delayed))
-    assert back.function.finished == {"x": "ok"} and back.function.specs == job.specs
+        ex.close()
+    assert not RunStore(runs).load(spec(data_root))  # nothing ran
+
+
+def test_the_driver_never_unpickles_and_planted_pickles_never_run(tmp_path, demo_root, monkeypatch):
+    """Pickles planted where submitit keeps its own (``<job>_submitted.pkl``, ``<job>_<task>_result.pkl``)
+    are never loaded: a sweep on submitit's local cluster (real job processes running the JSON payload)
+    finishes ok, the planted pickles' side effect never happens, and the driver calls no unpickler."""
+    import pickle
+
+    marker = tmp_path / "PWNED"
+
+    class Plant:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    blob = pickle.dumps(Plant())
+    runs = tmp_path / "runs"
+    ex = SlurmExecutor(make_settings(flags={"gpus_per_node": 0, "cpus_per_task": 1, "max_retries": 0},
+                                     sets=["cluster = 'local'", "poll_s = 0.2", "timeout_min = 10"]),
+                       runs, quiet=True, log=lambda m: None)
+    real = ex._submit_payload
+
+    def submit_and_plant(packs):
+        jobs = real(packs)
+        for job in jobs:  # where submitit would look for the job's callable and its result
+            folder = Path(str(ex.folder / "%A").replace("%A", str(job.job_id)))
+            folder.mkdir(parents=True, exist_ok=True)
+            for name in (f"{job.job_id}_submitted.pkl", f"{job.job_id}_0_result.pkl", f"{job.job_id}_0_submitted.pkl"):
+                (folder / name).write_bytes(blob)
+        return jobs
+
+    def refuse(*a, **k):
+        raise AssertionError("unpickled")
+
+    monkeypatch.setattr(ex, "_submit_payload", submit_and_plant)
+    for mod, name in ((pickle, "load"), (pickle, "loads"), (cloudpickle, "load"), (cloudpickle, "loads")):
+        monkeypatch.setattr(mod, name, refuse)
+    monkeypatch.setattr(submitit.core.utils.DelayedSubmission, "load", refuse)
+    monkeypatch.setattr(submitit.core.core.Job, "result", refuse)
+    hp = {"optimizer": "sgd", "batch_size": 64, "epochs": 1, "lr": 0.05, "wd": 0.0, "eval_every": 0}
+    a, b = (RunSpec(method="linear", task="demo_digits", suite="demo", protocol="demo", stage="final",
+                    train_split="train800val200", eval_split="test", hparams=hp, seed=seed, backbone="demo-vit-random",
+                    data_root=str(demo_root)) for seed in (1, 2))  # a suite the job's own process knows
+    from peftbench.tasks import get_task
+
+    get_task("demo_digits").ensure(demo_root)
+    try:
+        recs = ex.run([a, b], RunStore(runs))
+    finally:
+        ex.close()
+    assert [str(r.status) for r in recs] == ["ok", "ok"], [r.error for r in recs]
+    assert not marker.exists()
+    assert not list((runs / ".slurm").rglob("*.pkl")) or all(p.read_bytes() == blob for p in (runs / ".slurm").rglob("*.pkl"))
+    payloads = list((runs / ".slurm" / "logs" / "payloads").glob("*.json"))
+    assert len(payloads) == 1 and json.loads(payloads[0].read_text())["format"] == "peftbench-slurm-job"
 
 
 def test_requeue_command_survives_the_jobs_sigterm(tmp_path):
-    """After checkpoint(), submitit runs ``scontrol requeue``; SLURM's SIGTERM to the job's processes
-    (the preemption's, or the requeue's own) must not kill that child (CI saw ``Command ['scontrol',
-    'requeue', ...] died with SIGTERM``). Here, in a fresh interpreter with submitit's SIGTERM handler
-    installed: a child started after checkpoint() outlives a SIGTERM sent to it; one started before
-    dies of it."""
+    """On the preemption signal the job runs ``scontrol requeue``; SLURM's SIGTERM to the job's processes
+    (the preemption's, or the requeue's own) must not kill that child (CI once saw ``Command ['scontrol',
+    'requeue', ...] died with SIGTERM``). Here, in a fresh interpreter with the job's handlers installed and
+    a fake ``scontrol`` that SIGTERMs itself: a child started before the requeue dies of SIGTERM; the
+    requeue's ``scontrol`` outlives it, and the job exits after requeueing."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "scontrol"
+    fake.write_text(f"#!/bin/sh\nkill -TERM $$\necho \"$@\" > {tmp_path / 'requeued'}\n")
+    fake.chmod(0o755)
     script = f"""
-import signal, subprocess, sys
-from peftbench.executors.slurm import RunJob
-signal.signal(signal.SIGTERM, lambda *a: None)  # submitit's bypass handler (not inherited by children)
+import os, signal, subprocess, sys, time
+from pathlib import Path
+from peftbench.executors.slurm.job import Requeue, job_info
 child = "kill -TERM $$; echo alive"
+handler = Requeue(Path({str(tmp_path / 'p.json')!r}), {{"timeout_min": 60, "max_num_timeout": 3}}, job_info(), time.time())
+handler.install()
 before = subprocess.run(["sh", "-c", child], capture_output=True, text=True)
-RunJob([], {str(tmp_path)!r}, "cpu").checkpoint()
-after = subprocess.run(["sh", "-c", child], capture_output=True, text=True)
-print(before.returncode, after.returncode, after.stdout.strip())
+print(before.returncode, flush=True)
+os.kill(os.getpid(), signal.SIGUSR2)
+time.sleep(5)
+print("not requeued")
 """
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == [str(-signal.SIGTERM), "0", "alive"], r.stdout
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="4242")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert r.stdout.split() == [str(-signal.SIGTERM)], (r.stdout, r.stderr)
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
+    assert r.returncode == 255 and "checkpoint: requeueing (preempted)" in r.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,8 +9,10 @@ What it shows (docs/slurm.md):
 * ``peftbench run --executor slurm`` submits the stage as one job array and completes the sweep;
 * ``peftbench status`` shows the running run with its job id while the sweep runs;
 * a preempted job (submitit ``job._interrupt()``: SIGTERM + USR2, as SLURM does before a preemption
-  or time limit) is checkpointed and requeued by submitit, restarts (``SLURM_RESTART_COUNT`` 1) and
-  resumes from its last epoch checkpoint;
+  or time limit) requeues itself, restarts (``SLURM_RESTART_COUNT`` 1) and resumes from its last epoch
+  checkpoint;
+* pickles planted where submitit keeps a job's callable (``<job>_submitted.pkl``) are never loaded,
+  before the job starts or when it restarts (the job runs a JSON payload);
 * a job whose process is killed mid-run (SIGKILL, as by the OOM killer or a node failure) ends
   without a result; the driver resubmits the run (recorded in ``retries``) and it resumes from its
   checkpoint again;
@@ -150,9 +152,19 @@ def test_sweep_survives_preemption_and_kill(cluster, tmp_path, demo_root):
                               capture_output=True, text=True, env=_env(), timeout=120).stdout
         assert "vpt-deep" in text and f"job {job}" in text, text
 
-        # 3. preempt it: submitit checkpoints (RunJob.checkpoint) and requeues the job
+        # 3. plant a pickle where submitit would keep the job's callable (unpickled at every start by
+        #    submitit's own job wrapper), then preempt the job: it requeues itself and restarts
         import submitit
 
+        class Plant:
+            def __reduce__(self):
+                return (Path.touch, (tmp_path / "PWNED",))
+
+        import pickle
+
+        job_dir = runs / ".slurm" / "logs" / job.split("_")[0]
+        for name in (f"{job}_submitted.pkl", f"{job.split('_')[0]}_submitted.pkl", f"{job}_0_result.pkl"):
+            (job_dir / name).write_bytes(pickle.dumps(Plant()))
         submitit.SlurmJob(folder=runs / ".slurm" / "logs", job_id=job)._interrupt()
         mark(f"interrupted job {job}")
 
@@ -199,6 +211,7 @@ def test_sweep_survives_preemption_and_kill(cluster, tmp_path, demo_root):
     assert starts[-1]["job_id"] != job and starts[-1]["resume_epoch"] >= 2, starts
     assert v["attempts"] >= 3 and len(v["history"]) == EPOCHS
     assert not list(runs.glob("*/*/*.ckpt.safetensors"))  # checkpoints are gone once runs end
+    assert not (tmp_path / "PWNED").exists()  # the planted pickles never ran
     logs = "\n".join(p.read_text(errors="replace") for p in (runs / ".slurm" / "logs").rglob("*_log.err"))
     assert "resuming vpt-deep demo_digits" in logs and "checkpoint: requeueing" in logs
     assert "retry 1/2" in out and "ok top1" in out

@@ -194,7 +194,7 @@ def test_tracker_errors_before_compute(monkeypatch, tmp_path):
 
 def test_trackers_travel_to_slurm_jobs(data_root, tmp_path):
     """The tracker choice travels in the executor's settings (Env.tracking), not in the run: a SLURM job
-    (submitit's debug cluster runs the job's RunJob here) makes its own trackers from it."""
+    (submitit's debug cluster runs the job function here) makes its own trackers from it."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -1,6 +1,7 @@
 """``--executor slurm``: each stage of a sweep as one submitit job array (docs/slurm.md).
 
-``settings.py`` (profile and flags), ``job.py`` (what runs inside a job), ``queue.py`` (sacct/squeue),
+``settings.py`` (profile and flags), ``payload.py`` (what a job runs, as JSON), ``job.py`` (what runs
+inside a job), ``queue.py`` (sacct/squeue),
 ``state.py`` (the driver's state file and lock), ``executor.py`` (the driver), ``status.py`` (what
 ``peftbench status`` shows of it). The driver and the job code (submitit, torch) are imported when
 used, so that parsing the command line stays fast.
@@ -14,7 +15,7 @@ from .._base import ExecutorPlugin, register_executor
 from . import settings as _settings
 from .settings import PROFILE_KEYS, SlurmSettings, make_settings, read_profile, settings_from_args
 
-_LAZY = {"SlurmExecutor": "executor", "RunJob": "job", "job_info": "job", "mark_start": "job",
+_LAZY = {"SlurmExecutor": "executor", "run_task": "job", "job_info": "job", "mark_start": "job",
          "query_states": "queue", "parse_state_lines": "queue", "is_active": "queue", "slurm_available": "queue",
          "read_state": "state", "driver_lock_holder": "state"}
 

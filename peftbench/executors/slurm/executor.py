@@ -16,12 +16,14 @@ call of :func:`peftbench.sweep.drive`) to :class:`SlurmExecutor`, which
   twice, and ``peftbench status`` can show job ids; ``<runs-dir>/.slurm/driver.lock`` keeps two
   drivers from driving the same runs dir at once.
 
-Inside the job, :class:`RunJob` (a submitit ``Checkpointable``) runs its specs with
-:func:`peftbench.train.engine.execute` on the job's device (cuda when available, else cpu; the
-precision each run's hyper-parameters say). On preemption or time limit submitit calls
-``RunJob.checkpoint()``, which resubmits the same callable; the requeued job resumes every unfinished
-run from its per-epoch checkpoint (``<key>.ckpt.safetensors``). Each job start is recorded in the run
-record's ``slurm`` field (job id, array task id, node, restart count, the epoch it resumed from).
+Inside the job, ``python -m peftbench.executors.slurm.job <payload.json>`` (:mod:`.job`) reads its JSON
+payload (:mod:`.payload`: no pickle is written for a job, none is ever read) and runs its specs with
+:func:`peftbench.train.engine.execute_claimed` on the job's device (cuda when available, else cpu; the
+precision each run's hyper-parameters say). On preemption or time limit the job requeues itself
+(``scontrol requeue``); the requeued job resumes every unfinished run from its per-epoch checkpoint
+(``<key>.ckpt.safetensors``). Each job start is recorded in the run record's ``slurm`` field (job id,
+array task id, node, restart count, the epoch it resumed from). What a job did is what its run records
+say: the driver never reads a job's result from submitit.
 
 Settings come from a TOML profile (``--slurm-profile FILE``) and flags; see
 :data:`peftbench.executors.slurm.settings.PROFILE_KEYS` and
@@ -29,8 +31,10 @@ docs/slurm.md.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -47,7 +51,8 @@ from ...errors import SettingsError
 from ...store import RunRecord, RunSpec, RunStatus, RunStore
 from ...train.fused import plan_groups
 from ._util import now
-from .job import RunJob
+from .job import run_task
+from .payload import PayloadError, private_dir, write_payload
 from .queue import HELD_STATES, VANISHED, hopeless, is_active, pending_reasons, query_states
 from .settings import SlurmSettings
 from .state import LOCK_FILE, STATE_DIR, STATE_FILE, DriverLock, read_state
@@ -112,6 +117,8 @@ class SlurmExecutor:
         atomic_write_text(self.dir / STATE_FILE, json.dumps(self.state, indent=1, sort_keys=True) + "\n")
 
     def _submitit(self):
+        """submitit's executor for this cluster (it writes and submits the sbatch script; the job's command is
+        peftbench's own, reading a JSON payload: :mod:`.payload`)."""
         if self._executor is None:
             kwargs = {}
             if self.s.cluster == "slurm":
@@ -137,6 +144,34 @@ class SlurmExecutor:
             self._executor = ex
         return self._executor
 
+    def _payload_settings(self) -> dict:
+        return {"runs_dir": str(self.root), "device": self.s.device or "auto", "quiet": bool(self.quiet),
+                "tracking": self.tracking, "save_weights": self.save_weights, "fuse": self.fuse,
+                "timeout_min": self.s.timeout_min, "signal_delay_s": self.s.signal_delay_s,
+                "max_num_timeout": self.s.max_num_timeout}
+
+    def _submit_payload(self, packs: list[list[RunSpec]]) -> list:
+        """Submit one job (one pack) or one job array (a task per pack) that runs the JSON payload of
+        ``packs``; no pickle is written (the debug cluster calls the job function in this process)."""
+        private_dir(self.folder, 0o755, "the SLURM folder", upto=self.dir)
+        payload = write_payload(self.folder, self._payload_settings(), packs)
+        ex = self._submitit()
+        if self.s.cluster == "debug":  # in-process: the job function itself, no command, no pickle
+            calls = [functools.partial(run_task, str(payload), i) for i in range(len(packs))]
+            return ex.submit_array(calls) if len(calls) > 1 else [ex.submit(calls[0])]
+        inner = ex._executor  # submitit's executor of the cluster (parameters already in its own names)
+        command = f"{inner.python} -u -m peftbench.executors.slurm.job {shlex.quote(str(payload))}"
+        if self.s.cluster != "slurm":  # submitit's local cluster: one process per task
+            return [inner._submit_command(f"{command} --task {i}") for i in range(len(packs))]
+        if len(packs) == 1:
+            return [inner._submit_command(command)]
+        array = submitit.SlurmExecutor(inner.folder, inner.max_num_timeout)  # as submitit submits its arrays
+        array.update_parameters(**inner.parameters)
+        array.parameters["map_count"] = len(packs)
+        first = array._submit_command(command)
+        return [submitit.SlurmJob(folder=inner.folder, job_id=f"{first.job_id}_{a}", tasks=list(range(first.num_tasks)))
+                for a in range(len(packs))]
+
     def _query(self, job_ids: list[str]) -> dict[str, dict]:
         """{job id: {"state", "node"}} for the jobs that can be seen."""
         out = {}
@@ -157,16 +192,9 @@ class SlurmExecutor:
 
     @staticmethod
     def _submitit_state(job) -> str:
-        """Local/debug submitit jobs: done() runs a debug job; the result pickle tells success."""
-        if not job.done():
-            return "RUNNING"
-        if getattr(job, "cancelled", False):
-            return "CANCELLED"
-        try:
-            job.result()
-            return "COMPLETED"
-        except Exception:
-            return "FAILED"
+        """Local/debug submitit jobs: running or over (a debug job runs when asked); whether a run succeeded is
+        what its record says, never a result pickle."""
+        return "COMPLETED" if job.done() else "RUNNING"
 
     # -- one stage ----------------------------------------------------------------------------
 
@@ -249,14 +277,13 @@ class SlurmExecutor:
         packs = [[s for unit in units[i:i + self.s.pack] for s in unit] for i in range(0, len(units), self.s.pack)]
         stages = sorted({s.stage for s in specs})
         ex.update_parameters(name=f"{self.s.job_name}-{stages[0] if len(stages) == 1 else 'mixed'}")
-        calls = [RunJob([s.to_dict() for s in pack], str(self.root), self.s.device, self.quiet,
-                        tracking=self.tracking, save_weights=self.save_weights, fuse=self.fuse)
-                 for pack in packs]
         try:
-            jobs = ex.submit_array(calls) if len(calls) > 1 else [ex.submit(calls[0])]
+            jobs = self._submit_payload(packs)
+        except PayloadError:
+            raise
         except Exception as exc:  # sbatch refused it: bad partition/account/qos, limits, ...
             msg = str(exc).strip().splitlines()
-            raise SettingsError(f"could not submit {len(calls)} job(s) for the {why} ({self.s.describe()}): "
+            raise SettingsError(f"could not submit {len(packs)} job(s) for the {why} ({self.s.describe()}): "
                          + " ".join(m.strip() for m in msg if m.strip())[-800:]) from None
         out = {}
         for job, pack in zip(jobs, packs):

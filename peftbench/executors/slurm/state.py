@@ -57,7 +57,9 @@ class DriverLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        from .payload import make_dir
+
+        make_dir(self.path.parent, 0o755)  # not group-writable whatever the umask (payload.check_private)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
