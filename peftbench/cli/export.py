@@ -16,7 +16,7 @@ def register(sub) -> None:
 
 
 def main(args) -> int:
-    from ..train.export import export_run
+    from ..export import export_run
 
     done = export_run(args.runs_dir, args.run, args.out, args.variant)
     print(f"{done.weights}\n{done.config}\n(max |logit difference| merged vs trained: {done.max_abs_diff:.2e})")

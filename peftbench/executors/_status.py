@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PeftbenchError
+from ..fingerprint import code_fingerprint, staleness
+from ..methods import get_method
 from ..store import RunStatus, RunStore
 from ..store.journal import live_journals
 from ..store.leases import lease_state, read_lease
-from ..train.code import code_fingerprint, staleness
 from ._base import EXECUTORS
 
 
@@ -88,7 +89,7 @@ def _stale(rec, method: str | None) -> bool:
         return False
     if method not in _CURRENT:
         try:
-            _CURRENT[method] = code_fingerprint(method)
+            _CURRENT[method] = code_fingerprint(get_method(method))
         except PeftbenchError:  # a method whose plugin is not installed here
             _CURRENT[method] = {}
     return bool(_CURRENT[method]) and bool(staleness(rec.code, _CURRENT[method]))

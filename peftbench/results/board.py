@@ -22,9 +22,10 @@ from typing import Any, Callable, Iterable
 
 from ..backbones import preset
 from ..errors import PeftbenchError, UnknownNameError
+from ..fingerprint import code_fingerprint, staleness
+from ..methods import get_method
 from ..store import RunRecord, RunStore, validate
 from ..tasks import get_suite, get_task
-from ..train.code import code_fingerprint, staleness
 from .reference import Reported
 
 FINAL_STAGE = "final"
@@ -41,7 +42,7 @@ class Run:
 
     path: str
     record: RunRecord
-    stale: bool = False  # produced by other code than the installed one (peftbench.train.code)
+    stale: bool = False  # produced by other code than the installed one (peftbench.fingerprint)
 
     @property
     def spec(self) -> dict:
@@ -116,7 +117,7 @@ def _mark_stale(runs: list[Run], warn: Callable[[str], None]) -> None:
             continue
         if m not in current:
             try:
-                current[m] = code_fingerprint(m)
+                current[m] = code_fingerprint(get_method(m))
             except PeftbenchError:
                 current[m] = {}
         if current[m] and staleness(r.record.code, current[m]):

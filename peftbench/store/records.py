@@ -177,7 +177,7 @@ class RunRecord:
     num_train: int | None = None
     num_eval: int | None = None
     wall_s: float | None = None
-    code: dict = field(default_factory=dict)  # fingerprints of the code that produced it (peftbench.train.code)
+    code: dict = field(default_factory=dict)  # fingerprints of the code that produced it (peftbench.fingerprint)
     extra: dict = field(default_factory=dict)
     schema: int = SCHEMA
 

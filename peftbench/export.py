@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_write
-from ..backbones import image_size, preset
-from ..data.images import IMAGENET_MEAN, IMAGENET_STD
-from ..errors import PeftbenchError, StoreError
-from ..layers.merge import is_plain_timm
-from ..store import RunRecord, RunStore
-from .build import build_model, load_trainable
-from .env import Env
+from ._io import atomic_write
+from .backbones import image_size, preset
+from .data.images import IMAGENET_MEAN, IMAGENET_STD
+from .errors import PeftbenchError, StoreError
+from .layers.merge import is_plain_timm
+from .store import RunRecord, RunStore
+from .train.build import build_model, load_trainable
+from .train.env import Env
 
 TOLERANCE = 1e-4  # max |logit difference| / max(1, max |logit|), float32 on the CPU
 
