@@ -1,16 +1,26 @@
-"""Atomic file writes: readers never see half a file, a failed write keeps the old one.
+"""Atomic file writes: readers never see half a file, a failed write keeps the old one; and the one
+check that a name may become a file name.
 
 Every writer of the project goes through :func:`atomic_write`: a temporary file in the same folder,
 fsync, ``os.replace``. Files get the user's umask permissions (so a group-shared run store stays
 readable by the group).
+
+Every string that becomes one component of a path and does not come from the code itself (a run
+record's method, task or suite, a run key, a sweep name) goes through :func:`safe_component` first:
+nothing is ever written outside the folder it is meant for (docs/reliability.md §7).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import unicodedata
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from .errors import SettingsError
+
+MAX_COMPONENT_BYTES = 200  # a file system allows 255; the writers add suffixes such as "-leaderboard.csv"
 
 
 def _umask() -> int:
@@ -48,3 +58,39 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> 
 
 def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
+
+
+def unsafe_component(name: Any) -> str | None:
+    """Why ``name`` cannot be used as one file or folder name inside another folder; None when it can.
+
+    A safe component is a non-empty string without a path separator (``/``, ``\\``), without control or
+    format characters (NUL, newlines, ANSI escapes, bidirectional overrides), that is not ``.`` or
+    ``..`` and does not start with ``.`` (no hidden files, no ``.peftbench`` folders of the store), at
+    most :data:`MAX_COMPONENT_BYTES` bytes of UTF-8."""
+    if not isinstance(name, str):
+        return f"not a string ({type(name).__name__})"
+    if not name:
+        return "empty"
+    if name in (".", ".."):
+        return "a relative path"
+    if "/" in name or "\\" in name:
+        return "contains a path separator"
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in name):
+        return "contains a control character"
+    if name.startswith("."):
+        return "starts with '.'"
+    if name != name.strip():
+        return "starts or ends with white space"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES:
+        return f"longer than {MAX_COMPONENT_BYTES} bytes"
+    return None
+
+
+def safe_component(name: Any, what: str) -> str:
+    """``name``, checked to be one safe file or folder name (:func:`unsafe_component`); else a one-line
+    :class:`~peftbench.errors.SettingsError` naming ``what`` (the option, or the record field)."""
+    why = unsafe_component(name)
+    if why:
+        raise SettingsError(f"{what} {name!r}: not usable as a file name ({why}); a name must be one path component "
+                            "without '/', '\\' or control characters, not '.' or '..' nor starting with '.'")
+    return name

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Check that the pretrained demo backbone transfers: linear probe vs a random ViT.
 
-For each demo task (peftbench/tasks/_demo_data.py) this extracts frozen features (CLS token
+For each demo task (tasks/_demo_data.py) this extracts frozen features (CLS token
 after the final norm) on train800val200 and test for
   (a) the pretrained backbone peftbench/assets/demo_vit.safetensors, and
   (b) the same architecture randomly initialised (timm default init, seed 0),
@@ -39,7 +39,7 @@ IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 
 
 def _load_demo_data():
-    """Import peftbench/tasks/_demo_data.py by path (it is standalone: no peftbench import)."""
+    """Import tasks/_demo_data.py by path (it is standalone: no peftbench import)."""
     spec = importlib.util.spec_from_file_location("demo_data", REPO / "peftbench" / "tasks" / "_demo_data.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

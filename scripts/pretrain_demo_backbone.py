@@ -13,7 +13,7 @@ resized 28->32 with PIL bilinear, pixel/255, ImageNet mean/std normalisation.
 
 Training is supervised with a temporary linear head (96->10) that is NOT saved,
 with augmentation chosen so that the features transfer to the demo tasks
-(peftbench/tasks/_demo_data.py): small random affine (shift/rotation/scale, no flips),
+(tasks/_demo_data.py): small random affine (shift/rotation/scale, no flips),
 random per-channel tint of the object (so that the RGB patch embedding does not
 only ever see grey inputs), random grey backgrounds, mild contrast/brightness
 jitter and occasional inversion.  The forward pass runs under bfloat16 autocast

@@ -1,4 +1,4 @@
-"""Summarise SPT's released supervised masks into peftbench/tasks/data/spt_released_masks.json.
+"""Summarise SPT's released supervised masks into methods/spt/released_masks.json.
 
 The official repository (ziplab/SPT @ e385f67) ships the sensitivity stage's output for the 19 VTAB tasks,
 ``sensitivity_spt_supervised_{lora,adapter}_a10/<task>/param_req_<budget>.pth``. This keeps, per mask, what
@@ -65,7 +65,7 @@ def summarise(path: Path) -> dict:
             "v": sorted(POS[k] for k in d["tuned_vectors"]), "u": per_tensor}
 
 
-def main(repo: str, out: str = "peftbench/tasks/data/spt_released_masks.json") -> int:
+def main(repo: str, out: str = "methods/spt/released_masks.json") -> int:
     data = {"source": "ziplab/SPT @ e385f67, sensitivity_spt_supervised_{lora,adapter}_a10/<task>/param_req_<B>.pth "
                       "(summarised by scripts/spt_released_masks.py)", "ops": list(OPS), "tensors": NAMES, "masks": {}}
     for kind in ("lora", "adapter"):

@@ -6,9 +6,10 @@ import re
 import pytest
 import torch
 
-from peftbench.methods import get_method
+from peftbench.methods import get_method, per_task_row
 from peftbench.methods.e2vpt.kv_attention import KVPromptAttention
-from peftbench.tasks import get_task, per_task_value
+from peftbench.methods.e2vpt.model import PROMPT_LENGTHS_FILE
+from peftbench.tasks import get_task
 
 
 def _randomise(module: torch.nn.Module, std: float = 0.2) -> None:
@@ -122,7 +123,7 @@ def test_released_prompt_lengths_are_per_task_data():
                          "cub": (5, 5), "stanford_cars": (5, 5), "smallnorb_elevation": (10, 5)}.items():
         resolved, sources = method.resolve_options(opts, get_task(task))
         assert (resolved["prompt_tokens"], resolved["kv_tokens"]) == (P, L), task
-        assert "e2vpt_prompt_lengths.csv" in sources["prompt_tokens"]
+        assert "methods/e2vpt/prompt_lengths.csv" in sources["prompt_tokens"]
     resolved, sources = method.resolve_options(opts, get_task("demo_digits"))
     assert (resolved["prompt_tokens"], resolved["kv_tokens"]) == (10, 5)
     assert sources["kv_tokens"].startswith("default 5")
@@ -132,8 +133,7 @@ def test_released_prompt_lengths_are_per_task_data():
     for suite_task in ("svhn", "sun397", "eurosat", "resisc45", "diabetic_retinopathy", "clevr_count",
                        "clevr_distance", "dmlab", "kitti_distance", "dsprites_location", "smallnorb_azimuth",
                        "dtd", "nabirds", "oxford_flowers", "stanford_dogs"):
-        value, source = per_task_value("e2vpt_prompt_lengths.csv", "prompt_tokens", get_task(suite_task), None)
-        assert value is not None, suite_task
+        assert per_task_row(PROMPT_LENGTHS_FILE, get_task(suite_task)).get("prompt_tokens"), suite_task
 
 
 def _cli_counts(capsys, *args) -> dict:

@@ -15,9 +15,9 @@ from helpers import plan_contexts
 
 from peftbench.cli.params import count
 from peftbench.layers.merge import is_plain_timm
+from peftbench.methods.spt.method import RELEASED
 from peftbench.methods.spt.model import SptLinear, SptModel
 from peftbench.methods.spt.sensitivity import allocate, spt_tensors, structured_cost, sweep, unstructured_indices
-from peftbench.tasks import data_file
 
 
 def _backbone(depth=2):
@@ -245,7 +245,7 @@ def test_released_masks_reproduce_their_budgets_on_vit_b16():
     """Every summarised official mask: SPT's budget count (unstructured incl. LayerNorm entries + structured + vectors
     + cls token) equals the budget the mask records, params x 1e6; trainable = that minus the untrained LayerNorm
     entries, + head. Two spot values from the official masks: cifar100 B = 0.4."""
-    masks = json.loads(data_file("spt_released_masks.json").read_text())["masks"]
+    masks = json.loads(RELEASED.read_text())["masks"]
     assert len(masks) == 2 * 19 * 4
     for key in ("lora:cifar100@0.4", "adapter:cifar100@0.4", "lora:dtd@0.2", "adapter:smallnorb_elevation@0.8",
                 "lora:kitti_distance@0.6"):

@@ -543,7 +543,13 @@ def test_an_installed_wheel_finds_its_reference_numbers_bench_tables_and_assets(
     zipfile.ZipFile(wheel).extractall(site)
     probe = ("import peftbench, peftbench.results.reference as r, peftbench.bench.estimate as e, peftbench.backbones as b;"
              "print(peftbench.__file__); print(r.default_reference_dir()); print(e.TABLES);"
-             "print(b.resolve_checkpoint('demo-vit', None))")
+             "print(b.resolve_checkpoint('demo-vit', None));"
+             "from peftbench.methods import METHODS; from peftbench.tasks import SUITES, get_task;"
+             "import peftbench.methods.vpt as v, peftbench.methods.spt.method as s;"
+             "print(v.PROMPT_LENGTHS); print(s.RELEASED); print(peftbench.methods.__file__);"
+             "print(len(METHODS.names()), len(SUITES.names()), file=__import__('sys').stderr);"
+             "m = METHODS.get('vpt-shallow'); print(m.resolve_options(m.parse_options({}), get_task('cifar100'))[0],"
+             " file=__import__('sys').stderr)")
     env = dict(_env(tmp_path), PYTHONPATH=str(site))
     out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True,
                          timeout=300)
@@ -551,3 +557,10 @@ def test_an_installed_wheel_finds_its_reference_numbers_bench_tables_and_assets(
     lines = [Path(x) for x in out.stdout.split()]
     assert all(str(x).startswith(str(site)) for x in lines), lines  # the wheel's copy, not the checkout
     assert (lines[1] / "vtab-top1.csv").is_file() and list(lines[2].glob("bench-cpu-*.csv")) and lines[3].is_file()
+    # the top-level plugin folders install inside the package, their per-task data beside them
+    assert lines[4].is_file() and lines[5].is_file() and lines[6] == site / "peftbench" / "methods" / "__init__.py"
+    from peftbench.methods import METHODS
+
+    builtin = [n for n, m in METHODS.items() if type(m).__module__.startswith("peftbench.methods.")]
+    assert out.stderr.split("\n")[0].split() == [str(len(builtin)), "3"], out.stderr  # demo, vtab, fgvc
+    assert "'prompt_tokens': 100" in out.stderr  # VPT-shallow's cifar100 length, read from the wheel's CSV

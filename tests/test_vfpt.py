@@ -132,7 +132,7 @@ def _printed(name: str) -> dict[str, dict[str, str]]:
 
 
 def test_paper_settings_reproduce_the_printed_tuned_total():
-    """P from tasks/data/vfpt_settings.csv with the task's head gives the paper's Tuned/Total (Tables S1-S4),
+    """P from methods/vfpt_settings.csv with the task's head gives the paper's Tuned/Total (Tables S1-S4),
     counted on ViT-B/16 (meta device): 100·(9,216·P + 769·C)/(85,798,656 + 9,216·P + 769·C)."""
     method = get_method("vfpt")
     printed = {**_printed("vtab-tuned_total_pct.csv")["VFPT"], **_printed("fgvc-tuned_total_pct.csv")["VFPT"]}

@@ -1,5 +1,5 @@
 """VPT's own per-task prompt lengths (vpt-deep / vpt-shallow ``prompt_tokens=auto``, docs/methods/vpt.md §7):
-every value in tasks/data/vpt_prompt_lengths.csv reproduces the printed per-task Tuned/Total."""
+every value in methods/vpt_prompt_lengths.csv reproduces the printed per-task Tuned/Total."""
 from __future__ import annotations
 
 import csv

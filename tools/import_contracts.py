@@ -1,8 +1,8 @@
 """peftbench's import contracts that import-linter's built-in types cannot say (pyproject.toml,
 ``[tool.importlinter]``; ``lint-imports`` runs them in .ci/run).
 
-Plugin modules are the public modules of the plugin packages (``peftbench/methods/<method>``,
-``peftbench/tasks/<suite>``, ``peftbench/data/layouts/<layout>``, ``peftbench/data/prepare/<suite>``,
+Plugin modules are the public modules of the plugin packages (``methods/<method>``,
+``tasks/<suite>``, ``peftbench/data/layouts/<layout>``, ``peftbench/data/prepare/<suite>``,
 ``peftbench/executors/<backend>``, ``peftbench/trackers/<tracker>``): no path component after the package
 starts with ``_``. They plug
 into the core, so they may import it up to the sweep layer; the core never imports them (their

@@ -9,7 +9,7 @@ each registering itself; a third-party package adds methods the same way and dec
 """
 from ..errors import OptionError
 from ..layers.tuned_vit import HEAD_BIAS_INIT, TunedViT, make_head
-from ._base import METHODS, Method, Option, get_method, register_method
+from ._base import AUTO, METHODS, Method, Option, PerTask, get_method, per_task_row, register_method
 from ._recipes import (
                        FULL_FT_LR_GRID,
                        FULL_FT_RECIPE,
@@ -22,6 +22,7 @@ from ._recipes import (
                        SuiteOverride,
 )
 
-__all__ = ["Method", "Option", "OptionError", "Recipe", "SuiteOverride", "TunedViT", "make_head", "HEAD_BIAS_INIT",
+__all__ = ["Method", "Option", "PerTask", "AUTO", "per_task_row", "OptionError",
+           "Recipe", "SuiteOverride", "TunedViT", "make_head", "HEAD_BIAS_INIT",
            "METHODS", "register_method", "get_method", "PROMPT_RECIPE", "LINEAR_RECIPE", "FULL_FT_RECIPE",
            "NOAH_RECIPE", "VPT_LR_GRID", "VPT_WD_GRID", "FULL_FT_LR_GRID"]

@@ -13,7 +13,7 @@ Two kinds of learnable prompts on a frozen timm ViT, plus a trained linear head:
   ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on GPU).
 
 ``prompt_tokens`` / ``kv_tokens`` = ``auto`` take the per-task values of the released ``command.txt``
-(docs/methods/e2vpt.md §6, data file ``tasks/data/e2vpt_prompt_lengths.csv``); tasks not listed get P=10, L=5. The
+(docs/methods/e2vpt.md §6, data file ``methods/e2vpt/prompt_lengths.csv``); tasks not listed get P=10, L=5. The
 run record's ``option_sources`` says where each value came from. P=0 and L=0 give exactly the frozen
 backbone (+ head).
 
@@ -22,17 +22,18 @@ Parameters (ViT-B/16, C classes): 9,216·P + 9,216·L + 769·C (shared K/V), 9,2
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from peftbench.layers.prompted_vit import PromptedViT
-from peftbench.methods import PROMPT_RECIPE, VPT_LR_GRID, Method, Option, OptionError, register_method
-from peftbench.tasks import per_task_value
+from peftbench.methods import PROMPT_RECIPE, VPT_LR_GRID, Method, Option, OptionError, PerTask, register_method
 
 from .kv_attention import KV_INITS, KVPromptAttention
 from .pruning import SEGMENTS, check_pattern, dense_mask, pattern_tensors, segment_index, zero_entries_per_layer
 
-PROMPT_LENGTHS_FILE = "e2vpt_prompt_lengths.csv"
+PROMPT_LENGTHS_FILE = Path(__file__).with_name("prompt_lengths.csv")
 FALLBACK_PROMPT_TOKENS = 10
 FALLBACK_KV_TOKENS = 5
 
@@ -131,23 +132,9 @@ def _as_count(name: str, value) -> int:
     return n
 
 
-def resolve_prompt_lengths(opts: dict, task) -> tuple[dict, dict]:
-    """``auto`` prompt lengths → the released per-task values (docs/methods/e2vpt.md §6) or the fallback."""
-    opts = dict(opts)
-    sources = {}
-    for key, fallback in (("prompt_tokens", FALLBACK_PROMPT_TOKENS), ("kv_tokens", FALLBACK_KV_TOKENS)):
-        if opts.get(key) == "auto":
-            value, source = per_task_value(PROMPT_LENGTHS_FILE, key, task, fallback)
-            opts[key] = int(value)
-            sources[key] = source
-        else:
-            opts[key] = _as_count(key, opts[key])
-    return opts, sources
-
-
-def _length(opts: dict, key: str, fallback: int) -> int:
-    value = opts.get(key, "auto")
-    return fallback if value == "auto" else _as_count(key, value)
+def check_prompt_lengths(opts: dict) -> dict:
+    """The prompt lengths as counts (after the per-task ``auto`` values are resolved)."""
+    return {**opts, **{key: _as_count(key, opts[key]) for key in ("prompt_tokens", "kv_tokens")}}
 
 
 FGVC_BATCH_SIZE = 128  # the released FGVC commands (VTAB: 64, the recipe's)
@@ -161,9 +148,11 @@ E2VPT_RECIPE = PROMPT_RECIPE.for_suite(
 
 E2VPT_OPTIONS = {
     "prompt_tokens": Option("auto", "visual prompt tokens P per layer (auto: command.txt per-task value, "
-                                    "docs/methods/e2vpt.md §6; else 10)", type=int, keywords=("auto",), min=0),
+                                    "docs/methods/e2vpt.md §6; else 10)", type=int, min=0,
+                            per_task=PerTask(PROMPT_LENGTHS_FILE, FALLBACK_PROMPT_TOKENS, column="prompt_tokens")),
     "kv_tokens": Option("auto", "key-value prompt tokens L per attention layer (auto: command.txt per-task "
-                                "value, docs/methods/e2vpt.md §6; else 5)", type=int, keywords=("auto",), min=0),
+                                "value, docs/methods/e2vpt.md §6; else 5)", type=int, min=0,
+                        per_task=PerTask(PROMPT_LENGTHS_FILE, FALLBACK_KV_TOKENS, column="kv_tokens")),
     "share_kv": Option(True, "one KV prompt tensor for keys and values (official SHARE_PARAM_KV=True); false: "
                              "separate K and V tensors (2x parameters)"),
     "dropout": Option(0.1, "dropout on the visual prompts (train mode only)", min=0.0, max=1.0),
@@ -182,12 +171,13 @@ class E2vpt(Method):
     fusable = True  # e2vpt-prune inherits it: its search stage fuses; later stages differ in options
 
     def resolve_options(self, opts, task):
-        return resolve_prompt_lengths(opts, task)
+        opts, sources = super().resolve_options(opts, task)
+        return check_prompt_lengths(opts), sources
 
     def build(self, backbone, num_classes, opts):
         return E2vptModel(
             backbone, num_classes,
-            prompt_tokens=_length(opts, "prompt_tokens", FALLBACK_PROMPT_TOKENS),
-            kv_tokens=_length(opts, "kv_tokens", FALLBACK_KV_TOKENS),
+            prompt_tokens=_as_count("prompt_tokens", opts["prompt_tokens"]),
+            kv_tokens=_as_count("kv_tokens", opts["kv_tokens"]),
             share_kv=bool(opts.get("share_kv", True)), dropout=float(opts.get("dropout", 0.1)),
             kv_init=str(opts.get("kv_init", "kaiming")))

@@ -17,19 +17,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 from peftbench._io import atomic_write, atomic_write_text
 from peftbench.data.loader import batches, epoch_order
 from peftbench.errors import PipelineError
-from peftbench.methods import Method, Option, Recipe, register_method
+from peftbench.methods import Method, Option, PerTask, Recipe, per_task_row, register_method
 from peftbench.sweep.protocols import select_best
-from peftbench.tasks import per_task_value
 from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import GpsModel, flat_index, top_k_per_row
 from .selection import accumulate_gradients, contrastive_augment
 
-SETTINGS_FILE = "gps_settings.csv"
+SETTINGS_FILE = Path(__file__).with_name("settings.csv")
 FALLBACK_K = 1
 FALLBACK_DROP_PATH = 0.0
 SELECTION = "selection.safetensors"
@@ -54,28 +54,17 @@ class Gps(Method):
     recipe = GPS_RECIPE
     options = {
         "K": Option("auto", "weights tuned per output neuron of every weight matrix (official --times_para; auto: the "
-                            "released per-task value, docs/methods/gps.md §4; else 1)", type=int, keywords=("auto",),
-                    min=1),
+                            "released per-task value, docs/methods/gps.md §4; else 1)", type=int, min=1,
+                    per_task=PerTask(SETTINGS_FILE, FALLBACK_K, column="K")),
         "drop_path": Option("auto", "stochastic depth of the backbone while selecting and training (auto: the released "
-                                    "per-task value; else 0)", type=float, keywords=("auto",), min=0.0, max=1.0),
+                                    "per-task value; else 0)", type=float, min=0.0, max=1.0,
+                            per_task=PerTask(SETTINGS_FILE, FALLBACK_DROP_PATH, column="drop_path")),
         "task_batch_size": Option(True, "use the released per-task batch size (16/32/64) under the vpt protocol unless "
                                         "--batch-size is given"),
     }
 
-    def resolve_options(self, opts, task):
-        opts, sources = dict(opts), {}
-        for key, fallback, kind in (("K", FALLBACK_K, int), ("drop_path", FALLBACK_DROP_PATH, float)):
-            if opts[key] == "auto":
-                value, source = per_task_value(SETTINGS_FILE, key, task, fallback)
-                opts[key] = kind(value)
-                sources[key] = source
-        return opts, sources
-
     def build(self, backbone, num_classes, opts):
-        K = opts.get("K", "auto")
-        dp = opts.get("drop_path", "auto")
-        return GpsModel(backbone, num_classes, FALLBACK_K if K == "auto" else int(K),
-                        FALLBACK_DROP_PATH if dp == "auto" else float(dp))
+        return GpsModel(backbone, num_classes, int(opts["K"]), float(opts["drop_path"]))
 
     # -- the pipeline -----------------------------------------------------------------------
     def pipeline(self, ctx, protocol):
@@ -89,10 +78,11 @@ class Gps(Method):
         base_search = {**protocol.base_hparams(ctx, "search"), **SCHEDULE}
         base_final = {**protocol.base_hparams(ctx, "final"), **SCHEDULE}
         if opts.get("task_batch_size", True) and not protocol.reduced_search and not ctx.overrides.get("batch_size"):
-            value, source = per_task_value(SETTINGS_FILE, "batch_size", ctx.task, None)
-            if value is not None:
-                base_search["batch_size"] = base_final["batch_size"] = int(value)
-                sources["batch_size"] = f"{value}: {source}"
+            row = per_task_row(SETTINGS_FILE, ctx.task)
+            if row.get("batch_size", "").strip():
+                value = int(row["batch_size"])
+                base_search["batch_size"] = base_final["batch_size"] = value
+                sources["batch_size"] = f"{value}: methods/gps/settings.csv [{ctx.task.name}]: {row.get('source', '')}"
         sources["schedule"] = "GPS: absolute lr, warm-up from 1e-7, cosine to 1e-8 (docs/methods/gps.md §4)"
         points = protocol.search_points(ctx)
         seed0 = ctx.seeds[0]

@@ -27,7 +27,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from peftbench.methods import Method, Option, Recipe, TunedViT, register_method
+from peftbench.methods import Method, Option, PerTask, Recipe, TunedViT, register_method
 
 # conf/experiment/vtab/adapter_plus_dim1-32.yaml (dataset_dim), by peftbench task name; fgvc/adapter_plus_dim1-32.yaml
 ADAPTER_PLUS_DIMS = {
@@ -120,25 +120,15 @@ class AdapterPlus(Method):
     recipe = ADAPTER_PLUS_RECIPE
     options = {
         "bottleneck": Option(DEFAULT_BOTTLENECK, "bottleneck width r (auto: the per-task r of adapter_plus_dim1-32)",
-                             type=int, keywords=("auto",), min=1),
+                             type=int, min=1,
+                             per_task=PerTask(ADAPTER_PLUS_DIMS, DEFAULT_BOTTLENECK, fallback_reason="task without a "
+                                              "per-task Adapter+ dim", source="visinf/adapter_plus@191c4ab "
+                                              "conf/experiment/*/adapter_plus_dim1-32.yaml")),
         "drop_path": DROP_PATH,
     }
 
-    def resolve_options(self, opts, task):
-        opts, sources = dict(opts), {}
-        if opts["bottleneck"] == "auto":
-            name = getattr(task, "name", None)
-            if name in ADAPTER_PLUS_DIMS:
-                opts["bottleneck"] = ADAPTER_PLUS_DIMS[name]
-                sources["bottleneck"] = (f"{opts['bottleneck']}: visinf/adapter_plus@191c4ab "
-                                         f"conf/experiment/*/adapter_plus_dim1-32.yaml [{name}]")
-            else:
-                opts["bottleneck"] = DEFAULT_BOTTLENECK
-                sources["bottleneck"] = f"{DEFAULT_BOTTLENECK}: default (task without a per-task Adapter+ dim)"
-        return opts, sources
-
     def build(self, backbone, num_classes, opts):
-        r = DEFAULT_BOTTLENECK if opts["bottleneck"] == "auto" else int(opts["bottleneck"])
+        r = int(opts["bottleneck"])
         adapters = []
         for i, block in enumerate(backbone.blocks):
             adapter = BottleneckAdapter(backbone.embed_dim, r, float(opts["drop_path"]), channel_scaling=True)

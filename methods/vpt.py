@@ -5,14 +5,17 @@
 * ``vpt-shallow``: prompts at the input only; 768·p parameters. Prompt dropout 0.0.
 
 ``prompt_tokens=auto`` takes the per-task prompt length of the VPT paper inferred from its per-task
-Tuned/Total (docs/methods/vpt.md, data file ``tasks/data/vpt_prompt_lengths.csv``) and 10 for other tasks; the
+Tuned/Total (docs/methods/vpt.md, data file ``methods/vpt_prompt_lengths.csv`` beside this one) and 10 for
+other tasks; the
 run record says which.
 """
+from pathlib import Path
+
 from peftbench.layers.prompted_vit import PromptedViT
-from peftbench.methods import PROMPT_RECIPE, Method, Option, register_method
-from peftbench.tasks import per_task_value
+from peftbench.methods import PROMPT_RECIPE, Method, Option, PerTask, register_method
 
 FALLBACK_TOKENS = 10
+PROMPT_LENGTHS = Path(__file__).with_name("vpt_prompt_lengths.csv")
 
 
 class _Vpt(Method):
@@ -20,26 +23,15 @@ class _Vpt(Method):
     recipe = PROMPT_RECIPE  # SGD, batch 64, 100 epochs, warm-up 10, lr x wd grid
     fusable = True
 
-    def resolve_options(self, opts, task):
-        opts = dict(opts)
-        sources = {}
-        if opts["prompt_tokens"] == "auto":
-            column = "vpt_deep" if self.deep else "vpt_shallow"
-            value, source = per_task_value("vpt_prompt_lengths.csv", column, task, FALLBACK_TOKENS)
-            opts["prompt_tokens"] = int(value)
-            sources["prompt_tokens"] = source
-        return opts, sources
-
     def build(self, backbone, num_classes, opts):
-        tokens = opts["prompt_tokens"]
-        tokens = FALLBACK_TOKENS if tokens == "auto" else int(tokens)
-        return PromptedViT(backbone, num_classes, tokens, deep=self.deep, dropout=float(opts["dropout"]))
+        return PromptedViT(backbone, num_classes, int(opts["prompt_tokens"]), deep=self.deep,
+                           dropout=float(opts["dropout"]))
 
 
-def _vpt_options(dropout: float) -> dict[str, Option]:
+def _vpt_options(dropout: float, column: str) -> dict[str, Option]:
     return {
-        "prompt_tokens": Option("auto", "prompt length p (auto: VPT paper's per-task value, else 10)",
-                                type=int, keywords=("auto",), min=0),
+        "prompt_tokens": Option("auto", "prompt length p (auto: VPT paper's per-task value, else 10)", type=int, min=0,
+                                per_task=PerTask(PROMPT_LENGTHS, FALLBACK_TOKENS, column=column)),
         "dropout": Option(dropout, "dropout on the prompt tokens", min=0.0, max=1.0),
     }
 
@@ -50,7 +42,7 @@ class VptDeep(_Vpt):
     aliases = ("vpt",)
     description = "VPT-deep: prompt tokens before every block (docs/methods/vpt.md)"
     deep = True
-    options = _vpt_options(dropout=0.1)
+    options = _vpt_options(dropout=0.1, column="vpt_deep")
 
 
 @register_method
@@ -58,4 +50,4 @@ class VptShallow(_Vpt):
     name = "vpt-shallow"
     description = "VPT-shallow: prompt tokens at the input only (docs/methods/vpt.md)"
     deep = False
-    options = _vpt_options(dropout=0.0)
+    options = _vpt_options(dropout=0.0, column="vpt_shallow")

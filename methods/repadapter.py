@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from peftbench.layers.merge import plain_vit
-from peftbench.methods import Method, Option, Recipe, TunedViT, register_method
+from peftbench.methods import Method, Option, PerTask, Recipe, TunedViT, register_method
 
 # official configs (luogen1996/RepAdapter configs/{repblock,repattn}/<task>.yaml): scale s
 REPBLOCK_TASKS = {
@@ -128,8 +128,11 @@ class RepAdapterMethod(Method):
     version = 1
     recipe = REPADAPTER_RECIPE
     options = {
-        "scale": Option("auto", "scale s (auto: the official per-task value, else 1)", type=float,
-                        keywords=("auto",), min=0.0),
+        "scale": Option("auto", "scale s (auto: the official per-task value, else 1)", type=float, min=0.0,
+                        per_task=PerTask({"both": REPBLOCK_TASKS, "attn": REPATTN_TASKS}, FALLBACK_SCALE, by="placement",
+                                         source={p: f"luogen1996/RepAdapter@360992f configs/{f}/<task>.yaml"
+                                                 for p, f in (("both", "repblock"), ("attn", "repattn"))},
+                                         fallback_reason="task without an official RepAdapter config")),
         "placement": Option("both", "both: before attention and MLP (repblock); attn: attention only (repattn)",
                             choices=("both", "attn")),
         "hidden": Option(8, "hidden width d (official: 8)", min=1),
@@ -137,22 +140,8 @@ class RepAdapterMethod(Method):
         "dropout": Option(0.1, "dropout between A and B (official: 0.1)", min=0.0, max=1.0),
     }
 
-    def resolve_options(self, opts, task):
-        opts, sources = dict(opts), {}
-        if opts["scale"] == "auto":
-            attn_only = opts["placement"] == "attn"
-            table, folder = (REPATTN_TASKS, "repattn") if attn_only else (REPBLOCK_TASKS, "repblock")
-            name = getattr(task, "name", None)
-            if name in table:
-                opts["scale"] = table[name]
-                sources["scale"] = f"{table[name]}: luogen1996/RepAdapter@360992f configs/{folder}/<task>.yaml [{name}]"
-            else:
-                opts["scale"] = FALLBACK_SCALE
-                sources["scale"] = f"{FALLBACK_SCALE}: default (task without an official RepAdapter config)"
-        return opts, sources
-
     def build(self, backbone, num_classes, opts):
-        scale = FALLBACK_SCALE if opts["scale"] == "auto" else float(opts["scale"])
+        scale = float(opts["scale"])
         targets = ("attn.qkv",) if opts["placement"] == "attn" else ("attn.qkv", "mlp.fc1")
         adapters = []
         for block in backbone.blocks:

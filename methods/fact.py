@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftbench.layers.merge import plain_vit
-from peftbench.methods import Method, Option, Recipe, TunedViT, register_method
+from peftbench.methods import Method, Option, PerTask, Recipe, TunedViT, register_method
 
 TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -178,25 +178,8 @@ class _FacT(Method):
     fusable = True  # the shared factors and cores stacked per configuration
     recipe = FACT_RECIPE
 
-    def resolve_options(self, opts, task):
-        opts, sources = dict(opts), {}
-        table = FACT_TK_TASKS if self.tucker else FACT_TT_TASKS
-        name = getattr(task, "name", None)
-        values = table.get(name)
-        folder = "tk" if self.tucker else "tt"
-        where = (f"JieShibo/PETL-ViT@026e4f1 FacT/configs/{folder}/<task>.yaml [{name}]" if values
-                 else "default: the most frequent official value (task without an official FacT config)")
-        values = values or FALLBACK[self.name]
-        for key, value in zip(("rank", "scale"), values):
-            if opts[key] == "auto":
-                opts[key] = value
-                sources[key] = f"{value}: {where}"
-        return opts, sources
-
     def build(self, backbone, num_classes, opts):
-        fallback_rank, fallback_scale = FALLBACK[self.name]
-        rank = fallback_rank if opts["rank"] == "auto" else int(opts["rank"])
-        scale = fallback_scale if opts["scale"] == "auto" else float(opts["scale"])
+        rank, scale = int(opts["rank"]), float(opts["scale"])
         dim, blocks = backbone.embed_dim, backbone.blocks
         hidden = blocks[0].mlp.fc1.out_features
         if hidden % dim:
@@ -220,11 +203,16 @@ class _FacT(Method):
         return model
 
 
-def _options(rank_help: str) -> dict[str, Option]:
+def _options(rank_help: str, table: dict, folder: str, fallback: tuple[int, float]) -> dict[str, Option]:
+    def per_task(column: int) -> PerTask:
+        return PerTask(table, fallback[column], column=column,
+                       source=f"JieShibo/PETL-ViT@026e4f1 FacT/configs/{folder}/<task>.yaml",
+                       fallback_reason="the most frequent official value; task without an official FacT config")
+
     return {
-        "rank": Option("auto", rank_help, type=int, keywords=("auto",), min=1),
-        "scale": Option("auto", "scale s of the update (auto: the official per-task value)", type=float,
-                        keywords=("auto",), min=0.0),
+        "rank": Option("auto", rank_help, type=int, min=1, per_task=per_task(0)),
+        "scale": Option("auto", "scale s of the update (auto: the official per-task value)", type=float, min=0.0,
+                        per_task=per_task(1)),
         "dropout": Option(0.1, "dropout on the core output (official: 0.1)", min=0.0, max=1.0),
     }
 
@@ -234,7 +222,8 @@ class FacTTT(_FacT):
     name = "fact-tt"
     description = "FacT-TT: tensor-train factor tuning of every qkv/proj/fc1/fc2 weight (docs/methods/fact.md)"
     tucker = False
-    options = _options("rank r (auto: the official per-task value in {4, 8, 16}, else 16)")
+    options = _options("rank r (auto: the official per-task value in {4, 8, 16}, else 16)", FACT_TT_TASKS, "tt",
+                       FALLBACK["fact-tt"])
 
 
 @register_method
@@ -244,4 +233,5 @@ class FacTTK(_FacT):
     aliases = ("fact",)
     description = "FacT-TK: Tucker factor tuning of every qkv/proj/fc1/fc2 weight (docs/methods/fact.md)"
     tucker = True
-    options = _options("rank r (auto: the official per-task value in {16, 32}, else 32)")
+    options = _options("rank r (auto: the official per-task value in {16, 32}, else 32)", FACT_TK_TASKS, "tk",
+                       FALLBACK["fact-tk"])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,6 @@ from peftbench.data.transforms import augmenter
 from peftbench.errors import OptionError, PipelineError
 from peftbench.methods import Method, Option, Recipe, register_method
 from peftbench.sweep.protocols import select_best
-from peftbench.tasks import data_file
 from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import STRUCTURED_INITS, SptModel, delta_layout, index_buffer_key
@@ -35,7 +35,7 @@ from .sensitivity import OPS, TARGET_BUDGETS, spt_tensors, sweep, unstructured_i
 SEARCH_BUDGETS = (0.2, 0.4, 0.6, 0.8)
 DEMO_BUDGET = 0.4  # a reduced search (demo protocol): one budget
 VIT_B_CANDIDATES = 85_056_000  # ViT-B/16 without patch embedding, position embedding and cls token
-RELEASED = "spt_released_masks.json"
+RELEASED = Path(__file__).with_name("released_masks.json")
 # official schedule: absolute lr, warm-up from 1e-6, cosine to 1e-5 (timm CosineLRScheduler)
 SCHEDULE = {"lr_scaling": False, "warmup_lr": 1e-6, "min_lr": 1e-5}
 SPT_RECIPE = Recipe(optimizer="adamw", batch_size=64, epochs=100, warmup_epochs=10, lr_grid=(0.001,),
@@ -47,10 +47,10 @@ SELECTION_OPTIONS = ("low_rank_dim", "alpha", "beta", "drop_path", "sensitivity_
 
 def released_selection(ref: str, kind: str) -> dict:
     """``released:[lora:|adapter:]<task>@<budget>``: the shape of an official released mask
-    (tasks/data/spt_released_masks.json: structured matrices, vectors, entry counts; no entries)."""
+    (methods/spt/released_masks.json: structured matrices, vectors, entry counts; no entries)."""
     body = ref.split(":", 1)[1]
     key = body if body.startswith(("lora:", "adapter:")) else f"{kind}:{body}"
-    data = json.loads(data_file(RELEASED).read_text())
+    data = json.loads(RELEASED.read_text())
     if key not in data["masks"]:
         known = sorted({k.split(":", 1)[1].split("@")[0] for k in data["masks"]})
         raise OptionError(f"option 'selection': no released SPT mask {key!r} (tasks: {', '.join(known)}; budgets "

@@ -11,22 +11,22 @@ exactly VPT-deep. ``fourier_dims`` = ``sequence`` / ``hidden`` are the paper's T
 (1-D transforms along one axis only).
 
 ``prompt_tokens`` / ``fourier_percentage`` = ``auto`` take the paper's per-task values (data file
-``tasks/data/vfpt_settings.csv``: α printed in Tables S1–S4, P inferred from their Tuned/Total); tasks
+``methods/vfpt_settings.csv``: α printed in Tables S1–S4, P inferred from their Tuned/Total); tasks
 not listed get P = 10, α = 0.5 (the official config default). Inference: the folded model of
 :class:`~peftbench.layers.prompted_vit.PromptedViT` (transformed prompts → fixed keys/values).
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from peftbench.layers.prompted_vit import PromptedViT
-from peftbench.methods import PROMPT_RECIPE, VPT_LR_GRID, Method, Option, OptionError, register_method
-from peftbench.tasks import per_task_value
+from peftbench.methods import PROMPT_RECIPE, VPT_LR_GRID, Method, Option, OptionError, PerTask, register_method
 
-SETTINGS_FILE = "vfpt_settings.csv"
+SETTINGS_FILE = Path(__file__).with_name("vfpt_settings.csv")
 FALLBACK_TOKENS = 10
 FALLBACK_PERCENTAGE = 0.5  # MODEL.PROMPT_FOURIER.FOURIER_PERCENTAGE default (src/configs/config.py)
 DIMS = ("all", "sequence", "hidden")
@@ -95,10 +95,12 @@ class Vfpt(Method):
     recipe = VFPT_RECIPE  # SGD momentum 0.9, batch 64, 100 epochs, warm-up 10, VPT lr x wd grid
     options = {
         "prompt_tokens": Option("auto", "prompt length P per layer (auto: the paper's per-task value, "
-                                        "docs/methods/vfpt.md §5; else 10)", type=int, keywords=("auto",), min=0),
+                                        "docs/methods/vfpt.md §5; else 10)", type=int, min=0,
+                                per_task=PerTask(SETTINGS_FILE, FALLBACK_TOKENS, column="prompt_tokens")),
         "fourier_percentage": Option("auto", "fraction α of each layer's prompts that are Fourier-transformed, "
                                              "m = floor(P·α) (auto: the paper's per-task value; else 0.5)",
-                                     type=float, keywords=("auto",), min=0.0, max=1.0),
+                                     type=float, min=0.0, max=1.0,
+                                     per_task=PerTask(SETTINGS_FILE, FALLBACK_PERCENTAGE, column="fourier_percentage")),
         "dropout": Option(0.1, "dropout on the prompts, before the transform (train mode only)", min=0.0, max=1.0),
         "fourier_dims": Option("all", "all: 2-D FFT over tokens and channels (the method); sequence / hidden: 1-D "
                                       "ablations (paper Table 5)", choices=DIMS),
@@ -107,21 +109,12 @@ class Vfpt(Method):
     }
 
     def resolve_options(self, opts, task):
-        opts, sources = dict(opts), {}
-        for key, fallback, kind in (("prompt_tokens", FALLBACK_TOKENS, int),
-                                    ("fourier_percentage", FALLBACK_PERCENTAGE, float)):
-            if opts[key] == "auto":
-                value, source = per_task_value(SETTINGS_FILE, key, task, fallback)
-                opts[key] = kind(value)
-                sources[key] = source
+        opts, sources = super().resolve_options(opts, task)
         check_settings(int(opts["prompt_tokens"]), float(opts["fourier_percentage"]))
         return opts, sources
 
     def build(self, backbone, num_classes, opts):
-        P = opts.get("prompt_tokens", "auto")
-        P = FALLBACK_TOKENS if P == "auto" else int(P)
-        alpha = opts.get("fourier_percentage", "auto")
-        alpha = FALLBACK_PERCENTAGE if alpha == "auto" else float(alpha)
+        P, alpha = int(opts["prompt_tokens"]), float(opts["fourier_percentage"])
         check_settings(P, alpha)
         return VfptModel(backbone, num_classes, P, alpha, dropout=float(opts.get("dropout", 0.1)),
                          dims=str(opts.get("fourier_dims", "all")), location=str(opts.get("fourier_location", "prepend")))

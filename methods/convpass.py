@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from peftbench.layers.adapters import QuickGELU
-from peftbench.methods import Method, Option, Recipe, TunedViT, register_method
+from peftbench.methods import Method, Option, PerTask, Recipe, TunedViT, register_method
 
 # official configs (JieShibo/PETL-ViT convpass/vtab/configs/{convpass,convpass_attn}/<task>.yaml): scale, xavier_init
 CONVPASS_TASKS = {
@@ -42,7 +42,11 @@ CONVPASS_ATTN_TASKS = {  # every convpass_attn config has xavier_init True
     "dsprites_location": 10.0, "dsprites_orientation": 1.0, "smallnorb_azimuth": 100.0, "smallnorb_elevation": 1.0,
 }
 FALLBACK_SCALE, FALLBACK_XAVIER = 1.0, False  # tasks without an official config (demo, FGVC)
-SOURCE = "JieShibo/PETL-ViT@026e4f1 convpass/vtab/configs/{}/<task>.yaml"
+# the per-task values by placement (both: Convpass, attn: Convpass_attn), as (scale, xavier_init)
+TABLES = {"both": CONVPASS_TASKS, "attn": {t: (s, True) for t, s in CONVPASS_ATTN_TASKS.items()}}
+SOURCES = {p: f"JieShibo/PETL-ViT@026e4f1 convpass/vtab/configs/{folder}/<task>.yaml"
+           for p, folder in (("both", "convpass"), ("attn", "convpass_attn"))}
+NO_CONFIG = "task without an official Convpass config"
 
 
 class ConvpassAdapter(nn.Module):
@@ -111,36 +115,19 @@ class Convpass(Method):
     recipe = CONVPASS_RECIPE
     options = {
         "scale": Option("auto", "scale s of the bypass output (auto: the official per-task value, else 1)",
-                        type=float, keywords=("auto",), min=0.0),
+                        type=float, min=0.0, per_task=PerTask(TABLES, FALLBACK_SCALE, column=0, by="placement",
+                                                              source=SOURCES, fallback_reason=NO_CONFIG)),
         "xavier_init": Option("auto", "conv init: true = xavier-uniform, false = identity (auto: per task, else false)",
-                              type=bool, keywords=("auto",)),
+                              type=bool, per_task=PerTask(TABLES, FALLBACK_XAVIER, column=1, by="placement",
+                                                          source=SOURCES, fallback_reason=NO_CONFIG)),
         "placement": Option("both", "both: attention and MLP (Convpass); attn: attention only (Convpass_attn)",
                             choices=("both", "attn")),
         "hidden": Option(8, "hidden width d of the bypass (official: 8)", min=1),
         "dropout": Option(0.1, "dropout before the up-projection (official: 0.1)", min=0.0, max=1.0),
     }
 
-    def resolve_options(self, opts, task):
-        opts, sources = dict(opts), {}
-        attn_only = opts["placement"] == "attn"
-        name = getattr(task, "name", None)
-        folder = "convpass_attn" if attn_only else "convpass"
-        if attn_only:
-            known = name in CONVPASS_ATTN_TASKS
-            scale, xavier = (CONVPASS_ATTN_TASKS[name], True) if known else (FALLBACK_SCALE, FALLBACK_XAVIER)
-        else:
-            known = name in CONVPASS_TASKS
-            scale, xavier = CONVPASS_TASKS[name] if known else (FALLBACK_SCALE, FALLBACK_XAVIER)
-        where = f"{SOURCE.format(folder)} [{name}]" if known else "default (task without an official Convpass config)"
-        for key, value in (("scale", scale), ("xavier_init", xavier)):
-            if opts[key] == "auto":
-                opts[key] = value
-                sources[key] = f"{value}: {where}"
-        return opts, sources
-
     def build(self, backbone, num_classes, opts):
-        scale = FALLBACK_SCALE if opts["scale"] == "auto" else float(opts["scale"])
-        xavier = FALLBACK_XAVIER if opts["xavier_init"] == "auto" else bool(opts["xavier_init"])
+        scale, xavier = float(opts["scale"]), bool(opts["xavier_init"])
         if backbone.num_prefix_tokens != 1:
             raise ValueError(f"convpass needs exactly one prefix (CLS) token, the backbone has {backbone.num_prefix_tokens}")
         grid = backbone.patch_embed.grid_size

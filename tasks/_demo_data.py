@@ -360,7 +360,7 @@ def materialise(task: str, task_dir: Path, seed: int = 0) -> None:
         raise
 
 
-if __name__ == "__main__":  # python peftbench/tasks/_demo_data.py OUT_DIR [seed]: materialise all tasks
+if __name__ == "__main__":  # python tasks/_demo_data.py OUT_DIR [seed]: materialise all tasks
     import sys
     import time
 

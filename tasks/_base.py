@@ -134,7 +134,7 @@ def _register_object(obj: object, provider: str) -> None:
         raise TypeError(f"a peftbench.tasks entry point must name a module, a Task or a Suite, got {obj!r}")
 
 
-# built-in suites: peftbench/tasks/<suite>.py; plugins: the `peftbench.tasks` entry-point group
+# built-in suites: tasks/<suite>.py; plugins: the `peftbench.tasks` entry-point group
 TASKS: Registry[Task] = _TaskRegistry("task", builtin="peftbench.tasks", group="peftbench.tasks",
                                       register_object=_register_object)
 SUITES: Registry[Suite] = Registry("suite", loader=TASKS.load)  # registered by the same plugins

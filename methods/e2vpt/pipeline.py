@@ -60,13 +60,9 @@ from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import (
     E2VPT_OPTIONS,
-    FALLBACK_KV_TOKENS,
-    FALLBACK_PROMPT_TOKENS,
     E2vpt,
     E2vptPruneModel,
     _as_count,
-    _length,
-    resolve_prompt_lengths,
 )
 from .pruning import (
     DEMO_SEGMENT_LEVELS,
@@ -127,7 +123,7 @@ class E2vptPrune(E2vpt):
     bench_options = {"prune_tokens": 5, "prune_segments": 8}
 
     def resolve_options(self, opts, task):
-        opts, sources = resolve_prompt_lengths(opts, task)
+        opts, sources = super().resolve_options(opts, task)
         P = opts["prompt_tokens"]
         for key, limit in (("prune_tokens", P), ("prune_segments", SEGMENTS)):
             n = _optional_count(opts, key)
@@ -137,14 +133,14 @@ class E2vptPrune(E2vpt):
         return opts, sources
 
     def build(self, backbone, num_classes, opts):
-        P = _length(opts, "prompt_tokens", FALLBACK_PROMPT_TOKENS)
+        P = _as_count("prompt_tokens", opts["prompt_tokens"])
         pattern = opts.get("mask")
         n_tok, n_seg = _optional_count(opts, "prune_tokens"), _optional_count(opts, "prune_segments")
         if pattern is None and (n_tok is not None or n_seg is not None):
             pattern = first_pattern(P, n_tok or 0, n_seg or 0)
         return E2vptPruneModel(
             backbone, num_classes, prompt_tokens=P,
-            kv_tokens=_length(opts, "kv_tokens", FALLBACK_KV_TOKENS),
+            kv_tokens=_as_count("kv_tokens", opts["kv_tokens"]),
             share_kv=bool(opts.get("share_kv", True)), dropout=float(opts.get("dropout", 0.1)),
             kv_init=str(opts.get("kv_init", "kaiming")), segment_layout=str(opts.get("segment_layout", "interleaved")),
             train_masks=bool(opts.get("train_masks", True)), pattern=pattern)

@@ -1,6 +1,6 @@
 """What a method plugin is: its options, its training recipe and how it turns a backbone into a model.
 
-A plugin is one file in ``peftbench/methods/`` (or in any package that declares a ``peftbench.methods``
+A plugin is one file in ``methods/`` (or in any package that declares a ``peftbench.methods``
 entry point) with a :class:`Method` subclass decorated by :func:`register_method`::
 
     @register_method
@@ -20,8 +20,11 @@ says, keeps every module except ``model.train_modules`` in eval mode, and counts
 """
 from __future__ import annotations
 
+import csv
+import functools
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Generator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generator, Mapping
 
 from torch import nn
 
@@ -40,13 +43,88 @@ if TYPE_CHECKING:  # the hooks' argument types (no runtime import: the sweep lay
 # Options
 # ---------------------------------------------------------------------------------------------
 
+AUTO = "auto"  # the value of an option with a per-task value that says "take the task's value"
+PACKAGE_DIR = Path(__file__).parent  # the built-in methods' folder (data files are shown relative to it)
+
+
+@dataclass(frozen=True)
+class PerTask:
+    """Where an option's per-task value comes from, as data beside the method (timm keeps ``default_cfgs``
+    beside a model): ``Option("auto", ..., per_task=PerTask(...))``.
+
+    ``table`` is a CSV file (a path, usually ``Path(__file__).with_name(...)``: one row per task, a ``task``
+    column, the value in ``column``, an optional ``source`` column) or a mapping {task name: value} (``column``:
+    an index into a tuple value). ``by`` names another option whose value picks the table: ``table`` is then
+    {that option's value: table}. ``source`` says where the values come from (repository@commit:path or a
+    paper's table); it may use ``{task}`` and the options (``{placement}``), and with ``by`` it may be a mapping
+    like ``table``. A task without a value (or no task,
+    e.g. ``peftbench params``) gets ``fallback``, and the run records say which."""
+
+    table: Any
+    fallback: Any
+    column: str | int | None = None
+    source: Any = ""
+    by: str | None = None
+    fallback_reason: str = "task without a per-task value"
+
+    def lookup(self, task: "Task | None", opts: Mapping[str, Any]) -> tuple[Any, str]:
+        """(value, where it came from) for ``task`` under the other options ``opts``."""
+        table = self.table[opts[self.by]] if self.by else self.table
+        source = self.source[opts[self.by]] if self.by and isinstance(self.source, Mapping) else self.source
+        name = getattr(task, "name", None)
+        fields = {**{k: v for k, v in opts.items() if isinstance(v, (str, int, float, bool))}, "task": name}
+        if isinstance(table, Path):
+            shown = _shown(table)
+            row = _csv_rows(str(table)).get(name) if name else None
+            value = (row or {}).get(str(self.column), "").strip()
+            if value:
+                src = source.format(**fields) if source else (row or {}).get("source", "").strip()
+                return value, f"{shown} [{name}]" + (f": {src}" if src else "")
+            return self.fallback, f"default {self.fallback} (task not in {shown})"
+        if name in table:
+            value = table[name]
+            if self.column is not None:
+                value = value[self.column]
+            return value, f"{value}: {source.format(**fields)} [{name}]" if source else f"{value} [{name}]"
+        return self.fallback, f"{self.fallback}: default ({self.fallback_reason})"
+
+
+def _shown(path: Path) -> str:
+    try:
+        return "methods/" + path.relative_to(PACKAGE_DIR).as_posix()
+    except ValueError:
+        return path.name
+
+
+@functools.lru_cache(maxsize=None)
+def _csv_rows(path: str) -> dict[str, dict[str, str]]:
+    """The rows of a per-task CSV by canonical task name (``#`` lines are comments)."""
+    from ..tasks import TASKS
+
+    rows = {}
+    with open(path, newline="", encoding="utf-8") as fh:
+        for lineno, row in enumerate(csv.DictReader(line for line in fh if not line.startswith("#")), 2):
+            try:
+                rows[TASKS.canonical(row["task"])] = row
+            except KeyError as exc:
+                raise ValueError(f"{path}: row {lineno}: {exc}") from None
+    return rows
+
+
+def per_task_row(table: Path, task: "Task | None") -> dict[str, str]:
+    """The row of ``task`` in a per-task CSV beside a method ({} when it has none): values an option does not
+    hold (e.g. a recipe's per-task batch size)."""
+    name = getattr(task, "name", None)
+    return dict(_csv_rows(str(table)).get(name) or {}) if name else {}
+
 
 @dataclass(frozen=True)
 class Option:
     """A method option: ``--set <method>.<name>=<value>`` (or ``--set <name>=<value>``).
 
     Values are converted to ``type`` (default: the type of ``default``); ``keywords`` are literal
-    values accepted as they are (e.g. ``"auto"`` for a per-task value)."""
+    values accepted as they are. ``per_task``: the option takes a per-task value when it is ``"auto"``
+    (:class:`PerTask`; ``"auto"`` is then a keyword), resolved by :meth:`Method.resolve_options`."""
 
     default: Any
     help: str
@@ -55,6 +133,11 @@ class Option:
     keywords: tuple[str, ...] = ()
     min: float | None = None  # bounds of a numeric value (inclusive)
     max: float | None = None
+    per_task: PerTask | None = None
+
+    def __post_init__(self):
+        if self.per_task is not None and AUTO not in self.keywords:
+            object.__setattr__(self, "keywords", (*self.keywords, AUTO))
 
     def parse(self, name: str, raw: Any) -> Any:
         """Convert a command-line string (or a value from a file) to the option's type."""
@@ -145,8 +228,15 @@ class Method:
         return opts
 
     def resolve_options(self, opts: dict[str, Any], task: "Task | None") -> tuple[dict[str, Any], dict[str, str]]:
-        """Per-task option values (e.g. released prompt lengths) and where each value came from."""
-        return dict(opts), {}
+        """The options for ``task`` (None: no task, e.g. ``peftbench params``): every option with a
+        :class:`PerTask` that is ``"auto"`` takes its per-task value (or its fallback), and where each value
+        came from. A method that checks combinations of options overrides this and calls it first."""
+        opts, sources = dict(opts), {}
+        for key, option in self.options.items():
+            if option.per_task is not None and opts.get(key) == AUTO:
+                value, sources[key] = option.per_task.lookup(task, opts)
+                opts[key] = option.parse(key, value)
+        return opts, sources
 
     # -- protocol hooks -----------------------------------------------------------------------
     def pipeline(self, ctx: "PlanContext", protocol: "EvalProtocol") -> Generator[list, list, None]:
@@ -172,7 +262,7 @@ def _register_object(obj: object, provider: str) -> None:
     METHODS.add(obj.name, obj, obj.aliases, provider)
 
 
-# built-in methods: the public modules of peftbench/methods/; plugins: the `peftbench.methods` entry points
+# built-in methods: the public modules of methods/; plugins: the `peftbench.methods` entry points
 METHODS: Registry[Method] = Registry("method", builtin="peftbench.methods", group="peftbench.methods",
                                      register_object=_register_object)
 
