@@ -1,5 +1,6 @@
 """Successive halving (--search halving): rungs on the full schedule, survivors resume from their rung
 state and end with exactly the grid's record; finished rungs are never recomputed; the budget formula."""
+import dataclasses
 import json
 
 import pytest
@@ -298,3 +299,23 @@ def test_fused_halving_equals_halving_run_by_run(data_root, tmp_path):
             assert rf.top1 == pytest.approx(ra.top1, abs=1e-5)
             assert rf.get("resumed_from") == ra.get("resumed_from")
     assert a["final"][0].key == f["final"][0].key
+
+
+@pytest.mark.parametrize("method", ["gps", "spt-lora"])
+def test_halving_applies_to_methods_with_their_own_stages(method, data_root):
+    """GPS and SPT emit their search through search_stage: --search halving plans rungs for them (their
+    selection jobs first, the rungs, then the finals), and every run after the search records it."""
+    settings = SweepSettings(methods=[method], suite="testsuite", tasks=["toy"], data_root=str(data_root),
+                             backbone=TINY_BACKBONE, seeds=[1], search=Search("halving"),
+                             overrides={"epochs": 10, "batch_size": 16, "lr_grid": (0.1, 0.2, 0.4, 0.8),
+                                        "wd_grid": (0.0,)})
+    specs = count_runs(plan(settings))
+    stages = [s.stage for s in specs]
+    jobs = [s for s in specs if s.job != "train"]
+    assert jobs and all(stages.index(s.stage) < stages.index("search-rung1") for s in jobs)
+    n = stages.count("search-rung1")
+    assert n >= 4 and 0 < stages.count("search-rung2") < n and stages.count("search") < stages.count("search-rung2")
+    assert all(s.hparams["stop_epoch"] < 10 for s in specs if s.stage.startswith("search-rung"))
+    assert all(s.search == "halving" for s in specs if s.job == "train")
+    grid = count_runs(plan(dataclasses.replace(settings, search=Search("grid"))))
+    assert sum(s.stage == "search" for s in grid) == n  # the grid trains every point of the same search fully

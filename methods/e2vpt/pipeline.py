@@ -55,7 +55,7 @@ from peftbench.data.loader import batches, epoch_order
 from peftbench.data.transforms import augmenter
 from peftbench.errors import PipelineError
 from peftbench.methods import Option, OptionError, register_method
-from peftbench.sweep.protocols import search_stage
+from peftbench.sweep.stages import chosen, final_stage, job_stage, search_stage
 from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import (
@@ -178,39 +178,33 @@ class E2vptPrune(E2vpt):
 
         seed0 = ctx.seeds[0]
         points = protocol.search_points(search_ctx)
-        searched = ctx.search_used(points)  # every stage after the search was planned by it
 
         def spec(stage, role, hp, seed, **kw):
-            s = ctx.spec(stage, role, hp, seed, search=searched, **kw)
-            return dataclasses.replace(s, option_sources=dict(sources))
+            return dataclasses.replace(ctx.spec(stage, role, hp, seed, **kw), option_sources=dict(sources))
 
         # A. lr x wd search (grid, or successive halving: --search), masks present and trainable
+        choice = dict(points[0])
         if len(points) > 1:
-            base = protocol.base_hparams(ctx, "search")
-            best = yield from search_stage(ctx, points, base,
-                                           lambda stage, hp: spec(stage, "search", hp, seed0, options=model_opts))
-            chosen = {k: best.hparams[k] for k in ("lr", "wd")}
-        else:
-            chosen = dict(points[0])
-        hp = {**protocol.base_hparams(ctx, "final"), **chosen}
+            best = yield from search_stage(ctx, points, protocol.base_hparams(ctx, "search"),
+                                           lambda stage, hp, i: spec(stage, "search", hp, seed0, options=model_opts))
+            choice = chosen(best)
+        hp = {**protocol.base_hparams(ctx, "final"), **choice}
 
         # B. retrain once with the chosen hyper-parameters, keep the initial and final weights
         before = spec("before_pruning", "search", hp, seed0, options=model_opts,
                       extras={"save_init": True, "save_final": True})
-        (rec_b,) = yield [before]
-        if not rec_b.usable:
-            raise PipelineError(f"stage before_pruning did not finish ({rec_b.status}): {rec_b.error}")
+        yield from job_stage(ctx, [before], "before_pruning")
 
         # C. importance scores from the mask gradients (no training)
         importance = spec("importance", "search", {"batch_size": hp["batch_size"]}, seed0, job="importance",
                           options=model_opts, extras={"init_state": f"{before.key}.final.safetensors"})
-        (rec_c,) = yield [importance]
-        if rec_c.status == "planned" or ctx.dry_run:
+        records = yield from job_stage(ctx, [importance], "importance")
+        if records is None:  # a dry run: placeholder scores
             scores = zero_scores(P)
-        elif rec_c.status != "ok" or not rec_c.get("scores"):
-            raise PipelineError(f"stage importance did not finish ({rec_c.status}): {rec_c.error}")
+        elif not records[0].get("scores"):
+            raise PipelineError(f"stage importance did not finish: its record {importance.key} has no scores")
         else:
-            scores = rec_c.get("scores")
+            scores = records[0].get("scores")
 
         # D. candidate masks
         patterns = candidate_patterns(scores, opts["score"], pairs)
@@ -218,24 +212,27 @@ class E2vptPrune(E2vpt):
             p["scores_from"] = f"{importance.key}.scores.json"
             p["layout"] = opts["segment_layout"]
 
-        # E. rewind: retrain every candidate with fixed, frozen 0/1 masks
+        # E. rewind: retrain every candidate with fixed, frozen 0/1 masks; best val top-1, tie -> larger n_tok, n_seg
+        #    (a search over the candidates: --search halving applies to it too)
         if opts["rewind_init"] == "saved":
             rewind_seed, init_extras = seed0, {"init_state": f"{before.key}.init.safetensors"}
         else:
             rewind_seed, init_extras = seed0 + FRESH_SEED_OFFSET, {}
-        rewinds = [spec("rewind", "search", hp, rewind_seed, options={**opts, "mask": p},
-                        extras={"candidate": f"{p['n_tok']}x{p['n_seg']}", **init_extras}) for p in patterns]
-        records = yield rewinds
-        ok = [(r, p) for r, p in zip(records, patterns) if r.usable]
-        if not ok:
-            raise PipelineError(f"no usable rewind run ({len(records)} runs: "
-                                f"{', '.join(sorted({str(r.status) for r in records}))})")
-        _, mask = max(ok, key=lambda rp: (rp[0].top1, rp[1]["n_tok"], rp[1]["n_seg"]))
+
+        def candidate(i: int) -> dict:
+            return {"candidate": f"{patterns[i]['n_tok']}x{patterns[i]['n_seg']}", **init_extras}
+
+        best = yield from search_stage(
+            ctx, [{} for _ in patterns], hp,
+            lambda stage, h, i: spec(stage, "search", h, rewind_seed, options={**opts, "mask": patterns[i]},
+                                     extras=candidate(i)),
+            name="rewind", tie=lambda i: (-patterns[i]["n_tok"], -patterns[i]["n_seg"]))
+        pick = next(i for i in range(len(patterns)) if candidate(i)["candidate"] == best.spec["extras"]["candidate"])
 
         # F. final seeds with the chosen masks
-        final_seeds = ctx.seeds
-        yield [spec("final", "final", hp, s, options={**opts, "mask": mask},
-                    extras={"candidate": f"{mask['n_tok']}x{mask['n_seg']}", **init_extras}) for s in final_seeds]
+        yield from final_stage(ctx, hp, lambda stage, h, seed: spec(stage, "final", h, seed,
+                                                                    options={**opts, "mask": patterns[pick]},
+                                                                    extras=candidate(pick)))
 
     # -- stage C ------------------------------------------------------------------------------
     def run_job(self, job, spec, store, env):

@@ -21,9 +21,8 @@ from pathlib import Path
 
 from peftbench._io import atomic_write, atomic_write_text
 from peftbench.data.loader import batches, epoch_order
-from peftbench.errors import PipelineError
 from peftbench.methods import Method, Option, PerTask, Recipe, per_task_row, register_method
-from peftbench.sweep.protocols import select_best
+from peftbench.sweep.stages import chosen, final_stage, job_stage, search_stage
 from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import GpsModel, flat_index, top_k_per_row
@@ -89,22 +88,18 @@ class Gps(Method):
         roles = ["search", "final"] if len(points) > 1 else ["final"]
         jobs = {role: spec("gradients", role, {"batch_size": (base_search if role == "search" else base_final)[
             "batch_size"]}, seed0, job="gradients", options=sel_opts) for role in roles}
-        records = yield list(jobs.values())
-        for rec in records:
-            if not ctx.dry_run and rec.status != "planned" and str(rec.status) != "ok":
-                raise PipelineError(f"stage gradients did not finish ({rec.status}): {rec.error}")
+        yield from job_stage(ctx, list(jobs.values()), "gradients")
 
         def selection(role):
             return {"init_state": f"{jobs[role].key}.{SELECTION}"}
 
+        choice = dict(points[0])
         if len(points) > 1:
-            records = yield [spec("search", "search", {**base_search, **p}, seed0, extras=selection("search"))
-                             for p in points]
-            best = select_best(records)
-            chosen = {k: best.hparams[k] for k in ("lr", "wd")}
-        else:
-            chosen = dict(points[0])
-        yield [spec("final", "final", {**base_final, **chosen}, s, extras=selection("final")) for s in ctx.seeds]
+            best = yield from search_stage(ctx, points, base_search, lambda stage, hp, i: spec(
+                stage, "search", hp, seed0, extras=selection("search")))
+            choice = chosen(best)
+        yield from final_stage(ctx, {**base_final, **choice},
+                               lambda stage, hp, seed: spec(stage, "final", hp, seed, extras=selection("final")))
 
     # -- stage 1 -----------------------------------------------------------------------------
     def run_job(self, job, spec, store, env):

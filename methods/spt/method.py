@@ -26,7 +26,7 @@ from peftbench.data.loader import batches
 from peftbench.data.transforms import augmenter
 from peftbench.errors import OptionError, PipelineError
 from peftbench.methods import Method, Option, Recipe, register_method
-from peftbench.sweep.protocols import select_best
+from peftbench.sweep.stages import chosen, final_stage, job_stage, search_stage
 from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import STRUCTURED_INITS, SptModel, delta_layout, index_buffer_key
@@ -127,13 +127,13 @@ class _Spt(Method):
         seed0 = ctx.seeds[0]
         job = spec("sensitivity", "search", {"batch_size": int(opts["sensitivity_batch_size"])}, seed0,
                    job="sensitivity", options={k: opts[k] for k in SELECTION_OPTIONS})
-        (rec,) = yield [job]
-        if ctx.dry_run or rec.status == "planned":
+        records = yield from job_stage(ctx, [job], "sensitivity")
+        if records is None:  # a dry run: placeholder selections
             selections = {str(b): {"structured": [], "vectors": [], "unstructured": {}} for b in TARGET_BUDGETS}
-        elif str(rec.status) != "ok" or not rec.get("selections"):
-            raise PipelineError(f"stage sensitivity did not finish ({rec.status}): {rec.error}")
+        elif not records[0].get("selections"):
+            raise PipelineError(f"stage sensitivity did not finish: its record {job.key} has no selections")
         else:
-            selections = rec.get("selections")
+            selections = records[0].get("selections")
         available = {float(b) for b in selections}
         if opts["budget"] != "search":
             budgets = (float(opts["budget"]),)
@@ -157,18 +157,15 @@ class _Spt(Method):
 
         base_s = {**protocol.base_hparams(ctx, "search"), **SCHEDULE}
         base_f = {**protocol.base_hparams(ctx, "final"), **SCHEDULE}
-        points = [(b, p) for b in budgets for p in protocol.search_points(ctx)]
-        if len(points) > 1:
-            specs = [spec("search", "search", {**base_s, **p}, seed0, options=run_opts(b), extras=extras(b))
-                     for b, p in points]
-            records = yield specs
-            best = select_best(records)
-            b_star = next(b for (b, _), r in zip(points, records) if r is best)
-            chosen = {k: best.hparams[k] for k in ("lr", "wd")}
-        else:
-            b_star, chosen = points[0][0], dict(points[0][1])
-        yield [spec("final", "final", {**base_f, **chosen}, s, options=run_opts(b_star), extras=extras(b_star))
-               for s in ctx.seeds]
+        grid = [(b, p) for b in budgets for p in protocol.search_points(ctx)]  # every budget x every (lr, wd)
+        points = [p for _, p in grid]
+        b_star, choice = grid[0][0], dict(points[0])
+        if len(grid) > 1:
+            best = yield from search_stage(ctx, points, base_s, lambda stage, hp, i: spec(
+                stage, "search", hp, seed0, options=run_opts(grid[i][0]), extras=extras(grid[i][0])))
+            b_star, choice = float(best.spec["options"]["budget"]), chosen(best)
+        yield from final_stage(ctx, {**base_f, **choice}, lambda stage, hp, seed: spec(
+            stage, "final", hp, seed, options=run_opts(b_star), extras=extras(b_star)))
 
     # -- stage 1 -----------------------------------------------------------------------------
     def run_job(self, job, spec, store, env):

@@ -9,11 +9,13 @@ from ..tasks import Task, task_splits
 from .layouts import Split, layout_of
 
 
-def split_size(task: Task, data_root: str | Path, split: str) -> int | None:
+def split_size(task: Task, data_root: str | Path | None, split: str) -> int | None:
     """The number of images of ``split``: the task's declared size, else the length of its list file;
-    None when neither is there (nothing is raised: estimates only)."""
+    None when neither is there, or no data root is known (nothing is raised: estimates only)."""
     if split in task.split_sizes:
         return task.split_sizes[split]
+    if not data_root:
+        return None
     try:
         return len(read_split(task, Path(data_root), split))
     except Exception:  # noqa: BLE001 - a missing or broken list only means no estimate

@@ -34,14 +34,16 @@ class Outcome:
     diverged: int = 0
 
 
-def drive(contexts: list[PlanContext], executor: Executor, store: RunStore,
+def drive(contexts: list[PlanContext], executor: Executor, store: RunStore | None,
           journal: Journal | None = None) -> list[Outcome]:
     """Advance every pipeline stage by stage until all are done (``journal``: where each stage's runs
-    are written down before they start, for ``peftbench status``)."""
+    are written down before they start, for ``peftbench status``; ``store`` None: a dry run, nothing is
+    read or written)."""
     outcomes = [Outcome(ctx) for ctx in contexts]
     gens = {}
     pending: dict[int, list[RunSpec]] = {}
     for i, ctx in enumerate(contexts):
+        ctx = dataclasses.replace(ctx, searched="grid")  # the pipeline's own state (a context can be driven again)
         gen = ctx.method.pipeline(ctx, ctx.protocol)
         gens[i] = gen
         _advance(i, gen, None, pending, outcomes)
@@ -68,10 +70,10 @@ def searches_of(rec: RunRecord) -> list[str]:
     return list(rec.get("searches") or [str(rec.spec.get("search") or "grid")])
 
 
-def note_search(spec: RunSpec, rec: RunRecord, store: RunStore) -> RunRecord:
+def note_search(spec: RunSpec, rec: RunRecord, store: RunStore | None) -> RunRecord:
     """A finished run that another search planned first (the same key: a grid run that a halving sweep
     reuses as its last rung or final run) gets this sweep's search added to its ``searches``."""
-    if not rec.is_final or spec.search in searches_of(rec):
+    if store is None or not rec.is_final or spec.search in searches_of(rec):
         return rec
 
     def add(r: RunRecord) -> bool:
@@ -102,7 +104,7 @@ class DryExecutor:
     def __init__(self):
         self.specs: list[RunSpec] = []
 
-    def run(self, specs: list[RunSpec], store: RunStore) -> list[RunRecord]:
+    def run(self, specs: list[RunSpec], store: RunStore | None) -> list[RunRecord]:
         self.specs.extend(specs)
         return [planned(s) for s in specs]
 
@@ -110,7 +112,7 @@ class DryExecutor:
 def count_runs(contexts: list[PlanContext]) -> list[RunSpec]:
     """All runs a sweep needs (stages that depend on results use placeholder selections)."""
     dry = DryExecutor()
-    drive([dataclasses.replace(ctx, dry_run=True) for ctx in contexts], dry, RunStore("/nonexistent"))
+    drive([dataclasses.replace(ctx, dry_run=True) for ctx in contexts], dry, None)
     return dry.specs
 
 

@@ -126,12 +126,13 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
     if check_data:
         create_backbone(backbone, settings.checkpoint)  # weights that do not fit fail here, not mid-sweep
     ck_id = checkpoint_id(backbone, settings.checkpoint)
+    data_root: Path | None
     try:
         data_root = Path(settings.data_root) if settings.data_root else default_data_root(suite)
     except DataError:
         if check_data:
             raise
-        data_root = Path("DATA-ROOT-UNSET")  # planning only (--dry-run)
+        data_root = None  # planning only (--dry-run): the runs' keys do not depend on where the data is
     if check_data and settings.verify_data:  # every defect of every task, before any compute
         require_verified(tasks, data_root)
     precision = settings.precision or protocol.default_precision(torch.device(settings.device).type)
@@ -142,7 +143,7 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
             for split in sorted(task_splits(t)):
                 read_split(t, data_root, split)  # raises DataError naming the file/line
             fp = fingerprint(t, data_root)
-        elif t.materialise is None or t.directory(data_root).is_dir():
+        elif data_root is not None and (t.materialise is None or t.directory(data_root).is_dir()):
             try:  # planning only: with the data at hand the keys are those of the real runs (done runs count)
                 fp = fingerprint(t, data_root)
             except DataError:
@@ -154,7 +155,7 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
                 config=config_label(m, raw[m.name]) + ("" if backbone == suite.backbone else f"@{backbone}"),
                 seeds=seeds, backbone=backbone,
                 checkpoint=str(Path(settings.checkpoint).resolve()) if settings.checkpoint else None,
-                checkpoint_id=ck_id, data_root=str(data_root.resolve()), fingerprint=fp,
+                checkpoint_id=ck_id, data_root=str(data_root.resolve()) if data_root else None, fingerprint=fp,
                 overrides=dict(settings.overrides), precision=precision, search=search))
     contexts = [ctx.protocol.adapt(ctx) for ctx in contexts]
     check_models(contexts, settings.device)

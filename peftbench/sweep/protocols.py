@@ -21,14 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar, Generator
+from typing import ClassVar, Generator
 
 from .._registry import Registry, instance_registry
 from ..errors import PipelineError
 from ..methods import Method
-from ..store import RunRecord, RunSpec
+from ..store import RunSpec
 from ..tasks import Suite, Task
-from .search import Search, rung_epochs, survivors
+from .search import Search
+from .stages import chosen, final_stage, job_stage, rank, search_stage, select_best  # noqa: F401  (re-exported)
 
 VPT_SEEDS = (42, 44, 82, 100, 800)
 RECIPE_KEYS = ("optimizer", "batch_size", "epochs", "warmup_epochs", "lr_grid", "wd_grid")
@@ -48,15 +49,18 @@ class PlanContext:
     backbone: str
     checkpoint: str | None
     checkpoint_id: str | None
-    data_root: str
+    data_root: str | None  # None: not given (planning only, e.g. a dry run of a suite without its data)
     fingerprint: str | None
     overrides: dict = field(default_factory=dict)  # hyper-parameters given on the command line
     precision: str = "fp32"
     dry_run: bool = False
     search: Search = field(default_factory=Search)  # how search stages pick their configuration
+    # pipeline state: the search that chose the points of the runs planned from here on (grid until a search
+    # with more than one point is made: peftbench.sweep.stages.search_stage sets it); the runs record it
+    searched: str = "grid"
 
     def spec(self, stage: str, role: str, hparams: dict, seed: int, *, job: str = "train",
-             extras: dict | None = None, options: dict | None = None, search: str = "grid") -> RunSpec:
+             extras: dict | None = None, options: dict | None = None, search: str | None = None) -> RunSpec:
         """A run of ``stage`` on the splits the task uses for ``role`` (search | final)."""
         train_split, eval_split = self.task.splits[role]
         return RunSpec(
@@ -65,74 +69,12 @@ class PlanContext:
             options=dict(self.options if options is None else options), backbone=self.backbone,
             checkpoint=self.checkpoint, checkpoint_id=self.checkpoint_id, data_fingerprint=self.fingerprint,
             job=job, extras=dict(extras or {}), config=self.config, option_sources=dict(self.option_sources),
-            data_root=self.data_root, method_version=int(self.method.version), search=search,
+            data_root=self.data_root or "", method_version=int(self.method.version), search=search or self.searched,
         )
 
     def search_used(self, points: list) -> str:
         """The search that picks among ``points``: ``--search``, or grid when there is nothing to pick."""
         return self.search.kind if len(points) > 1 else "grid"
-
-
-def rank(records: list[RunRecord], prefer_smaller: str = "lr") -> list[int]:
-    """Indices of the usable records, best first: last-epoch eval top-1, ties to the smaller
-    ``prefer_smaller`` hyper-parameter, then to the earlier record (grid order)."""
-    ok = [i for i, r in enumerate(records) if r.usable]
-    if not ok:
-        statuses = sorted({str(r.status) for r in records})
-        raise PipelineError(f"no usable run to select from ({len(records)} runs: {', '.join(statuses)})")
-    return sorted(ok, key=lambda i: (-records[i].top1, float(records[i].hparams.get(prefer_smaller, 0)), i))
-
-
-def select_best(records: list[RunRecord], prefer_smaller: str = "lr") -> RunRecord:
-    """Best last-epoch eval top-1; ties go to the smaller ``prefer_smaller`` hyper-parameter, then to the
-    first in grid order."""
-    return records[rank(records, prefer_smaller)[0]]
-
-
-SpecMaker = Callable[[str, dict], RunSpec]  # (stage, hyper-parameters) -> the run spec
-
-
-def search_stage(ctx: PlanContext, points: list[dict], base: dict, make_spec: SpecMaker
-                 ) -> Generator[list[RunSpec], list[RunRecord], RunRecord]:
-    """The search over ``points`` (each a dict of hyper-parameters on top of ``base``), as one stage
-    (``--search grid``) or one stage per rung of successive halving (``--search halving``,
-    :mod:`peftbench.sweep.search`); ``yield from`` it in a pipeline: it returns the selected record.
-
-    Grid: stage ``search``, every point trains the whole schedule. Halving: rung r < R is stage
-    ``search-rung<r>`` with ``hparams["stop_epoch"] = e_r`` (a different run); the last rung is stage
-    ``search`` without it, so its runs are the grid's runs (same key, same record: a store that holds the
-    grid search needs no training for them). Runs of a rung after the first start from the end state of
-    the same configuration's run at the rung before (``RunSpec.resume_from``)."""
-    def mark(spec: RunSpec, **kw) -> RunSpec:
-        return dataclasses.replace(spec, search=ctx.search_used(points), **kw)
-
-    if ctx.search.kind != "halving" or len(points) <= 1:
-        records = yield [mark(make_spec("search", {**base, **p})) for p in points]
-        return select_best(records)
-    epochs = int(base["epochs"])
-    stops = rung_epochs(ctx.search.rungs, epochs)
-    alive = list(range(len(points)))  # indices into points, in grid order
-    before: dict[int, RunSpec] = {}
-    for r, stop in enumerate(stops):
-        last = stop == epochs
-        specs = []
-        for i in alive:
-            hp = {**base, **points[i]}
-            if not last:
-                hp["stop_epoch"] = stop
-            resume = {"key": before[i].key, "epoch": int(before[i].hparams["stop_epoch"])} if i in before else {}
-            specs.append(mark(make_spec("search" if last else f"search-rung{r + 1}", hp), resume_from=resume))
-        records = yield specs
-        order = rank(records)
-        if last:
-            return records[order[0]]
-        keep = survivors(len(alive), ctx.search.factor)
-        if keep <= 1:  # the next rung would train one configuration: the selection is made
-            return records[order[0]]
-        chosen = sorted(order[:keep])
-        before = {alive[j]: specs[j] for j in chosen}
-        alive = [alive[j] for j in chosen]
-    raise AssertionError("unreachable: the last rung stops at the last epoch")
 
 
 class EvalProtocol:
@@ -144,10 +86,12 @@ class EvalProtocol:
     default_seeds: ClassVar[tuple[int, ...]] = VPT_SEEDS
     # a cheap variant of each method's own search (methods with their own pipelines shrink their grids)
     reduced_search: ClassVar[bool] = False
+    # the numeric precision of runs on CUDA unless --precision says otherwise (fp32 elsewhere)
+    cuda_precision: ClassVar[str] = "fp32"
 
     def default_precision(self, device_type: str) -> str:
         """The numeric precision runs use unless --precision says otherwise."""
-        return "fp32"
+        return self.cuda_precision if device_type == "cuda" else "fp32"
 
     def adapt(self, ctx: PlanContext) -> PlanContext:
         """The context a pair is planned with (e.g. a recipe's per-suite values applied)."""
@@ -182,8 +126,23 @@ PROTOCOLS, register_protocol = instance_registry("protocol", EvalProtocol, group
 register_protocol.__doc__ = "Class decorator: register one instance of an :class:`EvalProtocol` subclass under ``cls.name``."
 
 
+class SearchThenFinal(EvalProtocol):
+    """A search over :meth:`search_points` on the search splits (seed: the first), then the chosen point for
+    every seed on the final splits: the stages of :mod:`peftbench.sweep.stages`."""
+
+    def pipeline(self, ctx):
+        points = self.search_points(ctx)
+        choice = dict(points[0])
+        if len(points) > 1:
+            best = yield from search_stage(ctx, points, self.base_hparams(ctx, "search"),
+                                           lambda stage, hp, i: ctx.spec(stage, "search", hp, ctx.seeds[0]))
+            choice = chosen(best)
+        yield from final_stage(ctx, {**self.base_hparams(ctx, "final"), **choice},
+                               lambda stage, hp, seed: ctx.spec(stage, "final", hp, seed))
+
+
 @register_protocol
-class VptProtocol(EvalProtocol):
+class VptProtocol(SearchThenFinal):
     name = "vpt"
     description = "lr x wd grid on train800->val200, select by last-epoch val top-1, final seeds on train800val200->test"
 
@@ -215,26 +174,11 @@ class VptProtocol(EvalProtocol):
         wds = ctx.overrides.get("wd_grid") or r.wd_grid
         return [{"lr": float(lr), "wd": float(wd)} for lr in lrs for wd in wds]
 
-    def pipeline(self, ctx):
-        points = self.search_points(ctx)
-        if len(points) == 1:
-            chosen = points[0]
-        else:
-            base = self.base_hparams(ctx, "search")
-            best = yield from search_stage(ctx, points, base,
-                                           lambda stage, hp: ctx.spec(stage, "search", hp, ctx.seeds[0]))
-            chosen = {k: best.hparams[k] for k in ("lr", "wd")}
-        base = self.base_hparams(ctx, "final")
-        yield [ctx.spec("final", "final", {**base, **chosen}, s, search=ctx.search_used(points)) for s in ctx.seeds]
-
-
 @register_protocol
 class FixedProtocol(EvalProtocol):
     name = "fixed"
     description = "given hyper-parameters (NOAH defaults: AdamW lr 1e-3 wd 1e-4), train800val200->test"
-
-    def default_precision(self, device_type: str) -> str:
-        return "bf16" if device_type == "cuda" else "fp32"
+    cuda_precision = "bf16"
 
     def base_hparams(self, ctx: PlanContext, stage_role: str) -> dict:
         hp = {"optimizer": "adamw", "batch_size": 64, "epochs": 100, "warmup_epochs": 10, "warmup_lr": 1e-6,
@@ -247,13 +191,12 @@ class FixedProtocol(EvalProtocol):
         return [{"lr": float(lrs[0]), "wd": float(wds[0])}]
 
     def pipeline(self, ctx):
-        base = self.base_hparams(ctx, "final")
-        point = self.search_points(ctx)[0]
-        yield [ctx.spec("final", "final", {**base, **point}, s) for s in ctx.seeds]
+        yield from final_stage(ctx, {**self.base_hparams(ctx, "final"), **self.search_points(ctx)[0]},
+                               lambda stage, hp, seed: ctx.spec(stage, "final", hp, seed))
 
 
 @register_protocol
-class DemoProtocol(EvalProtocol):
+class DemoProtocol(SearchThenFinal):
     """Per-method values from ``Recipe.protocols["demo"]`` (lr, wd, epochs, batch_size), else :attr:`defaults`."""
 
     name = "demo"
@@ -261,9 +204,7 @@ class DemoProtocol(EvalProtocol):
     default_seeds = (42,)
     reduced_search = True
     defaults = {"lr": 1.0, "wd": 0.0001, "epochs": 10, "batch_size": 64}
-
-    def default_precision(self, device_type: str) -> str:
-        return "bf16" if device_type == "cuda" else "fp32"
+    cuda_precision = "bf16"
 
     def _values(self, ctx: PlanContext) -> dict:
         return {**self.defaults, **ctx.method.recipe.protocol_values(self.name)}
@@ -279,8 +220,6 @@ class DemoProtocol(EvalProtocol):
         lrs = ctx.overrides.get("lr_grid") or (v["lr"],)
         wds = ctx.overrides.get("wd_grid") or (v["wd"],)
         return [{"lr": float(lr), "wd": float(wd)} for lr in lrs for wd in wds]
-
-    pipeline = VptProtocol.pipeline
 
 
 def get_protocol(name: str) -> EvalProtocol:
