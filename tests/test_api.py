@@ -87,8 +87,9 @@ def test_plan_run_load_and_leaderboard_from_python(data_root, tmp_path, monkeypa
     # a record produced by other code than the installed one is flagged stale
     path = runs / ok.iloc[0]["path"]
     rec = json.loads(path.read_text())
-    rec["code"]["method"] = "0" * 16
-    path.write_text(json.dumps(rec))
+    rec["code"]["method"] = "0" * 16  # as other code would have written it (through the store: its digest matches)
+    from peftbench.store import RunSpec, RunStore
+    RunStore(runs).write(RunSpec.from_dict(rec["spec"]), rec)
     df = pb.load_runs(runs, warn=lambda m: None)
     assert df.set_index("key").loc[rec["key"], "stale"] == True  # noqa: E712
     assert df["stale"].sum() == 1

@@ -34,13 +34,13 @@ def add_record(root: Path, *, config: str, task: str, seed: int, top1: float | N
                suite: str = "vtab", stage: str = "final", status: str = "ok", tuned_pct: float = 1.0,
                trainable: int = 1000, lr: float = 0.1, protocol: str = "vpt", backbone: str = "vit-test",
                ended_at: str = "2025-01-01T00:00:00+00:00", memory: float = 100.0, ips: float = 50.0,
-               error: str | None = None) -> Path:
+               error: str | None = None, job: str = "train") -> Path:
     method = method or config.split("(")[0]
     spec = RunSpec(method=method, task=task, suite=suite, protocol=protocol, stage=stage,
                    train_split="train800val200" if stage == "final" else "train800",
                    eval_split="test" if stage == "final" else "val200",
                    hparams={"lr": lr, "wd": 0.0, "epochs": 2, "batch_size": 8}, seed=seed, backbone=backbone,
-                   config=config, options={"cfg": config})
+                   config=config, options={"cfg": config}, job=job)
     rec = {"key": spec.key, "spec": spec.to_dict(), "status": status, "error": error, "attempts": 1,
            "started_at": ended_at, "ended_at": ended_at, "provenance": {"device": "test-device"}, "wall_s": 1.0}
     if status == "ok":
@@ -223,9 +223,8 @@ def test_corrupt_and_partial_files_are_reported_and_skipped(vtab_store, tmp_path
 def test_other_jobs_without_metrics_are_kept_and_bad_specs_skipped(tmp_path):
     root = tmp_path / "runs"
     add_record(root, config="e2vpt-prune", task="dtd", seed=1, top1=50.0)
-    job = add_record(root, config="e2vpt-prune", task="dtd", seed=1, stage="prune", top1=1.0)
-    rec = json.loads(job.read_text())
-    rec["spec"]["job"] = "prune"  # a non-training job: status ok without metrics/params/timing is complete
+    job = add_record(root, config="e2vpt-prune", task="dtd", seed=1, stage="prune", top1=1.0, job="prune")
+    rec = json.loads(job.read_text())  # a non-training job: status ok without metrics/params/timing is complete
     for k in ("metrics", "params", "timing"):
         del rec[k]
     job.write_text(json.dumps(rec))
@@ -235,6 +234,7 @@ def test_other_jobs_without_metrics_are_kept_and_bad_specs_skipped(tmp_path):
     bad.write_text(json.dumps(rec))
     board, warnings = board_for(root)
     assert len(warnings) == 1 and str(bad) in warnings[0] and "seed" in warnings[0]
+    assert not bad.exists() and bad.with_name(bad.stem + ".quarantined.json").exists()  # set aside, not lost
     assert len(board.runs) == 2
     r = row(board, "e2vpt-prune")
     assert r.mean["dtd"] == pytest.approx(50.0) and r.seeds["dtd"] == 1

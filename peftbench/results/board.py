@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from .._text import terminal
 from ..backbones import preset
 from ..errors import PeftbenchError, UnknownNameError
 from ..fingerprint import code_fingerprint, staleness
@@ -87,13 +88,14 @@ class Skipped:
 
 
 def load_runs(runs_dir: str | Path, warn: Callable[[str], None] | None = None) -> tuple[list[Run], list[Skipped]]:
-    """Every run record under ``runs_dir``. Corrupt or partial files are reported through ``warn``
+    """Every run record under ``runs_dir``. Corrupt or partial files, and records that fail the store's
+    checks (quarantined, :func:`peftbench.store.store.record_problem`), are reported through ``warn``
     (default: a line on stderr naming the file) and skipped."""
     if warn is None:
         warn = _stderr_warn
     root = Path(runs_dir)
     runs, skipped = [], []
-    for path, raw, err in RunStore(root).iter_raw():
+    for path, raw, err in RunStore(root, warn=lambda msg: None).iter_raw():  # reported below, once
         rel = _rel(path, root)
         reason = err and err.split(": ", 1)[-1]
         if raw is not None:
@@ -129,7 +131,7 @@ def _mark_stale(runs: list[Run], warn: Callable[[str], None]) -> None:
 
 
 def _stderr_warn(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    print(terminal(msg), file=sys.stderr, flush=True)
 
 
 def _rel(path: Path, root: Path) -> str:

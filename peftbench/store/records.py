@@ -3,7 +3,8 @@
 A run record is the system's truth: the engine writes it, executors add their job information to it,
 ``status`` and the leaderboard read it. On disk it is one JSON object per run; :data:`SCHEMA` is its
 version. Readers accept every earlier version (records written before the ``schema`` field existed
-are version 1: the same fields, without ``schema``).
+are version 1: the same fields, without ``schema``; version 2 records have no ``digest``). The run
+store checks every record it reads against its spec and its digest (:func:`peftbench.store.store.record_problem`).
 
 Fields of a record (all optional except ``key``, ``spec`` and ``status``):
 
@@ -27,6 +28,9 @@ stopped_at_epoch    a run stopped at a rung of successive halving (``hparams.sto
 resumed_from        {"key", "epoch"}: the rung run whose end state this run started from
 searches            the searches whose sweeps used this run when it is more than ``spec.search``
                     (a run planned by a grid sweep and reused by a halving sweep: [grid, halving])
+schema              this format's version (:data:`SCHEMA`)
+digest              SHA-256 of the rest of the record (canonical JSON), written by the run store (schema 3
+                    on); readers of the store never see it (``peftbench.store.store.record_digest``)
 (anything else)     fields other code adds: executors (``slurm``, ``retries``), jobs other than
                     training (``scores``, ``importance``, ``artifacts``); kept verbatim in
                     :attr:`RunRecord.extra` and written back at the top level
@@ -42,7 +46,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-SCHEMA = 2
+SCHEMA = 3  # 3: every record carries a digest (the run store's); 2: the schema field
 
 
 class RunStatus(str, Enum):
