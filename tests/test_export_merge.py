@@ -10,54 +10,9 @@ import pytest
 import torch
 from helpers import TINY_BACKBONE, ensure_registered, make_data_root
 
-from peftbench.backbones import create_backbone
 from peftbench.cli import main
-from peftbench.layers.merge import is_plain_timm
-from peftbench.methods import get_method
 
 ensure_registered()
-
-MERGING = ["linear", "full", "bitfit", "partial-1", "lora", "dora", "loha", "lokr", "ia3", "vera", "oft", "boft"]
-NOT_MERGING = ["vpt-shallow", "vpt-deep", "e2vpt", "adapter", "mlp-3"]
-
-
-def _model(name: str, seed: int = 0, perturb: bool = True):
-    m = get_method(name)
-    opts, _ = m.resolve_options(m.parse_options({}), None)
-    torch.manual_seed(seed)
-    model = m.build(create_backbone(TINY_BACKBONE, pretrained=False), 5, opts).double()
-    with torch.no_grad():  # move every trained tensor off its init (LoRA's B = 0 would merge trivially)
-        for p in model.parameters():
-            if p.requires_grad and perturb:
-                p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-@pytest.mark.parametrize("name", MERGING)
-def test_merged_model_is_a_plain_timm_vit_with_the_same_logits(name):
-    model = _model(name)
-    merged = model.merged()
-    assert merged is not None and is_plain_timm(merged)
-    assert not any(p.requires_grad for p in merged.parameters())
-    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
-    with torch.no_grad():
-        a, b = model(x), merged.double()(x)
-    assert torch.allclose(a, b, atol=1e-10, rtol=0), (a - b).abs().max()
-    # the trained tensors are really in the merged weights (not a comparison of two untouched models)
-    with torch.no_grad():
-        untouched = _model(name, perturb=False).merged().double()(x)
-    assert (untouched - b).abs().max() > 1e-4
-    assert "merged" in model.inference_variants()
-
-
-@pytest.mark.parametrize("name", [n for n in NOT_MERGING])
-def test_methods_that_add_tokens_or_modules_do_not_pretend_to_merge(name):
-    try:
-        model = _model(name)
-    except KeyError:
-        pytest.skip(f"{name} not registered")
-    assert model.merged() is None and "merged" not in model.inference_variants()
-
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):

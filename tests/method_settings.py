@@ -1,0 +1,94 @@
+"""The required settings table of the method conformance suite (tests/test_conformance.py).
+
+One row per registered built-in method, keyed by its name: what the shared tests need to test it cheaply.
+A registered method without a row fails the suite with a message saying what to add (composer's
+``algorithm_settings``, timm's ``list_models`` tests, peft's ``PeftCommonTester`` table). A new method of a
+wave joins by adding one row here.
+
+Row fields (:class:`MethodSettings`):
+
+* ``options``: ``--set`` values that make a cheap model on the tiny test backbone (prompt lengths of 2...).
+* ``vit_b``: ``(options, trainable parameters without the head)`` on ViT-B/16 with C = 100, built on the meta
+  device: the documented formula's value (docs/methods/README.md §4 and the method's page); ``None`` with
+  ``counts_elsewhere`` naming the test that checks a count that depends on a selection.
+* ``variants``: the cheaper inference models the method's model offers (``TunedViT.inference_variants``:
+  ``merged``, a plain timm ViT for ``peftbench export``; ``folded`` / ``compacted`` prompt models); the suite
+  checks that the model offers exactly these and that each gives the model's logits.
+* ``tol``: the relative tolerance of the fused-equals-separate and merged-equals-unmerged checks (float64).
+* ``doc``: its page in docs/methods/ (default: the page its description names).
+* ``skip``: check name -> the reason it does not apply to this method (a known exception, stated).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    options: dict = field(default_factory=dict)
+    vit_b: tuple[dict, int] | None = None
+    counts_elsewhere: str = ""
+    variants: tuple[str, ...] = ()
+    tol: float = 1e-9
+    doc: str = ""
+    skip: dict = field(default_factory=dict)
+
+
+PROMPTS = {"prompt_tokens": "2"}
+E2VPT = {"prompt_tokens": "2", "kv_tokens": "2"}
+PEFT_DOC = "docs/methods/peft_tuners.md"
+MERGED = ("merged",)
+FOLDED = ("folded",)
+
+SETTINGS: dict[str, MethodSettings] = {
+    # heads and whole-backbone methods (docs/methods/README.md §4)
+    "linear": MethodSettings(vit_b=({}, 0), variants=MERGED),
+    "mlp-3": MethodSettings(vit_b=({}, 1_184_256)),
+    "full": MethodSettings(vit_b=({}, 85_798_656), variants=MERGED),
+    "partial-1": MethodSettings(vit_b=({}, 7_089_408), variants=MERGED),
+    "bitfit": MethodSettings(vit_b=({}, 102_912), variants=MERGED),
+    "ln-tune": MethodSettings(vit_b=({}, 38_400), variants=MERGED),
+    "difffit": MethodSettings(vit_b=({}, 140_544), variants=MERGED),
+    "ssf": MethodSettings(vit_b=({}, 205_824), variants=MERGED),
+    # prompts
+    "vpt-shallow": MethodSettings(options=PROMPTS, vit_b=({"prompt_tokens": "100"}, 768 * 100)),
+    "vpt-deep": MethodSettings(options=PROMPTS, vit_b=({"prompt_tokens": "10"}, 9_216 * 10), variants=FOLDED),
+    "vfpt": MethodSettings(options={"prompt_tokens": "4", "fourier_percentage": "0.5"},
+                           vit_b=({"prompt_tokens": "10", "fourier_percentage": "0.5"}, 9_216 * 10), variants=FOLDED),
+    "e2vpt": MethodSettings(options=E2VPT, vit_b=({"prompt_tokens": "10", "kv_tokens": "5"}, 9_216 * 10 + 9_216 * 5),
+                            variants=FOLDED),
+    "e2vpt-prune": MethodSettings(options={**E2VPT, "prune_tokens": "1", "prune_segments": "8"},
+                                  counts_elsewhere="tests/test_e2vpt_prune.py (the pruned count of docs/methods/e2vpt.md §5)",
+                                  variants=("folded", "compacted")),
+    # adapters (docs/methods/adapter.md, adapter_plus.md, adaptformer.md, convpass.md, repadapter.md, fact.md)
+    "adapter": MethodSettings(vit_b=({"reduction": "8"}, 1_779_840)),
+    "adapter-noah": MethodSettings(vit_b=({}, 156_768)),
+    "adapter-plus": MethodSettings(vit_b=({}, 165_984)),
+    "adapter-houlsby": MethodSettings(vit_b=({}, 351_936)),
+    "adaptformer": MethodSettings(vit_b=({}, 156_768)),
+    "convpass": MethodSettings(vit_b=({}, 327_552)),
+    "repadapter": MethodSettings(vit_b=({}, 239_808), variants=MERGED),
+    "fact-tt": MethodSettings(vit_b=({"rank": "8"}, 21_504), variants=MERGED),
+    "fact-tk": MethodSettings(vit_b=({"rank": "32"}, 86_528), variants=MERGED),
+    # selection methods: their counts depend on what their selection stage picks
+    "gps": MethodSettings(options={"K": "1", "drop_path": "0"}, vit_b=({"K": "1", "drop_path": "0"}, 83_712 * 2),
+                          variants=MERGED),
+    "spt-lora": MethodSettings(options={"budget": "0.4", "sensitivity_batches": "1", "sensitivity_batch_size": "16"},
+                               counts_elsewhere="tests/test_spt.py::test_released_masks_reproduce_their_budgets_on_vit_b16",
+                               variants=MERGED),
+    "spt-adapter": MethodSettings(options={"budget": "0.4", "sensitivity_batches": "1", "sensitivity_batch_size": "16"},
+                                  counts_elsewhere="tests/test_spt.py::test_released_masks_reproduce_their_budgets_on_vit_b16"),
+    # HF peft tuners (docs/methods/peft_tuners.md, the "trainable without head, ViT-B/16 defaults" column)
+    "lora": MethodSettings(vit_b=({}, 294_912), variants=MERGED),
+    "dora": MethodSettings(vit_b=({}, 322_560), variants=MERGED, doc=PEFT_DOC),
+    "loha": MethodSettings(vit_b=({}, 589_824), variants=MERGED, doc=PEFT_DOC),
+    "lokr": MethodSettings(vit_b=({}, 21_504), variants=MERGED, doc=PEFT_DOC),
+    "vera": MethodSettings(vit_b=({}, 30_720), variants=MERGED, doc=PEFT_DOC),
+    "ia3": MethodSettings(vit_b=({}, 64_512), variants=MERGED, doc=PEFT_DOC),
+    "fourierft": MethodSettings(vit_b=({}, 12_000), variants=MERGED, doc=PEFT_DOC),
+    "boft": MethodSettings(vit_b=({}, 64_512), variants=MERGED, doc=PEFT_DOC),
+    "oft": MethodSettings(vit_b=({}, 437_760), variants=MERGED, doc=PEFT_DOC),
+    "hra": MethodSettings(vit_b=({}, 73_728), variants=MERGED, doc=PEFT_DOC),
+    "randlora": MethodSettings(vit_b=({}, 230_400), variants=MERGED, doc=PEFT_DOC),
+    "shira": MethodSettings(vit_b=({}, 294_912), variants=MERGED, doc=PEFT_DOC),
+}
