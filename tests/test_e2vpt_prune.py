@@ -18,6 +18,7 @@ from peftbench.methods.e2vpt.pruning import (
     segment_index,
     token_counts,
 )
+from peftbench.train.loop import OnEpoch
 
 
 def _pattern(P: int) -> dict:
@@ -259,7 +260,7 @@ def _run(contexts, runs, executor_wrap=None, callbacks=()):
     from peftbench.sweep.drive import drive
     from peftbench.train.engine import Env
 
-    env = Env(device="cpu", quiet=True, epoch_callbacks=list(callbacks))
+    env = Env(device="cpu", quiet=True, hooks=[OnEpoch(lambda s, e, cb=cb: cb(s, e['epoch'])) for cb in callbacks])
     executor = LocalExecutor(env)
     if executor_wrap:
         executor = executor_wrap(executor)

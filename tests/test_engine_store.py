@@ -12,6 +12,7 @@ from peftbench.sweep.drive import count_runs, drive
 from peftbench.sweep.plan import SweepSettings, plan
 from peftbench.train import engine as engine_mod
 from peftbench.train.engine import Env
+from peftbench.train.loop import OnEpoch
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_interrupted_run_resumes_and_equals_uninterrupted(data_root, tmp_path):
         if epoch == 1:
             raise Interrupt()
 
-    env = Env(quiet=True, epoch_callbacks=[kill_after_epoch_1])
+    env = Env(quiet=True, hooks=[OnEpoch(lambda s, e: kill_after_epoch_1(s, e['epoch']))])
     with pytest.raises(Interrupt):
         sweep(data_root, tmp_path / "runs", methods=["vpt-deep"], env=env, **FAST)
     store = RunStore(tmp_path / "runs")

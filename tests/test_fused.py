@@ -21,6 +21,7 @@ from peftbench.train import fused as fused_mod
 from peftbench.train.build import build_model, load_trainable
 from peftbench.train.engine import Env, execute_group
 from peftbench.train.fused import CannotFuse, FusedModel, group_indices, plan_groups
+from peftbench.train.loop import OnEpoch
 
 ensure_registered()
 FUSABLE = sorted(name for name, m in METHODS.items() if m.fusable)
@@ -182,7 +183,7 @@ def test_a_killed_fused_group_resumes_from_each_runs_checkpoint(data_root, tmp_p
 
     store = RunStore(tmp_path / "runs")
     with pytest.raises(Interrupt):
-        execute_group(specs, store, Env(quiet=True, save_weights="all", epoch_callbacks=[kill]))
+        execute_group(specs, store, Env(quiet=True, save_weights="all", hooks=[OnEpoch(lambda s, e: kill(s, e['epoch']))]))
     assert [store.load(sp).status for sp in specs] == ["running"] * 3
     assert [store.checkpoint_epoch(sp) for sp in specs] == [2, 2, 2]  # every run checkpointed its own state
     assert not list((tmp_path / "runs").rglob("*.lease"))
@@ -203,7 +204,7 @@ def test_runs_resuming_from_different_epochs_fuse_with_their_peers(data_root, tm
 
     store = RunStore(tmp_path / "runs")
     with pytest.raises(Interrupt):  # the first run alone, killed after its first epoch
-        execute_group(specs[:1], store, Env(quiet=True, save_weights="all", epoch_callbacks=[kill]))
+        execute_group(specs[:1], store, Env(quiet=True, save_weights="all", hooks=[OnEpoch(lambda s, e: kill(s, e['epoch']))]))
     assert [store.checkpoint_epoch(sp) for sp in specs] == [1, 0, 0]
     results = execute_group(specs, store, Env(quiet=True, save_weights="all"))
     recs = [r for r, _ in results]

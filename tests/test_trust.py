@@ -20,6 +20,7 @@ from helpers import TINY_BACKBONE, ensure_registered, make_data_root
 
 from peftbench.cli import main
 from peftbench.store import RunStore
+from peftbench.train.loop import OnEpoch
 
 ensure_registered()
 
@@ -46,6 +47,7 @@ def records(runs) -> list[dict]:
 
 PLUGIN = '''
 from peftbench.methods import LINEAR_RECIPE, Method, TunedViT, register_method
+from peftbench.train.loop import OnEpoch
 
 
 @register_method
@@ -172,7 +174,7 @@ def test_checkpoints_hold_tensors_and_json_only(capsys, root, tmp_path):
     from peftbench.train.engine import execute
 
     with pytest.raises(Stop):
-        execute(spec, RunStore(runs), Env(quiet=True, epoch_callbacks=[stop]))
+        execute(spec, RunStore(runs), Env(quiet=True, hooks=[OnEpoch(lambda s, e: stop(s, e['epoch']))]))
     ckpt = RunStore(runs).checkpoint_path(spec)
     with safe_open(str(ckpt), framework="pt") as fh:
         meta = json.loads(fh.metadata()["peftbench"])
@@ -465,7 +467,7 @@ def test_a_killed_attempt_counts_in_wall_s(capsys, root, tmp_path):
         raise Kill
 
     with pytest.raises(Kill):
-        execute(spec, store, Env(quiet=True, epoch_callbacks=[kill]))
+        execute(spec, store, Env(quiet=True, hooks=[OnEpoch(lambda s, e: kill(s, e['epoch']))]))
     first = store.load(spec).wall_s
     assert first and first > 0  # written at the end of the epoch, before the process died
     rec = execute(spec, store, Env(quiet=True))

@@ -13,6 +13,7 @@ from peftbench.store import RunStore
 from peftbench.sweep.drive import count_runs, drive
 from peftbench.sweep.plan import SweepSettings, plan
 from peftbench.train.engine import Env
+from peftbench.train.loop import OnEpoch
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,7 @@ def kill_once(marker, env):
             open(marker, "w").close()
             os._exit(3)  # like the OOM killer: no exception, no cleanup
 
-    env.epoch_callbacks.append(maybe_die)
+    env.hooks.append(OnEpoch(lambda s, e: maybe_die(s, e['epoch'])))
 
 
 def contexts(data_root, seeds=(1, 2), tasks=("toy", "toy_b")):

@@ -286,7 +286,7 @@ def run_sweep(sweep: Sweep | Plan, *, dry_run: bool = False, rerun_stale: bool =
     env = Env(device=p.device, quiet=quiet, tracking=p.tracking.to_dict() if p.tracking.trackers else None,
               hooks=hooks_for(p.tracking) + list(hooks or []), progress=progress, save_weights=save_weights,
               fuse=fuse)
-    env.epoch_listeners.append(progress.epoch)
+    env.hooks.append(progress)  # its epoch(spec, entry): the per-epoch view
     executor = EXECUTORS.get(p.sweep.executor).make(p.executor_settings, env=env, runs_dir=runs_dir,
                                                     total=len(p.runs), args=args)
     journal = Journal(runs_dir, argv=argv)

@@ -208,7 +208,7 @@ class SweepProgress:
     """What a sweep shows while it runs. ``mode``: ``auto`` (a bar when ``stream`` is a terminal, else
     lines), ``bar``, ``lines`` or ``quiet``. Executors call :meth:`run_started` / :meth:`run_finished`;
     the engine's messages come through :meth:`message` (``detail``: per-epoch lines, shown with
-    ``verbose`` only); :meth:`epoch` is an ``Env.epoch_listeners`` entry."""
+    ``verbose`` only); it is a run hook (``Env.hooks``): :meth:`epoch` follows every epoch."""
 
     def __init__(self, planned: list[RunSpec], *, estimates: dict[str, float] | None = None,
                  stream: TextIO | None = None, mode: str = "auto", verbose: bool = False,

@@ -21,10 +21,11 @@ from ..provenance import now, provenance
 from ..store import RunRecord, RunSpec, RunStatus, RunStore
 from .build import build_model, load_trainable, normalizer_for, parameter_summary, save_trainable, seed_everything
 from .env import Env
-from .fused import CannotFuse, plan_groups, train_fused
-from .loop import RunHooks, call_hooks, job_inputs, train
+from .fused import CannotFuse, plan_groups
+from .loop import OnEpoch, RunHooks, call_hooks, job_inputs, train, train_group
 
-__all__ = ["execute", "execute_claimed", "execute_group", "execute_fused", "plan_groups", "Env", "RunHooks", "job_inputs",
+__all__ = ["execute", "execute_claimed", "execute_group", "execute_fused", "plan_groups", "Env", "RunHooks", "OnEpoch",
+           "job_inputs",
            "build_model", "load_trainable", "save_trainable", "parameter_summary", "normalizer_for", "seed_everything",
            "train"]
 
@@ -114,7 +115,7 @@ def execute(spec: RunSpec, store: RunStore, env: Env) -> RunRecord:
 
 def execute_fused(specs: list[RunSpec], store: RunStore, env: Env) -> list[RunRecord]:
     """:func:`execute` for a fused group (:func:`peftbench.train.fused.plan_groups`): the runs that are not
-    final train as one model (:func:`peftbench.train.fused.train_fused`), each recorded as its own run;
+    final train as one model (:func:`peftbench.train.loop.train_group`), each recorded as its own run;
     when they cannot fuse (:class:`~peftbench.train.fused.CannotFuse`) each trains alone."""
     out: dict[int, RunRecord] = {}
     todo: list[int] = []
@@ -131,7 +132,7 @@ def execute_fused(specs: list[RunSpec], store: RunStore, env: Env) -> list[RunRe
         by_key = {specs[i].key: attempts[i] for i in todo}
         group = [specs[i] for i in todo]
         try:
-            results = train_fused(group, store, env, on_epoch=lambda spec, entry: by_key[spec.key].progress(entry))
+            results = train_group(group, store, env, on_epoch=lambda spec, entry: by_key[spec.key].progress(entry))
         except CannotFuse as exc:
             env.log(f"{env.prefix} {len(group)} runs of {group[0].method} on {group[0].task} cannot train fused "
                     f"({exc}); training them one by one")

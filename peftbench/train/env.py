@@ -4,7 +4,7 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -30,12 +30,9 @@ class Env:
     progress: Any = None
     # --fuse K: executors train up to K runs that differ only in lr / wd as one model (peftbench.train.fused)
     fuse: int = 1
-    # called after every finished epoch with (spec, epoch); tests use it to interrupt a run
-    epoch_callbacks: list[Callable[[RunSpec, int], None]] = field(default_factory=list)
-    # called after every epoch with (spec, history entry): progress displays, experiment trackers
-    epoch_listeners: list[Callable[[RunSpec, dict], None]] = field(default_factory=list)
-    # run hooks (peftbench.train.loop.RunHooks: start, every epoch, end), e.g. the experiment trackers; an
-    # exception inside a hook is reported and never fails the run
+    # the one way to follow runs: run hooks (peftbench.train.loop.RunHooks: start, every epoch, end; OnEpoch wraps a
+    # function), e.g. the experiment trackers and the progress view; an Exception inside a hook is reported and
+    # never fails the run, an interrupt (any other BaseException) goes through
     hooks: list = field(default_factory=list)
     # what the hooks were made from, as plain data (the trackers and their settings, peftbench.trackers):
     # executors hand it to the processes that run the runs (SLURM jobs, Ray workers); not part of a run key

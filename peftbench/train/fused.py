@@ -13,10 +13,10 @@ method on one task that differ only in lr and wd, trained together in one model.
   optimiser (its lr, wd, momentum or Adam state: exactly a separate run's, checkpointed as one).
   ``randomness="same"`` draws every dropout mask once for the K configurations, which is what K
   separate runs with the same seed draw, so fused runs equal separate runs with dropout on too.
-* :func:`train_fused` is the loop of :func:`peftbench.train.loop.train` over a group, built from the
-  same pieces (data, batches, epoch order, lr schedule, evaluation, checkpoints, result): every run
-  writes its own ordinary record and checkpoint; a configuration whose loss stops being finite is
-  recorded as diverged and the others go on.
+* the one epoch loop (:func:`peftbench.train.loop.train_group`) trains a group through a :class:`FusedModel`
+  and a single run through its counterpart of one model (``SingleStep``): every run writes its own ordinary
+  record and checkpoint; a configuration whose loss stops being finite is recorded as diverged and the
+  others go on.
 
 :class:`CannotFuse` (raised before any optimisation step) means: train the runs one by one.
 """
@@ -24,38 +24,17 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.loader import batches, epoch_order
-from ..errors import Diverged
 from ..layers.tuned_vit import TunedViT
 from ..methods import get_method
-from ..store import RunSpec, RunStore
-from .build import build_model, parameter_summary, save_trainable
+from ..store import RunSpec
 from .env import Env
-from .hparams import HParams, parse_hparams
-from .loop import (
-    Progress,
-    RunData,
-    autocast,
-    epoch_lr,
-    evaluates,
-    make_optimizer,
-    report_epoch,
-    resume,
-    run_data,
-    run_result,
-    save_progress,
-    save_rung_end,
-)
-from .optim import set_lr
+from .precision import autocast
 
 # the hyper-parameters the configurations of one fused group may differ in (they change no shape and
 # nothing the forward computes: only what each configuration's optimiser does with its gradient)
@@ -258,149 +237,3 @@ class FusedModel:
             correct += (logits.float().argmax(-1).cpu() == labels[i:i + bs]).sum(1)
         self.base.train(was_training)
         return [100.0 * c / len(labels) for c in correct.tolist()]
-
-
-# ---------------------------------------------------------------------------------------------
-# a fused group of runs
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Member:
-    spec: RunSpec
-    hp: HParams
-    params: dict
-    peak_lr: float = 0.0
-    optimizer: torch.optim.Optimizer | None = None
-    scaler: "torch.amp.GradScaler | None" = None
-    prog: Progress = field(default_factory=Progress)
-    lr: float = 0.0
-    loss_sum: float = 0.0
-    diverged: Diverged | None = None
-
-
-def _same_rng(a: dict | None, b: dict | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def train_fused(specs: list[RunSpec], store: RunStore, env: Env,
-                on_epoch: Callable[[RunSpec, dict], None] | None = None) -> list[dict | Diverged]:
-    """Train ``specs`` (one fused group: :func:`plan_groups`) as one model. Returns, per run, what
-    :func:`peftbench.train.loop.train` returns, or the :class:`~peftbench.errors.Diverged` that ended it.
-    :class:`CannotFuse` before any step: nothing was trained; any other exception: the group failed."""
-    if len(specs) < 2:
-        raise CannotFuse("a group of one run")
-    keys = {fuse_key(s) for s in specs}
-    if None in keys or len(keys) != 1:
-        raise CannotFuse("the runs differ in more than " + " and ".join(FUSED_HPARAMS))
-    dev = torch.device(env.device)
-    members: list[_Member] = []
-    fused: FusedModel | None = None
-    data: RunData | None = None
-    for spec in specs:
-        hp = parse_hparams(spec.hparams, where=spec.label())
-        model = build_model(spec, env, store)  # seeded by the run's seed: each run's own initialisation
-        if spec.extras.get("save_init"):
-            save_trainable(model, store.artifact_path(spec, "init.safetensors"))
-        m = _Member(spec, hp, parameter_summary(model))
-        model.to(dev)
-        if fused is None:
-            data = run_data(spec, model, env, hp.precision)
-            fused = FusedModel(model, cached=data.cached)
-        else:
-            fused.add(model)
-        m.peak_lr, m.optimizer, m.scaler = make_optimizer(hp, model, dev)
-        members.append(m)
-    assert fused is not None and data is not None
-    for m, model in zip(members, fused.models):
-        m.prog = resume(m.spec, store, model, m.optimizer, dev, env)
-    first = members[0].prog
-    if any(m.prog.start_epoch != first.start_epoch or not _same_rng(m.prog.rng, first.rng) for m in members):
-        raise CannotFuse("the runs resume from different epochs or random states")
-    hp0 = members[0].hp
-    scalers = [m.scaler for m in members] if hp0.precision == "fp16" else None
-    optimizers = [m.optimizer for m in members]
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    n = len(data.train)
-    t_run = time.time()
-    stepped = False
-    for epoch in range(first.start_epoch, hp0.stop):  # (a rung run of successive halving stops early)
-        live = [i for i, m in enumerate(members) if m.diverged is None]
-        if not live:
-            break
-        for i in live:
-            m = members[i]
-            m.lr = epoch_lr(m.hp, m.peak_lr, epoch)
-            set_lr(m.optimizer, m.lr)
-            m.loss_sum = 0.0
-        fused.base.train()
-        t_epoch = time.time()
-        order = epoch_order(specs[0].seed, epoch, n)  # one seed for the group (it is part of the fuse key)
-        for s, (x, y, idx) in enumerate(batches(data.train_x, data.train.labels, order, hp0.batch_size,
-                                                prepare=data.prepare, augment=data.augment, device=dev)):
-            try:
-                values = fused.train_step(x, y, optimizers, live, dev, hp0.precision, scalers)
-            except Exception as exc:
-                if stepped:
-                    raise
-                raise CannotFuse(f"the fused step failed: {type(exc).__name__}: {exc}") from exc
-            stepped = True
-            for i, v in zip(list(live), values):
-                m = members[i]
-                if math.isfinite(v):
-                    m.loss_sum += v * len(idx)
-                else:
-                    m.diverged = Diverged(f"loss became {v} at epoch {epoch} step {s} (lr {m.lr:g})")
-                    env.log(f"{env.prefix} {m.spec.label()}: diverged ({m.diverged}); its fused siblings go on")
-            live = [i for i in live if members[i].diverged is None]
-            if not live:
-                break
-        if not live:
-            break
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        dt = time.time() - t_epoch
-        entries = {}
-        for i in live:
-            m = members[i]
-            m.prog.train_time += dt
-            m.prog.train_images += n
-            entries[i] = {"epoch": epoch, "lr": m.lr, "train_loss": m.loss_sum / n}
-        if evaluates(hp0, epoch):
-            tops = fused.evaluate(data.eval_x, data.eval.labels, data.prepare, env, live, hp0.precision)
-            for i, top1 in zip(live, tops):
-                entries[i]["eval_top1"] = top1
-        eta = (time.time() - t_run) / (epoch - first.start_epoch + 1) * (hp0.stop - epoch - 1)
-        for i in live:
-            m = members[i]
-            m.prog.history.append(entries[i])
-            report_epoch(m.spec, env, m.hp, entries[i], eta,
-                         (lambda entry, spec=m.spec: on_epoch(spec, entry)) if on_epoch is not None else None)
-        for i in live:
-            m = members[i]
-            save_progress(m.spec, store, env, m.hp, fused.models[i], m.optimizer, dev, m.prog, epoch)
-        for i in live:
-            for cb in env.epoch_callbacks:
-                cb(members[i].spec, epoch)
-
-    out: list[dict | Diverged] = []
-    group = [s.key for s in specs]
-    for i, m in enumerate(members):
-        if m.diverged is not None:
-            out.append(m.diverged)
-            continue
-        save_rung_end(m.spec, store, m.hp, fused.models[i], m.optimizer, dev, m.prog)
-        result = run_result(m.spec, store, env, m.hp, fused.models[i], m.params, m.peak_lr, m.prog, data, dev)
-        t = m.prog.train_time
-        result["fused"] = {
-            "group_size": len(specs),
-            "siblings": [k for k in group if k != m.spec.key],
-            # every configuration's images per second of training time (the group's throughput)
-            "configs_images_per_s": round(len(specs) * m.prog.train_images / t, 2) if t > 0 else None,
-        }
-        out.append(result)
-    return out
-

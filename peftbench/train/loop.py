@@ -8,15 +8,17 @@ methods' jobs use the same pieces: :func:`autocast`, :func:`train_step`, :func:`
 a run: :func:`run_data`, :func:`make_optimizer`, :func:`resume`, :func:`epoch_lr`, :func:`report_epoch`,
 :func:`save_progress`, :func:`save_rung_end`, :func:`run_result`.
 
-Code that wants to follow runs (experiment trackers, progress displays) implements :class:`RunHooks`
-and is put into ``Env.hooks``: the engine calls ``run_start`` before a run trains, the loop calls
-``epoch`` after every epoch and the engine ``run_end`` with the final record. The loop knows no
-tracker: a hook is any object with these methods, and one that raises is reported on stderr and
-never fails, stops or loses the run (:func:`call_hooks`).
+Code that wants to follow runs (experiment trackers, progress displays, a test that stops a run) implements
+:class:`RunHooks` (or wraps a function in :class:`OnEpoch`) and is put into ``Env.hooks``: the one way to
+hear about a run. The engine calls ``run_start`` before a run trains, the loop calls ``epoch`` after every
+epoch (after its checkpoint) and the engine ``run_end`` with the final record. The loop knows no tracker.
+One rule for an exception in a hook (:func:`call_hooks`): an ``Exception`` is reported on stderr and never
+fails, stops or loses the run; an interrupt (``KeyboardInterrupt``, ``SystemExit``, any other
+``BaseException``) goes through, as it would anywhere else.
 """
 from __future__ import annotations
 
-import contextlib
+import math
 import resource
 import sys
 import time
@@ -37,10 +39,10 @@ from ..store import RunSpec, RunStore
 from ..tasks import Task, get_task
 from .build import build_model, copy_into, normalizer_for, parameter_summary, save_trainable
 from .env import Env
+from .fused import FUSED_HPARAMS, CannotFuse, FusedModel, fuse_key
 from .hparams import HParams, parse_hparams
 from .optim import build_optimizer, effective_lr, lr_at_epoch, set_lr
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from .precision import autocast
 
 
 class RunHooks:
@@ -61,9 +63,19 @@ class RunHooks:
         pass
 
 
+class OnEpoch(RunHooks):
+    """A run hook from a function of ``(spec, history entry)`` called after every epoch."""
+
+    def __init__(self, fn: Callable[[RunSpec, dict], None]):
+        self.fn = fn
+
+    def epoch(self, spec: RunSpec, entry: dict) -> None:
+        self.fn(spec, entry)
+
+
 def call_hooks(env: Env, event: str, *args) -> None:
-    """Call ``event`` on every hook of ``env``; an exception is reported on stderr and swallowed (a hook
-    never fails a run), interrupts (KeyboardInterrupt, SystemExit) go through."""
+    """Call ``event`` on every hook of ``env``; an ``Exception`` is reported on stderr and swallowed (a hook
+    never fails a run); any other ``BaseException`` (an interrupt) goes through."""
     for hook in env.hooks:
         fn = getattr(hook, event, None)
         if fn is None:
@@ -79,27 +91,6 @@ def uses_cached_features(method: Method, task: Task) -> bool:
     """Whether the head trains on features computed once: nothing trained changes them and the task
     does not augment its training images."""
     return method.frozen_features and task.augment is None
-
-
-@contextlib.contextmanager
-def autocast(device: torch.device, precision: str = "fp32"):
-    """The numeric precision of a forward pass: fp32; tf32 (fp32 tensors, TF32 matmuls on CUDA); bf16 or
-    fp16 autocast (on CPU too, where torch supports it)."""
-    device = torch.device(device)
-    if precision in _AUTOCAST_DTYPES:
-        with torch.autocast(device.type, dtype=_AUTOCAST_DTYPES[precision]):
-            yield
-    elif precision == "tf32" and device.type == "cuda":
-        old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        try:
-            with torch.autocast(device.type, enabled=False):
-                yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-    else:
-        with torch.autocast(device.type, enabled=False):
-            yield
 
 
 def train_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
@@ -307,17 +298,11 @@ def evaluates(hp: HParams, epoch: int) -> bool:
     return epoch == hp.stop - 1 or bool(hp.eval_every and (epoch + 1) % hp.eval_every == 0)
 
 
-def report_epoch(spec: RunSpec, env: Env, hp: HParams, entry: dict, eta_s: float,
-                 on_epoch: Callable[[dict], None] | None = None) -> None:
-    """The epoch's progress line, the env's listeners and run hooks, the caller's ``on_epoch``."""
+def report_epoch(spec: RunSpec, env: Env, hp: HParams, entry: dict, eta_s: float) -> None:
+    """The epoch's progress line (a detail line: shown by a progress display when verbose)."""
     env.log(f"{env.prefix} {spec.label()} epoch {entry['epoch'] + 1}/{hp.epochs} loss {entry['train_loss']:.4f}"
             + (f" {spec.eval_split} top1 {entry['eval_top1']:.2f}" if "eval_top1" in entry else "")
             + f" | run left {fmt_s(eta_s)}", detail=True)
-    for listener in env.epoch_listeners:
-        listener(spec, entry)
-    call_hooks(env, "epoch", spec, dict(entry))
-    if on_epoch is not None:
-        on_epoch(entry)
 
 
 def save_progress(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: TunedViT, optimizer,
@@ -377,53 +362,179 @@ def run_result(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: Tun
 
 
 # ---------------------------------------------------------------------------------------------
-# one training run
+# the epoch loop: one run, or a fused group of runs (--fuse K), the same code
 # ---------------------------------------------------------------------------------------------
 
 
-def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], None] | None = None) -> dict:
+class SingleStep:
+    """How the loop steps and evaluates one model (the counterpart of :class:`~peftbench.train.fused.FusedModel`,
+    which does it for K models at once): the same interface, a group of one."""
+
+    def __init__(self, model: TunedViT, data: RunData):
+        self.base = model
+        self.models = [model]
+        self.forward = forward_module(model, data)
+
+    def train_step(self, x, y, optimizers, which, device, precision="fp32", scalers=None) -> list[float]:
+        loss = train_step(self.forward, x, y, optimizers[0], device, precision, scalers[0] if scalers else None)
+        return [loss.item()]
+
+    def evaluate(self, xs, labels, prepare, env, which, precision="fp32") -> list[float]:
+        return [evaluate(self.base, self.forward, xs, labels, prepare, env, precision)]
+
+
+@dataclass
+class Member:
+    """One run of a group: its spec, hyper-parameters, optimiser and progress."""
+
+    spec: RunSpec
+    hp: HParams
+    params: dict
+    peak_lr: float = 0.0
+    optimizer: torch.optim.Optimizer | None = None
+    scaler: "torch.amp.GradScaler | None" = None
+    prog: Progress = field(default_factory=Progress)
+    lr: float = 0.0
+    loss_sum: float = 0.0
+    diverged: Diverged | None = None
+
+
+def _same_rng(a: dict | None, b: dict | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def train_group(specs: list[RunSpec], store: RunStore, env: Env,
+                on_epoch: Callable[[RunSpec, dict], None] | None = None) -> list[dict | Diverged]:
+    """Train ``specs``: one run, or a fused group (:func:`peftbench.train.fused.plan_groups`: runs that differ only
+    in lr and wd, trained as one model). The one epoch loop: per epoch the warm-up + cosine lr of each run, the
+    epoch's order (one seed: it is part of the fuse key), the batches, a step of every live run, evaluation when
+    asked, the progress line, ``on_epoch(spec, entry)`` (the engine keeps the record's wall time), the
+    checkpoints, then the run hooks (observers: trackers, progress views; :func:`call_hooks`).
+
+    Returns, per run, what goes into its record, or the :class:`~peftbench.errors.Diverged` that ended it (a
+    run of a group whose loss stops being finite ends; its siblings go on). :class:`~peftbench.train.fused.
+    CannotFuse` before any step of a group: nothing was trained (train the runs one by one)."""
+    fused = len(specs) > 1
+    if fused:
+        keys = {fuse_key(s) for s in specs}
+        if None in keys or len(keys) != 1:
+            raise CannotFuse("the runs differ in more than " + " and ".join(FUSED_HPARAMS))
     dev = torch.device(env.device)
-    hp: HParams = parse_hparams(spec.hparams, where=spec.label())
-
-    model = build_model(spec, env, store)
-    if spec.extras.get("save_init"):
-        save_trainable(model, store.artifact_path(spec, "init.safetensors"))
-    params = parameter_summary(model)
-    model.to(dev)
-    data = run_data(spec, model, env, hp.precision)
-    peak_lr, optimizer, scaler = make_optimizer(hp, model, dev)
-    forward = forward_module(model, data)
-
-    prog = resume(spec, store, model, optimizer, dev, env)
+    members: list[Member] = []
+    stepper: SingleStep | FusedModel | None = None
+    data: RunData | None = None
+    for spec in specs:
+        hp = parse_hparams(spec.hparams, where=spec.label())
+        model = build_model(spec, env, store)  # seeded by the run's seed: each run's own initialisation
+        if spec.extras.get("save_init"):
+            save_trainable(model, store.artifact_path(spec, "init.safetensors"))
+        m = Member(spec, hp, parameter_summary(model))
+        model.to(dev)
+        if stepper is None:
+            data = run_data(spec, model, env, hp.precision)
+            stepper = FusedModel(model, cached=data.cached) if fused else SingleStep(model, data)
+        else:
+            stepper.add(model)
+        m.peak_lr, m.optimizer, m.scaler = make_optimizer(hp, model, dev)
+        members.append(m)
+    assert stepper is not None and data is not None
+    for m, model in zip(members, stepper.models):
+        m.prog = resume(m.spec, store, model, m.optimizer, dev, env)
+    first = members[0].prog
+    if any(m.prog.start_epoch != first.start_epoch or not _same_rng(m.prog.rng, first.rng) for m in members):
+        raise CannotFuse("the runs resume from different epochs or random states")
+    hp0 = members[0].hp
+    scalers = [m.scaler for m in members] if hp0.precision == "fp16" else None
+    optimizers = [m.optimizer for m in members]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     n = len(data.train)
     t_run = time.time()
-    stop = hp.stop  # the schedule is that of hp.epochs epochs; a run stopped at a rung trains [0, stop)
-    for epoch in range(prog.start_epoch, stop):
-        lr = epoch_lr(hp, peak_lr, epoch)
-        set_lr(optimizer, lr)
-        model.train()
-        loss_sum, t_epoch = 0.0, time.time()
-        order = epoch_order(spec.seed, epoch, n)
-        for s, (x, y, idx) in enumerate(batches(data.train_x, data.train.labels, order, hp.batch_size,
+    stepped = False
+    for epoch in range(first.start_epoch, hp0.stop):  # (a rung run of successive halving stops early)
+        live = [i for i, m in enumerate(members) if m.diverged is None]
+        if not live:
+            break
+        for i in live:
+            m = members[i]
+            m.lr = epoch_lr(m.hp, m.peak_lr, epoch)
+            set_lr(m.optimizer, m.lr)
+            m.loss_sum = 0.0
+        stepper.base.train()
+        t_epoch = time.time()
+        order = epoch_order(specs[0].seed, epoch, n)
+        for s, (x, y, idx) in enumerate(batches(data.train_x, data.train.labels, order, hp0.batch_size,
                                                 prepare=data.prepare, augment=data.augment, device=dev)):
-            loss = train_step(forward, x, y, optimizer, dev, hp.precision, scaler)
-            if not torch.isfinite(loss):
-                raise Diverged(f"loss became {loss.item()} at epoch {epoch} step {s} (lr {lr:g})")
-            loss_sum += loss.item() * len(idx)
+            try:
+                values = stepper.train_step(x, y, optimizers, live, dev, hp0.precision, scalers)
+            except Exception as exc:
+                if stepped or not fused:
+                    raise
+                raise CannotFuse(f"the fused step failed: {type(exc).__name__}: {exc}") from exc
+            stepped = True
+            for i, v in zip(list(live), values):
+                m = members[i]
+                if math.isfinite(v):
+                    m.loss_sum += v * len(idx)
+                else:
+                    m.diverged = Diverged(f"loss became {v} at epoch {epoch} step {s} (lr {m.lr:g})")
+                    if fused:
+                        env.log(f"{env.prefix} {m.spec.label()}: diverged ({m.diverged}); its fused siblings go on")
+            live = [i for i in live if members[i].diverged is None]
+            if not live:
+                break
+        if not live:
+            break
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        prog.train_time += time.time() - t_epoch
-        prog.train_images += n
-        entry = {"epoch": epoch, "lr": lr, "train_loss": loss_sum / n}
-        if evaluates(hp, epoch):
-            entry["eval_top1"] = evaluate(model, forward, data.eval_x, data.eval.labels, data.prepare, env, hp.precision)
-        prog.history.append(entry)
-        done = epoch - prog.start_epoch + 1
-        report_epoch(spec, env, hp, entry, (time.time() - t_run) / done * (stop - epoch - 1), on_epoch)
-        save_progress(spec, store, env, hp, model, optimizer, dev, prog, epoch)
-        for cb in env.epoch_callbacks:
-            cb(spec, epoch)
-    save_rung_end(spec, store, hp, model, optimizer, dev, prog)
-    return run_result(spec, store, env, hp, model, params, peak_lr, prog, data, dev)
+        dt = time.time() - t_epoch
+        entries = {}
+        for i in live:
+            m = members[i]
+            m.prog.train_time += dt
+            m.prog.train_images += n
+            entries[i] = {"epoch": epoch, "lr": m.lr, "train_loss": m.loss_sum / n}
+        if evaluates(hp0, epoch):
+            tops = stepper.evaluate(data.eval_x, data.eval.labels, data.prepare, env, live, hp0.precision)
+            for i, top1 in zip(live, tops):
+                entries[i]["eval_top1"] = top1
+        eta = (time.time() - t_run) / (epoch - first.start_epoch + 1) * (hp0.stop - epoch - 1)
+        for i in live:
+            m = members[i]
+            m.prog.history.append(entries[i])
+            report_epoch(m.spec, env, m.hp, entries[i], eta)
+            if on_epoch is not None:
+                on_epoch(m.spec, entries[i])
+        for i in live:
+            m = members[i]
+            save_progress(m.spec, store, env, m.hp, stepper.models[i], m.optimizer, dev, m.prog, epoch)
+        for i in live:
+            call_hooks(env, "epoch", members[i].spec, dict(entries[i]))
+
+    out: list[dict | Diverged] = []
+    for i, m in enumerate(members):
+        if m.diverged is not None:
+            out.append(m.diverged)
+            continue
+        save_rung_end(m.spec, store, m.hp, stepper.models[i], m.optimizer, dev, m.prog)
+        result = run_result(m.spec, store, env, m.hp, stepper.models[i], m.params, m.peak_lr, m.prog, data, dev)
+        if fused:
+            t = m.prog.train_time
+            result["fused"] = {
+                "group_size": len(specs),
+                "siblings": [s.key for s in specs if s.key != m.spec.key],
+                # every configuration's images per second of training time (the group's throughput)
+                "configs_images_per_s": round(len(specs) * m.prog.train_images / t, 2) if t > 0 else None,
+            }
+        out.append(result)
+    return out
+
+
+def train(spec: RunSpec, store: RunStore, env: Env, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """One run (:func:`train_group` of one): what goes into its record; raises the Diverged that ended it."""
+    (result,) = train_group([spec], store, env, None if on_epoch is None else (lambda s, entry: on_epoch(entry)))
+    if isinstance(result, Diverged):
+        raise result
+    return result
