@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write
+from ._io import atomic_write, safe_component
 from .backbones import image_size, preset
 from .data.images import IMAGENET_MEAN, IMAGENET_STD
 from .errors import PeftbenchError, StoreError
@@ -57,6 +57,7 @@ def timm_config(spec, num_classes: int) -> dict:
 
 def export_run(runs_dir: str | Path, key: str, out: str | Path | None = None, variant: str = "merged",
                seed: int = 0) -> Exported:
+    safe_component(variant, "--variant")  # it names the default output file
     store = RunStore(runs_dir)
     rec = find_run(store, key)
     spec = rec.run_spec

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .._io import safe_component
 from ..errors import SettingsError
 
 if TYPE_CHECKING:
@@ -44,7 +45,7 @@ def load_reference(reference_dir: str | Path | None, grid: "SuiteGrid") -> list[
     """Reported rows of ``<dir>/<suite>-top1.csv`` (+ ``<suite>-tuned_total_pct.csv``); none if absent."""
     if reference_dir is None:
         return []
-    top1_file = Path(reference_dir) / f"{grid.suite}-top1.csv"
+    top1_file = Path(reference_dir) / f"{safe_component(grid.suite, 'suite')}-top1.csv"
     if not top1_file.is_file():
         return []
     return read_reference_file(top1_file, grid)
@@ -55,7 +56,7 @@ def read_reference_file(top1_file: str | Path, grid: "SuiteGrid") -> list[Report
     ``<suite>-tuned_total_pct.csv`` beside it when that file exists."""
     top1_file = Path(top1_file)
     tuned_rows = {}
-    tuned_file = top1_file.parent / f"{grid.suite}-tuned_total_pct.csv"
+    tuned_file = top1_file.parent / f"{safe_component(grid.suite, 'suite')}-tuned_total_pct.csv"
     if tuned_file.is_file():
         for row in _read_csv(tuned_file):
             tuned_rows[row["method"]] = row

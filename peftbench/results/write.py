@@ -13,7 +13,9 @@ writes, per suite (docs/leaderboard.md documents every column and convention)::
     <out>/<suite>-report.html         a static, self-contained report of all of the above
 
 Everything is deterministic: the same run store gives byte-identical files (no timestamps, stable
-sort orders, paths relative to the runs folder, fixed plot metadata).
+sort orders, paths relative to the runs folder, fixed plot metadata). Nothing is written outside
+``out_dir``: the suite name that prefixes every file is checked to be one file name
+(:func:`peftbench._io.safe_component`; records whose names are not were quarantined on reading).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .._io import atomic_write_bytes, atomic_write_text
+from .._io import atomic_write_bytes, atomic_write_text, safe_component
 from ..errors import SettingsError
 from .board import Board, Run, build_board, load_runs, sorted_runs, suite_grid
 from .columns import csv_text, table
@@ -41,8 +43,8 @@ def write_suite(board: Board, out_dir: str | Path, *, plots: bool = True, html: 
                 comparison: Comparison | None = None) -> list[Path]:
     """Write one suite's files; returns their paths. Without plots and html: the CSV files only."""
     out = Path(out_dir)
+    s = safe_component(board.grid.suite, "suite")
     out.mkdir(parents=True, exist_ok=True)
-    s = board.grid.suite
     written = []
 
     def write(name: str, data: bytes) -> None:
@@ -76,8 +78,8 @@ def write_comparison(cmp: Comparison, out_dir: str | Path, *, html: bool = True)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise SettingsError(f"--out {out_dir}: is a file, not a folder")
+    s = safe_component(cmp.grid.suite, "suite")
     out.mkdir(parents=True, exist_ok=True)
-    s = cmp.grid.suite
     paths = [out / f"{s}-compare.csv"]
     atomic_write_text(paths[0], comparison_csv(cmp), fsync=False)
     if html:

@@ -19,6 +19,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
 
+from .._io import safe_component
 from .._registry import Registry, instance_registry
 from ..errors import SettingsError
 from ..store import RunRecord, RunSpec
@@ -99,9 +100,20 @@ TRACKERS, register_tracker = instance_registry("tracker", Tracker, builtin="peft
 register_tracker.__doc__ = "Class decorator: register one instance of a :class:`Tracker` subclass under ``cls.name``."
 
 
+def check_sweep_name(name: str | None) -> str | None:
+    """The sweep's name (``--sweep-name``, a sweep file's ``name``), checked to be one file name: it names
+    folders (TensorBoard's ``<dir>/<sweep>/``) and files; a one-line SettingsError otherwise. None and ""
+    (a name made from the runs later) pass."""
+    if name:
+        safe_component(name, "--sweep-name (or the sweep file's name)")
+    return name
+
+
 def check_tracking(tracking: Tracking) -> Tracking:
-    """Resolve the tracker names (aliases, spellings), check their settings' keys and that each can work;
-    an error names the tracker or the key, before any compute."""
+    """Resolve the tracker names (aliases, spellings), check their settings' keys and that each can work,
+    and the sweep's name (:func:`check_sweep_name`); an error names the tracker, the key or --sweep-name,
+    before any compute."""
+    check_sweep_name(tracking.sweep)
     names = []
     for n in tracking.trackers:
         name = TRACKERS.canonical(n)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .._io import safe_component
 from ._base import RunInfo, Tracker, TrackerRun, Tracking, register_tracker
 
 
@@ -19,8 +20,11 @@ def _text(obj) -> str:
 
 
 def run_dir(root: str | Path, info: RunInfo) -> Path:
+    """The run's folder under ``root``; every part is checked to be one file name (nothing is written
+    outside ``root``: a sweep name such as ``../../x`` or ``/abs`` is refused)."""
     t = info.tags
-    return Path(root) / info.group / t["method"] / t["task"] / f"{t['stage']}-seed{t['seed']}-{info.key}"
+    return (Path(root) / safe_component(info.group, "--sweep-name") / safe_component(t["method"], "method")
+            / safe_component(t["task"], "task") / safe_component(f"{t['stage']}-seed{t['seed']}-{info.key}", "run"))
 
 
 class _Run(TrackerRun):
