@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .._text import csv_cell
 from ..backbones import create_backbone, image_size
 from ..methods import get_method
 from ..provenance import device_name
@@ -330,8 +331,8 @@ def write_table(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS, lineterminator="\n")
         w.writeheader()
-        for r in rows:
-            w.writerow({k: r.get(k, "") for k in COLUMNS})
+        for r in rows:  # text cells never read as a spreadsheet formula (peftbench._text.csv_cell)
+            w.writerow({k: csv_cell(v) if isinstance(v, str) else v for k, v in ((k, r.get(k, "")) for k in COLUMNS)})
 
 
 def read_table(path: Path) -> dict:

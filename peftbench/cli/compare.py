@@ -28,6 +28,13 @@ def register(sub) -> None:
     p.set_defaults(func=main)
 
 
+def _say(*parts) -> None:
+    """print, with control characters from records (ANSI escapes, bells) made visible (peftbench._text)."""
+    from .._text import terminal
+
+    print(*(terminal(p) for p in parts))
+
+
 def main(args) -> int:
     from ..errors import SettingsError
     from ..results.compare import compare_paths
@@ -46,16 +53,16 @@ def main(args) -> int:
     for cmp in comparisons:
         print_summary(cmp)
         for p in write_comparison(cmp, out):
-            print(p)
+            _say(p)
     return 0
 
 
 def print_summary(cmp) -> None:
     """One line per matched configuration: the headline delta, its std over seeds and p-values."""
-    print(f"{cmp.grid.suite}: B − A, A = {cmp.label_a}, B = {cmp.label_b} (matched on {', '.join(cmp.match_fields)})")
+    _say(f"{cmp.grid.suite}: B − A, A = {cmp.label_a}, B = {cmp.label_b} (matched on {', '.join(cmp.match_fields)})")
     w = max([len("configuration")] + [len(m.a.label) for m in cmp.matches])
     name = "mean of groups" if cmp.grid.groups else "mean over tasks"
-    print(f"  {'configuration':<{w}}  {name:>15}  {'± std':>6}  {'pairs':>5}  {'p sign-flip':>11}  {'p Wilcoxon':>10}")
+    _say(f"  {'configuration':<{w}}  {name:>15}  {'± std':>6}  {'pairs':>5}  {'p sign-flip':>11}  {'p Wilcoxon':>10}")
     for m in cmp.matches:
         hl = m.line("overall", cmp.headline_name)
         d = f"{hl.delta:+.2f}" if hl and hl.delta is not None else "-"
@@ -63,8 +70,8 @@ def print_summary(cmp) -> None:
         p = f"{hl.p_sign_flip:.3g}" if hl and hl.p_sign_flip is not None else ""
         pw = f"{hl.p_wilcoxon:.3g}" if hl and hl.p_wilcoxon is not None else ""
         star = " *" if hl and hl.significant(cmp.alpha) else ""
-        print(f"  {m.a.label:<{w}}  {d:>15}  {sd:>6}  {hl.pairs if hl else 0:>5}  {p:>11}  {pw:>10}{star}")
+        _say(f"  {m.a.label:<{w}}  {d:>15}  {sd:>6}  {hl.pairs if hl else 0:>5}  {p:>11}  {pw:>10}{star}")
     if cmp.only_a:
-        print(f"  only in A: {', '.join(cmp.only_a)}")
+        _say(f"  only in A: {', '.join(cmp.only_a)}")
     if cmp.only_b:
-        print(f"  only in B: {', '.join(cmp.only_b)}")
+        _say(f"  only in B: {', '.join(cmp.only_b)}")

@@ -59,6 +59,7 @@ def comparison_args(args, a: Path, b: str | None, tags: list[str], match: str | 
 
 
 def main(args) -> int:
+    from .._text import terminal
     from ..errors import SettingsError
     from ..results.write import leaderboard_tables, write_leaderboard
     from ..tasks import get_suite
@@ -77,7 +78,7 @@ def main(args) -> int:
         tables = leaderboard_tables(runs_dir, args.format, suite, reference_dir=reference)
         if not tables:
             raise SettingsError(f"no run records under {runs_dir} (and no --suite given)")
-        sys.stdout.write("\n".join(tables.values()))
+        sys.stdout.write(terminal("\n".join(tables.values())))
         return 0
     comparisons = None
     if args.compare or args.compare_tag:
@@ -91,5 +92,5 @@ def main(args) -> int:
     if not written:
         raise SettingsError(f"no run records under {runs_dir} (and no --suite given)")
     for p in written:
-        print(p)
+        print(terminal(p))
     return 0

@@ -22,6 +22,13 @@ def register(sub) -> None:
     p.set_defaults(func=main)
 
 
+def _print(*parts, file=None) -> None:
+    """print, with control characters from records (ANSI escapes, bells) made visible (peftbench._text)."""
+    from .._text import terminal
+
+    print(*(terminal(p) for p in parts), file=file or sys.stdout)
+
+
 def main(args) -> int:
     from ..executors._status import collect
 
@@ -31,16 +38,16 @@ def main(args) -> int:
         return 0
     out = sys.stdout
     drv = info["driver"]
-    print(f"runs dir: {info['runs_dir']}", file=out)
+    _print(f"runs dir: {info['runs_dir']}", file=out)
     if drv:
-        print(f"driver: running (pid {drv.get('pid')} on {drv.get('host')}, since {drv.get('since')})", file=out)
+        _print(f"driver: running (pid {drv.get('pid')} on {drv.get('host')}, since {drv.get('since')})", file=out)
     elif info["state_updated_at"]:
-        print(f"driver: not running (SLURM state last updated {info['state_updated_at']})", file=out)
+        _print(f"driver: not running (SLURM state last updated {info['state_updated_at']})", file=out)
     for d in info.get("drivers", []):
-        print(f"sweep running: pid {d.get('pid')} on {d.get('host')}: {' '.join(d.get('argv') or [])[:200]}", file=out)
+        _print(f"sweep running: pid {d.get('pid')} on {d.get('host')}: {' '.join(d.get('argv') or [])[:200]}", file=out)
     runs = info["runs"]
     if not runs:
-        print("no runs yet", file=out)
+        _print("no runs yet", file=out)
         return 0
     table: dict[tuple, Counter] = {}
     for r in runs:
@@ -52,16 +59,16 @@ def main(args) -> int:
     if any(r.get("stale") for r in runs):
         cols.append("stale")
     head = f"{'method':<20} {'task':<24} " + " ".join(f"{c:>{max(7, len(c))}}" for c in cols)
-    print(head, file=out)
-    print("-" * len(head), file=out)
+    _print(head, file=out)
+    _print("-" * len(head), file=out)
     total = Counter()
     for (method, task), c in sorted(table.items(), key=lambda kv: (kv[0][0] or "", kv[0][1] or "")):
         total.update(c)
-        print(f"{method or '?':<20} {task or '?':<24} " + " ".join(f"{c[k]:>{max(7, len(k))}}" for k in cols), file=out)
-    print(f"{'total':<20} {'':<24} " + " ".join(f"{total[k]:>{max(7, len(k))}}" for k in cols), file=out)
+        _print(f"{method or '?':<20} {task or '?':<24} " + " ".join(f"{c[k]:>{max(7, len(k))}}" for k in cols), file=out)
+    _print(f"{'total':<20} {'':<24} " + " ".join(f"{total[k]:>{max(7, len(k))}}" for k in cols), file=out)
     shown = [r for r in runs if args.all or r["status"] != "done"]
     if shown:
-        print("\nruns" + ("" if args.all else " not done") + ":", file=out)
+        _print("\nruns" + ("" if args.all else " not done") + ":", file=out)
         for r in shown:
             label = r.get("label") or (f"{r['method']} {r['task']} {r['stage']} lr={r['hparams'].get('lr')} "
                                        f"wd={r['hparams'].get('wd')} seed={r['seed']}")
@@ -83,16 +90,16 @@ def main(args) -> int:
                 bits.append("has checkpoint")
             if r["top1"] is not None:
                 bits.append(f"top1 {r['top1']:.2f}")
-            print("  " + "  ".join(bits), file=out)
+            _print("  " + "  ".join(bits), file=out)
             if r["status"] in ("failed", "diverged") and r["error"]:
-                print(f"      {r['error'].splitlines()[-1][:160]}", file=out)
+                _print(f"      {r['error'].splitlines()[-1][:160]}", file=out)
         if any(r["status"] == "interrupted" for r in runs):
-            print("\ninterrupted: the process (or job) that ran it is gone, without a result; the next "
+            _print("\ninterrupted: the process (or job) that ran it is gone, without a result; the next "
                   "`peftbench run` resumes it from its checkpoint", file=out)
     stale = Counter(r["method"] for r in runs if r.get("stale"))
     for method, n in sorted(stale.items()):
-        print(f"\nwarning: {n} finished run(s) of {method!r} were produced by other code than the installed one: "
+        _print(f"\nwarning: {n} finished run(s) of {method!r} were produced by other code than the installed one: "
               "results may be stale (`peftbench run ... --rerun-stale` reruns them)", file=out)
     for err in info["unreadable"]:
-        print(f"warning: {err}", file=out)
+        _print(f"warning: {err}", file=out)
     return 0

@@ -1,8 +1,10 @@
-"""HTML cell helpers shared by the report and the column table (escaped, deterministic)."""
+"""HTML cell helpers shared by the report and the column table (escaped by ``peftbench._text.html``: control
+characters made visible, ``<>&"'`` escaped; deterministic)."""
 from __future__ import annotations
 
-from html import escape
 from typing import TYPE_CHECKING
+
+from .._text import html as escape
 
 if TYPE_CHECKING:
     from .board import Row

@@ -17,11 +17,12 @@ import csv
 import io
 import math
 from dataclasses import dataclass
-from html import escape
 from pathlib import Path
 from typing import Any, Callable
 
 from .._registry import Registry
+from .._text import csv_cell
+from .._text import html as escape
 from ._html import MISSING, integer, mean_std, num, txt
 from .board import Board, Row, Run, _diff
 
@@ -110,11 +111,16 @@ def table(name: str, board: Board, rows: list) -> tuple[list[str], list[dict[str
 
 
 def csv_text(columns: list[str], records: list[dict[str, str]]) -> str:
+    """The CSV of ``records``: every cell (and header) through :func:`peftbench._text.csv_cell`, so that
+    no text from a record is read as a spreadsheet formula (numbers stay numbers)."""
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n", extrasaction="raise")
-    w.writeheader()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow([csv_cell(c) for c in columns])
     for r in records:
-        w.writerow(r)
+        extra = set(r) - set(columns)
+        if extra:
+            raise ValueError(f"dict contains fields not in fieldnames: {', '.join(map(repr, sorted(extra)))}")
+        w.writerow([csv_cell(r.get(c, "")) for c in columns])
     return buf.getvalue()
 
 

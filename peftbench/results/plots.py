@@ -10,12 +10,17 @@ versions in the metadata, figures built without pyplot (no global state).
 * ``tasks``: a configurations x tasks heatmap (mean ± sample std over the final seeds in each cell,
   coloured by the cell's place within its column), group and overall means after the tasks,
   reported rows last; a task that has not run is "n/a".
+
+Every text from the records (labels, task, group and suite names) goes through
+:func:`peftbench._text.plot_text`: no control character reaches the SVG (whose text matplotlib also
+keeps in XML comments) and no ``$`` starts mathtext.
 """
 from __future__ import annotations
 
 import io
 import warnings
 
+from .._text import plot_text as _t
 from .board import Board, Row, pareto_front
 
 RC = {
@@ -122,7 +127,7 @@ def pareto_figure(board: Board):
     style = _styles(board)
     panels = []  # (title, (x, y) of a row, the y error bar of a row, group)
     for g in lay.groups:
-        panels.append((f"{g.capitalize()} ({len(lay.groups[g])} tasks): group mean",
+        panels.append((f"{_t(g.capitalize())} ({len(lay.groups[g])} tasks): group mean",
                        lambda r, g=g: (r.group_tuned.get(g), r.group_mean.get(g)), lambda r, g=g: r.group_std.get(g), g))
     overall = ("Overall: mean of the group means" if lay.groups else f"Overall: mean over the {len(lay.tasks)} tasks")
     panels.append((overall, lambda r: (r.tuned_total_pct, r.headline(lay)), lambda r: r.headline_std(lay), None))
@@ -132,7 +137,7 @@ def pareto_figure(board: Board):
         # panel each (nothing averaged), instead of empty mean panels.
         done = [t for t in lay.tasks if any(r.mean.get(t) is not None for r in board.reproduced)]
         if done:
-            panels = [(f"{t} (task)", lambda r, t=t: (r.tuned.get(t) if r.tuned.get(t) is not None or
+            panels = [(f"{_t(t)} (task)", lambda r, t=t: (r.tuned.get(t) if r.tuned.get(t) is not None or
                                                       r.source == "reproduced" else r.tuned_total_pct,
                                                       r.mean.get(t)), lambda r, t=t: r.std.get(t), t)
                       for t in done[:PER_TASK_PANELS_MAX]]
@@ -143,7 +148,7 @@ def pareto_figure(board: Board):
     nrows = -(-n // ncols)
     fig = Figure(figsize=(4.6 * ncols + 3.2, 3.9 * nrows + 0.5), layout="constrained")
     legend_note = "filled = reproduced, hollow = reported" if board.reported else "reproduced"
-    fig.suptitle(f"{lay.suite}: top-1 accuracy vs. tuned parameters (final runs, ± std over seeds; {legend_note})"
+    fig.suptitle(f"{_t(lay.suite)}: top-1 accuracy vs. tuned parameters (final runs, ± std over seeds; {legend_note})"
                  f"{note}", fontsize=11)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     used_labels: list[str] = []
@@ -175,7 +180,7 @@ def pareto_figure(board: Board):
                 ax.errorbar([x], [y], yerr=[e], fmt="none", ecolor=colour, elinewidth=0.9, capsize=2.5, zorder=2)
             ys.append((y, e or 0.0))
             if filled:
-                notes[-1].append(ax.annotate(r.label, (x, y), xytext=(4, 4), textcoords="offset points",
+                notes[-1].append(ax.annotate(_t(r.label), (x, y), xytext=(4, 4), textcoords="offset points",
                                              fontsize=7, color=colour, zorder=4))
 
             pts[r.source].append((x, y))
@@ -198,20 +203,20 @@ def pareto_figure(board: Board):
                     controls_drawn.append(r)
                 if lo <= y <= hi:
                     ax.axhline(y, color="0.45", linestyle=":", linewidth=1.1, zorder=1)
-                    ax.text(0.99, y, f"control: {r.label} {y:.1f}", transform=trans, ha="right", va="bottom",
+                    ax.text(0.99, y, f"control: {_t(r.label)} {y:.1f}", transform=trans, ha="right", va="bottom",
                             fontsize=6.5, color="0.35")
                 else:
-                    below.append(f"{'▼' if y < lo else '▲'} control {r.label}: {y:.1f}")
+                    below.append(f"{'▼' if y < lo else '▲'} control {_t(r.label)}: {y:.1f}")
             if below:
                 ax.text(0.99, 0.02, "\n".join(below), transform=ax.transAxes, ha="right", va="bottom", fontsize=6.5,
                         color="0.35")
         if not pts["reproduced"] and not pts["reported"] and not controls:
-            what = f"every task of the {group} group" if group else "every task"
+            what = f"every task of the {_t(group)} group" if group else "every task"
             ax.text(0.5, 0.5, f"no complete results yet\n(needs final runs on {what})", ha="center",
                     va="center", transform=ax.transAxes, color="0.4")
             ax.set_xlim(0.01, 100)
             ax.set_ylim(0, 100)
-        missing = [r.label for r in board.reproduced if r.tasks_done and (get(r)[0] is None or get(r)[1] is None)]
+        missing = [_t(r.label) for r in board.reproduced if r.tasks_done and (get(r)[0] is None or get(r)[1] is None)]
         if missing and (pts["reproduced"] or pts["reported"]):
             shown = ", ".join(missing[:4]) + (f" (+{len(missing) - 4})" if len(missing) > 4 else "")
             ax.set_title(f"{title}\n(incomplete, not shown: {shown})")
@@ -232,12 +237,12 @@ def pareto_figure(board: Board):
         filled = r.source == "reproduced"
         handles.append(Line2D([], [], linestyle="", marker=marker, markersize=6, color=colour,
                               markerfacecolor=colour if filled else "none", markeredgewidth=1.0 if filled else 1.4,
-                              label=r.label if filled else f"{r.label} (reported)"))
+                              label=_t(r.label) if filled else f"{_t(r.label)} (reported)"))
     handles.append(Line2D([], [], color="0.15", linestyle="-", label="Pareto frontier, reproduced"))
     if board.reported:
         handles.append(Line2D([], [], color="0.55", linestyle="--", label="Pareto frontier, reported"))
     for r in controls_drawn:
-        handles.append(Line2D([], [], color="0.45", linestyle=":", label=f"{r.label}: control\n({r.control})"))
+        handles.append(Line2D([], [], color="0.45", linestyle=":", label=f"{_t(r.label)}: control\n({_t(r.control)})"))
     fig.legend(handles=handles, loc="outside right upper", frameon=False, title="configuration", title_fontsize=8,
                ncols=1 if len(handles) <= LEGEND_ROWS_MAX else 2)  # a long list would run off the figure
     _declutter(fig, notes)
@@ -315,7 +320,7 @@ def task_heatmap_figure(board: Board):
         rel = np.where(np.isnan(vals), np.nan, np.clip((vals - lo) / span, 0, 1))
     rel = np.where(np.isfinite(rel) & (hi - lo == 0), 0.5, rel)
     rel[~ranked] = np.nan  # drawn neutral
-    labels = [r.label + (" (reported)" if r.source == "reported" else "") + (" (control)" if r.control else "")
+    labels = [_t(r.label) + (" (reported)" if r.source == "reported" else "") + (" (control)" if r.control else "")
               for r in rows]
     label_w = 0.065 * max([len(x) for x in labels] + [10])
     fig = Figure(figsize=(label_w + 0.62 * nc + 1.4, 1.9 + 0.3 * nr), layout="constrained")
@@ -334,7 +339,7 @@ def task_heatmap_figure(board: Board):
             ax.text(j, i, text, ha="center", va="center", fontsize=6 if "\n" in text else 6.5, color=colour,
                     linespacing=0.95)
     ax.set_xticks(range(nc))
-    ax.set_xticklabels([c for c, _ in cols], rotation=40, ha="right", fontsize=7)
+    ax.set_xticklabels([_t(c) for c, _ in cols], rotation=40, ha="right", fontsize=7)
     ax.set_yticks(range(nr))
     ax.set_yticklabels(labels if rows else [""], fontsize=7)
     for k, r in enumerate(rows):
@@ -346,7 +351,7 @@ def task_heatmap_figure(board: Board):
     for g, ts in lay.groups.items():
         end = start + len(ts)
         ax.axvline(end - 0.5, color="white", linewidth=2.5)
-        ax.text((start + end - 1) / 2, -0.7, g.capitalize(), ha="center", va="bottom", fontsize=8, color="0.3",
+        ax.text((start + end - 1) / 2, -0.7, _t(g.capitalize()), ha="center", va="bottom", fontsize=8, color="0.3",
                 fontweight="bold")
         start = end
     if not lay.groups:
@@ -354,7 +359,7 @@ def task_heatmap_figure(board: Board):
     n_rep = sum(r.source == "reproduced" for r in rows)
     if 0 < n_rep < len(rows):
         ax.axhline(n_rep - 0.5, color="0.2", linewidth=1.2)
-    ax.set_title(f"{lay.suite}: per-task top-1 % (final runs: mean over seeds, ± sample std)\ncolour: the cell's "
+    ax.set_title(f"{_t(lay.suite)}: per-task top-1 % (final runs: mean over seeds, ± sample std)\ncolour: the cell's "
                  "place within its column, darker = higher (controls grey, outside the scale)", fontsize=9,
                  pad=16 if lay.groups else 6)
     if not rows:

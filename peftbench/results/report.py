@@ -8,9 +8,9 @@ No timestamps: the same run store gives a byte-identical page.
 from __future__ import annotations
 
 import base64
-from html import escape
 from typing import TYPE_CHECKING
 
+from .._text import html as escape
 from ._html import MISSING, num, row_cls, th, txt
 from .board import TIE_Z, Board
 from .columns import html_summary

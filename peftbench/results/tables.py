@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from .._text import latex, markdown
 from .board import Board, Row
 
 DIGITS = 1  # accuracies as printed in the papers
@@ -83,13 +84,9 @@ def _seed_note(board: Board) -> str:
 # LaTeX
 # ---------------------------------------------------------------------------------------------
 
-_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-        "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "–": "--", "−": "$-$",
-        "≈": r"$\approx$", "×": r"$\times$"}
-
-
 def tex_escape(text: str) -> str:
-    return "".join(_TEX.get(ch, ch) for ch in str(text))
+    """LaTeX text (:func:`peftbench._text.latex`: control characters visible, every special character escaped)."""
+    return latex(text)
 
 
 def _tex_cell(v: float | None, sd: float | None, col: _Col, best: float | None) -> str:
@@ -109,7 +106,7 @@ def latex_table(board: Board) -> str:
     cols = _columns(board)
     n = 1 + len(cols)
     note = _seed_note(board)
-    lines = [f"% peftbench leaderboard --format latex: {lay.suite} (generated from the run store; do not edit)",
+    lines = [f"% peftbench leaderboard --format latex: {tex_escape(lay.suite)} (generated from the run store; do not edit)",
              r"% needs \usepackage{booktabs} and \usepackage{graphicx}",
              r"\begin{table*}[t]", r"\centering",
              rf"\caption{{{tex_escape(lay.suite)}: top-1 accuracy (\%) of the final runs"
@@ -160,7 +157,8 @@ def latex_table(board: Board) -> str:
 
 
 def _md_escape(text: str) -> str:
-    return str(text).replace("|", r"\|").replace("*", r"\*").replace("_", r"\_")
+    """A Markdown table cell (:func:`peftbench._text.markdown`: one line, Markdown and HTML escaped)."""
+    return markdown(text)
 
 
 def _md_cell(v: float | None, sd: float | None, col: _Col, best: float | None) -> str:
@@ -178,12 +176,12 @@ def markdown_table(board: Board) -> str:
     heads = []
     for c in cols:
         if c.head == "Mean" and c.group:
-            heads.append(f"{c.group} mean")
+            heads.append(f"{_md_escape(c.group)} mean")
         else:
             heads.append(_md_escape(c.head))
     out = [f"**{_md_escape(lay.suite)}**: top-1 accuracy (%) of the final runs"
            + (f", {_seed_note(board)}" if _seed_note(board) else "") + "; best of each column in bold (within each "
-           "block)." + (" Groups: " + "; ".join(f"{g.capitalize()}: {', '.join(_md_escape(t) for t in ts)}"
+           "block)." + (" Groups: " + "; ".join(f"{_md_escape(g.capitalize())}: {', '.join(_md_escape(t) for t in ts)}"
                                                  for g, ts in lay.groups.items()) + "." if lay.groups else ""),
            "",
            "| Method | " + " | ".join(heads) + " |",
