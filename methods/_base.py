@@ -252,27 +252,13 @@ class Method:
         return f"<method {self.name}>"
 
 
-def _register_object(obj: object, provider: str) -> None:
-    if isinstance(obj, type) and issubclass(obj, Method):
-        obj = obj()
-    if not isinstance(obj, Method):
-        raise TypeError(f"a peftbench.methods entry point must name a module or a Method subclass, got {obj!r}")
-    if not obj.name:
-        raise TypeError(f"{type(obj).__qualname__} ({provider}) has no name")
-    METHODS.add(obj.name, obj, obj.aliases, provider)
-
-
-# built-in methods: the public modules of methods/; plugins: the `peftbench.methods` entry points
-METHODS: Registry[Method] = Registry("method", builtin="peftbench.methods", group="peftbench.methods",
-                                     register_object=_register_object)
+# built-in methods: the public modules of methods/ (peftbench.methods); plugins: the `peftbench.methods` entry points
+METHODS: Registry[Method] = Registry("method", builtin="peftbench.methods", group="peftbench.methods", base=Method)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
     """Class decorator: register one instance of a :class:`Method` subclass under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no name")
-    METHODS.add(cls.name, cls(), cls.aliases, provider=f"module {cls.__module__}")
-    return cls
+    return METHODS.register_class(cls)
 
 
 def get_method(name: str) -> Method:

@@ -94,3 +94,21 @@ def safe_component(name: Any, what: str) -> str:
         raise SettingsError(f"{what} {name!r}: not usable as a file name ({why}); a name must be one path component "
                             "without '/', '\\' or control characters, not '.' or '..' nor starting with '.'")
     return name
+
+
+def tomllib():
+    """The standard library's TOML reader (``tomli`` on Python 3.10)."""
+    try:
+        import tomllib as lib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as lib  # type: ignore[no-redef]
+    return lib
+
+
+def toml_value(raw: str):
+    """A TOML literal from the command line (10, 2.5, true, "x", ["a"], {a = 1}); anything else is a plain string."""
+    lib = tomllib()
+    try:
+        return lib.loads(f"v = {raw}")["v"]
+    except lib.TOMLDecodeError:
+        return raw

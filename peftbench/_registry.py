@@ -31,11 +31,6 @@ from .errors import PluginError, UnknownNameError
 
 T = TypeVar("T")
 
-# entry-point group of every registry (docs/plugins.md)
-GROUPS = ("peftbench.methods", "peftbench.tasks", "peftbench.protocols", "peftbench.layouts",
-          "peftbench.transforms", "peftbench.executors", "peftbench.columns", "peftbench.backbones",
-          "peftbench.trackers", "peftbench.optimizers")
-
 
 class NameClash(PluginError, ValueError):
     """A name or alias registered twice (by two different providers)."""
@@ -50,10 +45,20 @@ def normalise(name: str) -> str:
 
 
 class Registry(Generic[T]):
+    """Names -> items of one kind. ``base``: the type every item is (a subclass given to :meth:`add_object` or
+    :meth:`register_class` is instantiated once); ``key``: an item's name (default its ``name``); ``check``: a
+    further check of an item. An entry point of ``group`` may name a module (imported: its decorators register)
+    or an object, which :meth:`add_object` type-checks and adds (``register_object`` replaces it for a group that
+    registers several kinds)."""
+
     def __init__(self, kind: str, *, builtin: str | Iterable[str] | None = None, group: str | None = None,
                  register_object: Callable[[object, str], None] | None = None,
-                 loader: Callable[[], None] | None = None):
+                 loader: Callable[[], None] | None = None, base: type | None = None,
+                 key: Callable[[T], str] | None = None, check: Callable[[T], None] | None = None):
         self.kind = kind
+        self.base = base
+        self._key_of = key
+        self._check = check
         self._items: dict[str, T] = {}  # normalised name -> item
         self._display: dict[str, str] = {}  # normalised name -> the name as registered
         self._aliases: dict[str, str] = {}  # normalised alias -> normalised name
@@ -62,7 +67,8 @@ class Registry(Generic[T]):
         self.conflicts: dict[str, str] = {}  # normalised name or alias -> the clash
         self._builtin = (builtin,) if isinstance(builtin, str) else tuple(builtin or ())
         self._group = group
-        self._register_object = register_object
+        self._register_object = register_object if register_object is not None else (
+            self.add_object if base is not None else None)
         self._loader = loader  # e.g. another registry's load(): suites are registered by the task plugins
         self._loaded = False
 
@@ -104,6 +110,29 @@ class Registry(Generic[T]):
         msg = (f"{what} from {provider} clashes with {self.kind} {self._display[owner]!r} from "
                f"{self._provider[owner]}; uninstall or rename one of them")
         raise NameClash(msg, (key, owner))
+
+    def add_object(self, obj: object, provider: str = "") -> T:
+        """Type-check ``obj`` (a subclass of ``base`` is instantiated) and add it under its name and aliases."""
+        base = self.base
+        if base is not None and isinstance(obj, type) and issubclass(obj, base):
+            obj = obj()
+        if base is not None and not isinstance(obj, base):
+            article = "an" if base.__name__[0] in "AEIOU" else "a"
+            group = self._group or self.kind
+            raise TypeError(f"a {group} entry point must name a module or {article} {base.__name__}, got {obj!r}")
+        name = self._key_of(obj) if self._key_of is not None else getattr(obj, "name", "")
+        if not name:
+            raise TypeError(f"{type(obj).__qualname__} ({provider or _provider_of(obj)}) has no name")
+        if self._check is not None:
+            self._check(obj)
+        return self.add(name, obj, getattr(obj, "aliases", ()) or (), provider)
+
+    def register_class(self, cls: type) -> type:
+        """Class decorator: register one instance of ``cls`` (a subclass of ``base``) under ``cls.name``."""
+        if not getattr(cls, "name", ""):
+            raise ValueError(f"{cls.__qualname__} has no name")
+        self.add_object(cls, provider=f"module {cls.__module__}")
+        return cls
 
     def register(self, name: str | None = None, aliases: Iterable[str] = ()):
         """Decorator: ``@REGISTRY.register("name")`` registers the decorated object."""
@@ -215,25 +244,10 @@ class Registry(Generic[T]):
 
 def instance_registry(kind: str, base: type, *, group: str, builtin: str | None = None,
                       article: str = "a") -> tuple[Registry, Callable[[type], type]]:
-    """A registry of one instance per ``base`` subclass (executors, trackers, protocols), and its class
-    decorator. ``builtin``: the module whose import registers the built-in ones (None: they are
-    registered where ``base`` is defined). An entry point of ``group`` may name a module (imported:
-    its decorators register) or a subclass."""
-    def register_object(obj: object, provider: str) -> None:
-        if isinstance(obj, type) and issubclass(obj, base):
-            obj = obj()
-        if not isinstance(obj, base):
-            raise TypeError(f"a {group} entry point must name a module or {article} {base.__name__}, got {obj!r}")
-        registry.add(obj.name, obj, obj.aliases, provider)
-
-    registry: Registry = Registry(kind, builtin=builtin, group=group, register_object=register_object)
-
-    def register(cls: type) -> type:
-        """Class decorator: register one instance of the subclass ``cls`` under ``cls.name``."""
-        registry.add(cls.name, cls(), cls.aliases)
-        return cls
-
-    return registry, register
+    """A registry of one instance per ``base`` subclass (executors, trackers, protocols) and its class
+    decorator: ``Registry(kind, base=base, ...)`` and its :meth:`Registry.register_class`."""
+    registry: Registry = Registry(kind, builtin=builtin, group=group, base=base)
+    return registry, registry.register_class
 
 
 def _provider_of(item: object) -> str:

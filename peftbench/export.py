@@ -19,7 +19,7 @@ from .backbones import image_size, preset
 from .data.images import IMAGENET_MEAN, IMAGENET_STD
 from .errors import PeftbenchError, StoreError
 from .layers.merge import is_plain_timm
-from .store import RunRecord, RunStore
+from .store import RunRecord, RunStatus, RunStore
 from .train.build import build_model, load_trainable
 from .train.env import Env
 
@@ -61,7 +61,7 @@ def export_run(runs_dir: str | Path, key: str, out: str | Path | None = None, va
     store = RunStore(runs_dir)
     rec = find_run(store, key)
     spec = rec.run_spec
-    if not rec.is_final or str(rec.status) != "ok":
+    if rec.status != RunStatus.OK:
         raise ExportError(f"run {rec.key} is {rec.status}, not a finished run: nothing to export")
     weights = store.artifact_path(spec, "final.safetensors")
     if not weights.is_file():

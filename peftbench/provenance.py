@@ -7,12 +7,30 @@ import socket
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ._version import __version__
 
 
 def now() -> str:
+    """The one timestamp format of peftbench: ISO 8601 in UTC, with its offset (``2026-12-06T19:02:03+00:00``)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def parse_time(value: Any) -> datetime | None:
+    """An ISO timestamp (with or without an offset; none means UTC) or epoch seconds as an aware datetime."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return datetime.fromtimestamp(float(value), tz=timezone.utc)
+    try:
+        t = datetime.fromisoformat(str(value))
+    except ValueError:
+        try:  # "%Y-%m-%dT%H:%M:%S%z" without the colon of the offset (older SLURM records)
+            t = datetime.strptime(str(value), "%Y-%m-%dT%H:%M:%S%z")
+        except ValueError:
+            return None
+    return t if t.tzinfo is not None else t.replace(tzinfo=timezone.utc)
 
 
 @functools.lru_cache(maxsize=1)

@@ -40,7 +40,7 @@ IMAGENET_STD = torch.tensor((0.229, 0.224, 0.225)).view(1, 3, 1, 1)
 
 def _load_demo_data():
     """Import tasks/_demo_data.py by path (it is standalone: no peftbench import)."""
-    spec = importlib.util.spec_from_file_location("demo_data", REPO / "peftbench" / "tasks" / "_demo_data.py")
+    spec = importlib.util.spec_from_file_location("demo_data", REPO / "tasks" / "_demo_data.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -46,14 +46,15 @@ class TimedExecutor:
 
 def one_sweep(method: str, task: str, lrs: tuple[float, ...], epochs: int | None, fuse: int, runs: Path,
               device: str = "cpu"):
+    from peftbench.api.schema import Sweep
     from peftbench.executors.local import LocalExecutor
     from peftbench.store import RunStore
     from peftbench.sweep.drive import count_runs, drive
-    from peftbench.sweep.plan import SweepSettings, plan
+    from peftbench.sweep.plan import plan
     from peftbench.train.env import Env
 
-    overrides = {"lr_grid": lrs, **({"epochs": epochs} if epochs else {})}
-    contexts = plan(SweepSettings(methods=[method], suite="demo", tasks=[task], overrides=overrides, verify_data=False))
+    overrides = {"lr": lrs, **({"epochs": epochs} if epochs else {})}
+    contexts = plan(Sweep(methods=[method], suite="demo", tasks=[task], **overrides, verify_data=False))
     env = Env(device=device, quiet=True, save_weights="none", fuse=fuse)
     ex = TimedExecutor(LocalExecutor(env, len(count_runs(contexts))))
     store = RunStore(runs)

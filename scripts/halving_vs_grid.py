@@ -25,12 +25,13 @@ import sys
 import time
 from pathlib import Path
 
+from peftbench.api.schema import Sweep
 from peftbench.bench.estimate import trained_epochs
 from peftbench.executors.local import LocalExecutor
 from peftbench.methods import get_method
 from peftbench.store import RunStore
 from peftbench.sweep.drive import drive
-from peftbench.sweep.plan import SweepSettings, plan
+from peftbench.sweep.plan import plan
 from peftbench.sweep.protocols import DemoProtocol
 from peftbench.sweep.search import DEFAULT_RUNGS, Search, budget
 from peftbench.train.env import Env
@@ -71,8 +72,9 @@ def search_cost(specs, store: RunStore) -> int:
 
 
 def sweep(method, tasks, search, store, executor, data_root):
-    settings = SweepSettings(methods=[method], suite="demo", tasks=tasks, data_root=data_root,
-                             overrides={"lr_grid": lr_grid(method), "wd_grid": WD_GRID}, search=search)
+    settings = Sweep(methods=[method], suite="demo", tasks=tasks, data_root=data_root, lr=list(lr_grid(method)),
+                     wd=list(WD_GRID), search=search.kind, halving_rungs=list(search.rungs) if search.kind == "halving"
+                     else None, halving_factor=search.factor if search.kind == "halving" else None)
     contexts = plan(settings)
     rec = Recording(executor)
     outcomes = drive(contexts, rec, store)

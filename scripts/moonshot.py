@@ -18,17 +18,18 @@ import argparse
 import dataclasses
 import sys
 
+from peftbench.api.schema import Sweep
 from peftbench.bench.estimate import TABLES, evaluations, split_size, trained_epochs
 from peftbench.bench.peaks import peak_tflops
 from peftbench.bench.speed import read_table
 from peftbench.sweep.drive import count_runs
-from peftbench.sweep.plan import SweepSettings, plan
+from peftbench.sweep.plan import plan
 from peftbench.sweep.search import Search
 from peftbench.tasks import get_task
 
 
 def work(method: str, search: Search) -> dict:
-    contexts = plan(SweepSettings(methods=[method], suite="vtab", search=search), check_data=False)
+    contexts = plan(Sweep(methods=[method], suite="vtab", search=search.kind), check_data=False)
     specs = count_runs([dataclasses.replace(c, search=search) for c in contexts])
     out = {"runs": len(specs), "train": 0, "search_train": 0, "eval": 0}
     for s in specs:

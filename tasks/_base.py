@@ -123,10 +123,11 @@ class _TaskRegistry(Registry):
 
 
 def _register_object(obj: object, provider: str) -> None:
+    """One ``peftbench.tasks`` entry point may name a Task, a Suite or a list of them (two registries)."""
     if isinstance(obj, Task):
-        TASKS.add(obj.name, obj, obj.aliases, provider)
+        TASKS.add_object(obj, provider)
     elif isinstance(obj, Suite):
-        SUITES.add(obj.name, obj, obj.aliases, provider)
+        SUITES.add_object(obj, provider)
     elif isinstance(obj, (list, tuple)):
         for o in obj:
             _register_object(o, provider)
@@ -136,18 +137,16 @@ def _register_object(obj: object, provider: str) -> None:
 
 # built-in suites: tasks/<suite>.py; plugins: the `peftbench.tasks` entry-point group
 TASKS: Registry[Task] = _TaskRegistry("task", builtin="peftbench.tasks", group="peftbench.tasks",
-                                      register_object=_register_object)
-SUITES: Registry[Suite] = Registry("suite", loader=TASKS.load)  # registered by the same plugins
+                                      register_object=_register_object, base=Task)
+SUITES: Registry[Suite] = Registry("suite", loader=TASKS.load, base=Suite)  # registered by the same plugins
 
 
 def register_task(task: Task) -> Task:
-    TASKS.add(task.name, task, task.aliases)
-    return task
+    return TASKS.add_object(task)
 
 
 def register_suite(suite: Suite) -> Suite:
-    SUITES.add(suite.name, suite, suite.aliases)
-    return suite
+    return SUITES.add_object(suite)
 
 
 def get_task(name: str) -> Task:

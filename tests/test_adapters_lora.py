@@ -46,7 +46,7 @@ SPEC5 = [
 
 
 @pytest.mark.parametrize("method,sets,expected", SPEC5, ids=[f"{m}{''.join(s)}" for m, s, _ in SPEC5])
-def test_spec5_parameter_counts(method, sets, expected):
+def test_parameter_counts_equal_the_documented_formulas(method, sets, expected):
     out = count(method, 100, "vit_base_patch16_224", sets)
     assert out["trainable"] == expected
     assert out["tuned"] == expected
@@ -56,7 +56,7 @@ def test_spec5_parameter_counts(method, sets, expected):
     assert out["total"] == 85_798_656 + added + 76_900
 
 
-def test_spec5_formulas_other_settings():
+def test_documented_formulas_for_other_settings():
     # Adapter (VPT, r): 12·(2·768·768/r + 768/r + 768); LoRA r: 36,864·r
     for r in (8, 16, 32):
         assert count("adapter", 10, sets=[f"reduction={r}"])["trainable_without_head"] == \

@@ -6,11 +6,12 @@ import shutil
 import pytest
 from fixtures_data import image_of_line, truncate, write_fgvc_task, write_vtab_task
 
+from peftbench.api.schema import Sweep
 from peftbench.cli import main
 from peftbench.data.splits import fingerprint
 from peftbench.data.verify import MANIFEST, verify_task
 from peftbench.errors import DataError
-from peftbench.sweep.plan import SweepSettings, plan
+from peftbench.sweep.plan import plan
 from peftbench.tasks import get_suite, get_task
 
 
@@ -90,7 +91,7 @@ def test_aliases(alias, name):
 
 
 def test_vpt_names_survive_the_comma_split_of_tasks(tmp_path):
-    from peftbench.cli.run import _names
+    from peftbench.api.schema import _split as _names
 
     text = 'dtd,vtab-dsprites(predicted_attribute="label_x_position",num_classes=16),kitti'
     assert [get_task(n).name for n in _names(text)] == ["dtd", "dsprites_location", "kitti_distance"]
@@ -239,7 +240,7 @@ def test_cli_verify_exit_codes_and_report(root, capsys):
 
 def test_sweep_refuses_bad_data_before_any_compute_unless_told(root):
     truncate(image_of_line(eurosat_dir(root), "test", 1), 60)
-    settings = SweepSettings(methods=["linear"], suite="vtab", tasks=["eurosat"], data_root=str(root),
+    settings = Sweep(methods=["linear"], suite="vtab", tasks=["eurosat"], data_root=str(root),
                              backbone="demo-vit-random", seeds=[1])
     with pytest.raises(DataError) as exc:
         plan(settings)

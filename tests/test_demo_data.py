@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _load():
     # Loaded by path: demo_data is standalone and must not need peftbench installed.
-    spec = importlib.util.spec_from_file_location("demo_data_under_test", REPO / "peftbench" / "tasks" / "_demo_data.py")
+    spec = importlib.util.spec_from_file_location("demo_data_under_test", REPO / "tasks" / "_demo_data.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -45,7 +45,7 @@ def test_registry():
 
 
 def test_module_does_not_import_peftbench():
-    lines = (REPO / "peftbench" / "tasks" / "_demo_data.py").read_text().splitlines()
+    lines = (REPO / "tasks" / "_demo_data.py").read_text().splitlines()
     imports = [ln.strip() for ln in lines if ln.strip().startswith(("import ", "from "))]
     assert imports and not [ln for ln in imports if "peftbench" in ln]
 

@@ -150,7 +150,7 @@ def test_importance_scores_rank_tokens_as_derived(layout):
     assert toy.prompt_token_mask.requires_grad
 
 
-def test_candidate_counts_follow_the_spec():
+def test_candidate_counts_follow_the_official_code():
     assert token_counts(10) == list(range(1, 10))
     assert token_counts(32) == [3, 6, 9, 12, 16, 19, 22, 25, 28]
     assert token_counts(5) == [0, 1, 2, 3, 4]
@@ -274,11 +274,12 @@ def _records(runs):
 
 
 def test_pipeline_resumes_between_and_inside_stages(tmp_path, demo_root, tiny_preset):
-    from peftbench.sweep.plan import SweepSettings, plan
+    from peftbench.api.schema import Sweep
+    from peftbench.sweep.plan import plan
 
-    settings = SweepSettings(methods=["e2vpt-prune"], suite="demo", tasks=["demo_digits"], backbone=tiny_preset,
+    settings = Sweep(methods=["e2vpt-prune"], suite="demo", tasks=["demo_digits"], backbone=tiny_preset,
                              data_root=str(demo_root), sets=["prompt_tokens=4", "kv_tokens=2", "prune_segments=4"],
-                             overrides={"epochs": 2, "batch_size": 200})  # demo grid: 2 token counts x 1
+                             **{"epochs": 2, "batch_size": 200})  # demo grid: 2 token counts x 1
     contexts = plan(settings)
     # reference: uninterrupted
     (ref,) = _run(contexts, tmp_path / "ref")
@@ -354,13 +355,14 @@ def test_rewind_from_saved_initial_weights(tmp_path, demo_root, tiny_preset):
     ``init_state`` resolved in the run store), with the fixed masks still applied."""
     from safetensors.torch import load_file
 
-    from peftbench.sweep.plan import SweepSettings, plan
+    from peftbench.api.schema import Sweep
+    from peftbench.sweep.plan import plan
 
-    settings = SweepSettings(methods=["e2vpt-prune"], suite="demo", tasks=["demo_digits"], backbone=tiny_preset,
+    settings = Sweep(methods=["e2vpt-prune"], suite="demo", tasks=["demo_digits"], backbone=tiny_preset,
                              data_root=str(demo_root),
                              sets=["prompt_tokens=2", "kv_tokens=1", "prune_tokens=1", "prune_segments=3",
                                    "rewind_init=saved"],
-                             overrides={"epochs": 1, "batch_size": 500, "lr_grid": (1.0,)})  # 1 point: no search
+                             **{"epochs": 1, "batch_size": 500, "lr": (1.0,)})  # 1 point: no search
     (out,) = _run(plan(settings), tmp_path / "runs")
     assert out.error is None
     recs = _records(tmp_path / "runs")

@@ -6,10 +6,11 @@ import pytest
 from helpers import TINY_BACKBONE, make_data_root
 
 from peftbench._io import atomic_write_text
+from peftbench.api.schema import Sweep
 from peftbench.executors.local import LocalExecutor
 from peftbench.store import RunSpec, RunStore
 from peftbench.sweep.drive import count_runs, drive
-from peftbench.sweep.plan import SweepSettings, plan
+from peftbench.sweep.plan import plan
 from peftbench.train import engine as engine_mod
 from peftbench.train.engine import Env
 from peftbench.train.loop import OnEpoch
@@ -21,7 +22,7 @@ def data_root(tmp_path_factory):
 
 
 def sweep(data_root, runs, methods=("linear",), env=None, **kw):
-    settings = SweepSettings(methods=list(methods), suite="testsuite", data_root=str(data_root),
+    settings = Sweep(methods=list(methods), suite="testsuite", data_root=str(data_root),
                              backbone=TINY_BACKBONE, **kw)
     contexts = plan(settings)
     store = RunStore(runs)
@@ -30,8 +31,8 @@ def sweep(data_root, runs, methods=("linear",), env=None, **kw):
     return outcomes, store
 
 
-FAST = dict(tasks=["toy"], protocol="fixed", seeds=[1], overrides={"epochs": 3, "batch_size": 16,
-                                                                  "lr_grid": (0.05,), "wd_grid": (0.0,)})
+FAST = dict(tasks=["toy"], protocol="fixed", seeds=[1], **{"epochs": 3, "batch_size": 16,
+                                                                  "lr": (0.05,), "wd": (0.0,)})
 
 
 def records(store):
@@ -100,8 +101,20 @@ def test_interrupted_run_resumes_and_equals_uninterrupted(data_root, tmp_path):
     assert not list((tmp_path / "runs").rglob("*.ckpt.safetensors"))
 
 
-def test_diverged_run_is_recorded_and_sweep_goes_on(data_root, tmp_path):
-    settings = dict(FAST, tasks=["toy", "toy_b"], overrides=dict(FAST["overrides"], lr_grid=(float("inf"),)))
+def test_diverged_run_is_recorded_and_sweep_goes_on(data_root, tmp_path, monkeypatch):
+    from peftbench.layers.prompted_vit import PromptedViT
+    from peftbench.train import loop
+
+    real = loop.train_step
+
+    def diverging(forward, *args, **kw):  # VPT's loss becomes NaN at its second step (no sweep can ask for it)
+        loss = real(forward, *args, **kw)
+        diverging.steps += isinstance(forward, PromptedViT)
+        return loss * float("nan") if isinstance(forward, PromptedViT) and diverging.steps % 2 == 0 else loss
+
+    diverging.steps = 0
+    monkeypatch.setattr(loop, "train_step", diverging)
+    settings = dict(FAST, tasks=["toy", "toy_b"])
     outcomes, store = sweep(data_root, tmp_path / "runs", methods=["vpt-deep", "linear"], **settings)
     recs = records(store)
     assert len(recs) == 4
@@ -132,10 +145,19 @@ def test_exception_becomes_failed_record_and_sweep_goes_on(data_root, tmp_path, 
     assert by_task["toy"]["status"] == "ok" and by_task["toy"]["attempts"] == 2
 
 
-def test_vpt_protocol_selects_on_val_then_runs_final_seeds(data_root, tmp_path):
-    overrides = {"epochs": 2, "batch_size": 16, "lr_grid": (float("inf"), 0.05), "wd_grid": (0.0,)}
+def test_vpt_protocol_selects_on_val_then_runs_final_seeds(data_root, tmp_path, monkeypatch):
+    from peftbench.train import loop
+
+    real = loop.train_step
+
+    def diverging(forward, x, y, optimizer, *args, **kw):  # the run at lr 8 diverges (its loss becomes NaN)
+        loss = real(forward, x, y, optimizer, *args, **kw)
+        return loss * float("nan") if optimizer.param_groups[0]["lr"] > 0.1 else loss
+
+    monkeypatch.setattr(loop, "train_step", diverging)
+    overrides = {"epochs": 2, "batch_size": 16, "lr": (8.0, 0.05), "wd": (0.0,), "warmup_epochs": 0}
     outcomes, store = sweep(data_root, tmp_path / "runs", methods=["linear"], tasks=["toy"], protocol="vpt",
-                            seeds=[1, 2], overrides=overrides)
+                            seeds=[1, 2], **overrides)
     recs = records(store)
     search = [r for r in recs if r["spec"]["stage"] == "search"]
     final = [r for r in recs if r["spec"]["stage"] == "final"]
@@ -176,7 +198,7 @@ def test_atomic_write_keeps_the_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_run_key_is_stable_and_sensitive(data_root):
-    settings = SweepSettings(methods=["linear"], suite="testsuite", data_root=str(data_root),
+    settings = Sweep(methods=["linear"], suite="testsuite", data_root=str(data_root),
                              backbone=TINY_BACKBONE, **FAST)
     s1 = count_runs(plan(settings))[0]
     s2 = count_runs(plan(settings))[0]

@@ -65,6 +65,7 @@ def plugin_env(tmp_path):
     return env
 
 
+@pytest.mark.slow
 def test_external_method_is_listed(plugin_env):
     out = subprocess.run(_cli() + ["list", "methods"], env=plugin_env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
@@ -73,6 +74,7 @@ def test_external_method_is_listed(plugin_env):
     assert "external plugin" in line
 
 
+@pytest.mark.slow
 def test_external_method_runs_on_the_demo_suite(plugin_env, tmp_path, demo_root):
     runs, data = tmp_path / "runs", demo_root  # demo_root: a session-wide tmp data root (conftest)
     cmd = _cli() + ["run", "--methods", METHOD, "--suite", "demo", "--tasks", "demo_digits", "--epochs", "1",
@@ -157,7 +159,7 @@ class Inline(ExecutorPlugin):
     name = "plugin-inline"
     description = "runs every run inline and marks its record"
 
-    def create(self, args, *, env, runs_dir, total):
+    def make(self, settings, *, env, runs_dir, total):
         return InlineExecutor(env)
 
 
@@ -201,6 +203,7 @@ def _write_more(site: Path, data: Path) -> None:
     (task_dir / "train800val200.csv").write_text("\n".join(both) + "\n")
 
 
+@pytest.mark.slow
 def test_external_layout_suite_executor_and_column(plugin_env, tmp_path):
     site = Path(plugin_env["PYTHONPATH"].split(os.pathsep)[0])
     data, runs = tmp_path / "data", tmp_path / "runs"
@@ -266,6 +269,7 @@ def _run_cli(env, *args):
     return subprocess.run(_cli() + list(args), env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_misbehaving_plugins_do_not_break_other_commands(bad_env):
     out = _run_cli(bad_env, "list", "methods")
     assert out.returncode == 0, out.stderr
@@ -278,6 +282,7 @@ def test_misbehaving_plugins_do_not_break_other_commands(bad_env):
     assert METHOD in out.stdout and "vpt-deep" in out.stdout  # the well-behaved plugin and the built-ins
 
 
+@pytest.mark.slow
 def test_using_a_clashing_or_broken_plugin_is_a_clear_error(bad_env, tmp_path):
     for name, needle in (("lora", "clashes with method 'lora' from module peftbench.methods.peft_tuners"),
                          ("bitfit", "'BITFIT' (an alias of 'shadow-probe')"),

@@ -8,12 +8,13 @@ import torch
 from helpers import TINY_BACKBONE, make_data_root
 from safetensors.torch import load_file
 
+from peftbench.api.schema import Sweep
 from peftbench.cli import main
 from peftbench.errors import SettingsError
 from peftbench.executors.local import LocalExecutor
 from peftbench.store import RunStore
 from peftbench.sweep.drive import count_runs, drive
-from peftbench.sweep.plan import SweepSettings, plan
+from peftbench.sweep.plan import plan
 from peftbench.sweep.search import Search, budget, rung_epochs, rung_sizes, survivors
 from peftbench.train import engine as engine_mod
 from peftbench.train.engine import Env
@@ -27,12 +28,18 @@ def data_root(tmp_path_factory):
 # 2 configurations, factor 1.5: both survive every rung (1, 2, 3 of 3 epochs); vpt-deep has prompt dropout,
 # so the RNG state handed from rung to rung matters
 SURVIVE = Search("halving", rungs=(0.34, 0.67, 1.0), factor=1.5)
-OVERRIDES = {"epochs": 3, "batch_size": 16, "lr_grid": (0.5, 2.0), "wd_grid": (0.0,)}
+OVERRIDES = {"epochs": 3, "batch_size": 16, "lr": (0.5, 2.0), "wd": (0.0,)}
+
+
+def fields_of(search: Search) -> dict:
+    """The sweep's fields of a search strategy."""
+    return {"search": search.kind, "halving_rungs": list(search.rungs), "halving_factor": search.factor} \
+        if search.kind == "halving" else {"search": search.kind}
 
 
 def sweep(data_root, runs, search=Search(), method="vpt-deep", overrides=OVERRIDES, env=None):
-    settings = SweepSettings(methods=[method], suite="testsuite", tasks=["toy"], data_root=str(data_root),
-                             backbone=TINY_BACKBONE, seeds=[1], overrides=dict(overrides), search=search)
+    settings = Sweep(methods=[method], suite="testsuite", tasks=["toy"], data_root=str(data_root),
+                     backbone=TINY_BACKBONE, seeds=[1], **dict(overrides), **fields_of(search))
     contexts = plan(settings)
     store = RunStore(runs)
     env = env or Env(quiet=True, save_weights="all")
@@ -145,7 +152,7 @@ def test_a_rung_state_of_another_run_is_refused(data_root, tmp_path):
 
 def test_halving_keeps_the_best_third_and_ties_go_to_the_smaller_lr(data_root, tmp_path):
     runs = tmp_path / "runs"
-    over = {**OVERRIDES, "epochs": 4, "lr_grid": (0.0, 0.1, 0.2, 8.0, 0.5, 1.0)}
+    over = {**OVERRIDES, "epochs": 4, "lr": (0.0, 0.1, 0.2, 8.0, 0.5, 1.0)}
     outcomes, store = sweep(data_root, runs, search=Search("halving", rungs=(0.25, 0.5, 1.0), factor=3),
                             overrides=over)
     st = by_stage(store)
@@ -225,10 +232,10 @@ def test_costs_of_each_choice_use_the_fused_rows_of_the_bench_table(data_root, t
     table.write_text("method,variant,device,precision,compile,train_images_per_s,eval_images_per_s\n"
                      "vpt-deep,,cpu,fp32,False,100,1e12\n"
                      "vpt-deep,fused-4,cpu,fp32,False,300,1e12\n")
-    settings = SweepSettings(methods=["vpt-deep"], suite="testsuite", tasks=["toy"], data_root=str(data_root),
+    settings = Sweep(methods=["vpt-deep"], suite="testsuite", tasks=["toy"], data_root=str(data_root),
                              backbone=TINY_BACKBONE, seeds=[1],
-                             overrides={"epochs": 10, "batch_size": 16, "lr_grid": (0.1, 0.2, 0.4, 0.8),
-                                        "wd_grid": (0.0, 0.001)})
+                             **{"epochs": 10, "batch_size": 16, "lr": (0.1, 0.2, 0.4, 0.8),
+                                        "wd": (0.0, 0.001)})
     contexts = plan(settings)
     monkeypatch.setattr(type(get_method("vpt-deep")), "fusable", False, raising=False)
     rows = print_costs(contexts, table)
@@ -252,9 +259,9 @@ def test_slurm_runs_each_rung_as_one_job_array(data_root, tmp_path):
 
     settings = make_settings(flags={"gpus_per_node": 0, "cpus_per_task": 1, "max_retries": 0},
                              sets=["cluster = 'debug'", "poll_s = 0.01"])
-    ctxs = plan(SweepSettings(methods=["linear"], suite="testsuite", tasks=["toy"], protocol="vpt",
-                              data_root=str(data_root), backbone=TINY_BACKBONE, seeds=[1], search=SURVIVE,
-                              overrides={**OVERRIDES, "lr_grid": (0.05, 0.01, 0.2)}))
+    ctxs = plan(Sweep(methods=["linear"], suite="testsuite", tasks=["toy"], protocol="vpt",
+                      data_root=str(data_root), backbone=TINY_BACKBONE, seeds=[1], **fields_of(SURVIVE),
+                      **{**OVERRIDES, "lr": (0.05, 0.01, 0.2)}))
     runs = tmp_path / "runs"
     ex = SlurmExecutor(settings, runs, quiet=True, log=lambda m: None)
     submitted = []
@@ -267,15 +274,15 @@ def test_slurm_runs_each_rung_as_one_job_array(data_root, tmp_path):
     assert outcomes[0].error is None
     assert submitted == [["search-rung1"] * 3, ["search-rung2"] * 2, ["search"] * 2, ["final"]]
     st = by_stage(RunStore(runs))
-    assert all(r.status == "ok" and r.get("slurm") for recs in st.values() for r in recs)
+    assert all(r.status == "ok" and r.get("executor") for recs in st.values() for r in recs)
     assert all(r.get("resumed_from") for r in st["search"] + st["search-rung2"])
 
 
 def test_e2vpt_prune_searches_its_stage_a_by_halving_and_marks_every_later_stage(data_root):
-    settings = SweepSettings(methods=["e2vpt-prune"], suite="testsuite", tasks=["toy"], data_root=str(data_root),
-                             backbone=TINY_BACKBONE, seeds=[1], search=Search("halving"),
-                             overrides={"epochs": 10, "batch_size": 16, "lr_grid": (0.1, 0.2, 0.4, 0.8),
-                                        "wd_grid": (0.0,)})
+    settings = Sweep(methods=["e2vpt-prune"], suite="testsuite", tasks=["toy"], data_root=str(data_root),
+                             backbone=TINY_BACKBONE, seeds=[1], search="halving",
+                             **{"epochs": 10, "batch_size": 16, "lr": (0.1, 0.2, 0.4, 0.8),
+                                        "wd": (0.0,)})
     specs = count_runs(plan(settings))
     stages = [s.stage for s in specs]
     assert stages[:4] == ["search-rung1"] * 4 and stages[4:6] == ["search-rung2"] * 2
@@ -305,10 +312,10 @@ def test_fused_halving_equals_halving_run_by_run(data_root, tmp_path):
 def test_halving_applies_to_methods_with_their_own_stages(method, data_root):
     """GPS and SPT emit their search through search_stage: --search halving plans rungs for them (their
     selection jobs first, the rungs, then the finals), and every run after the search records it."""
-    settings = SweepSettings(methods=[method], suite="testsuite", tasks=["toy"], data_root=str(data_root),
-                             backbone=TINY_BACKBONE, seeds=[1], search=Search("halving"),
-                             overrides={"epochs": 10, "batch_size": 16, "lr_grid": (0.1, 0.2, 0.4, 0.8),
-                                        "wd_grid": (0.0,)})
+    settings = Sweep(methods=[method], suite="testsuite", tasks=["toy"], data_root=str(data_root),
+                             backbone=TINY_BACKBONE, seeds=[1], search="halving",
+                             **{"epochs": 10, "batch_size": 16, "lr": (0.1, 0.2, 0.4, 0.8),
+                                        "wd": (0.0,)})
     specs = count_runs(plan(settings))
     stages = [s.stage for s in specs]
     jobs = [s for s in specs if s.job != "train"]
@@ -317,5 +324,5 @@ def test_halving_applies_to_methods_with_their_own_stages(method, data_root):
     assert n >= 4 and 0 < stages.count("search-rung2") < n and stages.count("search") < stages.count("search-rung2")
     assert all(s.hparams["stop_epoch"] < 10 for s in specs if s.stage.startswith("search-rung"))
     assert all(s.search == "halving" for s in specs if s.job == "train")
-    grid = count_runs(plan(dataclasses.replace(settings, search=Search("grid"))))
+    grid = count_runs(plan(dataclasses.replace(settings, search="grid")))
     assert sum(s.stage == "search" for s in grid) == n  # the grid trains every point of the same search fully

@@ -415,6 +415,7 @@ def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow
 def test_outputs_are_byte_identical_when_run_twice(vtab_store, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     wa = write_leaderboard(vtab_store, a, None, reference_dir=REFERENCE)

@@ -55,7 +55,7 @@ def test_vpt_trains_prompts_and_head_only(tiny_backbone, name, deep):
     assert model.prompt_embeddings.abs().max() <= bound
 
 
-def test_head_init_matches_spec(tiny_backbone):
+def test_head_init_is_the_official_one(tiny_backbone):
     model = build("linear", tiny_backbone)
     assert torch.allclose(model.head.bias, torch.full((C,), HEAD_BIAS_INIT))
     assert HEAD_BIAS_INIT == pytest.approx(-4.59512, abs=1e-5)

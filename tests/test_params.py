@@ -16,7 +16,7 @@ H = 769 * C
     ("vpt-shallow", ["prompt_tokens=100"], 153_700),
     ("full", [], 85_875_556),
 ])
-def test_params_match_spec(capsys, method, sets, expected):
+def test_params_equal_the_documented_formulas(capsys, method, sets, expected):
     args = ["params", "--method", method, "--num-classes", str(C), "--json"]
     for s in sets:
         args += ["--set", s]

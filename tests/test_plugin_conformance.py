@@ -17,11 +17,12 @@ import plugin_settings as table
 import pytest
 from helpers import TINY_BACKBONE, ensure_registered, make_data_root
 
+from peftbench.api.schema import Sweep
 from peftbench.data.layouts import LAYOUTS
 from peftbench.executors import EXECUTORS
 from peftbench.store import RunStore
 from peftbench.sweep.drive import count_runs, drive
-from peftbench.sweep.plan import SweepSettings, plan
+from peftbench.sweep.plan import plan
 from peftbench.sweep.protocols import PROTOCOLS
 from peftbench.trackers import TRACKERS
 
@@ -56,9 +57,9 @@ def data_root(tmp_path_factory):
 
 
 def linear(data_root, protocol="fixed", lrs=(0.1,)):
-    return plan(SweepSettings(methods=["linear"], suite="testsuite", tasks=["toy"], protocol=protocol, seeds=[1],
+    return plan(Sweep(methods=["linear"], suite="testsuite", tasks=["toy"], protocol=protocol, seeds=[1],
                               data_root=str(data_root), backbone=TINY_BACKBONE,
-                              overrides={"epochs": 1, "batch_size": 16, "lr_grid": tuple(lrs), "wd_grid": (0.0,)}))
+                              **{"epochs": 1, "batch_size": 16, "lr": tuple(lrs), "wd": (0.0,)}))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,6 +67,7 @@ def linear(data_root, protocol="fixed", lrs=(0.1,)):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", builtin(EXECUTORS))
 def test_an_executor_returns_each_stages_records_in_order_and_trains_each_run_once(name, demo_root, tmp_path):
     from peftbench.train.env import Env
@@ -75,14 +77,14 @@ def test_an_executor_returns_each_stages_records_in_order_and_trains_each_run_on
     doc = (ROOT / r.doc).read_text(encoding="utf-8")
     assert f"`{name}`" in doc or name in doc, f"{r.doc} does not name executor {name!r}"
     docs = doc + (ROOT / "docs" / "sweep-files.md").read_text(encoding="utf-8")
-    undocumented = [k for k in plugin.settings_keys if not re.search(rf"`{k}\b", docs)]
+    undocumented = [k for k in plugin.settings if not re.search(rf"`{k}\b", docs)]
     assert not undocumented, f"executor {name!r}: settings not documented: {undocumented}"
     if r.needs and not os.environ.get(r.needs):
         pytest.skip(f"executor {name!r} {r.reason}")
     # the demo suite: worker processes (a Ray worker, a job) know its tasks without this test's registrations
-    contexts = plan(SweepSettings(methods=["linear"], suite="demo", tasks=["demo_digits"], protocol="vpt", seeds=[1],
+    contexts = plan(Sweep(methods=["linear"], suite="demo", tasks=["demo_digits"], protocol="vpt", seeds=[1],
                                   data_root=str(demo_root), backbone="demo-vit-random",
-                                  overrides={"epochs": 1, "batch_size": 64, "lr_grid": (0.1, 0.2), "wd_grid": (0.0,)}))
+                                  **{"epochs": 1, "batch_size": 64, "lr": (0.1, 0.2), "wd": (0.0,)}))
     store = RunStore(tmp_path / "runs")
     env = Env(quiet=True)
     ex = plugin.make(dict(r.settings), env=env, runs_dir=tmp_path / "runs", total=len(count_runs(contexts)))

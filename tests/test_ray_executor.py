@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 REQUIRE = os.environ.get("PEFTBENCH_REQUIRE_RAY") == "1"
 EPOCHS = 4
 
@@ -152,8 +152,9 @@ def test_demo_sweep_on_a_ray_cluster(ray_cluster, tmp_path, demo_root):
     cache = tmp_path / "cache"
     runtime_env = (f'runtime_env={{env_vars={{PEFTBENCH_CACHE="{cache}", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"}}}}')
     trackers = ["--tracker", "tensorboard"] if _has("tensorboard") else []
-    cmd = _cli() + ["run", "--executor", "ray", "--ray-address", ray_cluster, "--ray-cpus", "1", "--ray-max-retries",
-                    "2", "--ray-set", runtime_env, "--methods", "linear,vpt-shallow", "--tasks", "demo_digits",
+    cmd = _cli() + ["run", "--executor", "ray", "--executor-set", f"address={ray_cluster}", "--cpus-per-task", "1",
+                    "--max-retries", "2", "--executor-set", runtime_env, "--methods", "linear,vpt-shallow",
+                    "--tasks", "demo_digits",
                     "--suite", "demo", "--backbone", "demo-vit-random", "--epochs", str(EPOCHS), "--seeds", "1",
                     "--data-root", str(demo_root), "--runs-dir", str(runs), *trackers]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PEFTBENCH_CACHE=str(cache), PYTHONUNBUFFERED="1")
@@ -168,14 +169,14 @@ def test_demo_sweep_on_a_ray_cluster(ray_cluster, tmp_path, demo_root):
             found = sorted((runs / "vpt-shallow" / "demo_digits").glob("*.json"))
             rec = _load(found[0]) if found else None
             ck = found[0].with_name(found[0].stem + ".ckpt.safetensors") if found else None
-            if rec and rec["status"] == "running" and rec.get("ray") and ck.exists():
+            if rec and rec["status"] == "running" and rec.get("executor") and ck.exists():
                 if seen_running is None:
                     st = collect(runs, query=False)
                     by_method = {r["method"]: r for r in st["runs"]}
                     if by_method.get("vpt-shallow", {}).get("status") == "running":
                         seen_running = st
                 if killed is None and seen_running is not None:
-                    killed = rec["ray"]["starts"][-1]["pid"]
+                    killed = rec["executor"]["starts"][-1]["pid"]
                     os.kill(killed, signal.SIGKILL)  # the worker dies mid-run: Ray retries the task
             time.sleep(0.2)
         rc = driver.wait(timeout=max(1, deadline - time.time()))
@@ -193,11 +194,11 @@ def test_demo_sweep_on_a_ray_cluster(ray_cluster, tmp_path, demo_root):
     assert set(records) == {"linear", "vpt-shallow"}
     for rec in records.values():
         assert rec["status"] == "ok" and rec["metrics"]["top1"] is not None, rec.get("error")
-        starts = rec["ray"]["starts"]
-        assert starts[0]["pid"] != driver.pid and rec["ray"]["task_id"]  # trained in a Ray worker
+        starts = rec["executor"]["starts"]
+        assert starts[0]["pid"] != driver.pid and rec["executor"]["task_id"]  # trained in a Ray worker
     v = records["vpt-shallow"]
     assert killed is not None and len(v["history"]) == EPOCHS
-    starts = v["ray"]["starts"]
+    starts = v["executor"]["starts"]
     assert len(starts) == 2 and starts[0]["pid"] == killed and starts[1]["pid"] != killed, starts
     assert starts[1]["resume_epoch"] >= 1, starts  # the retried task resumed from the checkpoint
     assert v["attempts"] == 2 and not list(runs.glob("*/*/*.ckpt.safetensors"))
@@ -230,9 +231,12 @@ def test_ray_settings_are_checked_before_compute(tmp_path, capsys, monkeypatch):
     f = tmp_path / "s.toml"
     f.write_text("methods = ['linear']\n[executor.ray]\ncpus_per_run = -1\n")
     assert main(["run", "--config", str(f), "--dry-run", "--runs-dir", str(tmp_path / "r")]) == 2
-    assert f"{f}:3: ray setting 'cpus_per_run' must not be negative" in capsys.readouterr().err
+    assert f"{f}:3: cpus_per_run=-1 is below its minimum 0" in capsys.readouterr().err
     f.write_text("methods = ['linear']\n[executor.ray]\naddres = 'x'\n")
     assert main(["run", "--config", str(f), "--dry-run"]) == 2
     assert f"{f}:3: executor 'ray' has no setting 'addres'" in capsys.readouterr().err
-    assert main(["run", "--methods", "linear", "--ray-address", "x:1", "--dry-run"]) == 2
-    assert "--ray-address only apply with --executor ray" in capsys.readouterr().err
+    # a generic setting the chosen executor cannot honour, a setting it does not have: before compute
+    assert main(["run", "--methods", "linear", "--executor", "ray", "--mem-gb", "4", "--dry-run"]) == 2
+    assert "--mem-gb (executor setting 'mem_gb'): executor 'ray' does not take it" in capsys.readouterr().err
+    assert main(["run", "--methods", "linear", "--executor-set", "address=x:1", "--dry-run"]) == 2
+    assert "executor 'local' has no setting 'address'" in capsys.readouterr().err

@@ -208,6 +208,7 @@ def test_records_of_earlier_schemas_verify_and_are_reused(capsys, root, finished
         assert len(found) == 2 and skipped == []
 
 
+@pytest.mark.slow
 def test_every_record_of_a_normal_sweep_verifies(capsys, demo_root, tmp_path):
     """Every stage and job kind (search, final, halving rungs with stop_epoch and resume_from, e2vpt-prune's
     importance and rewind jobs), fused runs, a method at version 2: each record's key, file name, folder and

@@ -15,6 +15,7 @@ import pytest
 import submitit
 from helpers import TINY_BACKBONE, make_data_root
 
+from peftbench.api.schema import Sweep
 from peftbench.cli import build_parser
 from peftbench.cli import main as cli_main
 from peftbench.errors import SettingsError
@@ -24,7 +25,7 @@ from peftbench.executors.slurm import job as slurm_job
 from peftbench.executors.slurm import payload as slurm_payload
 from peftbench.store import RunRecord, RunSpec, RunStore
 from peftbench.sweep.drive import count_runs, drive
-from peftbench.sweep.plan import SweepSettings, plan
+from peftbench.sweep.plan import plan
 
 
 @pytest.fixture(scope="module")
@@ -38,9 +39,9 @@ def debug_settings(**kw):
 
 
 def contexts(data_root, lr_grid=(0.05, 0.01), seeds=(1,)):
-    return plan(SweepSettings(methods=["linear"], suite="testsuite", tasks=["toy"], protocol="vpt",
+    return plan(Sweep(methods=["linear"], suite="testsuite", tasks=["toy"], protocol="vpt",
                               data_root=str(data_root), backbone=TINY_BACKBONE, seeds=list(seeds),
-                              overrides={"epochs": 2, "batch_size": 16, "lr_grid": lr_grid, "wd_grid": (0.0,)}))
+                              **{"epochs": 2, "batch_size": 16, "lr": lr_grid, "wd": (0.0,)}))
 
 
 def spec(data_root, seed=1, task="toy", **kw):
@@ -55,46 +56,68 @@ def spec(data_root, seed=1, task="toy", **kw):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_profile_flags_and_errors(tmp_path):
+def test_profile_settings_and_errors(tmp_path):
     prof = tmp_path / "cluster.toml"
     prof.write_text('partition = "gpu"\naccount = "proj"\ngpus_per_node = 4\nmem_gb = 64\npack = 2\n'
                     'setup = ["module load cuda"]\n[additional_parameters]\nexclude = "node07"\n')
-    s = make_settings(prof, sets=["max_retries = 5"], flags={"gpus_per_node": 1, "partition": None},
-                      extra_args=["comment=sweep"], setup=["source env.sh"])
+    s = make_settings(prof, sets=["max_retries = 5"], flags={"gpus_per_node": 1, "partition": None})
     assert (s.partition, s.account, s.gpus_per_node, s.mem_gb, s.pack, s.max_retries) == ("gpu", "proj", 1, 64.0, 2, 5)
-    assert s.additional_parameters == {"exclude": "node07", "comment": "sweep"}
-    assert s.setup == ["module load cuda", "source env.sh"]
-    assert s.sources["partition"] == str(prof) and s.sources["gpus_per_node"] == "flag"
+    assert s.additional_parameters == {"exclude": "node07"} and s.setup == ["module load cuda"]
     assert "partition=gpu" in s.describe() and "--exclude=node07" in s.describe()
 
     prof.write_text('partition = "gpu"\ngpus = 2\n')
-    with pytest.raises(SettingsError, match=rf"{prof}.*unknown key 'gpus'"):
+    with pytest.raises(SettingsError, match=rf"{prof}.*no setting 'gpus'"):
         make_settings(prof)
     prof.write_text('timeout_min = "2h"\n')
-    with pytest.raises(SettingsError, match=r"'timeout_min' must be a integer"):
+    with pytest.raises(SettingsError, match=r"timeout_min must be an integer"):
         make_settings(prof)
     prof.write_text('timeout_min = 1\nsignal_delay_s = 120\n')
     with pytest.raises(SettingsError, match="signal_delay_s"):
         make_settings(prof)
     with pytest.raises(SettingsError, match="no such file"):
         make_settings(tmp_path / "missing.toml")
-    with pytest.raises(SettingsError, match="pack=0"):
+    with pytest.raises(SettingsError, match="pack=0 is below its minimum 1"):
         make_settings(flags={"pack": 0})
+    with pytest.raises(SettingsError, match="gpus_per_node=100000 is above its maximum"):
+        make_settings(flags={"gpus_per_node": 100_000})
     # the committed example profile stays valid
     example = make_settings(Path(__file__).resolve().parents[1] / "scripts" / "slurm" / "profile.example.toml")
     assert example.partition == "gpu" and example.additional_parameters["exclude"] == "node[07-08]"
 
 
-def test_cli_flags(tmp_path):
-    parser = build_parser()
-    args = parser.parse_args(["run", "--methods", "linear", "--executor", "slurm", "--slurm-gpus", "0",
-                              "--slurm-partition", "p1", "--pack", "3", "--slurm-arg", "exclude=n1",
-                              "--slurm-set", "poll_s=2"])
-    s = slurm_mod.settings_from_args(args)
-    assert (s.gpus_per_node, s.partition, s.pack, s.poll_s, s.additional_parameters) == (0, "p1", 3, 2.0, {"exclude": "n1"})
-    assert slurm_mod.settings_from_args(parser.parse_args(["run", "--methods", "linear"])) is None
-    # SLURM flags without --executor slurm are a mistake, reported before any planning
-    assert cli_main(["run", "--methods", "linear", "--pack", "4"]) == 2
+def test_generic_executor_flags_are_translated_by_the_chosen_executor(tmp_path, data_root):
+    """One vocabulary for every executor (submitit's habit): --gpus-per-node, --cpus-per-task, --timeout-min,
+    --max-retries, --workers become SLURM's gpus_per_node, cpus_per_task, ..., array_parallelism; the
+    executor's own keys come through --executor-set / --executor-profile; a generic setting an executor cannot
+    honour is a one-line error before any planning."""
+    from peftbench.api import plan_sweep
+    from peftbench.cli.run import sweep_from_args
+
+    prof = tmp_path / "p.toml"
+    prof.write_text('partition = "p0"\naccount = "acct"\n')
+    args = build_parser().parse_args(
+        ["run", "--methods", "linear", "--suite", "testsuite", "--tasks", "toy", "--backbone", TINY_BACKBONE,
+         "--data-root", str(data_root), "--executor", "slurm", "--gpus-per-node", "0", "--cpus-per-task", "2",
+         "--timeout-min", "30", "--max-retries", "4", "--workers", "7", "--executor-profile", str(prof),
+         "--executor-set", "partition=p1", "--executor-set", "pack=3", "--executor-set", "additional_parameters={exclude='n1'}",
+         "--executor-set", "cluster=debug", "--runs-dir", str(tmp_path / "runs")])
+    sweep = sweep_from_args(args)
+    assert sweep.executor_settings == {"slurm": {"profile": str(prof), "partition": "p1", "pack": 3,
+                                                 "additional_parameters": {"exclude": "n1"}, "cluster": "debug"}}
+    plan = plan_sweep(sweep, check_data=False)
+    s = plan.executor_settings
+    assert (s["gpus_per_node"], s["cpus_per_task"], s["timeout_min"], s["max_retries"], s["array_parallelism"]) == \
+        (0, 2, 30, 4, 7)
+    assert (s["partition"], s["account"], s["pack"], s["additional_parameters"]) == ("p1", "acct", 3, {"exclude": "n1"})
+    # the resolved sweep holds SLURM's own names (no generic keys left)
+    assert plan.sweep.gpus_per_node is None and plan.sweep.executor_settings["slurm"]["array_parallelism"] == 7
+    # a generic setting another executor cannot honour, a setting it does not have: one line, exit 2
+    assert cli_main(["run", "--methods", "linear", "--mem-gb", "4", "--dry-run"]) == 2
+    local = sweep.replace(executor="local", executor_settings={}, **{k: None for k in sweep.generic_executor_settings()})
+    with pytest.raises(SettingsError, match="--mem-gb .*executor 'local' does not take it"):
+        plan_sweep(local.replace(mem_gb=4.0), check_data=False)
+    with pytest.raises(SettingsError, match="executor 'slurm' has no setting 'partitions'"):
+        plan_sweep(sweep.replace(executor_settings={"slurm": {"partitions": "x"}}), check_data=False)
 
 
 def test_parse_sacct_and_squeue_lines():
@@ -166,6 +189,7 @@ def test_a_payload_or_folder_others_can_write_is_refused(tmp_path, data_root):
     assert not RunStore(runs).load(spec(data_root))  # nothing ran
 
 
+@pytest.mark.slow
 def test_the_driver_never_unpickles_and_planted_pickles_never_run(tmp_path, demo_root, monkeypatch):
     """Pickles planted where submitit keeps its own (``<job>_submitted.pkl``, ``<job>_<task>_result.pkl``)
     are never loaded: a sweep on submitit's local cluster (real job processes running the JSON payload)
@@ -271,12 +295,12 @@ def test_stages_run_as_arrays_and_records_name_their_jobs(tmp_path, data_root, c
     assert outcomes[0].error is None and outcomes[0].records[0]["status"] == "ok"
     recs = [r for _, r, _ in RunStore(runs).iter_records()]
     assert len(recs) == total == 3 and all(r["status"] == "ok" for r in recs)
-    jobs = {r["spec"]["stage"]: r["slurm"]["job_id"] for r in recs}
+    jobs = {r["spec"]["stage"]: r["executor"]["job_id"] for r in recs}
     assert all(j.startswith("DEBUG_") for j in jobs.values())
-    assert len({r["slurm"]["job_id"] for r in recs if r["spec"]["stage"] == "search"}) == 1  # packed: 2 runs, 1 job
-    assert all(r["slurm"]["starts"][0]["resume_epoch"] == 0 for r in recs)
+    assert len({r["executor"]["job_id"] for r in recs if r["spec"]["stage"] == "search"}) == 1  # packed: 2 runs, 1 job
+    assert all(r["executor"]["starts"][0]["resume_epoch"] == 0 for r in recs)
     state = read_state(runs)
-    assert {e["job_id"] for e in state["runs"].values()} == {r["slurm"]["job_id"] for r in recs}
+    assert {e["job_id"] for e in state["runs"].values()} == {r["executor"]["job_id"] for r in recs}
     assert all(e["result"] == "ok" for e in state["runs"].values())
     assert any("[run 3/3]" in m for m in logs)
 
@@ -322,7 +346,7 @@ def test_retries_give_up_and_exceptions(tmp_path, data_root, monkeypatch):
     ex.close()
     by = {r["spec"]["seed"]: r for r in recs}
     assert by[1]["status"] == "ok" and [r["reason"] for r in by[1]["retries"]] == ["resubmitted (retry 1 of 1)"]
-    assert len(by[1]["slurm"]["starts"]) == 2 and by[1]["attempts"] == 1
+    assert len(by[1]["executor"]["starts"]) == 2 and by[1]["attempts"] == 1
     assert by[2]["status"] == "failed" and len(by[2]["retries"]) == 1 and "gave up after 1 retry" in by[2]["error"]
     assert by[2]["retries"][0]["state"] == "COMPLETED"
     assert by[3]["status"] == "failed" and "Traceback" in by[3]["error"] and "retries" not in by[3]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 EPOCHS = 8  # room for two interruptions, each after a checkpoint and before the last epoch (a loaded
 #            machine reaches the first interruption several epochs in)
@@ -103,7 +103,7 @@ def test_sweep_survives_preemption_and_kill(cluster, tmp_path, demo_root):
         f"gpus_per_node = {1 if cluster['gpus'] else 0}\n"
         "cpus_per_task = 1\nmem_gb = 2\ntimeout_min = 20\nsignal_delay_s = 60\n"
         "array_parallelism = 2\nmax_retries = 2\npoll_s = 1\n")
-    cmd = [sys.executable, "-m", "peftbench", "run", "--executor", "slurm", "--slurm-profile", str(profile),
+    cmd = [sys.executable, "-m", "peftbench", "run", "--executor", "slurm", "--executor-profile", str(profile),
            "--methods", "linear,vpt", "--tasks", "demo_digits", "--backbone", "demo-vit-random",
            "--epochs", str(EPOCHS), "--data-root", str(demo_root), "--runs-dir", str(runs)]
     log_path = tmp_path / "driver.log"
@@ -139,7 +139,7 @@ def test_sweep_survives_preemption_and_kill(cluster, tmp_path, demo_root):
         # 1. the vpt run is running in its job and has finished its first epoch (checkpoint epoch 0)
         _, rec, _ = wait_for(lambda: (lambda p, r, e: (p, r, e) if r and r["status"] == "running" and e is not None
                                       else None)(*vpt()), 420, "vpt checkpoint after epoch 1")
-        job = rec["slurm"]["job_id"]
+        job = rec["executor"]["job_id"]
 
         # 2. `peftbench status` shows it running, with its job id
         st = subprocess.run([sys.executable, "-m", "peftbench", "status", "--runs-dir", str(runs), "--json"],
@@ -172,19 +172,19 @@ def test_sweep_survives_preemption_and_kill(cluster, tmp_path, demo_root):
         #    epoch (so it is now training an epoch before the last one ends)
         def resumed_and_checkpointed():
             _, r, e = vpt()
-            starts = ((r or {}).get("slurm") or {}).get("starts") or []
+            starts = ((r or {}).get("executor") or {}).get("starts") or []
             if r and r["status"] == "running" and starts and starts[-1]["restart_count"] >= 1 \
                     and starts[-1]["resume_epoch"] >= 1 and e is not None and e >= starts[-1]["resume_epoch"]:
                 return r
             return None
 
         rec = wait_for(resumed_and_checkpointed, 300, "requeued job resumed and checkpointed a further epoch")
-        assert rec["slurm"]["job_id"] == job  # requeued under the same id
+        assert rec["executor"]["job_id"] == job  # requeued under the same id
 
         # 5. kill the run's process at once, as the OOM killer or a crashing node would (`scancel` would
         #    send SIGTERM first, which submitit ignores, and the run could end during SLURM's KillWait):
         #    the job ends without a result; the driver resubmits the run (a retry), which resumes again
-        start = rec["slurm"]["starts"][-1]
+        start = rec["executor"]["starts"][-1]
         assert start["node"] == socket.gethostname() or start["node"] == socket.gethostname().split(".")[0]
         os.kill(start["pid"], signal.SIGKILL)
         mark(f"killed pid {start['pid']} of job {job}")
@@ -203,7 +203,7 @@ def test_sweep_survives_preemption_and_kill(cluster, tmp_path, demo_root):
     assert set(records) == {"linear", "vpt-deep"}, records.keys()
     assert all(r["status"] == "ok" and r["metrics"]["top1"] is not None for r in records.values()), out[-4000:]
     v = records["vpt-deep"]
-    starts = v["slurm"]["starts"]
+    starts = v["executor"]["starts"]
     # preemption: same job restarted; cancel: retried as a new job that resumed from the last checkpoint
     assert any(s["job_id"] == job and s["restart_count"] >= 1 and s["resume_epoch"] >= 1 for s in starts), starts
     assert len(v["retries"]) == 1 and v["retries"][0]["job_id"] == job, v["retries"]

@@ -283,16 +283,17 @@ def test_pipeline_end_to_end(tmp_path, demo_root):
     from helpers import tiny_backbone_2x32
     from safetensors.torch import load_file
 
+    from peftbench.api.schema import Sweep
     from peftbench.executors.local import LocalExecutor
     from peftbench.store import RunStore
     from peftbench.sweep.drive import drive
-    from peftbench.sweep.plan import SweepSettings, plan
+    from peftbench.sweep.plan import plan
     from peftbench.train.engine import Env
 
     name = tiny_backbone_2x32()
-    settings = SweepSettings(methods=["spt-lora"], suite="demo", tasks=["demo_digits"], backbone=name,
+    settings = Sweep(methods=["spt-lora"], suite="demo", tasks=["demo_digits"], backbone=name,
                              data_root=str(demo_root), sets=["low_rank_dim=2"],
-                             overrides={"epochs": 1, "batch_size": 250, "lr_grid": (0.01, 0.001)})
+                             **{"epochs": 1, "batch_size": 250, "lr": (0.01, 0.001)})
     (out,) = drive(plan(settings), LocalExecutor(Env(device="cpu", quiet=True)), RunStore(tmp_path / "runs"))
     assert out.error is None
     folder = tmp_path / "runs" / "spt-lora" / "demo_digits"

@@ -3,6 +3,8 @@ sweep written beside the run store runs the same runs again; an unknown key or a
 naming the file and the line, before any compute."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from helpers import TINY_BACKBONE, make_data_root
 
@@ -66,8 +68,8 @@ def test_command_line_flags_override_the_file(data_root, tmp_path):
     args = build_parser().parse_args(["run", "--config", str(f), "--methods", "linear", "--seeds", "7",
                                       "--epochs", "1", "--set", "linear.bias=false", "--runs-dir", str(tmp_path / "r")])
     sweep = sweep_from_args(args)
-    assert sweep.methods == ["linear"] and sweep.seeds == [7] and sweep.search["epochs"] == 1
-    assert sweep.search["batch_size"] == 16 and sweep.tasks == ["toy"]  # the file's values that no flag changed
+    assert sweep.methods == ["linear"] and sweep.seeds == [7] and sweep.epochs == 1
+    assert sweep.batch_size == 16 and sweep.tasks == ["toy"]  # the file's values that no flag changed
     args = build_parser().parse_args(["run", "--config", str(f), "--methods", "linear", "--seeds", "7",
                                       "--epochs", "1", "--runs-dir", str(tmp_path / "r")])
     plan = plan_sweep(sweep_from_args(args), check_data=False)
@@ -76,10 +78,10 @@ def test_command_line_flags_override_the_file(data_root, tmp_path):
 
 BAD = [
     ("methodz = ['linear']\n", 1, "unknown key 'methodz'"),
-    ("methods = ['linear']\n\nseeds = ['a']\n", 3, "seeds must be a list of integers"),
+    ("methods = ['linear']\n\nseeds = ['a']\n", 3, "seeds: 'a' is not an integer"),
     ("methods = ['linaer']\n", 1, "Did you mean 'linear'"),
-    ("methods = ['linear']\nprecision = 'fp8'\n", 2, "precision must be one of"),
-    ("methods = ['linear']\n[search]\nepochs = 2\nlr = -1\n", 4, "search.lr must not be negative"),
+    ("methods = ['linear']\nprecision = 'fp8'\n", 2, "precision: 'fp8' is not one of fp32"),
+    ("methods = ['linear']\n[search]\nepochs = 2\nlr = -1\n", 4, "lr: -1 is below its minimum 0"),
     ("methods = ['linear']\n[search]\nlearning_rate = 0.1\n", 3, "unknown key 'learning_rate' in \\[search\\]"),
     ("methods = ['vpt']\n[options.vpt-deep]\nprompt_tokenz = 3\n", 3, "method 'vpt-deep' has no option 'prompt_tokenz'"),
     ("methods = ['vpt']\n[options.vpt-deep]\n\nprompt_tokens = 'many'\n", 4, "cannot read 'many'"),
@@ -108,7 +110,7 @@ def test_bad_executor_values_name_the_line_and_stop_the_cli(tmp_path, capsys):
     f.write_text("methods = ['linear']\nsuite = 'demo'\n\n[executor.slurm]\ncpus_per_task = 8\ngpus_per_node = 'two'\n")
     assert main(["run", "--config", str(f), "--runs-dir", str(tmp_path / "runs"), "--dry-run"]) == 2
     err = capsys.readouterr().err
-    assert f"peftbench run: error: {f}:6: " in err and "'gpus_per_node' must be a integer" in err
+    assert f"peftbench run: error: {f}:6: " in err and "gpus_per_node must be an integer" in err
     assert not (tmp_path / "runs").exists()
 
 
@@ -149,12 +151,58 @@ def test_halving_and_local_workers_from_a_sweep_file(data_root, tmp_path):
     with pytest.raises(PeftbenchError, match="only apply with --search halving"):
         plan_sweep(flag.replace(runs_dir=str(tmp_path / "runs")))
     grid = sweep_from_args(parser.parse_args(["run", "--config", str(f), "--search", "grid"])).replace(
-        search={"lr": [0.01, 0.05, 0.2], "wd": [0.0], "epochs": 2, "batch_size": 16, "kind": "grid"})
+        search="grid", halving_rungs=None, halving_factor=None)
     assert plan_sweep(grid.replace(runs_dir=str(tmp_path / "runs"))).contexts[0].search.kind == "grid"
     bad = tmp_path / "bad.toml"
     bad.write_text(text.replace("workers = 2", "workers = 0"))
     with pytest.raises(PeftbenchError, match=r"bad\.toml:\d+.*workers"):
         plan_sweep(load_sweep(bad).replace(runs_dir=str(tmp_path / "runs")))
     bad.write_text(text.replace('kind = "halving"', 'kind = "random"'))
-    with pytest.raises(PeftbenchError, match=r"bad\.toml:\d+.*grid or halving"):
+    with pytest.raises(PeftbenchError, match=r"bad\.toml:\d+.*not one of grid, halving"):
         load_sweep(bad)
+
+
+def test_the_docs_table_is_the_declaration():
+    """docs/sweep-files.md lists every sweep field as the one declaration does (peftbench/sweep/schema.py): a
+    field added there without its row here fails (regenerate it with peftbench.api.schema.markdown_table())."""
+    from peftbench.api.schema import markdown_table
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "sweep-files.md").read_text(encoding="utf-8")
+    start = text.index("<!-- sweep-fields")
+    body = text[text.index("\n", start) + 1:text.index("<!-- /sweep-fields -->")].strip()
+    assert body == markdown_table()
+
+
+def test_the_python_api_checks_every_value_from_the_same_declaration(tmp_path):
+    """Sweep(...) refuses what the command line and the sweep file refuse, with a one-line error naming the
+    argument (wrong types, a str split into letters, an empty task list, booleans given as strings, bounds)."""
+    from peftbench import Sweep
+
+    assert Sweep(methods="linear,vpt").methods == ["linear", "vpt-deep"]  # a comma-separated string, canonical
+    for kwargs, needle in [
+        (dict(tasks=5), "Sweep(tasks=...): 5 is not a list of names"),
+        (dict(tasks=[]), "Sweep(tasks=...): an empty list"),
+        (dict(seeds=["a"]), "Sweep(seeds=...): 'a' is not an integer"),
+        (dict(num_seeds="2"), "Sweep(num_seeds=...): '2' is not an integer"),
+        (dict(num_seeds=10**8), "above its maximum 1000"),
+        (dict(epochs=10**12), "above its maximum"),
+        (dict(batch_size=10**9), "above its maximum"),
+        (dict(lr=[float("inf")]), "not a finite number"),
+        (dict(lr=[float("nan")]), "not a finite number"),
+        (dict(search=None), "Sweep(search=...): a value is required"),
+        (dict(runs_dir=None), "Sweep(runs_dir=...): a value is required"),
+        (dict(verify_data="no"), "Sweep(verify_data=...): 'no' is not true or false"),
+        (dict(device=0), "Sweep(device=...): 0 is not a string"),
+        (dict(methods=["linaer"]), "Did you mean 'linear'"),
+        (dict(suite="vtabb"), "Did you mean 'vtab'"),
+        (dict(search={"learning_rate": 1}), "unknown key"),
+        (dict(seeds=[1], num_seeds=2), "give seeds or num_seeds"),
+    ]:
+        with pytest.raises(PeftbenchError) as exc:
+            Sweep(**kwargs)
+        assert needle in str(exc.value), (kwargs, str(exc.value))
+        assert "\n" not in str(exc.value)
+    with pytest.raises(PeftbenchError, match="expected a peftbench.Sweep"):
+        from peftbench import plan_sweep
+
+        plan_sweep({"methods": ["linear"]})

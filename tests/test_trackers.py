@@ -11,11 +11,12 @@ import struct
 import pytest
 from helpers import TINY_BACKBONE, make_data_root
 
+from peftbench.api.schema import Sweep
 from peftbench.errors import SettingsError, UnknownNameError
 from peftbench.executors.local import LocalExecutor
 from peftbench.store import RunStore
 from peftbench.sweep.drive import count_runs, drive
-from peftbench.sweep.plan import SweepSettings, plan
+from peftbench.sweep.plan import plan
 from peftbench.trackers import TRACKERS, Tracker, TrackerRun, Tracking, check_tracking, hooks_for
 from peftbench.train.engine import Env
 
@@ -28,9 +29,9 @@ def data_root(tmp_path_factory):
 
 
 def sweep(data_root, runs, trackers, options=None, methods=("vpt-deep",), seeds=(1,), sweep_name="trk"):
-    settings = SweepSettings(methods=list(methods), suite="testsuite", tasks=["toy"], protocol="fixed",
+    settings = Sweep(methods=list(methods), suite="testsuite", tasks=["toy"], protocol="fixed",
                              seeds=list(seeds), data_root=str(data_root), backbone=TINY_BACKBONE,
-                             overrides={"epochs": EPOCHS, "batch_size": 16, "lr_grid": (0.05,), "wd_grid": (0.0,)})
+                             **{"epochs": EPOCHS, "batch_size": 16, "lr": (0.05,), "wd": (0.0,)})
     contexts = plan(settings)
     tracking = check_tracking(Tracking(list(trackers), sweep_name, str(runs), dict(options or {})))
     env = Env(quiet=True, tracking=tracking.to_dict(), hooks=hooks_for(tracking))
@@ -201,16 +202,16 @@ def test_trackers_travel_to_slurm_jobs(data_root, tmp_path):
     from peftbench.executors.slurm import SlurmExecutor, make_settings
 
     runs = tmp_path / "runs"
-    contexts = plan(SweepSettings(methods=["linear"], suite="testsuite", tasks=["toy"], protocol="fixed", seeds=[1, 2],
+    contexts = plan(Sweep(methods=["linear"], suite="testsuite", tasks=["toy"], protocol="fixed", seeds=[1, 2],
                                   data_root=str(data_root), backbone=TINY_BACKBONE,
-                                  overrides={"epochs": 2, "batch_size": 16, "lr_grid": (0.05,), "wd_grid": (0.0,)}))
+                                  **{"epochs": 2, "batch_size": 16, "lr": (0.05,), "wd": (0.0,)}))
     settings = make_settings(flags={"gpus_per_node": 0, "cpus_per_task": 1}, sets=["cluster = 'debug'", "poll_s = 0.01"])
     tracking = check_tracking(Tracking(["tensorboard"], "on-slurm", str(runs)))
     ex = SlurmExecutor(settings, runs, quiet=True, total=2, log=lambda m: None, tracking=tracking.to_dict())
     drive(contexts, ex, RunStore(runs))
     ex.close()
     recs = [r for _, r, _ in RunStore(runs).iter_records()]
-    assert len(recs) == 2 and all(r.status == "ok" and r.get("slurm") for r in recs)
+    assert len(recs) == 2 and all(r.status == "ok" and r.get("executor") for r in recs)
     for rec in recs:
         (folder,) = glob.glob(str(runs / "tensorboard" / "on-slurm" / "linear" / "toy" / f"*-{rec.key}"))
         acc = EventAccumulator(folder)

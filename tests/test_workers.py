@@ -7,11 +7,12 @@ import threading
 import pytest
 from helpers import TINY_BACKBONE, ensure_registered, make_data_root
 
+from peftbench.api.schema import Sweep
 from peftbench.cli import main
 from peftbench.executors.local import LocalExecutor
 from peftbench.store import RunStore
 from peftbench.sweep.drive import count_runs, drive
-from peftbench.sweep.plan import SweepSettings, plan
+from peftbench.sweep.plan import plan
 from peftbench.train.engine import Env
 from peftbench.train.loop import OnEpoch
 
@@ -38,15 +39,16 @@ def kill_once(marker, env):
 
 
 def contexts(data_root, seeds=(1, 2), tasks=("toy", "toy_b")):
-    return plan(SweepSettings(methods=["vpt-shallow"], suite="testsuite", tasks=list(tasks), data_root=str(data_root),
+    return plan(Sweep(methods=["vpt-shallow"], suite="testsuite", tasks=list(tasks), data_root=str(data_root),
                               backbone=TINY_BACKBONE, protocol="fixed", seeds=list(seeds),
-                              overrides={"epochs": 3, "batch_size": 16}))
+                              **{"epochs": 3, "batch_size": 16}))
 
 
 def records(runs):
     return [r for _, r, _ in RunStore(runs).iter_records()]
 
 
+@pytest.mark.slow
 def test_two_workers_finish_a_sweep_and_train_each_run_once(data_root, tmp_path, capfd):
     ctx = contexts(data_root)
     ex = LocalExecutor(Env(), total=len(count_runs(ctx)), workers=2, initializer=setup_worker)
@@ -71,6 +73,7 @@ def test_two_workers_finish_a_sweep_and_train_each_run_once(data_root, tmp_path,
     assert ex.trained == 0
 
 
+@pytest.mark.slow
 def test_two_drivers_with_two_workers_each_train_each_run_once(data_root, tmp_path):
     ctx = contexts(data_root, seeds=(1, 2, 3), tasks=("toy",))
     executors = [LocalExecutor(Env(quiet=True), workers=2, initializer=setup_worker) for _ in range(2)]
@@ -95,6 +98,7 @@ def test_two_drivers_with_two_workers_each_train_each_run_once(data_root, tmp_pa
     assert sum(ex.trained for ex in executors) == 3
 
 
+@pytest.mark.slow
 def test_a_dead_worker_is_replaced_and_its_run_resumes(data_root, tmp_path, capfd):
     ctx = contexts(data_root, tasks=("toy",))
     ex = LocalExecutor(Env(), workers=2, initializer=functools.partial(kill_once, str(tmp_path / "died")))
@@ -112,10 +116,11 @@ def test_a_dead_worker_is_replaced_and_its_run_resumes(data_root, tmp_path, capf
 
 
 @pytest.mark.parametrize("flags, needle", [
-    (["--workers", "0"], "--workers 0: must be at least 1"),
+    (["--workers", "0"], "--workers: 0 is below its minimum 1"),
     (["--devices", "cuda:0,cuda:1"], "no CUDA device"),
     (["--device", "cpu", "--devices", "cpu,cpu"], "give one of them"),
-    (["--executor", "slurm", "--workers", "2"], "only apply with --executor local"),
+    (["--executor", "slurm", "--devices", "cpu,cpu"], "--devices (executor setting 'devices'): executor 'slurm' does not "
+                                                      "take it"),
 ])
 def test_bad_worker_flags_are_refused_before_compute(data_root, tmp_path, capsys, flags, needle):
     ensure_registered()
@@ -125,6 +130,7 @@ def test_bad_worker_flags_are_refused_before_compute(data_root, tmp_path, capsys
     assert not list((tmp_path / "runs").rglob("*.json"))
 
 
+@pytest.mark.slow
 def test_workers_with_the_sweep_progress_view_and_trackers(data_root, tmp_path):
     """What `peftbench run --workers N` hands its workers: an Env with the sweep's progress view (which stays
     in the driver: it holds a stream) and its trackers (plain data: each worker makes its own hooks)."""

@@ -6,6 +6,8 @@ import io
 from pathlib import Path
 from typing import Callable
 
+from ..store import FINAL
+
 # first columns of load_runs, in this order (the rest: every field of the record, flattened with dots)
 FIRST = ("key", "method", "config", "task", "suite", "protocol", "stage", "job", "seed", "lr", "wd", "precision", "status",
          "top1", "stale", "failed", "finished", "tuned_total_pct", "trainable", "wall_s", "path")
@@ -40,7 +42,7 @@ def load_runs(runs_dir: str | Path = "runs", *, warn: Callable[[str], None] | No
                "seed": spec.get("seed"), "lr": hp.get("lr"), "wd": hp.get("wd"), "precision": r.precision, "status": r.status,
                "top1": r.top1,
                "stale": r.stale, "failed": r.status in ("failed", "diverged"),
-               "finished": r.status in ("ok", "diverged"), "tuned_total_pct": r.params.get("tuned_total_pct"),
+               "finished": r.status in FINAL, "tuned_total_pct": r.params.get("tuned_total_pct"),
                "trainable": r.params.get("trainable"), "wall_s": r.record.wall_s, "path": r.path}
         for k, v in flat.items():
             if k not in row and k != "key":
@@ -101,7 +103,7 @@ def status(runs_dir: str | Path = "runs", *, query: bool = True):
     and ``drivers`` (live ``peftbench run`` processes). ``query=False``: do not ask SLURM for job states."""
     import pandas as pd
 
-    from ..executors._status import collect
+    from ..executors import collect
 
     info = collect(runs_dir, query=query)
     df = pd.DataFrame(info["runs"])

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import SettingsError
-from .sweepfile import Sweep, locate, merged_options
+from .schema import Sweep
+from .sweepfile import dump_sweep, locate, merged_options
 
 # ---------------------------------------------------------------------------------------------
 # checks of where a sweep runs
@@ -86,10 +87,10 @@ class Plan:
                 f"{len(self.done)} done, protocol {self.protocol!r}, executor {self.sweep.executor!r})")
 
 
-def plan_sweep(sweep: Sweep, *, check_data: bool = True, args=None) -> Plan:
+def plan_sweep(sweep: Sweep, *, check_data: bool = True) -> Plan:
     """Check every input of ``sweep`` (names, options, numbers, the backbone, the data unless
     ``check_data`` is False, the executor's and the trackers' settings) and list its runs; nothing
-    trains and nothing is written. ``args``: the command line's namespace (executor flags), if any."""
+    trains and nothing is written."""
     from ..executors import EXECUTORS
     from ..methods import get_method
     from ..store import RunStore
@@ -100,6 +101,8 @@ def plan_sweep(sweep: Sweep, *, check_data: bool = True, args=None) -> Plan:
     from ..trackers import Tracking, check_tracking
     from ..train.hparams import parse_hparams
 
+    if not isinstance(sweep, Sweep):
+        raise SettingsError(f"plan_sweep: expected a peftbench.Sweep, got {type(sweep).__name__}")
     if not sweep.methods:
         raise SettingsError("--methods names no method (give --methods, or `methods` in the sweep file; "
                             "peftbench list methods)")
@@ -110,7 +113,12 @@ def plan_sweep(sweep: Sweep, *, check_data: bool = True, args=None) -> Plan:
             raise SettingsError(f"settings of executor {other!r} given, but the executor is {executor_name!r}")
     table = next((v for k, v in sweep.executor_settings.items() if EXECUTORS.canonical(k) == executor_name), {})
     where = _where(sweep, ("executor", executor_name))
-    executor_settings = plugin.configure(dict(table), args, where)
+    executor_settings = plugin.configure(dict(table), sweep.generic_executor_settings(), where)
+    if sweep.device and "device" in plugin.settings:  # where the runs train (a job's, a Ray task's device)
+        executor_settings["device"] = sweep.device
+    if sweep.fuse > 1 and not plugin.fuses:
+        raise SettingsError(f"--fuse {sweep.fuse}: executor {executor_name!r} trains runs one at a time (fused groups: "
+                            f"{', '.join(n for n, e in EXECUTORS.items() if e.fuses)})")
     devices = executor_settings.get("devices") if isinstance(executor_settings, dict) else None
     if devices and sweep.device:
         raise SettingsError("device and the local executor's devices: give one of them (devices: one worker per device)")
@@ -118,7 +126,7 @@ def plan_sweep(sweep: Sweep, *, check_data: bool = True, args=None) -> Plan:
     runs_dir = Path(sweep.runs_dir).resolve()
     tracking = check_tracking(Tracking(list(sweep.trackers), sweep.name or "", str(runs_dir),
                                        {k: dict(v) for k, v in sweep.tracker_settings.items()}))
-    contexts = plan(sweep.settings(device), check_data=check_data)
+    contexts = plan(sweep, device=device, check_data=check_data)
     specs = count_runs(contexts)
     for spec in specs:  # every run's hyper-parameters, typed and checked before anything runs
         if spec.job == "train":
@@ -136,7 +144,7 @@ def plan_sweep(sweep: Sweep, *, check_data: bool = True, args=None) -> Plan:
         precision=ctx.precision, runs_dir=str(runs_dir), device=device, executor=executor_name,
         executor_settings={executor_name: executor_settings} if executor_settings else {},
         trackers=list(tracking.trackers), tracker_settings={k: dict(v) for k, v in tracking.options.items()},
-        name=name, options=merged_options(sweep), sets=[])
+        name=name, options=merged_options(sweep), sets=[], **{k: None for k in sweep.generic_executor_settings()})
     return Plan(resolved, contexts, specs, done, executor_settings, tracking, device, fresh)
 
 
@@ -206,7 +214,7 @@ def write_resolved(plan: Plan, argv: list[str] | None = None) -> Path:
     header = (f"# The resolved sweep {plan.sweep.name!r}: {len(plan.contexts)} method×task pairs, {len(plan.runs)} runs\n"
               f"# written by peftbench {__version__} for: {cmd}\n"
               f"# run it again exactly: peftbench run --config {path}\n")
-    atomic_write_text(path, plan.sweep.to_toml(header), fsync=False)
+    atomic_write_text(path, dump_sweep(plan.sweep, header), fsync=False)
     return path
 
 
@@ -234,19 +242,16 @@ def _safe(name: str) -> str:
 
 
 def run_sweep(sweep: Sweep | Plan, *, dry_run: bool = False, rerun_stale: bool = False, quiet: bool = False,
-              verbose: bool = False, save_weights: str = "final", fuse: int = 1,
-              bench_table: str | Path | None = None,
-              leaderboard: bool = True, args=None, argv: list[str] | None = None, hooks: list | None = None,
+              verbose: bool = False, bench_table: str | Path | None = None, leaderboard: bool = True,
+              argv: list[str] | None = None, hooks: list | None = None,
               log: Callable[[str], None] | None = None) -> SweepResult | Plan:
     """Run a sweep (a :class:`Sweep`, or the :class:`Plan` of one): finished runs are skipped, unfinished
     ones resume. Writes the resolved sweep to ``<runs-dir>/sweeps/<name>.toml`` and the leaderboard to
     ``<runs-dir>/leaderboard`` (``leaderboard=False``: not). ``dry_run``: only plan (returns the Plan).
     ``hooks``: extra run hooks (:class:`peftbench.train.loop.RunHooks`) of this process. ``quiet`` /
     ``verbose``: no progress output / also a line per epoch (default: a bar with the sweep's ETA on a
-    terminal, a line per run in a file; ETA priors from ``bench_table`` or the shipped bench table).
-    ``save_weights``: "final" (the trained tensors of the runs evaluated on the final split, for
-    ``peftbench export``), "all" or "none". ``fuse`` K > 1: up to K runs of a stage that differ only in lr /
-    wd train as one model (docs/fused.md; each keeps its own record)."""
+    terminal, a line per run in a file; ETA priors from ``bench_table`` or the shipped bench table). How runs
+    execute (executor, ``fuse``, ``save_weights``, ...) is part of the :class:`Sweep`."""
     from ..executors import EXECUTORS
     from ..store import RunStore
     from ..store.journal import Journal
@@ -256,17 +261,13 @@ def run_sweep(sweep: Sweep | Plan, *, dry_run: bool = False, rerun_stale: bool =
     from ..trackers import hooks_for
     from ..train.env import Env
 
-    if save_weights not in ("final", "all", "none"):
-        raise SettingsError(f"save_weights {save_weights!r}: one of final, all, none")
     if quiet and verbose:
         raise SettingsError("quiet and verbose: choose one")
-    if isinstance(fuse, bool) or not isinstance(fuse, int) or fuse < 1:
-        raise SettingsError(f"fuse {fuse!r}: a whole number, at least 1 (1: no fusing)")
+    if not isinstance(sweep, (Sweep, Plan)):
+        raise SettingsError(f"run_sweep: expected a peftbench.Sweep or a Plan, got {type(sweep).__name__}")
     say = log or (lambda m: print(m, file=sys.stderr, flush=True))
     t0 = time.time()
-    p = sweep if isinstance(sweep, Plan) else plan_sweep(sweep, check_data=not dry_run, args=args)
-    if fuse > 1 and not EXECUTORS.get(p.sweep.executor).fuses:
-        raise SettingsError(f"fuse {fuse}: executor {p.sweep.executor!r} trains runs one at a time")
+    p = sweep if isinstance(sweep, Plan) else plan_sweep(sweep, check_data=not dry_run)
     if dry_run:
         return p
     runs_dir = check_runs_dir(p.sweep.runs_dir)
@@ -284,11 +285,11 @@ def run_sweep(sweep: Sweep | Plan, *, dry_run: bool = False, rerun_stale: bool =
     progress = SweepProgress(p.runs, estimates=_estimates(p.runs, p.contexts, p.device, bench_table),
                              mode="quiet" if quiet else "auto", verbose=verbose)
     env = Env(device=p.device, quiet=quiet, tracking=p.tracking.to_dict() if p.tracking.trackers else None,
-              hooks=hooks_for(p.tracking) + list(hooks or []), progress=progress, save_weights=save_weights,
-              fuse=fuse)
+              hooks=hooks_for(p.tracking) + list(hooks or []), progress=progress, save_weights=p.sweep.save_weights,
+              fuse=p.sweep.fuse)
     env.hooks.append(progress)  # its epoch(spec, entry): the per-epoch view
     executor = EXECUTORS.get(p.sweep.executor).make(p.executor_settings, env=env, runs_dir=runs_dir,
-                                                    total=len(p.runs), args=args)
+                                                    total=len(p.runs))
     journal = Journal(runs_dir, argv=argv)
     try:
         outcomes = drive(p.contexts, executor, store, journal)

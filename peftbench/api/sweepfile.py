@@ -1,122 +1,27 @@
 """Sweep files: a sweep as TOML (docs/sweep-files.md has every key).
 
-``load_sweep(path)`` reads and checks one: an unknown key, a value of the wrong type, an unknown name
+What a sweep file may hold is :class:`peftbench.api.schema.Sweep`'s declarations: each field's key, its table
+(top level, ``[search]``, ``[executor]``, ``[tracking]``), its kind and bounds. ``load_sweep(path)`` reads and
+checks a file against them: an unknown key, a value of the wrong type or out of bounds, an unknown name
 (method, suite, task, protocol, executor, tracker) or an option a method does not have is a
-:class:`~peftbench.errors.SettingsError` naming the file and the line (``sweep.toml:7: ...``), before
-any compute. Values are read with the standard library's ``tomllib``; since it keeps no positions,
-:func:`key_lines` finds the line of each key in the text. ``dump_sweep`` writes one with ``tomlkit``
-(the resolved sweep that ``peftbench run`` keeps in ``<runs-dir>/sweeps/``).
+:class:`~peftbench.errors.SettingsError` naming the file and the line (``sweep.toml:7: ...``), before any
+compute. Values are read with the standard library's ``tomllib``; since it keeps no positions,
+:func:`key_lines` finds the line of each key in the text. ``dump_sweep`` writes one with ``tomlkit`` (the
+resolved sweep that ``peftbench run`` keeps in ``<runs-dir>/sweeps/``).
 """
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._io import tomllib as _tomllib_module
 from ..errors import PeftbenchError, SettingsError
+from . import schema
+from .schema import Sweep, format_value
 
-OVERRIDE_KEYS = {"lr": "lr_grid", "wd": "wd_grid", "epochs": "epochs", "batch_size": "batch_size"}
-
-
-@dataclass
-class Sweep:
-    """A sweep: methods × tasks under a protocol, where its runs happen and who watches them.
-
-    Every field has the meaning of the ``peftbench run`` flag of the same name (docs/sweep-files.md has
-    each key of the sweep file, which holds the same fields). ``options``: method options, ``{"*": {option:
-    value}}`` for every selected method that has the option and ``{method: {option: value}}`` for one;
-    ``search``: ``lr`` and ``wd`` (lists: they replace the search grid), ``epochs``, ``batch_size``,
-    ``kind`` (grid | halving), ``halving_rungs``, ``halving_factor`` (docs/sweeps.md);
-    ``executor_settings`` / ``tracker_settings``: ``{name: {key: value}}``."""
-
-    methods: list[str] = field(default_factory=list)
-    suite: str = "demo"
-    tasks: list[str] | None = None
-    protocol: str | None = None
-    seeds: list[int] | None = None
-    num_seeds: int | None = None
-    backbone: str | None = None
-    checkpoint: str | None = None
-    data_root: str | None = None
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    search: dict[str, Any] = field(default_factory=dict)
-    precision: str | None = None
-    verify_data: bool = True
-    runs_dir: str = "runs"
-    device: str | None = None
-    executor: str = "local"
-    executor_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    trackers: list[str] = field(default_factory=list)
-    tracker_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
-    name: str | None = None  # groups the tracker runs; names the resolved sweep file (default: from the runs)
-    sets: list[str] = field(default_factory=list)  # "--set [method.]option=value" strings, after ``options``
-    source: str | None = None  # the sweep file it was read from
-
-    def replace(self, **changes) -> "Sweep":
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Sweep":
-        """Read a sweep file (TOML, docs/sweep-files.md); errors name the file and line."""
-        return load_sweep(path)
-
-    def to_toml(self, header: str = "") -> str:
-        """This sweep as a sweep file."""
-        return dump_sweep(self, header)
-
-    def all_sets(self) -> list[str]:
-        out = []
-        for scope, table in self.options.items():
-            for key, value in table.items():
-                out.append(f"{'' if scope == '*' else scope + '.'}{key}={format_value(value)}")
-        return out + list(self.sets)
-
-    def settings(self, device: str = "cpu"):
-        """The :class:`peftbench.sweep.plan.SweepSettings` this sweep plans with."""
-        from ..sweep.plan import SweepSettings
-
-        unknown = sorted(set(self.search) - set(OVERRIDE_KEYS) - set(SEARCH_STRATEGY_KEYS))
-        if unknown:
-            known = ", ".join([*OVERRIDE_KEYS, *SEARCH_STRATEGY_KEYS])
-            raise SettingsError(f"search: unknown key {unknown[0]!r} (known: {known})")
-        overrides = {OVERRIDE_KEYS[k]: (tuple(v) if k in ("lr", "wd") and isinstance(v, (list, tuple)) else
-                                        (v,) if k in ("lr", "wd") else v) for k, v in self.search.items()
-                     if v is not None and k in OVERRIDE_KEYS}
-        return SweepSettings(methods=list(self.methods), suite=self.suite, tasks=list(self.tasks) if self.tasks else None,
-                             protocol=self.protocol, seeds=list(self.seeds) if self.seeds else None,
-                             num_seeds=self.num_seeds, backbone=self.backbone, checkpoint=self.checkpoint,
-                             data_root=self.data_root, sets=self.all_sets(), verify_data=self.verify_data,
-                             overrides=overrides, precision=self.precision, device=device,
-                             search=self.search_strategy())
-
-    def search_strategy(self):
-        """The :class:`peftbench.sweep.search.Search` of ``search.kind`` / ``halving_rungs`` / ``halving_factor``
-        (halving settings without ``kind = "halving"`` are an error)."""
-        from ..sweep.search import DEFAULT_FACTOR, DEFAULT_RUNGS, Search
-
-        kind = self.search.get("kind") or "grid"
-        rungs, factor = self.search.get("halving_rungs"), self.search.get("halving_factor")
-        if kind != "halving":
-            given = [f"--{k.replace('_', '-')}" for k, v in (("halving_rungs", rungs), ("halving_factor", factor))
-                     if v is not None]
-            if given:
-                raise SettingsError(f"{', '.join(given)} (search.halving_*) only apply with --search halving")
-        if isinstance(factor, list):
-            factor = factor[0] if len(factor) == 1 else factor
-        return Search(kind, tuple(rungs) if rungs is not None else DEFAULT_RUNGS,
-                      factor if factor is not None else DEFAULT_FACTOR).check()
-
-
-def format_value(v: Any) -> str:
-    """A sweep file's (or Python) value as a ``--set`` string."""
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (list, tuple)):
-        return ",".join(format_value(x) for x in v)
-    return str(v)
-
+TABLES = ("search", "executor", "tracking")  # the tables whose keys are declared fields
 
 
 def merged_options(sweep: Sweep) -> dict:
@@ -135,49 +40,15 @@ def merged_options(sweep: Sweep) -> dict:
     return out
 
 
-
-PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
-
-# key: (kind, help). Kinds: str, int, bool, names (list of strings), ints, numbers (a number or a list)
-TOP_KEYS: dict[str, tuple[str, str]] = {
-    "name": ("str", "the sweep's name: groups its tracker runs, names <runs-dir>/sweeps/<name>.toml "
-                    "(default: the file's name)"),
-    "methods": ("names", "methods to run (peftbench list methods)"),
-    "suite": ("str", "task suite: demo, vtab, fgvc (default demo)"),
-    "tasks": ("names", "a subset of the suite's tasks (default: all)"),
-    "protocol": ("str", "vpt | fixed | demo (default: the suite's)"),
-    "seeds": ("ints", "seeds of the final runs"),
-    "num_seeds": ("int", "number of final seeds (instead of seeds)"),
-    "backbone": ("str", "timm model name with its tag, or a preset (default: the suite's)"),
-    "checkpoint": ("str", "local backbone weights: .npz, .safetensors or .pth"),
-    "data_root": ("str", "data folder (default: $PEFTBENCH_DATA, or ~/.cache/peftbench/data for the demo)"),
-    "precision": ("str", "fp32 | tf32 | bf16 | fp16 (default: the protocol's)"),
-    "verify_data": ("bool", "verify the data before the sweep (default true)"),
-    "runs_dir": ("str", "the run store (default ./runs)"),
-    "device": ("str", "cpu | cuda | cuda:N (default: cuda when available)"),
-}
-TABLES = {"options": "method options: [options] for every selected method that has the option, "
-                     "[options.<method>] for one method",
-          "search": "hyper-parameters: lr and wd (lists: they replace the search grid), epochs, batch_size; "
-                    "kind = grid | halving, halving_rungs, halving_factor (docs/sweeps.md)",
-          "executor": "name = local | slurm | ray, and [executor.<name>] with that executor's settings",
-          "tracking": "trackers = [...] and [tracking.<tracker>] with a tracker's settings"}
-SEARCH_KEYS = {"lr": ("numbers", "base learning rate(s): replace the search grid"),
-               "wd": ("numbers", "weight decay value(s): replace the search grid"),
-               "epochs": ("int", "number of epochs"), "batch_size": ("int", "batch size"),
-               "kind": ("str", "how a search stage picks its point: grid (default) or halving (docs/sweeps.md)"),
-               "halving_rungs": ("numbers", "halving: the rungs as fractions of the epochs, increasing, the last 1"),
-               "halving_factor": ("numbers", "halving: keep the best 1/factor of the configurations after each rung")}
-SEARCH_STRATEGY_KEYS = ("kind", "halving_rungs", "halving_factor")
-PATH_KEYS = ("checkpoint", "data_root", "runs_dir")
-
-
-def _tomllib():
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    return tomllib
+def _declared() -> dict[tuple[str, str], str]:
+    """(table, key) -> field name of every declared field a file may hold."""
+    out = {}
+    for f in schema.fields():
+        key = schema.key_of(f.name)
+        s = schema.spec(f.name)
+        if key is not None and s.kind != "table":
+            out[(s.table, key)] = f.name
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,50 +121,17 @@ def locate(source: str | Path, key: tuple[str, ...]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check(kind: str, value: Any, at: str, key: str) -> Any:
-    def bad(want: str):
-        return SettingsError(f"{at}: {key} must be {want}, got {value!r}")
-
-    if kind == "str":
-        if not isinstance(value, str):
-            raise bad("a string")
-    elif kind == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise bad("an integer")
-    elif kind == "bool":
-        if not isinstance(value, bool):
-            raise bad("true or false")
-    elif kind == "names":
-        if isinstance(value, str):
-            from ..tasks import parse_names
-
-            value = parse_names(value)
-        if not isinstance(value, list) or not all(isinstance(x, str) for x in value):
-            raise bad("a list of names")
-    elif kind == "ints":
-        if not isinstance(value, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
-            raise bad("a list of integers")
-    elif kind == "numbers":
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list) or not value or \
-                not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
-            raise bad("a number or a list of numbers")
-        value = [float(x) for x in value]
-    return value
-
-
-def _name(get, value: str, at: str, key: str) -> str:
-    try:
-        return get(value)
-    except PeftbenchError as exc:
-        raise SettingsError(f"{at}: {key}: {exc}") from None
+def _unknown(at: str, key: str, known: list[str], where: str) -> SettingsError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return SettingsError(f"{at}: unknown key {key!r} in {where}.{hint} Known keys: {', '.join(sorted(known))} "
+                         "(docs/sweep-files.md)")
 
 
 def load_sweep(path: str | Path) -> Sweep:
-    """Read and check a sweep file (see the module docstring); relative paths in it are relative to
-    the file's folder."""
-    tomllib = _tomllib()
+    """Read and check a sweep file (see the module docstring); relative paths in it are relative to the
+    file's folder."""
+    tomllib = _tomllib_module()
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -307,59 +145,91 @@ def load_sweep(path: str | Path) -> Sweep:
         m = re.search(r"line (\d+)", str(exc))
         line = m.group(1) if m else (str(len(text.splitlines()) or 1) if "end of document" in str(exc) else "")
         raise SettingsError(f"{path}{':' + line if line else ''}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise SettingsError(f"{path}: nested too deeply to be a sweep file") from None
     at = lambda *key: locate(path, tuple(key))  # noqa: E731
-    from ..executors import EXECUTORS
-    from ..methods import get_method
-    from ..sweep.protocols import get_protocol
-    from ..tasks import get_suite, get_task
-    from ..trackers import TRACKERS
+    declared = _declared()
+    values: dict[str, Any] = {}
 
-    sweep = Sweep(source=str(path), name=path.stem)
+    def take(table: str, key: str, value: Any) -> None:
+        name = declared[(table, key)]
+        if schema.spec(name).kind == "path":
+            if not isinstance(value, str):
+                raise SettingsError(f"{at(*([table] if table else []), key)}: {key} must be a path, got {value!r}")
+            value = str(path.parent / Path(value).expanduser())
+        values[name] = schema.check(name, value, f"{at(*([table] if table else []), key)}: {key}")
+
+    top_keys = [k for (t, k) in declared if t == ""]
     for key, value in data.items():
-        if key in TABLES:
+        if key in TABLES or key == "options":
             if not isinstance(value, dict):
                 raise SettingsError(f"{at(key)}: {key} must be a table ([{key}])")
             continue
-        if key not in TOP_KEYS:
-            raise SettingsError(f"{at(key)}: unknown key {key!r} (known keys: "
-                                f"{', '.join(sorted([*TOP_KEYS, *TABLES]))}; docs/sweep-files.md)")
-        value = _check(TOP_KEYS[key][0], value, at(key), key)
-        if key in PATH_KEYS:
-            value = str((path.parent / Path(value).expanduser()))
-        setattr(sweep, key, value)
-    sweep.methods = [_name(lambda n: get_method(n).name, m, at("methods"), "methods") for m in sweep.methods]
-    sweep.suite = _name(lambda n: get_suite(n).name, sweep.suite, at("suite"), "suite")
-    if sweep.tasks is not None:
-        sweep.tasks = [_name(lambda n: get_task(n).name, t, at("tasks"), "tasks") for t in sweep.tasks]
-    if sweep.protocol is not None:
-        sweep.protocol = _name(lambda n: get_protocol(n).name, sweep.protocol, at("protocol"), "protocol")
-    if sweep.precision is not None and sweep.precision not in PRECISIONS:
-        raise SettingsError(f"{at('precision')}: precision must be one of {', '.join(PRECISIONS)}, got {sweep.precision!r}")
-    if sweep.seeds is not None and sweep.num_seeds is not None:
-        raise SettingsError(f"{at('num_seeds')}: give seeds or num_seeds, not both")
+        if ("", key) not in declared:
+            raise _unknown(at(key), key, top_keys + [*TABLES, "options"], "the sweep file")
+        take("", key, value)
 
-    # [search]
-    for key, value in (data.get("search") or {}).items():
-        if key not in SEARCH_KEYS:
-            raise SettingsError(f"{at('search', key)}: unknown key {key!r} in [search] (known: {', '.join(SEARCH_KEYS)})")
-        value = _check(SEARCH_KEYS[key][0], value, at("search", key), f"search.{key}")
-        if key in ("lr", "wd") and any(not v >= 0 for v in value):
-            raise SettingsError(f"{at('search', key)}: search.{key} must not be negative, got {value!r}")
-        if key == "kind" and value not in ("grid", "halving"):
-            raise SettingsError(f"{at('search', key)}: search.kind must be grid or halving, got {value!r}")
-        if key == "halving_factor":
-            if len(value) != 1:
-                raise SettingsError(f"{at('search', key)}: search.halving_factor must be one number, got {value!r}")
-            value = value[0]
-        if key in ("epochs", "batch_size") and value < 1:
-            raise SettingsError(f"{at('search', key)}: search.{key} must be >= 1, got {value!r}")
-        sweep.search[key] = value
+    # [search] and the generic keys of [executor] and [tracking]; sub-tables of the last two are per plugin
+    subtables: dict[str, dict[str, dict]] = {"executor": {}, "tracking": {}}
+    for table in TABLES:
+        known = [k for (t, k) in declared if t == table]
+        for key, value in (data.get(table) or {}).items():
+            if isinstance(value, dict) and table in subtables:
+                subtables[table][key] = value
+                continue
+            if (table, key) not in declared:
+                raise _unknown(at(table, key), key, known + (["<name> tables"] if table in subtables else []),
+                               f"[{table}]")
+            take(table, key, value)
+
+    values.setdefault("name", path.stem)
+    sweep = Sweep(source=str(path), **values)
+    from ..executors import EXECUTORS
+    from ..trackers import TRACKERS
+
+    tables = {}
+    for key, value in subtables["executor"].items():
+        try:
+            plugin_name = EXECUTORS.canonical(key)
+        except PeftbenchError as exc:
+            raise SettingsError(f"{at('executor', key)}: [executor.{key}]: {exc}") from None
+        tables[plugin_name] = (key, dict(value))
+    if "executor" not in values and len(tables) == 1:
+        sweep.executor = next(iter(tables))  # [executor.slurm] alone says which executor
+    elif "executor" not in values and tables:
+        raise SettingsError(f"{at('executor')}: several [executor.<name>] tables: say which executor runs the "
+                            "sweep with name = ...")
+    for plugin_name, (key, value) in tables.items():
+        if plugin_name != sweep.executor:
+            raise SettingsError(f"{at('executor', key)}: [executor.{key}] given, but the executor is {sweep.executor!r}")
+        plugin = EXECUTORS.get(plugin_name)
+        for k in value:
+            if k != "profile" and k not in plugin.settings:
+                raise SettingsError(f"{at('executor', key, k)}: executor {plugin_name!r} has no setting {k!r}"
+                                    + (f" (its settings: {', '.join(sorted(plugin.settings))})" if plugin.settings else ""))
+        sweep.executor_settings[plugin_name] = value
+    for key, value in subtables["tracking"].items():
+        try:
+            t = TRACKERS.canonical(key)
+        except PeftbenchError as exc:
+            raise SettingsError(f"{at('tracking', key)}: [tracking.{key}]: {exc}") from None
+        known = TRACKERS.get(t).options
+        for k in value:
+            if k not in known:
+                raise SettingsError(f"{at('tracking', key, k)}: tracker {t!r} has no setting {k!r} (its settings: "
+                                    f"{', '.join(sorted(known)) or 'none'})")
+        sweep.tracker_settings[t] = dict(value)
 
     # [options] and [options.<method>]
-    methods = {get_method(m).name: get_method(m) for m in sweep.methods}
+    from ..methods import get_method
+
+    methods = {m: get_method(m) for m in sweep.methods}
     for key, value in (data.get("options") or {}).items():
         if isinstance(value, dict):
-            m = _name(get_method, key, at("options", key), f"[options.{key}]")
+            try:
+                m = get_method(key)
+            except PeftbenchError as exc:
+                raise SettingsError(f"{at('options', key)}: [options.{key}]: {exc}") from None
             if m.name not in methods:
                 raise SettingsError(f"{at('options', key)}: [options.{key}]: method {m.name!r} is not in methods")
             for opt, v in value.items():
@@ -372,51 +242,6 @@ def load_sweep(path: str | Path) -> Sweep:
             for m in owners:
                 _option(m, key, value, at("options", key))
             sweep.options.setdefault("*", {})[key] = value
-
-    # [executor]
-    ex = dict(data.get("executor") or {})
-    name = ex.pop("name", None)
-    if name is not None:
-        _check("str", name, at("executor", "name"), "executor.name")
-        sweep.executor = _name(EXECUTORS.canonical, name, at("executor", "name"), "executor.name")
-    tables = {}
-    for key, value in ex.items():
-        if not isinstance(value, dict):
-            raise SettingsError(f"{at('executor', key)}: unknown key {key!r} in [executor] (it takes name = ... and "
-                                f"[executor.<name>] tables of settings)")
-        plugin_name = _name(EXECUTORS.canonical, key, at("executor", key), f"[executor.{key}]")
-        keys = EXECUTORS.get(plugin_name).settings_keys
-        for k in value:
-            if k not in keys:
-                raise SettingsError(f"{at('executor', key, k)}: executor {plugin_name!r} has no setting {k!r}"
-                                    + (f" (its settings: {', '.join(sorted(keys))})" if keys else ""))
-        tables[plugin_name] = (key, dict(value))
-    if name is None and len(tables) == 1:
-        sweep.executor = next(iter(tables))  # [executor.slurm] alone says which executor
-    elif name is None and tables:
-        raise SettingsError(f"{at('executor')}: several [executor.<name>] tables: say which executor runs the "
-                            "sweep with name = ...")
-    for plugin_name, (key, value) in tables.items():
-        if plugin_name != sweep.executor:
-            raise SettingsError(f"{at('executor', key)}: [executor.{key}] given, but the executor is {sweep.executor!r}")
-        sweep.executor_settings[plugin_name] = value
-
-    # [tracking]
-    tr = dict(data.get("tracking") or {})
-    names = tr.pop("trackers", [])
-    names = _check("names", names, at("tracking", "trackers"), "tracking.trackers")
-    sweep.trackers = [_name(TRACKERS.canonical, n, at("tracking", "trackers"), "tracking.trackers") for n in names]
-    for key, value in tr.items():
-        if not isinstance(value, dict):
-            raise SettingsError(f"{at('tracking', key)}: unknown key {key!r} in [tracking] (it takes trackers = [...] "
-                                "and [tracking.<tracker>] tables of settings)")
-        t = _name(TRACKERS.canonical, key, at("tracking", key), f"[tracking.{key}]")
-        known = TRACKERS.get(t).options
-        for k in value:
-            if k not in known:
-                raise SettingsError(f"{at('tracking', key, k)}: tracker {t!r} has no setting {k!r} (its settings: "
-                                    f"{', '.join(sorted(known)) or 'none'})")
-        sweep.tracker_settings[t] = dict(value)
     return sweep
 
 
@@ -438,17 +263,21 @@ def _option(method, key: str, value: Any, at: str) -> None:
 
 
 def dump_sweep(sweep: Sweep, header: str = "") -> str:
-    """``sweep`` as a sweep file (every field that is set; ``load_sweep`` reads it back)."""
+    """``sweep`` as a sweep file (every field that is set and not its default; ``load_sweep`` reads it back)."""
     import tomlkit
 
     doc = tomlkit.document()
     for line in header.splitlines():
         doc.add(tomlkit.comment(line.lstrip("# ").rstrip()))
-    for key in TOP_KEYS:
-        value = getattr(sweep, key)
-        if value is None or (key == "verify_data" and value is True):
+    tables: dict[str, Any] = {t: tomlkit.table() for t in TABLES}
+    for f in schema.fields():
+        key, s = schema.key_of(f.name), schema.spec(f.name)
+        if key is None or s.kind == "table":
             continue
-        doc.add(key, value)
+        value = getattr(sweep, f.name)
+        if value is None or (value == f.default and f.name != "executor") or (value == [] and f.name == "trackers"):
+            continue
+        (tables[s.table] if s.table else doc).add(key, value)
     if sweep.options or sweep.sets:
         options = merged_options(sweep)
         t = tomlkit.table()
@@ -458,17 +287,14 @@ def dump_sweep(sweep: Sweep, header: str = "") -> str:
             if m != "*":
                 t.add(m, dict(table))
         doc.add("options", t)
-    if sweep.search:
-        doc.add("search", {k: v for k, v in sweep.search.items() if v is not None})
-    ex = tomlkit.table()
-    ex.add("name", sweep.executor)
     for name, settings in sweep.executor_settings.items():
-        ex.add(name, {k: v for k, v in settings.items() if v is not None})
-    doc.add("executor", ex)
-    if sweep.trackers or sweep.tracker_settings:
-        tr = tomlkit.table()
-        tr.add("trackers", list(sweep.trackers))
-        for name, settings in sweep.tracker_settings.items():
-            tr.add(name, dict(settings))
-        doc.add("tracking", tr)
+        tables["executor"].add(name, {k: v for k, v in settings.items() if v is not None})
+    for name, settings in sweep.tracker_settings.items():
+        tables["tracking"].add(name, dict(settings))
+    for t in TABLES:
+        if len(tables[t]):
+            doc.add(t, tables[t])
     return tomlkit.dumps(doc)
+
+
+__all__ = ["Sweep", "load_sweep", "dump_sweep", "merged_options", "locate", "key_lines", "format_value"]

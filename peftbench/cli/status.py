@@ -30,7 +30,7 @@ def _print(*parts, file=None) -> None:
 
 
 def main(args) -> int:
-    from ..executors._status import collect
+    from ..executors import collect
 
     info = collect(args.runs_dir, query=not args.no_query)
     if args.json:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from .._io import atomic_write_text
 from ..errors import DataError
+from ..provenance import now
 from ..tasks import Task, task_splits
 from ._cachedir import cache_base
 from .layouts import Entry, layout_of
@@ -239,7 +240,7 @@ def verify_task(task: Task, data_root: Path, *, check_images: bool = True, worke
     if rep.ok and stamp is not None and stamp_key is not None:
         atomic_write_text(stamp, json.dumps({"key": stamp_key, "task": task.name, "directory": str(d),
                                              "fingerprint": rep.fingerprint, "images": rep.images,
-                                             "verified_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1),
+                                             "verified_at": now()}, indent=1),
                           fsync=False)
     rep.seconds = time.time() - t0
     return rep

@@ -1,16 +1,24 @@
-"""What an executor plugin is: how ``peftbench run --executor NAME`` gets an executor, which flags it
-adds, and what it tells ``peftbench status``.
+"""What an executor plugin is: its settings (declared, as a method declares its options), how it translates the
+sweep's generic executor settings into its own, the executor it makes, and what it tells ``peftbench status``.
 
 An executor runs one stage of a sweep: ``run(specs, store) -> records`` (the
 :class:`peftbench.sweep.drive.Executor` protocol) and ``close()``. Every executor runs each spec with
 :func:`peftbench.train.engine.execute`, which skips finished runs and resumes unfinished ones from
 their checkpoint, so executors only decide *where* runs happen. Built-in executors are the modules of
-this package (``local``, ``slurm/``); third-party packages add one by declaring a
+this package (``local``, ``ray``, ``slurm/``); third-party packages add one by declaring a
 ``peftbench.executors`` entry point that names an :class:`ExecutorPlugin` subclass (docs/plugins.md).
+
+Settings, in the order they apply (later wins): the plugin's defaults < a TOML ``profile`` of its settings
+(``--executor-profile FILE``, or ``profile = "..."`` in its table) < the sweep file's ``[executor.<name>]`` table
+(and ``--executor-set KEY=VALUE``) < the sweep's **generic** settings (``gpus_per_node``, ``cpus_per_task``,
+``mem_gb``, ``timeout_min``, ``max_retries``, ``workers``, ``devices``: :mod:`peftbench.api.schema`), each
+translated by :attr:`ExecutorPlugin.generic` into the plugin's own name (submitit's habit: one vocabulary for
+every backend). A generic setting an executor cannot honour is an error naming it, before compute.
 """
 from __future__ import annotations
 
-import argparse
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
@@ -21,42 +29,110 @@ if TYPE_CHECKING:
     from ..train.env import Env
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One setting of an executor: the JSON/TOML types it takes, what it means, its bounds and choices."""
+
+    types: tuple[type, ...]
+    help: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple | None = None
+    keywords: tuple[str, ...] = ()  # strings accepted as they are by a numeric setting (e.g. "auto")
+
+    def check(self, key: str, value: Any, where: str) -> Any:
+        if isinstance(value, str) and value in self.keywords:
+            return value
+        if isinstance(value, bool) and bool not in self.types or not isinstance(value, self.types):
+            words = {"str": "a string", "int": "an integer", "float": "a number", "dict": "a table", "bool": "true or false",
+                     "list": "a list"}
+            raise SettingsError(f"{where}: {key} must be " + " or ".join(words[t.__name__] for t in self.types)
+                                + (f" or {' or '.join(self.keywords)}" if self.keywords else "") + f", got {value!r}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise SettingsError(f"{where}: {key} must be a finite number, got {value!r}")
+            if self.min is not None and value < self.min:
+                raise SettingsError(f"{where}: {key}={value!r} is below its minimum {self.min:g}")
+            if self.max is not None and value > self.max:
+                raise SettingsError(f"{where}: {key}={value!r} is above its maximum {self.max:g}")
+            if float in self.types and int in self.types:
+                value = float(value) if isinstance(value, float) or self.types[0] is float else value
+        if self.choices is not None and value not in self.choices:
+            raise SettingsError(f"{where}: {key} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        return value
+
+
+def read_profile(path: str | Path, what: str) -> dict:
+    """The settings of a TOML profile file (checked by the caller)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"{what} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"{what} {path}: cannot read it ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"{what} {path}: not valid TOML ({exc})") from None
+
+
+GENERIC_FLAGS = {"gpus_per_node": "--gpus-per-node", "cpus_per_task": "--cpus-per-task", "mem_gb": "--mem-gb",
+                 "timeout_min": "--timeout-min", "max_retries": "--max-retries", "workers": "--workers",
+                 "devices": "--devices"}
+
+
 class ExecutorPlugin:
     name: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
-    # the keys of a sweep file's [executor.<name>] table -> help (docs/sweep-files.md)
-    settings_keys: ClassVar[dict[str, str]] = {}
+    # the executor's own settings (the keys of [executor.<name>], --executor-set, a profile) -> their declaration
+    settings: ClassVar[dict[str, Setting]] = {}
+    # the sweep's generic executor settings this executor honours -> its own setting of the same meaning
+    generic: ClassVar[dict[str, str]] = {}
     # whether the executor trains fused groups of runs (``peftbench run --fuse K``, docs/fused.md)
     fuses: ClassVar[bool] = False
 
-    def configure(self, table: dict, args: argparse.Namespace | None, where: Callable[[str], str]) -> dict:
-        """This executor's settings as plain data (TOML-writable: they go into the resolved sweep file):
-        a sweep file's ``[executor.<name>]`` table, then the command line's flags (``args``) over it.
-        ``where(key)`` names the file and line of a key for error messages. Checked here, before any
-        compute. By default an executor has no settings."""
-        for key in table:
-            raise SettingsError(f"{where(key)}: executor {self.name!r} has no setting {key!r}"
-                                + (f" (its settings: {', '.join(sorted(self.settings_keys))})" if self.settings_keys else ""))
-        return {}
+    def configure(self, table: dict, generic: dict, where: Callable[[str], str]) -> dict:
+        """This executor's settings as plain data (TOML-writable: they go into the resolved sweep file): a
+        ``profile`` file < ``table`` (``[executor.<name>]``) < ``generic`` (the sweep's generic settings,
+        translated). ``where(key)`` names the file and line of a key of ``table``. Every value is checked here,
+        before any compute; :meth:`resolve` adds what depends on several of them."""
+        table = dict(table or {})
+        values: dict[str, Any] = {}
+        profile = table.pop("profile", None)
+        if profile is not None:
+            if not isinstance(profile, str):
+                raise SettingsError(f"{where('profile')}: profile must be the path of a TOML file of "
+                                    f"{self.name!r} settings")
+            for k, v in read_profile(profile, "--executor-profile").items():
+                values[k] = self._check(k, v, f"profile {profile}")
+        for k, v in table.items():
+            values[k] = self._check(k, v, where(k))
+        for g, v in generic.items():
+            if g not in self.generic:
+                honoured = ", ".join(GENERIC_FLAGS[x] for x in sorted(self.generic)) or "none"
+                raise SettingsError(f"{GENERIC_FLAGS.get(g, g)} (executor setting {g!r}): executor {self.name!r} does "
+                                    f"not take it (its generic settings: {honoured})")
+            own = self.generic[g]
+            values[own] = self._check(own, v, GENERIC_FLAGS.get(g, g))
+        return self.resolve(values)
 
-    def make(self, settings: dict, *, env: "Env", runs_dir: Path, total: int,
-             args: argparse.Namespace | None = None) -> Any:
-        """The executor for ``settings`` (from :meth:`configure`): what ``peftbench run`` and
-        :func:`peftbench.run_sweep` use. By default :meth:`create` with the command line's namespace
-        (executors written before sweep files)."""
-        return self.create(args if args is not None else argparse.Namespace(**settings), env=env, runs_dir=runs_dir,
-                           total=total)
+    def _check(self, key: str, value: Any, where: str) -> Any:
+        if key not in self.settings:
+            raise SettingsError(f"{where}: executor {self.name!r} has no setting {key!r}"
+                                + (f" (its settings: {', '.join(sorted(self.settings))})" if self.settings else ""))
+        return self.settings[key].check(key, value, where)
 
-    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        """Add this executor's own flags to ``peftbench run`` (an argument group)."""
+    def resolve(self, values: dict) -> dict:
+        """The complete settings from the given ones (defaults added, combinations checked); by default the
+        given ones."""
+        return dict(values)
 
-    def given_flags(self, args: argparse.Namespace) -> list[str]:
-        """This executor's flags that the command line set (an error when another executor runs)."""
-        return []
-
-    def create(self, args: argparse.Namespace, *, env: "Env", runs_dir: Path, total: int) -> Any:
-        """The executor for ``peftbench run`` (its settings are checked here, before any compute)."""
+    def make(self, settings: dict, *, env: "Env", runs_dir: Path, total: int) -> Any:
+        """The executor for ``settings`` (from :meth:`configure`)."""
         raise NotImplementedError
 
     def status(self, runs_dir: Path, runs: dict[str, dict], query: bool) -> dict:
@@ -69,4 +145,3 @@ class ExecutorPlugin:
 EXECUTORS: Registry[ExecutorPlugin]
 EXECUTORS, register_executor = instance_registry("executor", ExecutorPlugin, builtin="peftbench.executors",
                                                  group="peftbench.executors", article="an")
-register_executor.__doc__ = "Class decorator: register one instance of an :class:`ExecutorPlugin` subclass under ``cls.name``."

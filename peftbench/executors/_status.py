@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import PeftbenchError
-from ..fingerprint import code_fingerprint, staleness
-from ..methods import get_method
-from ..store import RunStatus, RunStore
+from ..store import RunStore
 from ..store.journal import live_journals
 from ..store.leases import lease_state, read_lease
 from ._base import EXECUTORS
+from ._driver import executor_info, show
 
 
 def _entry(key: str, **kw) -> dict:
@@ -19,15 +18,6 @@ def _entry(key: str, **kw) -> dict:
             "checkpoint": False, "record": None, "stale": False, "lease": "none"}
     base.update(kw)
     return base
-
-
-def _classify(record_status: str | None, lease: str = "none") -> str:
-    """A record's status as status shows it: a ``running`` record whose lease is not live is a run whose
-    process is gone (``interrupted``: the next `peftbench run` resumes it from its checkpoint)."""
-    if record_status == RunStatus.RUNNING:
-        return "running" if lease == "live" else "interrupted"
-    return {RunStatus.OK: "done", RunStatus.DIVERGED: "diverged", RunStatus.FAILED: "failed"}.get(
-        record_status, "pending")
 
 
 def collect(runs_dir: str | Path, query: bool = True) -> dict:
@@ -42,12 +32,12 @@ def collect(runs_dir: str | Path, query: bool = True) -> dict:
             continue
         spec = rec.spec
         key = rec.key or path.stem
-        slurm = rec.get("slurm") or {}
+        ex = executor_info(rec)  # record.executor: where the run started (every executor writes it the same way)
         runs[key] = _entry(
             key, method=spec.get("method", path.parent.parent.name), task=spec.get("task", path.parent.name),
             stage=spec.get("stage", ""), seed=spec.get("seed"), hparams=spec.get("hparams") or {},
-            record_status=str(rec.status), job_id=slurm.get("job_id"), node=slurm.get("node"),
-            restart_count=slurm.get("restart_count", 0), retries=len(rec.get("retries") or []), top1=rec.top1,
+            record_status=str(rec.status), job_id=ex.get("job_id"), node=ex.get("node"),
+            restart_count=ex.get("restart_count", 0), retries=len(rec.get("retries") or []), top1=rec.top1,
             error=(rec.error or "").strip(), checkpoint=path.with_name(f"{key}.ckpt.safetensors").exists(),
             record=str(path), stale=_stale(rec, spec.get("method")))
         lease_path = path.with_name(f"{key}.lease")
@@ -64,7 +54,7 @@ def collect(runs_dir: str | Path, query: bool = True) -> dict:
                                       seed=info.get("seed"), label=info.get("label"),
                                       holder=f"queued by pid {d.get('pid')} on {d.get('host')}")
     for r in runs.values():
-        r["status"] = _classify(r["record_status"], r.get("lease", "none"))
+        r["status"] = show(r["record_status"], r.get("lease", "none"))
         r.setdefault("job", None)
     out = {"runs_dir": str(root.resolve()), "driver": None, "state_updated_at": None, "unreadable": unreadable,
            "drivers": [{k: d.get(k) for k in ("host", "pid", "argv", "started_at")} for d in drivers]}
@@ -74,7 +64,7 @@ def collect(runs_dir: str | Path, query: bool = True) -> dict:
             if info.get(k) is not None:
                 out[k] = info[k]
     for r in runs.values():
-        r.setdefault("status", _classify(r["record_status"]))
+        r.setdefault("status", show(r["record_status"]))
         r.setdefault("job", r.get("job_id"))
     out["runs"] = sorted(runs.values(), key=_order)
     return out
@@ -87,6 +77,9 @@ def _stale(rec, method: str | None) -> bool:
     """Whether a finished record was produced by other code than the installed one."""
     if not rec.is_final or not rec.code or not method:
         return False
+    from ..fingerprint import code_fingerprint, staleness  # (the methods import torch: only when a record is final)
+    from ..methods import get_method
+
     if method not in _CURRENT:
         try:
             _CURRENT[method] = code_fingerprint(get_method(method))

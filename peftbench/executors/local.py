@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..errors import SettingsError
 from ..store import RunRecord, RunSpec, RunStatus, RunStore
-from ._base import ExecutorPlugin, register_executor
+from ._base import ExecutorPlugin, Setting, register_executor
 
 if TYPE_CHECKING:
     from ..train.env import Env
@@ -364,56 +364,24 @@ class Local(ExecutorPlugin):
     description = "run here: one run after the other, or in parallel worker processes (--workers, --devices)"
     fuses = True
 
-    def add_arguments(self, parser):
-        g = parser.add_argument_group("local executor")
-        g.add_argument("--workers", type=int, metavar="N",
-                       help="train N runs at a time in N worker processes sharing the run store (default 1: in "
-                            "this process); on CPU each worker gets cores/N torch threads")
-        g.add_argument("--devices", type=_devices, metavar="DEV,DEV,...",
-                       help="one worker per device, e.g. cuda:0,cuda:1,cuda:2,cuda:3 (with --workers N: N workers "
-                            "on these devices, round-robin)")
+    settings = {"workers": Setting((int,), "worker processes training runs at a time (default 1: in the driver's "
+                                          "process); on CPU each worker gets cores/N torch threads", min=1, max=1024),
+                "devices": Setting((list,), "one worker per device, e.g. [\"cuda:0\", \"cuda:1\"] (with workers = N: N "
+                                            "workers on these devices, round-robin)")}
+    generic = {"workers": "workers", "devices": "devices"}
 
-    def given_flags(self, args):
-        return [f for f, v in (("--workers", getattr(args, "workers", None)),
-                               ("--devices", getattr(args, "devices", None))) if v is not None]
-
-    settings_keys = {"workers": "worker processes training runs at a time (default 1: in the driver's process)",
-                     "devices": "one worker per device, e.g. [\"cuda:0\", \"cuda:1\"]"}
-
-    def configure(self, table, args, where):
+    def resolve(self, values):
         from ..train.env import check_device
 
-        unknown = [k for k in table if k not in self.settings_keys]
-        if unknown:
-            raise SettingsError(f"{where(unknown[0])}: executor 'local' has no setting {unknown[0]!r} "
-                                f"(its settings: {', '.join(sorted(self.settings_keys))})")
-        out: dict = {}
-        workers = table.get("workers")
-        if getattr(args, "workers", None) is not None:
-            workers, wk = args.workers, "--workers"
-        else:
-            wk = f"{where('workers')}: workers ="
-        if workers is not None:
-            if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-                raise SettingsError(f"{wk} {workers!r}: must be at least 1 (a whole number)")
-            out["workers"] = int(workers)
-        devices = table.get("devices")
-        if getattr(args, "devices", None) is not None:
-            devices, dk = args.devices, "--devices"
-        else:
-            dk = f"{where('devices')}: devices ="
+        out = dict(values)
+        devices = out.get("devices")
         if devices is not None:
             if isinstance(devices, str):
                 devices = _devices(devices)
-            if not isinstance(devices, list) or not devices or not all(isinstance(d, str) for d in devices):
-                raise SettingsError(f"{dk} {devices!r}: a list of devices, e.g. cuda:0,cuda:1")
-            if getattr(args, "device", None):
-                raise SettingsError("--device and --devices: give one of them (--devices: one worker per device)")
+            if not devices or not all(isinstance(d, str) for d in devices):
+                raise SettingsError(f"devices {devices!r}: a list of devices, e.g. cuda:0,cuda:1")
             out["devices"] = [check_device(d, "--devices") for d in devices]
         return out
 
-    def create(self, args, *, env, runs_dir, total):
-        return self.make(self.configure({}, args, lambda k: k), env=env, runs_dir=runs_dir, total=total, args=args)
-
-    def make(self, settings, *, env, runs_dir, total, args=None):
+    def make(self, settings, *, env, runs_dir, total):
         return LocalExecutor(env, total=total, workers=settings.get("workers") or 1, devices=settings.get("devices"))

@@ -1,7 +1,7 @@
 """``--executor ray``: every run as one Ray task on a Ray cluster (``pip install 'peftbench[ray]'``; docs/executors.md).
 
 For cloud and Kubernetes users without SLURM. The driver (``peftbench run``) connects to the cluster
-at ``--ray-address`` (or ``[executor.ray] address``, else ``$RAY_ADDRESS``, else Ray's default: a
+at ``[executor.ray] address`` (``--executor-set address=...``, else ``$RAY_ADDRESS``, else Ray's default: a
 cluster started on this machine with ``ray start``, or a new local one), then, per stage of the sweep:
 
 * submits **one Ray task per unfinished run**, each asking for ``cpus_per_run`` CPUs and
@@ -25,8 +25,6 @@ made again in the worker.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import socket
 import sys
@@ -35,31 +33,34 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._io import atomic_write_text
 from ..errors import SettingsError
 from ..store import RunRecord, RunSpec, RunStatus, RunStore
-from ..store.leases import HEARTBEAT_S, _proc_start, lease_state
-from ._base import ExecutorPlugin, register_executor
+from ..store.leases import HEARTBEAT_S
+from . import _driver as driver
+from ._base import ExecutorPlugin, Setting, register_executor
 
 STATE_DIR = ".ray"
 STATE_FILE = "state.json"
 
-# key: (accepted types, help) of [executor.ray]
-KEYS: dict[str, tuple[tuple[type, ...], str]] = {
-    "address": ((str,), "the cluster: host:6379, ray://<head>:10001 (Ray client, e.g. KubeRay), auto, local "
-                        "(default $RAY_ADDRESS, else Ray's default)"),
-    "cpus_per_run": ((int, float), "CPUs a run asks for (default 1); also torch's thread count in the task"),
-    "gpus_per_run": ((int, float, str), "GPUs a run asks for: a number (0.5 shares a GPU) or auto (default: 1 when "
-                                        "the cluster has GPUs, else 0)"),
-    "max_retries": ((int,), "Ray retries of a run whose worker or node dies (default 2)"),
-    "max_in_flight": ((int,), "at most this many runs submitted at once (default 0: all of a stage)"),
-    "runtime_env": ((dict,), "Ray runtime environment of the job: env_vars, pip, working_dir, py_modules, ..."),
-    "namespace": ((str,), "Ray namespace (default peftbench)"),
-    "device": ((str,), "device inside a task: auto (cuda when the task got a GPU), cpu, cuda"),
-    "resources": ((dict,), "custom Ray resources a run asks for, e.g. {accelerator_type_H100 = 0.001}"),
+# every Ray setting: the sweep file's [executor.ray] table, --executor-set and a profile take exactly these keys
+SETTINGS: dict[str, Setting] = {
+    "address": Setting((str,), "the cluster: host:6379, ray://<head>:10001 (Ray client, e.g. KubeRay), auto, local "
+                               "(default $RAY_ADDRESS, else Ray's default)"),
+    "cpus_per_run": Setting((int, float), "CPUs a run asks for (default 1); also torch's thread count in the task",
+                            min=0, max=4096),
+    "gpus_per_run": Setting((int, float), "GPUs a run asks for: a number (0.5 shares a GPU) or auto (default: 1 when "
+                                          "the cluster has GPUs, else 0)", min=0, max=64, keywords=("auto",)),
+    "max_retries": Setting((int,), "Ray retries of a run whose worker or node dies (default 2)", min=0, max=1000),
+    "max_in_flight": Setting((int,), "at most this many runs submitted at once (default 0: all of a stage)", min=0,
+                             max=1_000_000),
+    "runtime_env": Setting((dict,), "Ray runtime environment of the job: env_vars, pip, working_dir, py_modules, ..."),
+    "namespace": Setting((str,), "Ray namespace (default peftbench)"),
+    "device": Setting((str,), "device inside a task: auto (cuda when the task got a GPU), cpu, cuda or cuda:N"),
+    "resources": Setting((dict,), "custom Ray resources a run asks for, e.g. {accelerator_type_H100 = 0.001}"),
 }
-FLAGS = {"ray_address": "address", "ray_cpus": "cpus_per_run", "ray_gpus": "gpus_per_run",
-         "ray_max_retries": "max_retries"}
+# the sweep's generic executor settings -> Ray's own (peftbench.executors._base)
+GENERIC = {"gpus_per_node": "gpus_per_run", "cpus_per_task": "cpus_per_run", "max_retries": "max_retries",
+           "workers": "max_in_flight"}
 
 
 @dataclass
@@ -81,72 +82,17 @@ class RaySettings:
                 + (f", runtime_env keys={sorted(self.runtime_env)}" if self.runtime_env else ""))
 
 
-def _check(key: str, value: Any, where: str) -> Any:
-    if key not in KEYS:
-        raise SettingsError(f"{where}: executor 'ray' has no setting {key!r} (its settings: {', '.join(sorted(KEYS))})")
-    types, _ = KEYS[key]
-    if isinstance(value, bool) or not isinstance(value, types):
-        raise SettingsError(f"{where}: ray setting {key!r} must be "
-                            + " or ".join({"str": "a string", "int": "an integer", "float": "a number",
-                                           "dict": "a table"}[t.__name__] for t in types) + f", got {value!r}")
-    if key in ("cpus_per_run", "gpus_per_run") and not isinstance(value, str) and value < 0:
-        raise SettingsError(f"{where}: ray setting {key!r} must not be negative, got {value!r}")
-    if key == "gpus_per_run" and isinstance(value, str) and value != "auto":
-        raise SettingsError(f"{where}: ray setting 'gpus_per_run' must be a number or auto, got {value!r}")
-    if key in ("max_retries", "max_in_flight") and value < 0:
-        raise SettingsError(f"{where}: ray setting {key!r} must be >= 0, got {value!r}")
-    if key == "device" and value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
-        raise SettingsError(f"{where}: ray setting 'device' must be auto, cpu, cuda or cuda:N, got {value!r}")
-    return value
-
-
-def configure(table: dict, args, where) -> dict:
-    """Defaults < ``$RAY_ADDRESS`` < the sweep file's ``[executor.ray]`` < ``--ray-set`` < named flags."""
-    values: dict[str, Any] = {}
+def resolve(values: dict) -> dict:
+    """Defaults < ``$RAY_ADDRESS`` < the given settings; the device's form checked."""
+    out: dict[str, Any] = {}
     if os.environ.get("RAY_ADDRESS"):
-        values["address"] = os.environ["RAY_ADDRESS"]
-    for k, v in (table or {}).items():
-        values[k] = _check(k, v, where(k))
-    if args is not None:
-        for item in getattr(args, "ray_set", None) or []:
-            k, sep, raw = item.partition("=")
-            if not sep:
-                raise SettingsError(f"--ray-set {item!r}: expected KEY=VALUE")
-            values[k.strip()] = _check(k.strip(), _toml_value(raw.strip()), f"--ray-set {item!r}")
-        for dest, key in FLAGS.items():
-            v = getattr(args, dest, None)
-            if v is not None:
-                if key == "gpus_per_run" and v != "auto":
-                    try:
-                        v = float(v)
-                    except ValueError:
-                        raise SettingsError(f"--ray-gpus {v!r}: a number or auto") from None
-                values[key] = _check(key, v, f"--{dest.replace('_', '-')}")
-    s = RaySettings(**values)
+        out["address"] = os.environ["RAY_ADDRESS"]
+    out.update(values)
+    device = out.get("device", "auto")
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise SettingsError(f"ray setting 'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
+    s = RaySettings(**out)
     return {k: v for k, v in asdict(s).items() if v is not None}
-
-
-def _toml_value(raw: str) -> Any:
-    """A TOML literal (10, 2.5, true, "x", {a = 1}); anything else is a plain string."""
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        return tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        return raw
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("Ray", "with --executor ray (docs/executors.md)")
-    g.add_argument("--ray-address", metavar="ADDRESS",
-                   help="the Ray cluster: host:6379 or ray://<head>:10001 (default $RAY_ADDRESS, else Ray's default)")
-    g.add_argument("--ray-cpus", type=float, metavar="N", help="CPUs per run (default 1)")
-    g.add_argument("--ray-gpus", metavar="N", help="GPUs per run: a number or auto (default auto: 1 when the cluster has GPUs)")
-    g.add_argument("--ray-max-retries", type=int, metavar="N", help="retries of a run whose worker dies (default 2)")
-    g.add_argument("--ray-set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any [executor.ray] setting, e.g. --ray-set 'runtime_env={pip=[\"timm\"]}' (repeatable)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,15 +101,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def mark_start(store: RunStore, spec: RunSpec, info: dict) -> None:
-    """This task's start, in the run's record (``ray``), before the engine starts (the engine keeps it)."""
-    rec = store.load(spec) or RunRecord.for_spec(spec, status=RunStatus.RUNNING)
-    ray_info = dict(rec.get("ray") or {})
-    starts = list(ray_info.get("starts") or [])[-19:]
-    start = dict(info, at=time.strftime("%Y-%m-%dT%H:%M:%S"), resume_epoch=store.checkpoint_epoch(spec))
-    ray_info.update({k: v for k, v in info.items() if k != "pid"})
-    ray_info["starts"] = starts + [start]
-    rec.extra["ray"] = ray_info
-    store.write(spec, rec)
+    """This task's start, in the run's record (``record.executor``: the shared driver layer), before the engine
+    starts (the engine keeps it); the task id is the run's job id there, a retry of the task a restart."""
+    driver.mark_start(store, spec, "ray", {"job_id": info.get("task_id"), "node": info.get("host"),
+                                           **{k: v for k, v in info.items() if k != "pid"}})
 
 
 def run_task(spec: dict, runs_dir: str, device: str, quiet: bool, tracking: dict | None,
@@ -233,11 +174,9 @@ class RayExecutor:
         self.gpus = self._gpus_per_run()
         self._check_fits()
         self._remote = ray.remote(run_task)
-        self.state = self._read_state()
-        self.state["driver"] = {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": _proc_start(os.getpid()),
-                                "since": time.strftime("%Y-%m-%dT%H:%M:%S"), "heartbeat": time.time(),
-                                "address": settings.address, "argv": list(sys.argv)}
-        self._save()
+        self.driver = driver.DriverState(self.root, "ray")
+        self.state = self.driver.data
+        self.driver.start(address=settings.address)
         self.log(f"[ray] connected: {self._cluster_line()}; each run asks for {settings.cpus_per_run:g} CPU(s), "
                  f"{self.gpus:g} GPU(s)")
 
@@ -267,16 +206,11 @@ class RayExecutor:
                              f"{n.get('Resources', {}).get('GPU', 0):g} GPU" for n in nodes) or "no live node"
             raise SettingsError(f"--executor ray: no node of the cluster can run a task asking for "
                                 f"{', '.join(f'{v:g} {k}' for k, v in need.items() if v > 0)} ({have}); change "
-                                "--ray-cpus / --ray-gpus (or [executor.ray] cpus_per_run / gpus_per_run)")
+                                "--cpus-per-task / --gpus-per-node (or [executor.ray] cpus_per_run / gpus_per_run)")
 
     # -- state --------------------------------------------------------------------------------
-    def _read_state(self) -> dict:
-        return read_state(self.root)
-
     def _save(self) -> None:
-        self.state["driver"]["heartbeat"] = time.time()
-        atomic_write_text(self.root / STATE_DIR / STATE_FILE, json.dumps(self.state, indent=1, sort_keys=True) + "\n",
-                          fsync=False)
+        self.driver.save()
 
     # -- one stage ----------------------------------------------------------------------------
     def _count(self, msg: str) -> None:
@@ -310,9 +244,7 @@ class RayExecutor:
                         s.to_dict(), str(self.root), self.s.device, self.quiet, self.tracking, self.save_weights)
                     refs[ref] = s
                     t0[s.key] = time.time()
-                    self.state["runs"][s.key] = {"method": s.method, "task": s.task, "stage": s.stage, "label": s.label(),
-                                                 "task_id": ref.task_id().hex(), "state": "SUBMITTED",
-                                                 "submitted_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    self.driver.track(s, ref.task_id().hex(), "SUBMITTED", task_id=ref.task_id().hex())
                 self._save()
                 ready, _ = ray.wait(list(refs), num_returns=1, timeout=HEARTBEAT_S)
                 for ref in ready:
@@ -343,10 +275,10 @@ class RayExecutor:
                 rec.error = (f"Ray task {entry.get('task_id')} failed after {self.s.max_retries} retr"
                              f"{'y' if self.s.max_retries == 1 else 'ies'}: {type(exc).__name__}: "
                              + " ".join(m.strip() for m in msg if m.strip())[-1500:])
-                rec.ended_at = time.strftime("%Y-%m-%dT%H:%M:%S")
+                rec.ended_at = driver.now()
                 store.write(spec, rec)
         rec = store.load(spec) or _missing(spec)
-        starts = (rec.get("ray") or {}).get("starts") or []
+        starts = driver.executor_info(rec).get("starts") or []
         self._count(f"{spec.label()}: {rec.status}" + (f" top1 {rec.top1:.2f}" if rec.top1 is not None else "")
                     + f" (ray task {str(entry.get('task_id'))[:12]}" + (f", {len(starts) - 1} retr"
                                                                        f"{'y' if len(starts) == 2 else 'ies'}"
@@ -355,10 +287,7 @@ class RayExecutor:
 
     def close(self) -> None:
         try:
-            self.state["driver"]["ended_at"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-            self.state["driver"]["heartbeat"] = 0  # a driver that ended is not live
-            atomic_write_text(self.root / STATE_DIR / STATE_FILE, json.dumps(self.state, indent=1, sort_keys=True) + "\n",
-                              fsync=False)
+            self.driver.stop()
         finally:
             if self._owns and self.ray.is_initialized():
                 self.ray.shutdown()
@@ -368,22 +297,11 @@ def _missing(spec: RunSpec) -> RunRecord:
     return RunRecord.for_spec(spec, status=RunStatus.FAILED, error="no record was written")
 
 
-def read_state(runs_dir: str | Path) -> dict:
-    try:
-        data = json.loads((Path(runs_dir) / STATE_DIR / STATE_FILE).read_text())
-        if isinstance(data, dict):
-            data.setdefault("runs", {})
-            return data
-    except (OSError, ValueError):
-        pass
-    return {"runs": {}}
-
-
 def status(runs_dir: Path, runs: dict[str, dict], query: bool) -> dict:
     """What ``peftbench status`` shows of Ray: the live driver and each run's task."""
-    from ._status import new_entry  # (train's code fingerprints, torch: not when the CLI parses)
+    from . import new_entry
 
-    state = read_state(runs_dir)
+    state = driver.DriverState.read(runs_dir, "ray")
     if not state.get("runs"):
         return {}
     for key, entry in state["runs"].items():
@@ -391,42 +309,22 @@ def status(runs_dir: Path, runs: dict[str, dict], query: bool) -> dict:
         if r is None:
             r = runs[key] = new_entry(key, method=entry.get("method"), task=entry.get("task"),
                                       stage=entry.get("stage", ""), label=entry.get("label"))
-        r["job"] = f"ray:{str(entry.get('task_id'))[:16]}"
+        r["job"] = f"ray:{str(entry.get('task_id') or entry.get('job_id'))[:16]}"
         r["ray_state"] = entry.get("state")
-        rec_path = r.get("record")
-        if rec_path:
-            try:
-                ray_info = json.loads(Path(rec_path).read_text()).get("ray") or {}
-                starts = ray_info.get("starts") or []
-                r["node"] = (starts[-1] if starts else ray_info).get("host")
-                r["restart_count"] = max(0, len(starts) - 1)
-            except (OSError, ValueError, AttributeError):
-                pass
-    drv = state.get("driver") or {}
-    live = drv and lease_state(drv) == "live"
-    return {"driver": {"pid": drv.get("pid"), "host": drv.get("host"), "since": drv.get("since")} if live else None}
+    return {"driver": driver.DriverState.live_driver(runs_dir, "ray")}
 
 
 @register_executor
 class Ray(ExecutorPlugin):
     name = "ray"
-    description = "one Ray task per run on a Ray cluster (RAY_ADDRESS / --ray-address; KubeRay: ray://<head>:10001)"
-    settings_keys = {k: h for k, (_, h) in KEYS.items()}
+    description = "one Ray task per run on a Ray cluster (RAY_ADDRESS / --executor-set address=...; KubeRay: ray://<head>:10001)"
+    settings = SETTINGS
+    generic = GENERIC
 
-    def add_arguments(self, parser):
-        add_arguments(parser)
+    def resolve(self, values):
+        return resolve(values)
 
-    def given_flags(self, args):
-        given = [f"--{d.replace('_', '-')}" for d in FLAGS if getattr(args, d, None) is not None]
-        return given + (["--ray-set"] if getattr(args, "ray_set", None) else [])
-
-    def configure(self, table, args, where):
-        return configure(table, args, where)
-
-    def create(self, args, *, env, runs_dir, total):
-        return self.make(configure({}, args, lambda k: k), env=env, runs_dir=runs_dir, total=total)
-
-    def make(self, settings, *, env, runs_dir, total, args=None):
+    def make(self, settings, *, env, runs_dir, total):
         s = RaySettings(**settings)
         print(f"peftbench: Ray: {s.describe()}", file=sys.stderr)
         return RayExecutor(s, runs_dir, quiet=env.quiet, total=total, tracking=env.tracking,

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .timm_parts import vit_stem
 from .tuned_vit import TunedViT
 
 
@@ -145,10 +146,7 @@ class FoldedPromptViT(TunedViT):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         vit = self.backbone
-        x = vit.patch_embed(x)
-        x = vit._pos_embed(x)
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
+        x = vit_stem(vit, x)
         n, batch, P = vit.num_prefix_tokens, x.shape[0], self.num_prompts
         for i, block in enumerate(vit.blocks):
             if P:

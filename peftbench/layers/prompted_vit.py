@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .prompt_folding import FoldedPromptViT, fold_deep_prompts, foldable
+from .timm_parts import vit_stem
 from .tuned_vit import TunedViT
 
 
@@ -89,10 +90,7 @@ class PromptedViT(TunedViT):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         vit = self.backbone
-        x = vit.patch_embed(x)
-        x = vit._pos_embed(x)
-        x = vit.patch_drop(x)
-        x = vit.norm_pre(x)
+        x = vit_stem(vit, x)
         n = vit.num_prefix_tokens
         batch = x.shape[0]
         for i, block in enumerate(vit.blocks):

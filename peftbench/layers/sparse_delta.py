@@ -44,18 +44,6 @@ def add_sparse_delta(module: nn.Module, name: str, count: int) -> SparseDelta:
     return delta
 
 
-def sparse_deltas(model: nn.Module) -> dict[str, SparseDelta]:
-    """``<module name>.<tensor name>`` → its :class:`SparseDelta`, for every parametrized tensor."""
-    out = {}
-    for mname, m in model.named_modules():
-        if parametrize.is_parametrized(m):
-            for tname, plist in m.parametrizations.items():
-                for p in plist:
-                    if isinstance(p, SparseDelta):
-                        out[f"{mname}.{tname}" if mname else tname] = p
-    return out
-
-
 @torch.no_grad()
 def merged_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` with every parametrized tensor replaced by its current value (W0 + δ), frozen:

@@ -35,3 +35,13 @@ def add_drop_path(backbone: nn.Module, rate: float) -> list[nn.Module]:
                     setattr(block, name, module)
                     added.append(module)
     return added
+
+
+def vit_stem(vit: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What timm's ``VisionTransformer.forward_features`` does before its blocks: patch embedding, class token and
+    position embedding (timm's private ``_pos_embed``), patch dropout and the pre-norm. The one place peftbench
+    touches a private timm method: prompt methods insert their tokens between this and the blocks."""
+    x = vit.patch_embed(x)
+    x = vit._pos_embed(x)
+    x = vit.patch_drop(x)
+    return vit.norm_pre(x)

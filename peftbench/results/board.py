@@ -17,15 +17,17 @@ import statistics
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from .._text import terminal
 from ..backbones import preset
 from ..errors import PeftbenchError, UnknownNameError
 from ..fingerprint import code_fingerprint, staleness
 from ..methods import get_method
-from ..store import RunRecord, RunStore, validate
+from ..provenance import parse_time
+from ..store import ENDED, RunRecord, RunStatus, RunStore, finite, validate
 from ..tasks import get_suite, get_task
 from .reference import Reported
 
@@ -51,6 +53,7 @@ class Run:
 
     @property
     def status(self) -> str:
+        """The record's status as its string (compares equal to the :class:`RunStatus` members)."""
         return str(self.record.status)
 
     @property
@@ -281,7 +284,7 @@ class Board:
         return [(r, by_label[r.paired_with]) for r in self.reproduced if r.paired_with in by_label]
 
     def problem_runs(self) -> list[Run]:
-        return [r for r in self.runs if r.status != "ok"]
+        return [r for r in self.runs if r.status != RunStatus.OK]
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -289,16 +292,6 @@ def _mean(values: list[float | None]) -> float | None:
     if not values or any(v is None for v in values):
         return None
     return statistics.fmean(values)
-
-
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or x is None:
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def pareto_front(points: list[tuple[float | None, float | None]]) -> list[bool | None]:
@@ -390,7 +383,9 @@ def within_noise(a: Row, b: Row, grid: SuiteGrid, z: float = TIE_Z) -> bool:
 
 
 def _latest(runs: list[Run]) -> Run:
-    return max(runs, key=lambda r: (str(r.record.ended_at or ""), r.path))
+    """The run that ended last (times compared as times, whatever the zone they were written in)."""
+    early = datetime.min.replace(tzinfo=timezone.utc)
+    return max(runs, key=lambda r: (parse_time(r.record.ended_at) or early, r.path))
 
 
 def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = None,
@@ -412,10 +407,10 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
         recs = by_row[key]
         row = Row("reproduced", config, method=str(recs[0].spec["method"]), backbone=backbone, checkpoint_id=ck,
                   protocol=protocol, precision=precision)
-        row.failed = sum(r.status == "failed" for r in recs)
-        row.diverged = sum(r.status == "diverged" for r in recs)
-        row.unfinished = sum(r.status not in ("ok", "failed", "diverged") for r in recs)
-        final = [r for r in recs if r.status == "ok" and r.spec.get("stage") == FINAL_STAGE
+        row.failed = sum(r.status == RunStatus.FAILED for r in recs)
+        row.diverged = sum(r.status == RunStatus.DIVERGED for r in recs)
+        row.unfinished = sum(r.status not in ENDED for r in recs)
+        final = [r for r in recs if r.status == RunStatus.OK and r.spec.get("stage") == FINAL_STAGE
                  and r.spec.get("task") in grid.tasks and r.top1 is not None]
         per_task: dict[str, list[Run]] = {}
         for r in final:
@@ -445,11 +440,11 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
             row.mean[t] = statistics.fmean(accs)
             row.std[t] = statistics.stdev(accs) if len(accs) > 1 else None
             row.seeds[t] = len(accs)
-            row.tuned[t] = _mean([_num(r.params.get("tuned_total_pct")) for r in kept])
-            params.append(_mean([_num(r.params.get("trainable")) for r in kept]))
-            params_nohead.append(_mean([_num(r.params.get("trainable_without_head")) for r in kept]))
-            tuned_params.append(_mean([_num(r.params.get("tuned", r.params.get("trainable"))) for r in kept]))
-            ips.append(_mean([_num(r.timing.get("train_images_per_s")) for r in kept]))
+            row.tuned[t] = _mean([finite(r.params.get("tuned_total_pct")) for r in kept])
+            params.append(_mean([finite(r.params.get("trainable")) for r in kept]))
+            params_nohead.append(_mean([finite(r.params.get("trainable_without_head")) for r in kept]))
+            tuned_params.append(_mean([finite(r.params.get("tuned", r.params.get("trainable"))) for r in kept]))
+            ips.append(_mean([finite(r.timing.get("train_images_per_s")) for r in kept]))
             kept_all.extend(kept)
         used.update(r.path for r in kept_all)
         row.stale = sum(r.stale for r in kept_all)
@@ -464,7 +459,7 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
         row.cached_features = ("mixed" if len(cached) > 1 else ("yes" if cached == {True} else "no")) if cached else ""
         row.control = _control(backbone)
         row.images_per_s = _mean(ips) if ips else None
-        mems = [_num(r.timing.get("peak_memory_mb")) for r in kept_all]
+        mems = [finite(r.timing.get("peak_memory_mb")) for r in kept_all]
         mems = [m for m in mems if m is not None]
         row.peak_memory_mb = max(mems) if mems else None
         kinds = sorted({str(r.timing.get("memory_kind")) for r in kept_all if r.timing.get("memory_kind")})
@@ -493,9 +488,9 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
             mate = mates[0]
             mate.paired_with, rep.paired_with = rep.label, mate.label
             for target in (mate, rep):
-                target.delta_groups = {g: _diff(mate.group_mean.get(g), rep.group_mean.get(g)) for g in grid.groups}
-                target.delta_overall_groups = _diff(mate.overall_groups, rep.overall_groups)
-                target.delta_overall_tasks = _diff(mate.overall_tasks, rep.overall_tasks)
+                target.delta_groups = {g: diff(mate.group_mean.get(g), rep.group_mean.get(g)) for g in grid.groups}
+                target.delta_overall_groups = diff(mate.overall_groups, rep.overall_groups)
+                target.delta_overall_tasks = diff(mate.overall_tasks, rep.overall_tasks)
             mate.reference_source = rep.reference_source
 
     noise = pooled_noise([r for r in rows if not r.control], grid.tasks)
@@ -529,7 +524,8 @@ def _control(backbone: str) -> str:
     return p.control if p is not None else ""
 
 
-def _diff(a: float | None, b: float | None) -> float | None:
+def diff(a: float | None, b: float | None) -> float | None:
+    """``a - b``, None when either is missing."""
     return None if a is None or b is None else a - b
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import io
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -23,8 +22,9 @@ from typing import Any, Callable
 from .._registry import Registry
 from .._text import csv_cell
 from .._text import html as escape
+from ..store import finite
 from ._html import MISSING, integer, mean_std, num, txt
-from .board import Board, Row, Run, _diff
+from .board import Board, Row, Run, diff
 
 TABLES = ("leaderboard", "runs", "vs-reported", "compare")
 
@@ -44,20 +44,17 @@ class Column:
     after: str | None = None  # place after this column (a plugin's column); None: in registration order
 
 
-def _register(obj: object, provider: str) -> None:
-    if not isinstance(obj, Column):
-        raise TypeError(f"a peftbench.columns entry point must name a module or a Column, got {obj!r}")
-    register_column(obj, provider)
+def _check_table(col: Column) -> None:
+    if col.table not in TABLES:
+        raise ValueError(f"column {col.name!r}: table {col.table!r} is not one of {', '.join(TABLES)}")
 
 
-COLUMNS: Registry[Column] = Registry("column", group="peftbench.columns", register_object=_register)
+COLUMNS: Registry[Column] = Registry("column", group="peftbench.columns", base=Column,
+                                     key=lambda c: f"{c.table}:{c.name}", check=_check_table)
 
 
 def register_column(col: Column, provider: str = "") -> Column:
-    if col.table not in TABLES:
-        raise ValueError(f"column {col.name!r}: table {col.table!r} is not one of {', '.join(TABLES)}")
-    COLUMNS.add(f"{col.table}:{col.name}", col, provider=provider)
-    return col
+    return COLUMNS.add_object(col, provider)
 
 
 def columns(table: str) -> list[Column]:
@@ -158,16 +155,6 @@ def plain(x: Any) -> str:
     if isinstance(x, float):
         return repr(x)
     return str(x)
-
-
-def _num(x: Any) -> float | None:
-    if isinstance(x, bool) or x is None:
-        return None
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
 
 
 def _rep(r: Row) -> bool:
@@ -398,17 +385,17 @@ _R = [
     Column("eval_split", "", lambda r, b: r.spec.get("eval_split", "")),
     Column("status", "ok | failed | diverged | running", lambda r, b: r.status),
     Column("in_leaderboard", "yes: counted; superseded: a later record of the same seed counts; no", _used),
-    Column("top1", "last-epoch top-1 on the eval split", lambda r, b: fmt(_num(r.record.metrics.get("top1")))),
+    Column("top1", "last-epoch top-1 on the eval split", lambda r, b: fmt(finite(r.record.metrics.get("top1")))),
     Column("best_epoch_top1", "flagged extra: the best epoch (selection on the eval split)",
-           lambda r, b: fmt(_num(r.record.metrics.get("best_epoch_top1")))),
+           lambda r, b: fmt(finite(r.record.metrics.get("best_epoch_top1")))),
     Column("best_epoch", "", lambda r, b: plain(r.record.metrics.get("best_epoch"))),
     Column("trainable", "", lambda r, b: plain(r.params.get("trainable"))),
     Column("trainable_without_head", "", lambda r, b: plain(r.params.get("trainable_without_head"))),
-    Column("tuned_total_pct", "", lambda r, b: fmt(_num(r.params.get("tuned_total_pct")), 6)),
-    Column("train_images_per_s", "", lambda r, b: fmt(_num(r.timing.get("train_images_per_s")), 1)),
-    Column("peak_memory_mb", "", lambda r, b: fmt(_num(r.timing.get("peak_memory_mb")), 1)),
+    Column("tuned_total_pct", "", lambda r, b: fmt(finite(r.params.get("tuned_total_pct")), 6)),
+    Column("train_images_per_s", "", lambda r, b: fmt(finite(r.timing.get("train_images_per_s")), 1)),
+    Column("peak_memory_mb", "", lambda r, b: fmt(finite(r.timing.get("peak_memory_mb")), 1)),
     Column("memory_kind", "", lambda r, b: r.timing.get("memory_kind") or ""),
-    Column("wall_s", "wall time of the run, every attempt included", lambda r, b: fmt(_num(r.record.wall_s), 1)),
+    Column("wall_s", "wall time of the run, every attempt included", lambda r, b: fmt(finite(r.record.wall_s), 1)),
     Column("attempts", "", lambda r, b: plain(r.record.attempts)),
     Column("device", "", lambda r, b: r.device),
     Column("key", "the run key (hash of everything that determines the result)",
@@ -427,7 +414,7 @@ _V = [
     Column("reported", "the reported row", lambda p, b: p[1].label),
     Column("reference_source", "", lambda p, b: p[1].reference_source),
     Column("delta_{task}", "reproduced − reported top-1 of the task",
-           lambda p, b, t: fmt(_diff(p[0].mean.get(t), p[1].mean.get(t))), per="task"),
+           lambda p, b, t: fmt(diff(p[0].mean.get(t), p[1].mean.get(t))), per="task"),
     Column("delta_{group}_mean", "", lambda p, b, g: fmt(p[0].delta_groups.get(g)), per="group"),
     Column("delta_overall_mean_of_groups", "", lambda p, b: fmt(p[0].delta_overall_groups), when=_groups),
     Column("delta_overall_mean_of_tasks", "", lambda p, b: fmt(p[0].delta_overall_tasks)),

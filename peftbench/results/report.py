@@ -11,6 +11,7 @@ import base64
 from typing import TYPE_CHECKING
 
 from .._text import html as escape
+from ..store import ENDED, RunStatus
 from ._html import MISSING, num, row_cls, th, txt
 from .board import TIE_Z, Board
 from .columns import html_summary
@@ -245,9 +246,9 @@ def _figure(name: str, svg: bytes, alt: str, caption: str, suite: str) -> str:
 def render_report(board: Board, svgs: dict[str, bytes], comparison: "Comparison | None" = None) -> str:
     lay = board.grid
     s = lay.suite
-    n_ok = sum(r.status == "ok" for r in board.runs)
+    n_ok = sum(r.status == RunStatus.OK for r in board.runs)
     counts = {k: sum(r.status == k for r in board.runs) for k in ("failed", "diverged")}
-    unfinished = sum(r.status not in ("ok", "failed", "diverged") for r in board.runs)
+    unfinished = sum(r.status not in ENDED for r in board.runs)
     groups_txt = (", ".join(f"{g} ({len(ts)})" for g, ts in lay.groups.items()) if lay.groups else "none")
     headline = "mean of the group means" if lay.groups else "mean over tasks"
     parts = [

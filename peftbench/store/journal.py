@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from .._io import atomic_write_text
-from .leases import HEARTBEAT_S, _proc_start, lease_state, read_lease
+from .leases import HEARTBEAT_S, lease_state, process_start, read_lease
 from .records import RunSpec
 
 FOLDER = Path(".peftbench") / "sweeps"
@@ -26,7 +26,7 @@ class Journal:
     def __init__(self, runs_dir: str | Path, argv: list[str] | None = None):
         self.dir = Path(runs_dir) / FOLDER
         self.path = self.dir / f"{socket.gethostname()}-{os.getpid()}.json"
-        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
+        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
                      "argv": list(argv if argv is not None else sys.argv), "started_at": time.time(),
                      "heartbeat": time.time(), "runs": {}}
         for other in self.dir.glob("*.json") if self.dir.is_dir() else []:

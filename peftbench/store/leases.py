@@ -30,7 +30,7 @@ LEASE_TTL_S = 120.0  # a heartbeat older than this: the holder is gone
 HEARTBEAT_S = 20.0
 
 
-def _proc_start(pid: int) -> str | None:
+def process_start(pid: int) -> str | None:
     """The start time of a process (Linux: field 22 of /proc/<pid>/stat), to tell a reused pid."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -70,7 +70,7 @@ def lease_state(info: dict | None, path: Path | None = None, now: float | None =
         pid = int(info.get("pid", -1))
         if pid <= 0 or not _alive(pid):
             return "dead"
-        if info.get("pid_start") and _proc_start(pid) not in (None, info["pid_start"]):
+        if info.get("pid_start") and process_start(pid) not in (None, info["pid_start"]):
             return "dead"  # the pid was reused by another process
     if now - float(info.get("heartbeat", 0)) > LEASE_TTL_S:
         return "dead"
@@ -127,7 +127,7 @@ def claim(path: Path, *, what: str = "", heartbeat: bool = True) -> Lease | None
         holder = read_lease(path) if existed else None
         if existed and lease_state(holder, path) == "live":
             return None
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
                 "started_at": time.time(), "heartbeat": time.time(), "token": uuid.uuid4().hex, "what": what}
         atomic_write_text(path, json.dumps(info), fsync=False)
     lease = Lease(path, info, took_over=(holder or {}) if existed else None)

@@ -146,7 +146,8 @@ class RunSpec:
                 + (f" {self.job}" if self.job != "train" else ""))
 
 
-def _num(x: Any) -> float | None:
+def finite(x: Any) -> float | None:
+    """``x`` as a finite float; None for anything else (None, a bool, a string, NaN, infinity)."""
     if isinstance(x, bool) or x is None:
         return None
     try:
@@ -219,7 +220,7 @@ class RunRecord:
 
     @property
     def top1(self) -> float | None:
-        return _num(_dict(self.metrics).get("top1"))
+        return finite(_dict(self.metrics).get("top1"))
 
     @property
     def hparams(self) -> dict:
@@ -285,7 +286,7 @@ def validate(rec: Any, *, complete: bool = True) -> str | None:
         return "status is not a string"
     # a finished training run has metrics, params and timing (other jobs, e.g. pruning, need not)
     if rec.get("status") == RunStatus.OK and spec.get("job", "train") == "train":
-        if not isinstance(rec.get("metrics"), dict) or _num(rec["metrics"].get("top1")) is None:
+        if not isinstance(rec.get("metrics"), dict) or finite(rec["metrics"].get("top1")) is None:
             return "status ok but no numeric metrics.top1 (partial record)"
         if not isinstance(rec.get("params"), dict) or not isinstance(rec.get("timing"), dict):
             return "status ok but no params/timing (partial record)"

@@ -1,7 +1,8 @@
 """Planning a sweep: methods × tasks under one protocol, every input checked before any compute.
 
-``plan(settings)`` resolves every name, parses every option, checks the backbone checkpoint and
-reads every split list (so a bad line or a missing file stops the sweep before the first epoch).
+``plan(sweep)`` (a :class:`peftbench.api.schema.Sweep`, whose fields are checked when it is made) resolves
+every name, parses every option, checks the backbone checkpoint and reads every split list (so a bad
+line or a missing file stops the sweep before the first epoch).
 """
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ import copy
 import json
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,26 +22,9 @@ from ..errors import DataError, OptionError, PeftbenchError, SettingsError
 from ..methods import Method, get_method
 from ..tasks import Task, default_data_root, get_suite, get_task, task_splits
 from .protocols import PlanContext, get_protocol
-from .search import Search
 
-
-@dataclass
-class SweepSettings:
-    methods: list[str]
-    suite: str = "demo"
-    tasks: list[str] | None = None
-    protocol: str | None = None
-    seeds: list[int] | None = None
-    num_seeds: int | None = None
-    backbone: str | None = None
-    checkpoint: str | None = None
-    data_root: str | None = None
-    sets: list[str] = field(default_factory=list)  # "--set [method.]key=value"
-    overrides: dict = field(default_factory=dict)  # hyper-parameter overrides
-    verify_data: bool = True
-    precision: str | None = None  # None: the protocol's default for the device
-    device: str = "cpu"  # where the runs will train (the protocol's default precision depends on it)
-    search: Search = field(default_factory=Search)  # --search grid | halving (docs/sweeps.md)
+if TYPE_CHECKING:  # (the sweep's declaration is the API layer's: peftbench.api.schema)
+    from ..api.schema import Sweep
 
 
 def parse_sets(sets: list[str], methods: list[Method], *, strict: bool = True) -> dict[str, dict[str, str]]:
@@ -81,42 +65,34 @@ def config_label(method: Method, raw: dict[str, str]) -> str:
     return method.name + "(" + ",".join(f"{k}={raw[k]}" for k in sorted(raw)) + ")"
 
 
-def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContext]:
-    """Every (method, task) context of the sweep, after checking all input."""
+def plan(sweep: Sweep, *, device: str = "cpu", check_data: bool = True) -> list[PlanContext]:
+    """Every (method, task) context of ``sweep``, after checking all input (``device``: where the runs will
+    train; the protocol's default precision depends on it)."""
+    settings = sweep
     suite = get_suite(settings.suite)
     protocol = get_protocol(settings.protocol or suite.protocol)
     methods = [get_method(m) for m in settings.methods]
     if not methods:
-        raise SettingsError("--methods names no method (peftbench list methods)")
+        raise SettingsError("--methods names no method (give --methods, or `methods` in the sweep file; "
+                            "peftbench list methods)")
     if len({m.name for m in methods}) != len(methods):
         raise SettingsError("--methods lists a method twice")
-    check_overrides(settings.overrides)
-    search = settings.search.check()
+    overrides = settings.overrides()
+    search = settings.search_strategy()
     tasks: list[Task] = [get_task(t) for t in (settings.tasks or suite.tasks)]
-    if not tasks:
-        raise SettingsError("--tasks names no task")
     for t in tasks:
         if t.suite != suite.name:
             raise SettingsError(f"task {t.name!r} belongs to suite {t.suite!r}, not {suite.name!r}")
-    raw = parse_sets(settings.sets, methods)
+    raw = parse_sets(settings.all_sets(), methods)
     parsed = {}
     for m in methods:
         try:
             parsed[m.name] = m.parse_options(raw[m.name])
         except OptionError as exc:
             raise SettingsError(f"--set: {exc}") from None
-    if settings.seeds and settings.num_seeds is not None:
-        raise SettingsError("--seeds and --num-seeds: give one of them")
     if settings.seeds:
         seeds = tuple(settings.seeds)
-        bad = [x for x in seeds if not 0 <= x <= MAX_SEED]
-        if bad:
-            raise SettingsError(f"--seeds {bad[0]}: a seed must be an integer in 0..{MAX_SEED}")
-        if len(set(seeds)) != len(seeds):
-            raise SettingsError("--seeds lists a seed twice")
     else:
-        if settings.num_seeds is not None and settings.num_seeds < 1:
-            raise SettingsError(f"--num-seeds {settings.num_seeds}: must be at least 1")
         n = settings.num_seeds or len(protocol.default_seeds)
         base = protocol.default_seeds if n <= len(protocol.default_seeds) else \
             tuple(protocol.default_seeds) + tuple(range(1000, 1000 + n - len(protocol.default_seeds)))
@@ -135,7 +111,7 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
         data_root = None  # planning only (--dry-run): the runs' keys do not depend on where the data is
     if check_data and settings.verify_data:  # every defect of every task, before any compute
         require_verified(tasks, data_root)
-    precision = settings.precision or protocol.default_precision(torch.device(settings.device).type)
+    precision = settings.precision or protocol.default_precision(torch.device(device).type)
     contexts = []
     for t in tasks:
         fp = None
@@ -156,31 +132,10 @@ def plan(settings: SweepSettings, *, check_data: bool = True) -> list[PlanContex
                 seeds=seeds, backbone=backbone,
                 checkpoint=str(Path(settings.checkpoint).resolve()) if settings.checkpoint else None,
                 checkpoint_id=ck_id, data_root=str(data_root.resolve()) if data_root else None, fingerprint=fp,
-                overrides=dict(settings.overrides), precision=precision, search=search))
+                overrides=dict(overrides), precision=precision, search=search))
     contexts = [ctx.protocol.adapt(ctx) for ctx in contexts]
-    check_models(contexts, settings.device)
+    check_models(contexts, device)
     return contexts
-
-
-MAX_SEED = 2**31 - 1  # the epoch order seeds a generator with seed × 1,000,003 + epoch
-
-_OVERRIDE_FLAGS = {"epochs": ("--epochs", 1), "batch_size": ("--batch-size", 1)}
-
-
-def check_overrides(overrides: dict) -> None:
-    """The command line's hyper-parameters, checked before anything is planned (flags named)."""
-    for key, (flag, low) in _OVERRIDE_FLAGS.items():
-        v = overrides.get(key)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise SettingsError(f"{flag} {v!r}: must be an integer >= {low}")
-    for key, flag in (("lr_grid", "--lr"), ("wd_grid", "--wd")):
-        vals = overrides.get(key)
-        if vals is not None:
-            if not vals:
-                raise SettingsError(f"{flag}: no value given")
-            bad = [v for v in vals if not v >= 0]  # also NaN
-            if bad:
-                raise SettingsError(f"{flag} {bad[0]!r}: must not be negative")
 
 
 def _memory_bytes(device: str) -> int:

@@ -21,15 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import ClassVar, Generator
+from typing import TYPE_CHECKING, ClassVar, Generator
 
 from .._registry import Registry, instance_registry
 from ..errors import PipelineError
-from ..methods import Method
 from ..store import RunSpec
 from ..tasks import Suite, Task
 from .search import Search
 from .stages import chosen, final_stage, job_stage, rank, search_stage, select_best  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:  # (no runtime import: listing the protocols, e.g. in `run --help`, needs no torch)
+    from ..methods import Method
 
 VPT_SEEDS = (42, 44, 82, 100, 800)
 RECIPE_KEYS = ("optimizer", "batch_size", "epochs", "warmup_epochs", "lr_grid", "wd_grid")
@@ -123,7 +125,6 @@ def _override(hp: dict, overrides: dict) -> dict:
 
 PROTOCOLS: Registry[EvalProtocol]
 PROTOCOLS, register_protocol = instance_registry("protocol", EvalProtocol, group="peftbench.protocols", article="an")
-register_protocol.__doc__ = "Class decorator: register one instance of an :class:`EvalProtocol` subclass under ``cls.name``."
 
 
 class SearchThenFinal(EvalProtocol):

@@ -97,7 +97,6 @@ class Tracking:
 
 TRACKERS: Registry[Tracker]
 TRACKERS, register_tracker = instance_registry("tracker", Tracker, builtin="peftbench.trackers", group="peftbench.trackers")
-register_tracker.__doc__ = "Class decorator: register one instance of a :class:`Tracker` subclass under ``cls.name``."
 
 
 def check_sweep_name(name: str | None) -> str | None:

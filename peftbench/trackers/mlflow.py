@@ -16,6 +16,7 @@ import os
 import time
 from pathlib import Path
 
+from ..store import RunStatus
 from ._base import RunInfo, Tracker, TrackerRun, Tracking, register_tracker
 
 
@@ -55,7 +56,7 @@ class _Run(TrackerRun):
             self.c.log_metric(self.id, "top1", float(record.top1))
         self.c.log_dict(self.id, record.to_dict(), "record.json")
         self.c.set_tag(self.id, "peftbench.status", str(record.status))
-        self.c.set_terminated(self.id, "FINISHED" if str(record.status) == "ok" else "FAILED")
+        self.c.set_terminated(self.id, "FINISHED" if record.status == RunStatus.OK else "FAILED")
 
     def close(self) -> None:
         self.c.set_terminated(self.id, "KILLED")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..store import RunStatus
 from ._base import RunInfo, Tracker, TrackerRun, Tracking, register_tracker
 
 
@@ -45,7 +46,7 @@ class _Run(TrackerRun):
             if record.params.get(k) is not None:
                 summary[f"params/{k}"] = record.params[k]
         self.run.summary.update(summary)
-        self.run.finish(exit_code=0 if str(record.status) == "ok" else 1)
+        self.run.finish(exit_code=0 if record.status == RunStatus.OK else 1)
 
     def close(self) -> None:
         self.run.finish(exit_code=1)

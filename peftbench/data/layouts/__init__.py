@@ -74,24 +74,12 @@ class Layout:
         return f
 
 
-LAYOUTS: Registry[Layout] = Registry("layout", builtin="peftbench.data.layouts", group="peftbench.layouts",
-                                     register_object=lambda obj, who: _register(obj, who))
-
-
-def _register(obj: object, provider: str = "") -> None:
-    if isinstance(obj, type) and issubclass(obj, Layout):
-        obj = obj()
-    if not isinstance(obj, Layout):
-        raise TypeError(f"a peftbench.layouts entry point must name a module or a Layout subclass, got {obj!r}")
-    LAYOUTS.add(obj.name, obj, obj.aliases, provider)
+LAYOUTS: Registry[Layout] = Registry("layout", builtin="peftbench.data.layouts", group="peftbench.layouts", base=Layout)
 
 
 def register_layout(cls: type[Layout]) -> type[Layout]:
     """Class decorator: register one instance of a :class:`Layout` subclass under ``cls.name``."""
-    if not cls.name:
-        raise ValueError(f"{cls.__qualname__} has no name")
-    LAYOUTS.add(cls.name, cls(), cls.aliases)
-    return cls
+    return LAYOUTS.register_class(cls)
 
 
 def layout_of(task: Task) -> Layout:

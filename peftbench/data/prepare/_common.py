@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 
 from ...errors import DataError
+from ...provenance import now
 from ...tasks import Task
 from ..verify import MANIFEST
 
@@ -134,7 +135,7 @@ def write_noah(task: Task, data_root: Path, portions: Portions, *, source: Path,
         "split_sizes": sizes,
         "note": NOT_IDENTICAL + ". " + portions.note,
         "seed": f"crc32({task.name!r})",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "created": now(),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
     if d.exists():

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 from ...errors import DataError
+from ...provenance import now
 from ...tasks import Task
 from ..verify import MANIFEST
 from . import Converter, Guide, register_converter, register_guide
@@ -117,7 +117,7 @@ def convert_fgvc(task: Task, source: Path, data_root: Path, log=print) -> Path:
         "prepared_by": "peftbench data prepare (fgvc)", "source": str(source), "identical_to_release": False,
         "split_sizes": {"train": len(train), "val": len(val), "test": len(test)},
         "note": "not VPT's released JSON splits: " + note,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+        "created": now()}, indent=1))
     log(f"{name}: wrote {out} (train {len(train)}, val {len(val)}, test {len(test)})")
     return out
 

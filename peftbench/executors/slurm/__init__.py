@@ -13,7 +13,7 @@ import sys
 
 from .._base import ExecutorPlugin, register_executor
 from . import settings as _settings
-from .settings import PROFILE_KEYS, SlurmSettings, make_settings, read_profile, settings_from_args
+from .settings import GENERIC, SETTINGS, SlurmSettings, make_settings
 
 _LAZY = {"SlurmExecutor": "executor", "run_task": "job", "job_info": "job", "mark_start": "job",
          "query_states": "queue", "parse_state_lines": "queue", "is_active": "queue", "slurm_available": "queue",
@@ -32,22 +32,17 @@ class Slurm(ExecutorPlugin):
     description = "one submitit job array per stage (preemption, requeue, bounded retries, re-attach)"
     fuses = True
 
-    def add_arguments(self, parser):
-        _settings.add_arguments(parser)
+    settings = SETTINGS
+    generic = GENERIC
 
-    def given_flags(self, args):
-        return _settings.given_flags(args)
+    def resolve(self, values):
+        import dataclasses
 
-    settings_keys = {"profile": "a TOML cluster profile to read first (its keys are these)",
-                     **{k: h for k, (_, h) in PROFILE_KEYS.items()}}
+        s = _settings.from_config(values)
+        return {f.name: getattr(s, f.name) for f in dataclasses.fields(s)
+                if f.name != "sources" and getattr(s, f.name) is not None}
 
-    def configure(self, table, args, where):
-        return _settings.configure(table, args, where)
-
-    def create(self, args, *, env, runs_dir, total):
-        return self.make(_settings.configure({}, args, lambda k: k), env=env, runs_dir=runs_dir, total=total)
-
-    def make(self, settings, *, env, runs_dir, total, args=None):
+    def make(self, settings, *, env, runs_dir, total):
         from .executor import SlurmExecutor
 
         s = _settings.from_config(settings)
@@ -61,4 +56,4 @@ class Slurm(ExecutorPlugin):
         return status(runs_dir, runs, query)
 
 
-__all__ = ["SlurmSettings", "PROFILE_KEYS", "make_settings", "read_profile", "settings_from_args", *_LAZY]
+__all__ = ["SlurmSettings", "SETTINGS", "GENERIC", "make_settings", *_LAZY]

@@ -3,7 +3,7 @@
 ``peftbench run --executor slurm`` hands each stage of a sweep (one ``Executor.run(specs, store)``
 call of :func:`peftbench.sweep.drive`) to :class:`SlurmExecutor`, which
 
-* submits the stage's unfinished runs as **one submitit job array** (``--pack N`` puts N runs into
+* submits the stage's unfinished runs as **one submitit job array** (``pack = N``: N runs into
   one array task; default one run per task and GPU), at most ``array_parallelism`` tasks at once;
 * waits for the array, polling ``sacct`` (``squeue`` when accounting is off), and reads the results
   from the run store, which stays the truth: a run is finished when its record says so;
@@ -25,15 +25,14 @@ precision each run's hyper-parameters say). On preemption or time limit the job 
 array task id, node, restart count, the epoch it resumed from). What a job did is what its run records
 say: the driver never reads a job's result from submitit.
 
-Settings come from a TOML profile (``--slurm-profile FILE``) and flags; see
-:data:`peftbench.executors.slurm.settings.PROFILE_KEYS` and
+Settings come from a TOML profile (``--executor-profile FILE``), ``[executor.slurm]`` / ``--executor-set`` and the
+sweep's generic executor settings; see
+:data:`peftbench.executors.slurm.settings.SETTINGS` and
 docs/slurm.md.
 """
 from __future__ import annotations
 
 import functools
-import json
-import os
 import shlex
 import shutil
 import socket
@@ -46,16 +45,15 @@ from typing import Any, Callable
 
 import submitit
 
-from ..._io import atomic_write_text
 from ...errors import SettingsError
 from ...store import RunRecord, RunSpec, RunStatus, RunStore
 from ...train.fused import plan_groups
-from ._util import now
+from .._driver import DriverState, executor_info, now
 from .job import run_task
 from .payload import PayloadError, private_dir, write_payload
 from .queue import HELD_STATES, VANISHED, hopeless, is_active, pending_reasons, query_states
 from .settings import SlurmSettings
-from .state import LOCK_FILE, STATE_DIR, STATE_FILE, DriverLock, read_state
+from .state import LOCK_FILE, STATE_DIR, DriverLock
 
 
 class SlurmExecutor:
@@ -84,9 +82,9 @@ class SlurmExecutor:
             raise SettingsError("--executor slurm: `sbatch` is not on PATH (is this a SLURM login node?)")
         self._lock = DriverLock(self.dir / LOCK_FILE)
         self._lock.acquire()
-        self.state = read_state(self.root)
-        self.state["driver"] = {"pid": os.getpid(), "host": socket.gethostname(), "started_at": now(),
-                                "argv": list(argv if argv is not None else sys.argv)}
+        self.driver = DriverState(self.root, "slurm")
+        self.state = self.driver.data
+        self.driver.start()
         self._executor = None
         self._jobs: dict[str, Any] = {}  # job id -> submitit Job (jobs submitted by this driver)
         self._unknown_polls: dict[str, int] = {}
@@ -100,7 +98,7 @@ class SlurmExecutor:
     # -- plumbing -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        self._save_state()
+        self.driver.stop()
         self._lock.release()
 
     def __enter__(self) -> "SlurmExecutor":
@@ -113,8 +111,7 @@ class SlurmExecutor:
         self._log(msg)
 
     def _save_state(self) -> None:
-        self.state["updated_at"] = now()
-        atomic_write_text(self.dir / STATE_FILE, json.dumps(self.state, indent=1, sort_keys=True) + "\n")
+        self.driver.save()
 
     def _submitit(self):
         """submitit's executor for this cluster (it writes and submits the sbatch script; the job's command is
@@ -231,7 +228,7 @@ class SlurmExecutor:
             if entry.get("job_id"):
                 ids.append(entry["job_id"])
             rec = store.load(s)
-            jid = ((rec.get("slurm") if rec else None) or {}).get("job_id")
+            jid = executor_info(rec).get("job_id")
             if jid and jid not in ids and rec.status == RunStatus.RUNNING:
                 ids.append(jid)
             if ids:
@@ -259,15 +256,7 @@ class SlurmExecutor:
         return attached
 
     def _track(self, spec: RunSpec, job_id: str, state: str = "SUBMITTED") -> None:
-        entry = self.state["runs"].setdefault(spec.key, {})
-        entry.update({"method": spec.method, "task": spec.task, "stage": spec.stage, "label": spec.label(),
-                      "record": f"{spec.method}/{spec.task}/{spec.key}.json", "job_id": job_id, "state": state,
-                      "state_at": now()})
-        entry.setdefault("submitted_at", now())
-        jobs = entry.setdefault("jobs", [])
-        if job_id not in jobs:
-            jobs.append(job_id)
-            del jobs[:-10]
+        self.driver.track(spec, job_id, state)
 
     def _submit(self, specs: list[RunSpec], why: str) -> dict[str, str]:
         """One job array for ``specs`` (packs of ``pack`` runs per task; with ``--fuse K``, of ``pack`` fused
@@ -293,7 +282,6 @@ class SlurmExecutor:
             for s in pack:
                 out[s.key] = jid
                 self._track(s, jid)
-                self.state["runs"][s.key]["submitted_at"] = now()
         self._save_state()
         array = sorted({j.split("_")[0] for j in out.values()})
         self.log(f"[slurm] {why}: {len(specs)} run(s) in {len(jobs)} job(s) → "
@@ -308,7 +296,7 @@ class SlurmExecutor:
         if rec.is_final:
             return True
         # a failed record counts only when this job wrote it (not one left from an earlier sweep)
-        return rec.status == RunStatus.FAILED and (rec.get("slurm") or {}).get("job_id") == job_id \
+        return rec.status == RunStatus.FAILED and executor_info(rec).get("job_id") == job_id \
             and rec.ended_at is not None
 
     def _wait(self, todo: list[RunSpec], job_of: dict[str, str], store: RunStore) -> None:
@@ -401,8 +389,8 @@ class SlurmExecutor:
         raise SettingsError(
             f"SLURM cannot schedule job(s) {', '.join(jobs[:5])}{' ...' if len(jobs) > 5 else ''}: pending reason "
             f"{' / '.join(reason)} for over {self.hopeless_after_s:.0f} s; the request ({self.s.describe()}) does not "
-            "fit the cluster. Change it with --slurm-cpus, --slurm-mem-gb, --slurm-gpus, --slurm-timeout-min, "
-            "--slurm-partition/--slurm-account/--slurm-qos (or the profile's keys); `sinfo -o '%P %c %m %G %l'` shows "
+            "fit the cluster. Change it with --cpus-per-task, --mem-gb, --gpus-per-node, --timeout-min, "
+            "--executor-set partition=/account=/qos= (or the profile's keys); `sinfo -o '%P %c %m %G %l'` shows "
             "what the partitions offer. The jobs were cancelled; finished runs are kept.")
 
     def _pending_reasons(self, job_ids: list[str]) -> dict[str, str]:
@@ -416,7 +404,7 @@ class SlurmExecutor:
 
     def _report(self, spec: RunSpec, rec: RunRecord, job_id: str) -> None:
         top1 = rec.top1
-        slurm = rec.get("slurm") or {}
+        slurm = executor_info(rec)
         self._count(f"{spec.label()}: {rec.status}" + (f" top1 {top1:.2f}" if top1 is not None else "")
                     + f" (job {job_id}" + (f", {slurm['restart_count']} restart(s)" if slurm.get("restart_count") else "")
                     + (f", {rec.wall_s:.1f}s" if rec.wall_s else "") + ")"

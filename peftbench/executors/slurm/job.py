@@ -29,10 +29,10 @@ import submitit
 import torch
 
 from ..._io import atomic_write_text
-from ...store import RunRecord, RunSpec, RunStatus, RunStore
+from ...store import RunRecord, RunSpec, RunStore
 from ...trackers import hooks_for
 from ...train.engine import Env, execute_claimed, execute_group, plan_groups
-from ._util import now
+from .. import _driver as driver
 from .payload import PayloadError, read_payload
 
 
@@ -57,18 +57,12 @@ def job_info() -> dict:
     }
 
 
-def mark_start(store: RunStore, spec: RunSpec, info: dict, resume_epoch: int, starts_in_job: int) -> None:
-    """Put this job into the run's record (``slurm``) before the engine starts; the engine keeps it."""
-    rec = store.load(spec) or RunRecord.for_spec(spec, status=RunStatus.RUNNING)
-    slurm = dict(rec.get("slurm") or {})
+def mark_start(store: RunStore, spec: RunSpec, info: dict, starts_in_job: int) -> None:
+    """This job's start, in the run's record (``record.executor``, :func:`peftbench.executors._driver.mark_start`)
+    before the engine starts; the engine keeps it. The restart count is SLURM's (``SLURM_RESTART_COUNT``)."""
     restart = max(info["restart_count"], starts_in_job - 1)
-    start = {"job_id": info["job_id"], "node": info["node"], "pid": os.getpid(), "restart_count": restart,
-             "at": now(), "resume_epoch": resume_epoch}
-    slurm.update({k: v for k, v in info.items() if k != "restart_count"})
-    slurm["restart_count"] = restart
-    slurm["starts"] = list(slurm.get("starts") or [])[-19:] + [start]
-    rec.extra["slurm"] = slurm
-    store.write(spec, rec)
+    driver.mark_start(store, spec, "slurm", {k: v for k, v in info.items() if k != "restart_count"},
+                      restart_count=restart)
 
 
 def _execute(spec: RunSpec, store: RunStore, env: Env, on_claim=None) -> RunRecord:
@@ -108,7 +102,7 @@ def run_task(payload: str | Path, task: int = 0, starts: int = 1) -> dict[str, s
         env.prefix = (f"[{info['job_id']} {pos[todo[0].key] + 1}/{len(specs)}]" if len(todo) == 1 else
                       f"[{info['job_id']} {pos[todo[0].key] + 1}-{pos[todo[-1].key] + 1}/{len(specs)}]")
         t0 = time.time()
-        mark = lambda s: mark_start(store, s, info, store.checkpoint_epoch(s), starts)  # noqa: E731
+        mark = lambda s: mark_start(store, s, info, starts)  # noqa: E731
         if len(todo) > 1:
             env.log(f"{env.prefix} {len(todo)} runs of {todo[0].method} on {todo[0].task} fused")
             results = execute_group(todo, store, env, on_claim=mark)

@@ -1,5 +1,6 @@
-"""The SLURM driver's state file (``<runs-dir>/.slurm/state.json``: the job of every run it submitted)
-and the driver lock (``<runs-dir>/.slurm/driver.lock``: one driver per runs dir)."""
+"""The SLURM driver's lock (``<runs-dir>/.slurm/driver.lock``: one driver per runs dir, since a driver
+re-attaches to the jobs of the runs it finds); its state file is the shared driver layer's
+(``<runs-dir>/.slurm/state.json``, :class:`peftbench.executors._driver.DriverState`)."""
 from __future__ import annotations
 
 import fcntl
@@ -9,26 +10,16 @@ import socket
 from pathlib import Path
 
 from ...errors import SettingsError
-from ._util import now
+from .._driver import DriverState, now
 
 STATE_DIR = ".slurm"
 STATE_FILE = "state.json"
 LOCK_FILE = "driver.lock"
 
 
-def state_path(runs_dir: str | Path) -> Path:
-    return Path(runs_dir) / STATE_DIR / STATE_FILE
-
-
 def read_state(runs_dir: str | Path) -> dict:
-    path = state_path(runs_dir)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and isinstance(data.get("runs"), dict):
-            return data
-    except (OSError, ValueError):
-        pass
-    return {"version": 1, "runs": {}}
+    """The SLURM driver's state (:class:`peftbench.executors._driver.DriverState` of executor ``slurm``)."""
+    return DriverState.read(runs_dir, "slurm")
 
 
 def driver_lock_holder(runs_dir: str | Path) -> dict | None:

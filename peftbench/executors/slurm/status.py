@@ -5,29 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...store import RunStatus
-from .._status import new_entry
+from .. import new_entry
+from .._driver import show
 from .queue import is_active, query_states, slurm_available
 from .state import driver_lock_holder, read_state
-
-
-def classify(r: dict, job_state: str | None) -> str:
-    rs = r["record_status"]
-    if rs == RunStatus.OK:
-        return "done"
-    if rs == RunStatus.DIVERGED:
-        return "diverged"
-    started_here = r.get("submitted_job") is None or r.get("submitted_job") == r["job_id"]
-    if job_state is not None and is_active(job_state):
-        # a job is queued or running for this run (a retry's job has not written the record yet)
-        if job_state == "RUNNING" and rs == RunStatus.RUNNING and started_here:
-            return "running"
-        return "pending"
-    if rs == RunStatus.FAILED:
-        return "failed"
-    if job_state is not None:
-        # its job is over, without a result (the record says running, or there is none)
-        return "interrupted"
-    return r["status"]  # not a SLURM run, or SLURM not asked / not knowing
 
 
 def status(runs_dir: Path, runs: dict[str, dict], query: bool) -> dict:
@@ -48,7 +29,11 @@ def status(runs_dir: Path, runs: dict[str, dict], query: bool) -> dict:
         job = r.get("submitted_job") or r["job_id"]
         info = live.get(job) or {}
         r["slurm_state"] = info.get("state")
-        r["status"] = classify(r, info.get("state"))
+        job_state = info.get("state")
+        started_here = r.get("submitted_job") is None or r.get("submitted_job") == r["job_id"]
+        if job_state is not None:  # SLURM knows the job: its state decides (else the record and lease did)
+            r["status"] = show(r["record_status"], r.get("lease", "none"), job_state, is_active(job_state),
+                               started_here)
         if job or not r.get("job"):  # (another executor's job id is left alone)
             r["job"] = job
     return {"driver": driver_lock_holder(runs_dir), "state_updated_at": state.get("updated_at")}
