@@ -15,7 +15,7 @@ from ._driver import executor_info, show
 def _entry(key: str, **kw) -> dict:
     base = {"key": key, "method": None, "task": None, "stage": "", "seed": None, "hparams": {}, "record_status": None,
             "job_id": None, "node": None, "restart_count": 0, "retries": 0, "top1": None, "error": "",
-            "checkpoint": False, "record": None, "stale": False, "lease": "none"}
+            "checkpoint": False, "record": None, "stale": False, "lease": "none", "executor": None}
     base.update(kw)
     return base
 
@@ -36,7 +36,7 @@ def collect(runs_dir: str | Path, query: bool = True) -> dict:
         runs[key] = _entry(
             key, method=spec.get("method", path.parent.parent.name), task=spec.get("task", path.parent.name),
             stage=spec.get("stage", ""), seed=spec.get("seed"), hparams=spec.get("hparams") or {},
-            record_status=str(rec.status), job_id=ex.get("job_id"), node=ex.get("node"),
+            record_status=str(rec.status), executor=ex.get("name"), job_id=ex.get("job_id"), node=ex.get("node"),
             restart_count=ex.get("restart_count", 0), retries=len(rec.get("retries") or []), top1=rec.top1,
             error=(rec.error or "").strip(), checkpoint=path.with_name(f"{key}.ckpt.safetensors").exists(),
             record=str(path), stale=_stale(rec, spec.get("method")))

@@ -23,10 +23,12 @@ def status(runs_dir: Path, runs: dict[str, dict], query: bool) -> dict:
     live: dict[str, dict] = {}
     if query and slurm_available():  # ask SLURM about the jobs of unfinished runs
         ids = {j for r in runs.values() if r["record_status"] not in (RunStatus.OK, RunStatus.DIVERGED)
-               for j in (r.get("submitted_job"), r.get("job_id")) if j}
+               and r.get("executor") in (None, "slurm") for j in (r.get("submitted_job"), r.get("job_id")) if j}
         live = query_states(sorted(ids), timeout=30)
     for r in runs.values():
-        job = r.get("submitted_job") or r["job_id"]
+        if r.get("executor") not in (None, "slurm") and r.get("submitted_job") is None:
+            continue  # another executor's run
+        job = r.get("submitted_job") or (r["job_id"] if r.get("executor") == "slurm" else None)
         info = live.get(job) or {}
         r["slurm_state"] = info.get("state")
         job_state = info.get("state")
