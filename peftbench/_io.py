@@ -53,7 +53,10 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], *, fsync: bool
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, fsync: bool = True) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_bytes(data), fsync=fsync)
+    def write(tmp: Path) -> None:
+        tmp.write_bytes(data)
+
+    return atomic_write(path, write, fsync=fsync)
 
 
 def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> Path:

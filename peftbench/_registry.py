@@ -25,7 +25,7 @@ import importlib.metadata
 import pkgutil
 import sys
 import types
-from typing import Callable, Generic, Iterable, TypeVar
+from typing import Callable, Generic, Iterable, TypeVar, cast
 
 from .errors import PluginError, UnknownNameError
 
@@ -89,7 +89,9 @@ class Registry(Generic[T]):
             return item
         clash = [a for a in aliases if self._norm(a) != key and self._owner(self._norm(a)) is not None]
         if clash:
-            self._conflict(self._norm(clash[0]), clash[0], provider, self._owner(self._norm(clash[0])), name)
+            owner = self._owner(self._norm(clash[0]))
+            assert owner is not None
+            self._conflict(self._norm(clash[0]), clash[0], provider, owner, name)
             return item
         self._items[key] = item
         self._display[key] = name
@@ -120,12 +122,13 @@ class Registry(Generic[T]):
             article = "an" if base.__name__[0] in "AEIOU" else "a"
             group = self._group or self.kind
             raise TypeError(f"a {group} entry point must name a module or {article} {base.__name__}, got {obj!r}")
-        name = self._key_of(obj) if self._key_of is not None else getattr(obj, "name", "")
+        item = cast(T, obj)
+        name = self._key_of(item) if self._key_of is not None else getattr(item, "name", "")
         if not name:
             raise TypeError(f"{type(obj).__qualname__} ({provider or _provider_of(obj)}) has no name")
         if self._check is not None:
-            self._check(obj)
-        return self.add(name, obj, getattr(obj, "aliases", ()) or (), provider)
+            self._check(item)
+        return self.add(name, item, getattr(item, "aliases", ()) or (), provider)
 
     def register_class(self, cls: type) -> type:
         """Class decorator: register one instance of ``cls`` (a subclass of ``base``) under ``cls.name``."""
@@ -158,6 +161,8 @@ class Registry(Generic[T]):
             self._load_entry_points()
 
     def _load_entry_points(self) -> None:
+        if not self._group:
+            return
         for ep in importlib.metadata.entry_points(group=self._group):
             who = f"entry point {ep.name!r} ({ep.value}) of {_dist(ep)}"
             try:

@@ -451,7 +451,7 @@ def from_args(args, base: Sweep | None = None) -> Sweep:
         if f.name == "sets":
             changes["sets"] = list(base.sets) + list(raw)
             continue
-        changes[f.name] = check(f.name, raw, flag, text=True)
+        changes[f.name] = check(f.name, raw, flag or f.name, text=True)
     if "methods" in changes and base.options:  # --methods narrows the file's: its options of other methods go
         from ..methods import get_method
 
@@ -512,10 +512,9 @@ def markdown_table() -> str:
             where = f"`[{s.table or ('executor' if f.name == 'executor_settings' else 'tracking')}.<name>]`"
         flag = flag_of(f.name)
         value = _kind_words(s)
-        bounds = [f"≥ {s.min:g}" if s.min is not None else "", f"≤ {s.max:g}" if s.max is not None else ""]
-        bounds = " ".join(b for b in bounds if b)
-        if bounds:
-            value += f" ({bounds})"
+        limits = [f"≥ {s.min:g}" if s.min is not None else "", f"≤ {s.max:g}" if s.max is not None else ""]
+        if any(limits):
+            value += f" ({' '.join(b for b in limits if b)})"
         if s.max_items:
             value += f", at most {s.max_items:,} items"
         shown = f"`{flag}`" if flag else "—"

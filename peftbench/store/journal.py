@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from .._io import atomic_write_text
+from ..provenance import now
 from .leases import HEARTBEAT_S, lease_state, process_start, read_lease
 from .records import RunSpec
 
@@ -26,9 +27,10 @@ class Journal:
     def __init__(self, runs_dir: str | Path, argv: list[str] | None = None):
         self.dir = Path(runs_dir) / FOLDER
         self.path = self.dir / f"{socket.gethostname()}-{os.getpid()}.json"
-        self.info = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
-                     "argv": list(argv if argv is not None else sys.argv), "started_at": time.time(),
-                     "heartbeat": time.time(), "runs": {}}
+        self.runs: dict[str, dict] = {}
+        self.info: dict = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
+                           "argv": list(argv if argv is not None else sys.argv), "started_at": now(),
+                           "heartbeat": time.time(), "runs": self.runs}
         for other in self.dir.glob("*.json") if self.dir.is_dir() else []:
             if other != self.path and lease_state(read_lease(other), other) == "dead":
                 other.unlink(missing_ok=True)
@@ -53,7 +55,7 @@ class Journal:
     def stage(self, specs: list[RunSpec]) -> None:
         with self._lock:
             for s in specs:
-                self.info["runs"][s.key] = {"method": s.method, "task": s.task, "stage": s.stage, "seed": s.seed,
+                self.runs[s.key] = {"method": s.method, "task": s.task, "stage": s.stage, "seed": s.seed,
                                             "label": s.label()}
         self._write()
 

@@ -21,7 +21,7 @@ from .protocols import PlanContext
 class Executor(Protocol):
     """Runs one stage: the records of ``specs``, in the same order (finished runs are not rerun)."""
 
-    def run(self, specs: list[RunSpec], store: RunStore) -> list[RunRecord]: ...
+    def run(self, specs: list[RunSpec], store: RunStore | None) -> list[RunRecord]: ...
 
 
 @dataclass

@@ -109,13 +109,15 @@ def plan(sweep: Sweep, *, device: str = "cpu", check_data: bool = True) -> list[
         if check_data:
             raise
         data_root = None  # planning only (--dry-run): the runs' keys do not depend on where the data is
-    if check_data and settings.verify_data:  # every defect of every task, before any compute
+    if check_data:
+        assert data_root is not None  # (default_data_root raised otherwise)
+    if check_data and settings.verify_data and data_root is not None:  # every defect of every task, before compute
         require_verified(tasks, data_root)
     precision = settings.precision or protocol.default_precision(torch.device(device).type)
     contexts = []
     for t in tasks:
         fp = None
-        if check_data:
+        if check_data and data_root is not None:
             for split in sorted(task_splits(t)):
                 read_split(t, data_root, split)  # raises DataError naming the file/line
             fp = fingerprint(t, data_root)

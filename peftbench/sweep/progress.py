@@ -102,6 +102,7 @@ class Eta:
     def plan(cls, specs: list[RunSpec], estimates: dict[str, float] | None = None) -> "Eta":
         """``estimates``: run key -> seconds (bench table); used only when it covers every training run."""
         train = [s for s in specs if s.job == "train"]
+        estimates = estimates or {}
         use_table = bool(estimates) and all(s.key in estimates for s in train)
         cache: dict = {}
         eta = cls()
@@ -327,6 +328,7 @@ class SweepProgress:
             what = f"{self.current.config or self.current.method} {self.current.task} {self.current.stage}"
             if self.epoch_text:
                 what += f" {self.epoch_text}"
+        assert self.bar is not None
         self.bar.set_description_str(what or "sweep", refresh=False)
         self.bar.set_postfix_str(f"sweep left {self.left_text()}", refresh=True)  # tqdm adds the ", "
 

@@ -43,7 +43,7 @@ def rank(records: list[RunRecord], tie: Callable[[int], tuple] | None = None) ->
         statuses = sorted({str(r.status) for r in records})
         raise PipelineError(f"no usable run to select from ({len(records)} runs: {', '.join(statuses)})")
     tie = tie or (lambda i: (float(records[i].hparams.get("lr", 0)),))
-    return sorted(ok, key=lambda i: (-records[i].top1, *tie(i), i))
+    return sorted(ok, key=lambda i: (-(records[i].top1 or 0.0), *tie(i), i))  # (usable: top1 is a number)
 
 
 def select_best(records: list[RunRecord], tie: Callable[[int], tuple] | None = None) -> RunRecord:
