@@ -69,5 +69,6 @@ def provenance(device) -> dict:
         "timm": timm.__version__,
         "python": platform.python_version(),
         "device": device_name(device),
+        "torch_threads": torch.get_num_threads(),  # float sums are ordered by it (docs/reliability.md §10)
         "host": socket.gethostname(),
     }

@@ -45,8 +45,11 @@ def test_record_contents(data_root, tmp_path):
     assert rec["status"] == "ok" and rec["error"] is None
     assert rec["spec"]["protocol"] == "fixed" and rec["spec"]["stage"] == "final"
     assert rec["spec"]["train_split"] == "train800val200" and rec["spec"]["eval_split"] == "test"
-    for k in ("peftbench", "git_sha", "torch", "timm", "device", "host"):
+    for k in ("peftbench", "git_sha", "torch", "timm", "device", "host", "torch_threads"):
         assert k in rec["provenance"]
+    import torch
+
+    assert rec["provenance"]["torch_threads"] == torch.get_num_threads()  # float sums are ordered by it
     p = rec["params"]
     assert p["trainable"] == p["trainable_without_head"] + p["head"] and 0 < p["tuned_total_pct"] < 100
     assert [h["epoch"] for h in rec["history"]] == [0, 1, 2]

@@ -2,6 +2,10 @@
 ``register(subparsers)``; this module only discovers them and turns user errors
 (:class:`~peftbench.errors.PeftbenchError`) into one-line messages with exit status 2.
 
+While a command runs, stdout and stderr are :class:`OutputSurvives` wrappers: an output error (the reader of
+a ``| head`` or a ``| tee`` went away, a full disk under ``> log``) mutes that stream and never reaches the
+code that printed, so a sweep whose output pipe closes goes on training and records its runs as they end.
+
 The commands import the rest of peftbench inside their functions, so that ``peftbench --help`` and
 ``peftbench list`` start fast.
 """
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = OutputSurvives(sys.stdout), OutputSurvives(sys.stderr)
     try:
         return int(args.func(args) or 0)
     except PeftbenchError as exc:
@@ -47,6 +53,45 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output went away (`peftbench list methods | head`)
         _mute_stdout()
         return 141
+    finally:
+        sys.stdout, sys.stderr = streams
+
+
+class OutputSurvives:
+    """A text stream whose write and flush never raise: after the first output error (``EPIPE``, ``ENOSPC``,
+    a closed file) the stream is muted (its file descriptor pointed at /dev/null, so the interpreter's own
+    last flush does not fail either) and what is written later is dropped. Everything else is the stream's."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.broken = False
+
+    def _mute(self) -> None:
+        self.broken = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):
+                self._mute()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._mute()
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _say(msg: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 from .._io import atomic_write_text
 from ..provenance import now, parse_time
 from ..store import RunRecord, RunSpec, RunStatus, RunStore
-from ..store.leases import lease_state, process_start
+from ..store.leases import holder, lease_state
 
 __all__ = ["now", "parse_time", "DriverState", "mark_start", "executor_info", "show"]
 
@@ -56,8 +55,7 @@ class DriverState:
 
     def start(self, **extra: Any) -> None:
         """This process is the driver from now on (its heartbeat is refreshed at every :meth:`save`)."""
-        self.data["driver"] = {"pid": os.getpid(), "host": socket.gethostname(), "pid_start": process_start(os.getpid()),
-                               "since": now(), "argv": list(sys.argv), **extra}
+        self.data["driver"] = {**holder(), "since": now(), "argv": list(sys.argv), **extra}
         self.save()
 
     def track(self, spec: RunSpec, job: str, state: str = "SUBMITTED", **extra: Any) -> dict:

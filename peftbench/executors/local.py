@@ -1,23 +1,24 @@
 """``--executor local``: the runs of each stage on this machine, one after the other in this process, or in
 parallel worker processes (``--workers N``, ``--devices cuda:0,cuda:1,...``).
 
-Workers are ``spawn``-ed processes (a :class:`concurrent.futures.ProcessPoolExecutor`), each bound to one
-device for its life (``--devices`` round-robin; CPU workers get ``cores / N`` torch threads each). The
+Workers are ``spawn``-ed processes, each with its own pipe to the driver and bound to one device for its
+life (``--devices`` round-robin; CPU workers get ``cores / N`` torch threads each). The
 driver hands out the runs of the current stage; a worker trains one at a time through
 :func:`_execute_group`, under the run's lease (``peftbench.store.leases``), so workers, other drivers and
 SLURM jobs sharing the run store never train a run twice. Workers send their progress lines to the
 driver, which prints them as one view (``[w2 cuda:1] ...``) with its own ``[run i/N]`` lines. A worker that
-dies (killed, out of memory) is replaced; its run's lease is then dead, so the next worker takes the run
-over and resumes it from its checkpoint; a run whose worker died twice is recorded as failed.
+dies (killed, out of memory) takes down only the run it was training (no pool is shared: the other workers'
+runs go on); it is replaced, its run's lease is then dead, so the next free worker takes the run over and
+resumes it from its checkpoint; a run whose worker died twice is recorded as failed.
 
 With ``--fuse K`` (``Env.fuse``) the unit of work is a fused group: up to K runs of a stage that differ only
 in lr / wd, trained as one model (:mod:`peftbench.train.fused`); in this process or in a worker alike.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import dataclasses
 import multiprocessing
+import multiprocessing.connection
 import os
 import threading
 import time
@@ -69,7 +70,8 @@ class LocalExecutor:
         # called in each worker with its Env before its first run (picklable: a module-level function): plugins
         # registered in-process, epoch listeners and callbacks (the driver's own Env lists do not reach workers)
         self.initializer = initializer
-        self._pool: cf.ProcessPoolExecutor | None = None
+        self._workers: list[_Worker] = []
+        self._spawn: tuple = ()
         self._events = None
         self._reader: threading.Thread | None = None
 
@@ -181,28 +183,32 @@ class LocalExecutor:
 
     # -- in worker processes -------------------------------------------------------------------
 
-    def _start_pool(self) -> cf.ProcessPoolExecutor:
-        if self._pool is None:
+    def _worker_settings(self) -> dict:
+        # the env's plain settings (quiet, save_weights, checkpoint_every, ...): callbacks and caches stay here
+        # (and its trackers as plain data: each worker makes its own tracker hooks from them)
+        settings = {f.name: getattr(self.env, f.name) for f in dataclasses.fields(self.env)
+                    if f.name not in ("device", "prefix") and not f.name.startswith("_")
+                    and isinstance(getattr(self.env, f.name), (bool, int, float, str, type(None)))}
+        settings["tracking"] = getattr(self.env, "tracking", None)
+        return settings
+
+    def _start_workers(self) -> list["_Worker"]:
+        if not self._workers:
             ctx = multiprocessing.get_context("spawn")
             if self._events is None:
                 self._events = ctx.Queue()
                 self._reader = threading.Thread(target=self._read_events, name="worker progress", daemon=True)
                 self._reader.start()
-            slots = ctx.Queue()
-            for w in range(self.workers):
-                slots.put((w + 1, self.devices[w % len(self.devices)]))
-            # the env's plain settings (quiet, save_weights, checkpoint_every, ...): callbacks and caches stay here
-            # (and its trackers as plain data: each worker makes its own tracker hooks from them)
-            settings = {f.name: getattr(self.env, f.name) for f in dataclasses.fields(self.env)
-                        if f.name not in ("device", "prefix") and not f.name.startswith("_")
-                        and isinstance(getattr(self.env, f.name), (bool, int, float, str, type(None)))}
-            settings["tracking"] = getattr(self.env, "tracking", None)
             threads = max(1, cores() // self.workers)
-            self._pool = cf.ProcessPoolExecutor(max_workers=self.workers, mp_context=ctx, initializer=_init_worker,
-                                                initargs=(slots, self._events, settings, threads, self.initializer))
+            self._spawn = (ctx, self._worker_settings(), threads)
+            self._workers = [self._new_worker(w + 1, self.devices[w % len(self.devices)]) for w in range(self.workers)]
             self.env.log(f"[local] {self.workers} workers on {', '.join(sorted(set(self.devices)))}"
                          + (f", {threads} torch thread(s) each" if any(d == "cpu" for d in self.devices) else ""))
-        return self._pool
+        return self._workers
+
+    def _new_worker(self, number: int, device: str) -> "_Worker":
+        ctx, settings, threads = self._spawn
+        return _Worker(ctx, number, device, self._events, settings, threads, self.initializer)
 
     def _read_events(self) -> None:
         while True:
@@ -221,6 +227,10 @@ class LocalExecutor:
         return [[indices[j] for j in g] for g in group_indices([specs[i] for i in indices], self.env.fuse)]
 
     def _run_pool(self, specs: list[RunSpec], store: RunStore) -> list[RunRecord]:
+        """The stage's runs on the worker processes: each worker trains one group at a time, sent to it through
+        its own pipe. A worker that dies takes down only the group it was training (which is handed out again,
+        to resume from its checkpoint, unless that run's worker died :data:`MAX_WORKER_DEATHS` times); a new
+        worker takes its place. The other workers' runs go on untouched."""
         out: dict[int, RunRecord] = {}
         fresh: list[int] = []
         for i, spec in enumerate(specs):
@@ -235,40 +245,48 @@ class LocalExecutor:
                 fresh.append(i)
         todo: list[tuple[list[int], bool]] = [(g, False) for g in self.groups(specs, fresh)]  # (group, wait)
         deaths: dict[str, int] = {}
-        while todo:
-            pool = self._start_pool()
-            futures = {pool.submit(_work, [specs[i].to_dict() for i in group], str(store.root), wait, self.poll_s):
-                       (group, wait) for group, wait in todo}
-            todo, broken = [], False
-            try:
-                for fut in cf.as_completed(futures):
-                    group, wait = futures[fut]
-                    try:
-                        results = fut.result()
-                    except cf.process.BrokenProcessPool:  # a worker died: every unfinished run comes back
-                        broken = True
+        workers = self._start_workers()
+        try:
+            while todo or any(w.job is not None for w in workers):
+                for w in workers:
+                    if w.job is None and todo:
+                        w.give(todo.pop(0), specs, str(store.root), self.poll_s)
+                busy = [w for w in workers if w.job is not None]
+                multiprocessing.connection.wait([w.conn for w in busy] + [w.proc.sentinel for w in busy])
+                for n, w in enumerate(workers):
+                    if w.job is None:
+                        continue
+                    group, wait = w.job
+                    reply = w.reply()
+                    if reply is None:
+                        continue  # still training
+                    w.job = None
+                    if reply[0] == "ok":
+                        for i, (raw, ran, seconds, where) in zip(group, reply[1]):
+                            self._finish(specs[i], i, raw, ran, seconds, where, wait, out, todo)
+                    elif reply[0] == "error":  # a bug outside any run (a run's own errors are in its record)
+                        raise RuntimeError(f"worker w{w.number} ({w.device}) failed:\n{reply[1]}")
+                    else:  # the worker died: this group alone comes back
                         again = []
                         for i in group:
-                            old = store.load(specs[i])
-                            if old is not None and old.status == RunStatus.RUNNING:  # it had started
-                                deaths[specs[i].key] = deaths.get(specs[i].key, 0) + 1
-                            if deaths.get(specs[i].key, 0) < MAX_WORKER_DEATHS:
+                            deaths[specs[i].key] = deaths.get(specs[i].key, 0) + 1
+                            if deaths[specs[i].key] < MAX_WORKER_DEATHS:
                                 again.append(i)
                             else:
                                 self._finish(specs[i], i, _worker_died(specs[i], store, deaths[specs[i].key]).to_dict(),
                                              True, 0.0, "", wait, out, todo)
                         if again:
-                            todo.append((again, wait))
-                        continue
-                    for i, (raw, ran, seconds, where) in zip(group, results):
-                        self._finish(specs[i], i, raw, ran, seconds, where, wait, out, todo)
-            except BaseException:
-                self._stop_pool(cancel=True)
-                raise
-            if broken:
-                self.env.log(f"[local] a worker process died; starting new workers ({sum(len(g) for g, _ in todo)} "
-                             "run(s) to go; unfinished runs resume from their checkpoints)")
-                self._stop_pool(cancel=True)
+                            todo.insert(0, (again, wait))
+                        self.env.log(f"[local] a worker process died (w{w.number} on {w.device}, exit code "
+                                     f"{w.proc.exitcode}, training {', '.join(specs[i].label() for i in group)}); "
+                                     "a new worker takes its place"
+                                     + ("; the run resumes from its checkpoint" if again else ""))
+                        w.close(kill=True)
+                        workers[n] = self._new_worker(w.number, w.device)
+        except BaseException:
+            self._stop_workers(kill=True)
+            raise
+        self._workers = workers
         return [out[i] for i in range(len(specs))]
 
     def _finish(self, spec, i, raw, ran, seconds, where, wait, out, todo) -> None:
@@ -281,18 +299,65 @@ class LocalExecutor:
         else:
             out[i] = rec
 
-    def _stop_pool(self, cancel: bool = False) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=not cancel, cancel_futures=cancel)
-            self._pool = None
+    def _stop_workers(self, kill: bool = False) -> None:
+        for w in self._workers:
+            w.close(kill=kill)
+        self._workers = []
 
     def close(self) -> None:
-        self._stop_pool()
+        self._stop_workers()
         if self._events is not None:
             self._events.put(None)
             if self._reader is not None:
                 self._reader.join(timeout=5)
             self._events = None
+
+
+class _Worker:
+    """One worker process and the pipe it gets its work from (one group at a time) and answers through."""
+
+    def __init__(self, ctx, number: int, device: str, events, settings: dict, threads: int, initializer):
+        self.number, self.device = number, device
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, name=f"peftbench worker {number}",
+                                args=(child, number, device, events, settings, threads, initializer))
+        self.proc.start()
+        child.close()
+        self.job: tuple[list[int], bool] | None = None
+
+    def give(self, job: tuple[list[int], bool], specs: list[RunSpec], runs_dir: str, poll_s: float) -> None:
+        group, wait = job
+        self.job = job
+        try:
+            self.conn.send(([specs[i].to_dict() for i in group], runs_dir, wait, poll_s))
+        except OSError:  # already dead: reply() says so
+            pass
+
+    def reply(self) -> tuple | None:
+        """``("ok", results)``, ``("error", traceback)``, ``("died",)``, or None while the group trains."""
+        try:
+            if self.conn.poll():
+                return self.conn.recv()
+        except (EOFError, OSError):
+            return ("died",)
+        if not self.proc.is_alive():
+            return ("died",)
+        return None
+
+    def close(self, kill: bool = False) -> None:
+        if not kill and self.proc.is_alive():
+            try:
+                self.conn.send(None)
+            except OSError:
+                pass
+            self.proc.join(timeout=30)
+        if self.proc.is_alive():
+            self.proc.terminate()
+            self.proc.join(timeout=10)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join()
+        self.conn.close()
 
 
 def _worker_died(spec: RunSpec, store: RunStore, times: int) -> RunRecord:
@@ -311,14 +376,36 @@ def _worker_died(spec: RunSpec, store: RunStore, times: int) -> RunRecord:
 _WORKER: dict = {}
 
 
-def _init_worker(slots, events, settings: dict, threads: int, initializer) -> None:
+def _worker_main(conn, number: int, device: str, events, settings: dict, threads: int, initializer) -> None:
+    """A worker process: set up, then train the groups its driver sends until it sends None."""
+    import traceback
+
+    try:
+        _init_worker(number, device, events, settings, threads, initializer)
+    except BaseException:  # noqa: BLE001 - the driver reports it
+        conn.send(("error", traceback.format_exc(limit=20)))
+        return
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError, KeyboardInterrupt):
+            return  # the driver is gone or stopping
+        if job is None:
+            return
+        try:
+            result = ("ok", _work(*job))
+        except Exception:  # noqa: BLE001 - outside any run (a run's own errors are recorded in the run)
+            result = ("error", traceback.format_exc(limit=20))
+        conn.send(result)
+
+
+def _init_worker(number: int, device: str, events, settings: dict, threads: int, initializer) -> None:
     """Bind this worker to its device and thread count; its log lines go to the driver."""
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     import torch
 
     from ..train.env import Env
 
-    number, device = slots.get()
     torch.set_num_threads(threads)
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))

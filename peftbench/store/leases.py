@@ -6,10 +6,16 @@ thread refreshes every :data:`HEARTBEAT_S` seconds while the run trains. Several
 processes on one store (terminals, SLURM jobs, Ray workers, a crashed driver started again) therefore
 train each run exactly once: a driver that finds a live lease leaves that run to its holder.
 
-A lease is *dead* when its process is gone (same host, pid not running, or running but started after
-the lease) or when its heartbeat is older than :data:`LEASE_TTL_S` (another host, or a hung
-process); a dead lease is taken over. Claims of one run are serialised by an exclusive ``flock`` of
-``<key>.lease.lock``, so two contenders never both win.
+A lease is *dead* when its heartbeat is older than :data:`LEASE_TTL_S` (its holder is gone or hung).
+The holder's pid may only shorten that wait when the pid provably names the same process table: the
+lease records the host, the kernel's boot id and the PID namespace (:func:`holder`), and only when all
+three equal this process's does "pid not running" (or running but started after the lease) make a
+lease dead at once. Two containers with host networking or two pods with ``hostNetwork`` share a
+hostname but not a PID namespace: each sees the other's pids as absent, so there the heartbeat alone
+decides. A lease file that is not a lease (unreadable JSON, a pid that is not a number...) is set aside
+as ``<key>.lease.corrupt-<time>`` with a warning and the run is claimed; it never stops a driver.
+Claims of one run are serialised by an exclusive ``flock`` of ``<key>.lease.lock``, so two contenders
+never both win.
 """
 from __future__ import annotations
 
@@ -39,6 +45,28 @@ def process_start(pid: int) -> str | None:
         return None
 
 
+def _read_id(path: str) -> str | None:
+    try:
+        return (os.readlink(path) if path.startswith("/proc/self/ns/") else Path(path).read_text()).strip() or None
+    except OSError:
+        return None
+
+
+def holder() -> dict:
+    """Who this process is, for a lease, a journal or a driver state: host, pid, the pid's start time, and
+    what says whether another process may compare pids with it (boot id, PID namespace)."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
+            "boot_id": _read_id("/proc/sys/kernel/random/boot_id"), "pid_ns": _read_id("/proc/self/ns/pid")}
+
+
+def same_pid_space(info: dict) -> bool:
+    """True when ``info``'s pid names a process of this process's own process table: same host, same boot,
+    same PID namespace (a lease without the two ids, from another kind of system, is never assumed to)."""
+    me = holder()
+    return (info.get("host") == me["host"] and me["boot_id"] is not None and me["pid_ns"] is not None
+            and info.get("boot_id") == me["boot_id"] and info.get("pid_ns") == me["pid_ns"])
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -49,25 +77,56 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def valid(info: object) -> bool:
+    """A lease (or journal, or driver) entry as written by :func:`holder`: a pid that is an int and a
+    heartbeat that is a finite number."""
+    if not isinstance(info, dict):
+        return False
+    pid, beat = info.get("pid"), info.get("heartbeat", 0)
+    return (isinstance(pid, int) and not isinstance(pid, bool) and isinstance(beat, (int, float))
+            and not isinstance(beat, bool) and beat == beat and abs(beat) != float("inf")
+            and isinstance(info.get("host", ""), str))
+
+
 def read_lease(path: Path) -> dict | None:
+    """The lease at ``path``, or None when there is none or it is not a lease (:func:`valid`)."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
-        return data if isinstance(data, dict) else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
+    return data if valid(data) else None
+
+
+def set_aside(path: Path, why: str = "not a lease") -> Path | None:
+    """Move a corrupt lease (or journal) out of the way as ``<name>.corrupt-<time>``; a warning says so."""
+    import warnings
+
+    target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+    try:
+        os.replace(path, target)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        warnings.warn(f"{path}: {why}, and it could not be set aside ({exc})", stacklevel=2)
+        return None
+    warnings.warn(f"{path}: {why}; set aside as {target.name}", stacklevel=2)
+    return target
 
 
 def lease_state(info: dict | None, path: Path | None = None, now: float | None = None) -> str:
-    """``live`` or ``dead`` (gone, expired, or unreadable for longer than the TTL)."""
+    """``live`` or ``dead``: dead when the heartbeat is older than the TTL, or at once when the holder's pid
+    is provably of this process table (:func:`same_pid_space`) and no longer that process; ``info`` None
+    (no lease, or not a lease): dead, unless the file at ``path`` is younger than the TTL."""
     now = time.time() if now is None else now
-    if info is None:
+    if not valid(info):
         try:
             age = now - Path(path).stat().st_mtime if path is not None else LEASE_TTL_S + 1
         except OSError:
             return "dead"
-        return "dead" if age > LEASE_TTL_S else "live"  # being written right now
-    if info.get("host") == socket.gethostname():
-        pid = int(info.get("pid", -1))
+        return "dead" if age > LEASE_TTL_S else "live"
+    assert isinstance(info, dict)
+    if same_pid_space(info):
+        pid = info["pid"]
         if pid <= 0 or not _alive(pid):
             return "dead"
         if info.get("pid_start") and process_start(pid) not in (None, info["pid_start"]):
@@ -124,13 +183,15 @@ def claim(path: Path, *, what: str = "", heartbeat: bool = True) -> Lease | None
     path.parent.mkdir(parents=True, exist_ok=True)
     with locked(path.with_name(path.name + ".lock")):
         existed = path.exists()
-        holder = read_lease(path) if existed else None
-        if existed and lease_state(holder, path) == "live":
+        held = read_lease(path) if existed else None
+        if existed and held is None:  # leases are written atomically: this file is not one
+            set_aside(path, "not a lease (unreadable, or a field of the wrong type)")
+        elif existed and lease_state(held, path) == "live":
             return None
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
-                "started_at": time.time(), "heartbeat": time.time(), "token": uuid.uuid4().hex, "what": what}
+        info = {**holder(), "started_at": time.time(), "heartbeat": time.time(), "token": uuid.uuid4().hex,
+                "what": what}
         atomic_write_text(path, json.dumps(info), fsync=False)
-    lease = Lease(path, info, took_over=(holder or {}) if existed else None)
+    lease = Lease(path, info, took_over=(held or {}) if existed else None)
     if heartbeat:
         lease._thread = threading.Thread(target=lease._beat, name=f"lease {path.name}", daemon=True)
         lease._thread.start()

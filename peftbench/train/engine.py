@@ -10,6 +10,7 @@ executor's job information) are kept.
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import traceback
 from typing import Callable
@@ -50,8 +51,14 @@ def _apply(record: RunRecord, result: dict) -> None:
 _PER_ATTEMPT = ("fused",)
 
 
+WALL_TICK_S = 10.0  # the running record's wall_s is brought up to date this often (and after every epoch)
+
+
 class _Attempt:
-    """One attempt at a run: its ``running`` record (wall time kept up to date per epoch) and its end."""
+    """One attempt at a run: its ``running`` record and its end. The record's ``wall_s`` (every attempt's time
+    so far) is written after every epoch and every :data:`WALL_TICK_S` seconds by a small thread, so an
+    attempt killed at any moment (kill -9, out of memory, a preempted node) loses at most that much of its
+    time: the next attempt adds its own to it."""
 
     def __init__(self, spec: RunSpec, store: RunStore, env: Env, old: RunRecord | None):
         self.spec, self.store, self.env = spec, store, env
@@ -63,15 +70,35 @@ class _Attempt:
         store.write(spec, self.record)
         self.t0 = time.time()
         self.before = float((old.wall_s if old else None) or 0.0)
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name=f"wall time {spec.key[:8]}", daemon=True)
+        self._ticker.start()
         call_hooks(env, "run_start", spec, {"attempt": self.record.attempts,
                                             "resume_epoch": store.checkpoint_epoch(spec), "device": env.device})
 
+    def _tick(self) -> None:
+        while not self._done.wait(WALL_TICK_S):
+            try:
+                self.progress()
+            except OSError:  # a full disk: the next write tries again (the run itself reports its own errors)
+                pass
+
     def progress(self, entry: dict | None = None) -> None:  # a killed attempt's time still counts in wall_s
-        self.record.wall_s = round(self.before + time.time() - self.t0, 3)
-        self.store.write(self.spec, self.record)
+        with self._lock:
+            if self._done.is_set() and entry is None:
+                return  # ended (finish() wrote the last record): a late tick never overwrites it
+            self.record.wall_s = round(self.before + time.time() - self.t0, 3)
+            self.store.write(self.spec, self.record)
+
+    def stop(self) -> None:
+        """No more ticks (the attempt ended, or an exception that is not the run's own is leaving it)."""
+        with self._lock:
+            self._done.set()
 
     def finish(self, result: dict | None = None, *, diverged: Diverged | None = None,
                failed: str | None = None) -> RunRecord:
+        self.stop()
         record = self.record
         if diverged is not None:
             record.status = RunStatus.DIVERGED
@@ -102,6 +129,10 @@ class _Attempt:
             return self.finish(diverged=exc)
         except Exception:  # recorded, the sweep goes on
             return self.finish(failed=traceback.format_exc(limit=20))
+        except BaseException:  # interrupted: the record stays running, with this attempt's time so far
+            self.progress()
+            self.stop()
+            raise
         return self.finish(result)
 
 
@@ -142,6 +173,11 @@ def execute_fused(specs: list[RunSpec], store: RunStore, env: Env) -> list[RunRe
             tb = traceback.format_exc(limit=20)
             for i in todo:
                 out[i] = attempts[i].finish(failed=tb)
+        except BaseException:  # interrupted: the records stay running, with their time so far
+            for a in attempts.values():
+                a.progress()
+                a.stop()
+            raise
         else:
             for i, res in zip(todo, results):
                 out[i] = attempts[i].finish(diverged=res) if isinstance(res, Diverged) else attempts[i].finish(res)
