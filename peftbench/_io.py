@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import unicodedata
 import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from ._text import MAX_COMPONENT_BYTES, unsafe_component  # noqa: F401  (the rule lives with the text rules)
 from .errors import SettingsError
-
-MAX_COMPONENT_BYTES = 200  # a file system allows 255; the writers add suffixes such as "-leaderboard.csv"
 
 
 def _umask() -> int:
@@ -63,32 +61,6 @@ def atomic_write_text(path: str | Path, text: str, *, fsync: bool = True) -> Pat
     return atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def unsafe_component(name: Any) -> str | None:
-    """Why ``name`` cannot be used as one file or folder name inside another folder; None when it can.
-
-    A safe component is a non-empty string without a path separator (``/``, ``\\``), without control or
-    format characters (NUL, newlines, ANSI escapes, bidirectional overrides), that is not ``.`` or
-    ``..`` and does not start with ``.`` (no hidden files, no ``.peftbench`` folders of the store), at
-    most :data:`MAX_COMPONENT_BYTES` bytes of UTF-8."""
-    if not isinstance(name, str):
-        return f"not a string ({type(name).__name__})"
-    if not name:
-        return "empty"
-    if name in (".", ".."):
-        return "a relative path"
-    if "/" in name or "\\" in name:
-        return "contains a path separator"
-    if any(unicodedata.category(c) in ("Cc", "Cf", "Cs", "Zl", "Zp") for c in name):
-        return "contains a control character"
-    if name.startswith("."):
-        return "starts with '.'"
-    if name != name.strip():
-        return "starts or ends with white space"
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES:
-        return f"longer than {MAX_COMPONENT_BYTES} bytes"
-    return None
-
-
 def safe_component(name: Any, what: str) -> str:
     """``name``, checked to be one safe file or folder name (:func:`unsafe_component`); else a one-line
     :class:`~peftbench.errors.SettingsError` naming ``what`` (the option, or the record field)."""
@@ -113,5 +85,5 @@ def toml_value(raw: str):
     lib = tomllib()
     try:
         return lib.loads(f"v = {raw}")["v"]
-    except lib.TOMLDecodeError:
+    except (lib.TOMLDecodeError, RecursionError):  # (a value nested thousands deep is no TOML literal either)
         return raw

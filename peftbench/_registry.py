@@ -15,7 +15,10 @@ Plugins that misbehave never break the commands that do not need them:
 * two providers of one name (or alias, in any spelling): registering the second raises
   :class:`NameClash` (a ``PluginError`` naming both providers). A clash that comes from an entry
   point is reported once and recorded: the name is then unusable until one is removed, and asking
-  for it is that error.
+  for it is that error;
+* a name or alias that is not one safe file name (``../x``, ``a/b``, a control character, a leading
+  ``.``): registering it raises :class:`UnsafeName`, one line naming it (an entry point's is reported
+  and skipped like a plugin that fails to import). Names become folders and files of the run store.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ import sys
 import types
 from typing import Callable, Generic, Iterable, TypeVar, cast
 
+from ._text import unsafe_component
 from .errors import PluginError, UnknownNameError
 
 T = TypeVar("T")
@@ -38,6 +42,10 @@ class NameClash(PluginError, ValueError):
     def __init__(self, msg: str, keys: tuple[str, ...]):
         super().__init__(msg)
         self.keys = keys
+
+
+class UnsafeName(PluginError, ValueError):
+    """A name or alias that cannot become a file name (it names folders and files of the run store)."""
 
 
 def normalise(name: str) -> str:
@@ -78,9 +86,18 @@ class Registry(Generic[T]):
 
     def add(self, name: str, item: T, aliases: Iterable[str] = (), provider: str = "") -> T:
         """Register ``item`` under ``name`` and ``aliases``. Registering the same item again is a
-        no-op; another item under a taken name or alias raises :class:`NameClash`."""
-        key = self._norm(name)
+        no-op; another item under a taken name or alias raises :class:`NameClash`; a name or alias that is
+        not one safe file name (:func:`peftbench._text.unsafe_component`: names become folders and files of the
+        run store and of the leaderboard) raises :class:`UnsafeName`."""
         provider = provider or _provider_of(item)
+        aliases = tuple(aliases)
+        for n, what in [(name, "name"), *((a, "alias") for a in aliases)]:
+            why = unsafe_component(n)
+            if why:
+                raise UnsafeName(f"{self.kind} {what} {n!r} from {provider} is not usable as a file name ({why}): a "
+                                 "name must be one path component without '/', '\\' or control characters, not "
+                                 "starting with '.'")
+        key = self._norm(name)
         taken = self._owner(key)
         if taken is not None:
             if self._items[taken] is item:

@@ -11,7 +11,9 @@ One function per kind of output, every writer goes through them (docs/reliabilit
 * :func:`html`: HTML-escaped (``<script>`` stays text);
 * :func:`markdown`: Markdown table cell: HTML-escaped and Markdown's own characters escaped;
 * :func:`latex`: every LaTeX special character escaped (``\\input{...}`` prints, never runs);
-* :func:`plot_text`: matplotlib text (SVG/PNG): no ``$`` mathtext, nothing XML 1.0 forbids.
+* :func:`plot_text`: matplotlib text (SVG/PNG): no ``$`` mathtext, nothing XML 1.0 forbids;
+* :func:`unsafe_component`: why a name cannot be one file name (the rule of
+  :func:`peftbench._io.safe_component`, and of the registries' names).
 
 Standard library only: every layer of peftbench may use it.
 """
@@ -88,3 +90,32 @@ def plot_text(text: Any) -> str:
     """Text for a matplotlib figure (its SVG keeps the text in comments): :func:`printable`, on one line,
     with ``$`` escaped so that no label is read as mathtext."""
     return printable(text).replace("$", r"\$")
+
+
+MAX_COMPONENT_BYTES = 200  # a file system allows 255; the writers add suffixes such as "-leaderboard.csv"
+
+
+def unsafe_component(name: Any) -> str | None:
+    """Why ``name`` cannot be used as one file or folder name inside another folder; None when it can.
+
+    A safe component is a non-empty string without a path separator (``/``, ``\\``), without control or
+    format characters (NUL, newlines, ANSI escapes, bidirectional overrides), that is not ``.`` or
+    ``..`` and does not start with ``.`` (no hidden files, no ``.peftbench`` folders of the store), at
+    most :data:`MAX_COMPONENT_BYTES` bytes of UTF-8."""
+    if not isinstance(name, str):
+        return f"not a string ({type(name).__name__})"
+    if not name:
+        return "empty"
+    if name in (".", ".."):
+        return "a relative path"
+    if "/" in name or "\\" in name:
+        return "contains a path separator"
+    if any(unicodedata.category(c) in _CONTROL for c in name):
+        return "contains a control character"
+    if name.startswith("."):
+        return "starts with '.'"
+    if name != name.strip():
+        return "starts or ends with white space"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_COMPONENT_BYTES:
+        return f"longer than {MAX_COMPONENT_BYTES} bytes"
+    return None

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write, safe_component
+from ._io import atomic_write_text, safe_component
 from .backbones import image_size, preset
 from .data.images import IMAGENET_MEAN, IMAGENET_STD
 from .errors import PeftbenchError, StoreError
 from .layers.merge import is_plain_timm
 from .store import RunRecord, RunStatus, RunStore
+from .store.checkpoints import write_tensors
 from .train.build import build_model, load_trainable
 from .train.env import Env
 
@@ -91,11 +92,9 @@ def export_run(runs_dir: str | Path, key: str, out: str | Path | None = None, va
     out = Path(out) if out else store.record_path(spec).parent / f"{rec.key}.{variant}.safetensors"
     if out.suffix != ".safetensors":
         raise ExportError(f"--out {out}: the file name must end in .safetensors")
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
     meta = {"peftbench_run": rec.key, "method": spec.method, "task": spec.task, "variant": variant}
-    atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata=meta))
+    write_tensors(out, state, meta, "the exported weights")  # a full disk, a read-only folder: one line naming the file
     config = out.with_suffix(".json")
     info = {**meta, "timm": timm_config(spec, int(plain.head.out_features)), "image_size": size,
             "mean": list(spec.hparams.get("mean") or IMAGENET_MEAN), "std": list(spec.hparams.get("std") or IMAGENET_STD),
@@ -103,5 +102,8 @@ def export_run(runs_dir: str | Path, key: str, out: str | Path | None = None, va
             "eval_split": spec.eval_split, "max_abs_logit_diff": diff,
             "load": "model = timm.create_model(**config['timm']); "
                     "model.load_state_dict(safetensors.torch.load_file(weights))"}
-    atomic_write(config, lambda tmp: Path(tmp).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n"))
+    try:
+        atomic_write_text(config, json.dumps(info, indent=1, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise StoreError(f"cannot write the exported model's config {config}: {exc.strerror or exc}") from None
     return Exported(out, config, diff, variant)

@@ -25,6 +25,7 @@ from .._io import toml_value
 from ..errors import PeftbenchError, SettingsError
 
 MAX_SEED = 2**31 - 1  # the epoch order seeds a generator with seed × 1,000,003 + epoch
+MAX_RUNS = 100_000  # the default limit of the runs one sweep may plan (max_runs, --max-runs)
 GROUPS = {"what": "what to run", "training": "training", "search": "search: how the lr × wd point is chosen",
           "execution": "where and how runs execute", "output": "output", "tracking": "experiment tracking"}
 KINDS = ("str", "path", "int", "float", "bool", "names", "ints", "numbers", "table", "strings")
@@ -123,6 +124,9 @@ class Sweep:
     sets: list[str] = sweep_field(None, Spec("strings", "a method option, e.g. e2vpt.prompt_tokens=10 (repeatable)",
                                              "what", flag="--set", key=None, metavar="[METHOD.]OPTION=VALUE",
                                              optional=False), factory=list)
+    max_runs: int = sweep_field(MAX_RUNS, Spec("int", "refuse a sweep that plans more runs than this, before anything is "
+                                                      "built or trained (a typo in a list of seeds, lrs or tasks)",
+                                               "what", min=1, max=1e9, optional=False, metavar="N"))
     # -- training -----------------------------------------------------------------------------
     seeds: list[int] | None = sweep_field(None, Spec("ints", "seeds of the final runs", "training", min=0, max=MAX_SEED,
                                                      nonempty=True, max_items=1000))
@@ -170,8 +174,9 @@ class Sweep:
                                                      max=60 * 24 * 366, table="executor"))
     max_retries: int | None = sweep_field(None, Spec("int", "resubmissions of a run whose job or worker died (slurm, "
                                                             "ray)", "execution", min=0, max=1000, table="executor"))
-    workers: int | None = sweep_field(None, Spec("int", "runs training at once (local: worker processes; slurm: array "
-                                                        "tasks; ray: runs in flight)", "execution", min=1, max=100_000,
+    workers: int | None = sweep_field(None, Spec("int", "runs training at once (local: worker processes, at most 4 per "
+                                                        "CPU core; slurm: array tasks; ray: runs in flight)", "execution",
+                                                 min=1, max=100_000,
                                                  table="executor"))
     devices: list[str] | None = sweep_field(None, Spec("names", "one local worker per device, e.g. cuda:0,cuda:1 "
                                                                 "(local)", "execution", nonempty=True, max_items=256,
@@ -484,6 +489,8 @@ def from_args(args, base: Sweep | None = None) -> Sweep:
         own[key.strip()] = toml_value(raw.strip())
     changes["executor_settings"] = {k: v for k, v in settings.items() if v}
     tracker_settings = {k: dict(v) for k, v in base.tracker_settings.items()}
+    if "trackers" in changes:  # --tracker replaces the file's trackers: the file's settings of the others go
+        tracker_settings = {k: v for k, v in tracker_settings.items() if k in changes["trackers"]}
     for item in getattr(args, "tracker_set", None) or []:
         key, sep, raw = item.partition("=")
         tracker, dot, opt = key.strip().partition(".")
@@ -499,6 +506,10 @@ def from_args(args, base: Sweep | None = None) -> Sweep:
 # ---------------------------------------------------------------------------------------------
 
 
+def _bound(x: float) -> str:
+    return f"{int(x):,}" if float(x).is_integer() else f"{x:g}"
+
+
 def markdown_table() -> str:
     """The table of docs/sweep-files.md: every field with its sweep-file key, flag, kind, bounds and meaning."""
     lines = ["| sweep file | flag | Python | value | meaning |", "|---|---|---|---|---|"]
@@ -512,7 +523,7 @@ def markdown_table() -> str:
             where = f"`[{s.table or ('executor' if f.name == 'executor_settings' else 'tracking')}.<name>]`"
         flag = flag_of(f.name)
         value = _kind_words(s)
-        limits = [f"≥ {s.min:g}" if s.min is not None else "", f"≤ {s.max:g}" if s.max is not None else ""]
+        limits = [f"≥ {_bound(s.min)}" if s.min is not None else "", f"≤ {_bound(s.max)}" if s.max is not None else ""]
         if any(limits):
             value += f" ({' '.join(b for b in limits if b)})"
         if s.max_items:

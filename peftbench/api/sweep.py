@@ -7,11 +7,11 @@ import hashlib
 import shlex
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import SettingsError
+from ..errors import PeftbenchError, SettingsError, StoreError
 from .schema import Sweep
 from .sweepfile import dump_sweep, locate, merged_options
 
@@ -62,6 +62,7 @@ class Plan:
     tracking: Any  # peftbench.trackers.Tracking
     device: str
     stale: Any = None  # peftbench.sweep.freshness.Freshness
+    notes: list[str] = field(default_factory=list)  # warnings about the plan itself (e.g. workers sharing a device)
 
     @property
     def protocol(self) -> str:
@@ -72,8 +73,9 @@ class Plan:
         return self.contexts[0].suite.name
 
     def warnings(self) -> list[str]:
-        """Lines about finished runs whose records other code produced (stale results)."""
-        return list(self.stale.lines()) if self.stale is not None else []
+        """Lines about the plan (workers that share a device) and about finished runs whose records other code
+        produced (stale results)."""
+        return list(self.notes) + (list(self.stale.lines()) if self.stale is not None else [])
 
     def table(self):
         import pandas as pd
@@ -123,11 +125,12 @@ def plan_sweep(sweep: Sweep, *, check_data: bool = True) -> Plan:
     if devices and sweep.device:
         raise SettingsError("device and the local executor's devices: give one of them (devices: one worker per device)")
     device = check_device(sweep.device or (devices[0] if devices else None))  # (the first worker's plans the precision)
+    notes = plugin.check_workers(executor_settings, device)  # workers bounded by this machine's cores and devices
     runs_dir = Path(sweep.runs_dir).resolve()
     tracking = check_tracking(Tracking(list(sweep.trackers), sweep.name or "", str(runs_dir),
                                        {k: dict(v) for k, v in sweep.tracker_settings.items()}))
     contexts = plan(sweep, device=device, check_data=check_data)
-    specs = count_runs(contexts)
+    specs = count_runs(contexts, limit=sweep.max_runs)
     for spec in specs:  # every run's hyper-parameters, typed and checked before anything runs
         if spec.job == "train":
             parse_hparams(spec.hparams, where=spec.label())
@@ -145,7 +148,7 @@ def plan_sweep(sweep: Sweep, *, check_data: bool = True) -> Plan:
         executor_settings={executor_name: executor_settings} if executor_settings else {},
         trackers=list(tracking.trackers), tracker_settings={k: dict(v) for k, v in tracking.options.items()},
         name=name, options=merged_options(sweep), sets=[], **{k: None for k in sweep.generic_executor_settings()})
-    return Plan(resolved, contexts, specs, done, executor_settings, tracking, device, fresh)
+    return Plan(resolved, contexts, specs, done, executor_settings, tracking, device, fresh, notes)
 
 
 def _where(sweep: Sweep, table: tuple[str, ...]) -> Callable[[str], str]:
@@ -170,6 +173,7 @@ class SweepResult:
     sweep_file: Path | None
     leaderboard: Path | None
     seconds: float
+    leaderboard_error: str | None = None  # why the leaderboard could not be written (the runs are recorded)
 
     @property
     def failed(self) -> int:
@@ -186,7 +190,7 @@ class SweepResult:
 
     @property
     def ok(self) -> bool:
-        return not (self.failed or self.diverged or self.stopped)
+        return not (self.failed or self.diverged or self.stopped or self.leaderboard_error)
 
     def summary(self):
         """The summary rows as a DataFrame."""
@@ -214,7 +218,10 @@ def write_resolved(plan: Plan, argv: list[str] | None = None) -> Path:
     header = (f"# The resolved sweep {plan.sweep.name!r}: {len(plan.contexts)} method×task pairs, {len(plan.runs)} runs\n"
               f"# written by peftbench {__version__} for: {cmd}\n"
               f"# run it again exactly: peftbench run --config {path}\n")
-    atomic_write_text(path, dump_sweep(plan.sweep, header), fsync=False)
+    try:
+        atomic_write_text(path, dump_sweep(plan.sweep, header), fsync=False)
+    except OSError as exc:  # a full disk, a read-only store: one line naming the file, before any run starts
+        raise StoreError(f"cannot write the resolved sweep file {path}: {exc.strerror or exc}") from None
     return path
 
 
@@ -301,12 +308,16 @@ def run_sweep(sweep: Sweep | Plan, *, dry_run: bool = False, rerun_stale: bool =
             close = getattr(h, "close", None)
             if close is not None:
                 close()
-    board = None
+    board, board_error = None, None
     if leaderboard:
         from ..results.write import write_leaderboard
 
-        board = runs_dir / "leaderboard"
-        # the store's own folder (its stamp always says ".."): force, or drivers finishing together race on the stamp
-        write_leaderboard(runs_dir, board, p.suite, force=True)
-        board = board / f"{p.suite}-leaderboard.csv"
-    return SweepResult(p, outcomes, summary_rows(outcomes), runs_dir, sweep_file, board, time.time() - t0)
+        folder = runs_dir / "leaderboard"
+        try:  # the runs are recorded whatever happens here: a failed write (a full disk) is reported, not raised
+            # the store's own folder (its stamp always says ".."): force, or drivers finishing together race on the stamp
+            write_leaderboard(runs_dir, folder, p.suite, force=True)
+            board = folder / f"{p.suite}-leaderboard.csv"
+        except PeftbenchError as exc:
+            board_error = f"{exc} (the run records are kept; `peftbench leaderboard --runs-dir {runs_dir}` writes it again)"
+            say(f"peftbench: error: {board_error}")
+    return SweepResult(p, outcomes, summary_rows(outcomes), runs_dir, sweep_file, board, time.time() - t0, board_error)

@@ -47,8 +47,10 @@ def main(args) -> int:
     suite = get_suite(args.suite).name if args.suite else None
     kw = comparison_args(args, Path(args.runs_a), args.runs_b, args.tag, args.match, "--tag")
     comparisons = compare_paths(args.runs_a, suite=suite, alpha=args.alpha, **kw)
-    if not comparisons:
-        raise SettingsError(f"no run records under {args.runs_a}")
+    if not comparisons:  # empty stores: an empty comparison, not an error
+        _say(f"nothing to compare: no run records under {args.runs_a}" + (f" or {args.runs_b}" if args.runs_b else "")
+             + " (0 configurations matched)")
+        return 0
     out = Path(args.out) if args.out else Path(args.runs_a) / "compare"
     for cmp in comparisons:
         print_summary(cmp)

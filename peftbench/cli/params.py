@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 
+MAX_CLASSES = 1_000_000  # a classification head wider than this is a typo (ImageNet-21k has 21,843 classes)
+
 
 def register(sub) -> None:
     p = sub.add_parser("params", help="parameter counts of a method (no training, no weights)")
@@ -17,6 +19,10 @@ def register(sub) -> None:
 
 def count(method_name: str, num_classes: int, backbone: str = "vit_base_patch16_224",
           sets: list[str] | None = None) -> dict:
+    from ..errors import SettingsError
+
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+        raise SettingsError(f"--num-classes {num_classes!r}: must be a whole number of classes from 1 to {MAX_CLASSES:,}")
     import torch
 
     from ..backbones import create_backbone

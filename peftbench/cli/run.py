@@ -91,10 +91,15 @@ def main(args) -> int:
     print_summary(result.rows)
     print(f"\nrun records: {result.runs_dir}")
     print(f"sweep file:  {result.sweep_file} (peftbench run --config {result.sweep_file} runs it again)")
-    print(f"leaderboard: {result.leaderboard} (report: {plan.suite}-report.html beside it)  [{result.seconds:.0f} s]")
-    if not result.ok:
+    if result.leaderboard is not None:
+        print(f"leaderboard: {result.leaderboard} (report: {plan.suite}-report.html beside it)  [{result.seconds:.0f} s]")
+    else:
+        print(f"leaderboard: not written  [{result.seconds:.0f} s]")
+    if result.failed or result.diverged or result.stopped:
         print(f"peftbench: {result.failed} run(s) failed, {result.diverged} diverged"
               + (f", {len(result.stopped)} method×task pipeline(s) could not finish" if result.stopped else "")
               + " (their records say why; `peftbench status` lists them)", file=sys.stderr)
         return 1
+    if result.leaderboard_error:  # said on stderr by run_sweep, in one line naming the file
+        return 2
     return 0

@@ -18,6 +18,8 @@ every backend). A generic setting an executor cannot honour is an error naming i
 from __future__ import annotations
 
 import math
+import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
@@ -77,6 +79,44 @@ def read_profile(path: str | Path, what: str) -> dict:
         raise SettingsError(f"{what} {path}: cannot read it ({exc})") from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{what} {path}: not valid TOML ({exc})") from None
+    except RecursionError:
+        raise SettingsError(f"{what} {path}: nested too deeply to be a settings file") from None
+
+
+WORKERS_PER_CORE = 4  # local workers: more than this many training processes per CPU core are refused
+
+
+def cores() -> int:
+    """The CPU cores this process may use."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_local_workers(workers: int, devices: list[str]) -> list[str]:
+    """``workers`` training processes of this machine on ``devices`` (round-robin): more than
+    :data:`WORKERS_PER_CORE` per CPU core is refused (each is a process that loads its data and steps its
+    optimiser on the CPU, whatever its device: the machine would thrash, not train faster); more CPU workers
+    than cores, or more workers than the GPUs listed, is warned about (they share the cores, or a GPU's
+    memory). Returns the warning lines."""
+    n = cores()
+    if workers > WORKERS_PER_CORE * n:
+        raise SettingsError(f"--workers {workers}: more than {WORKERS_PER_CORE} training processes per CPU core of this "
+                            f"machine ({n} core(s): at most {WORKERS_PER_CORE * n}); use fewer, or an executor that "
+                            "spreads runs over machines (--executor slurm | ray)")
+    per_device = Counter(devices[w % len(devices)] for w in range(workers)) if devices else Counter()
+    on_cpu = sum(k for d, k in per_device.items() if d.split(":")[0] == "cpu")
+    shared = {d: k for d, k in per_device.items() if d.split(":")[0] != "cpu" and k > 1}
+    out = []
+    if on_cpu > n:
+        out.append(f"--workers {workers}: {on_cpu} CPU workers on {n} CPU core(s) share the cores (one torch thread "
+                   f"each), so the sweep is no faster than with {n}")
+    if shared:
+        out.append(f"--workers {workers} on {len(per_device)} device(s): " + ", ".join(
+            f"{k} workers share {d}" for d, k in sorted(shared.items())) + "; a run that fits the device's memory "
+            "alone may not fit beside the others")
+    return out
 
 
 GENERIC_FLAGS = {"gpus_per_node": "--gpus-per-node", "cpus_per_task": "--cpus-per-task", "mem_gb": "--mem-gb",
@@ -130,6 +170,19 @@ class ExecutorPlugin:
         """The complete settings from the given ones (defaults added, combinations checked); by default the
         given ones."""
         return dict(values)
+
+    def check_workers(self, settings: dict, device: str) -> list[str]:
+        """Whether the workers ``settings`` ask for fit what they run on (``device``: the sweep's device): an
+        impossible request raises a one-line :class:`~peftbench.errors.SettingsError`, a wasteful one returns
+        warning lines; before any compute. By default an executor that takes the generic ``devices`` setting runs
+        its workers as processes of this machine on those devices (the local executor), and its ``workers`` are
+        bounded by them (:func:`check_local_workers`); other executors' workers run elsewhere (SLURM array
+        tasks, Ray tasks) and are not checked here."""
+        if "devices" not in self.generic:
+            return []
+        devices = settings.get(self.generic["devices"]) or [device]
+        workers = settings.get(self.generic.get("workers", "workers")) or 1
+        return check_local_workers(max(int(workers), len(devices)), list(devices))
 
     def make(self, settings: dict, *, env: "Env", runs_dir: Path, total: int) -> Any:
         """The executor for ``settings`` (from :meth:`configure`)."""

@@ -46,7 +46,7 @@ def collect(runs_dir: str | Path, query: bool = True) -> dict:
         if state == "live":
             holder = read_lease(lease_path) or {}
             runs[key]["holder"] = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}"
-    drivers = live_journals(root)
+    drivers = live_journals(root, warn=unreadable.append)  # a corrupt journal is set aside, with a warning
     for d in drivers:  # runs a live driver has queued that have no record yet
         for key, info in d.get("runs", {}).items():
             if key not in runs:

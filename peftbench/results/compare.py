@@ -331,7 +331,7 @@ def compare_paths(a: str | Path, b: str | Path | None = None, *, tags: tuple[str
             sides = (runs_a, load_runs(b, warn)[0])
         else:
             raise SettingsError(f"{b}: neither a run store folder nor a reference CSV file")
-    suites = [suite] if suite else sorted({str(r.spec["suite"]) for r in sides[0]})
+    suites = [suite] if suite else sorted({str(r.spec["suite"]) for r in sides[0] + sides[1]})  # an empty A: B's
     out = []
     for s in suites:
         grid = suite_grid(s, sides[0] + sides[1])

@@ -24,8 +24,8 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .._io import atomic_write_bytes, atomic_write_text, safe_component
-from ..errors import SettingsError
+from .._io import atomic_write_bytes, safe_component
+from ..errors import SettingsError, StoreError
 from .board import Board, Run, build_board, load_runs, sorted_runs, suite_grid
 from .columns import csv_text, table
 from .compare import Comparison, comparison_csv
@@ -33,6 +33,22 @@ from .plots import render_all
 from .reference import default_reference_dir, load_reference
 from .report import render_comparison, render_report
 from .tables import FORMATS
+
+
+def _write(path: Path, data: bytes) -> Path:
+    """One output file, written atomically; a full disk or a folder that cannot be written is a one-line error
+    naming the file (the files written before it stay whole)."""
+    try:
+        return atomic_write_bytes(path, data, fsync=False)
+    except OSError as exc:
+        raise StoreError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _mkdir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the folder {out}: {exc.strerror or exc}") from None
 
 
 def suites_in(runs: list[Run]) -> list[str]:
@@ -44,13 +60,11 @@ def write_suite(board: Board, out_dir: str | Path, *, plots: bool = True, html: 
     """Write one suite's files; returns their paths. Without plots and html: the CSV files only."""
     out = Path(out_dir)
     s = safe_component(board.grid.suite, "suite")
-    out.mkdir(parents=True, exist_ok=True)
+    _mkdir(out)
     written = []
 
     def write(name: str, data: bytes) -> None:
-        p = out / name
-        atomic_write_bytes(p, data, fsync=False)
-        written.append(p)
+        written.append(_write(out / name, data))
 
     write(f"{s}-leaderboard.csv", csv_text(*table("leaderboard", board, board.rows)).encode())
     write(f"{s}-runs.csv", csv_text(*table("runs", board, sorted_runs(board))).encode())
@@ -79,12 +93,10 @@ def write_comparison(cmp: Comparison, out_dir: str | Path, *, html: bool = True)
     if out.exists() and not out.is_dir():
         raise SettingsError(f"--out {out_dir}: is a file, not a folder")
     s = safe_component(cmp.grid.suite, "suite")
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / f"{s}-compare.csv"]
-    atomic_write_text(paths[0], comparison_csv(cmp), fsync=False)
+    _mkdir(out)
+    paths = [_write(out / f"{s}-compare.csv", comparison_csv(cmp).encode())]
     if html:
-        paths.append(out / f"{s}-compare.html")
-        atomic_write_text(paths[1], render_comparison(cmp), fsync=False)
+        paths.append(_write(out / f"{s}-compare.html", render_comparison(cmp).encode()))
     return paths
 
 
@@ -160,9 +172,8 @@ def write_leaderboard(runs_dir: str | Path, out_dir: str | Path, suite: str | No
     check_out_dir(runs_dir, out_dir, force=force)
     boards = _boards(runs_dir, suite, reference_dir, warn)
     if boards:  # the stamp first: a concurrent driver of the same store checking the folder finds it
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(out_dir) / STAMP, json.dumps({"runs_dir": _store_id(runs_dir, Path(out_dir))}) + "\n",
-                          fsync=False)
+        _mkdir(Path(out_dir))
+        _write(Path(out_dir) / STAMP, (json.dumps({"runs_dir": _store_id(runs_dir, Path(out_dir))}) + "\n").encode())
     written: list[Path] = []
     for board in boards:
         written += write_suite(board, out_dir, plots=plots, html=html,

@@ -45,11 +45,26 @@ def _decode(obj: Any) -> Any:
     return obj
 
 
+def write_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None, what: str = "the tensors") -> Path:
+    """Write ``tensors`` (name -> tensor) as safetensors at ``path``, atomically. Whatever fails — the disk (an
+    ``OSError``, or safetensors' own ``SafetensorError`` for an I/O error inside it), a folder that cannot be
+    written, a tensor it cannot store — is a one-line :class:`~peftbench.errors.StoreError` naming ``what`` and
+    the file; the old file, if any, is kept."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except OSError as exc:
+        raise StoreError(f"cannot write {what} {path}: {exc.strerror or exc}") from None
+    except (SafetensorError, ValueError, TypeError, RuntimeError) as exc:  # safetensors' own errors and checks
+        raise StoreError(f"cannot write {what} {path}: {exc}") from None
+
+
 def save(path: Path, *, state: dict, optimizer: dict, rng: dict, info: dict) -> None:
     """Write a checkpoint atomically. ``state``: name -> tensor; ``optimizer``: a torch optimizer
     ``state_dict()``; ``rng``: name -> uint8 tensor (generator states); ``info``: JSON-able scalars."""
     import torch
-    from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     for name, t in state.items():
@@ -68,10 +83,7 @@ def save(path: Path, *, state: dict, optimizer: dict, rng: dict, info: dict) -> 
     meta = {"format": FORMAT, "version": VERSION, "info": _encode(info),
             "optimizer": {"param_groups": _encode(optimizer["param_groups"]), "scalars": _encode(opt_state),
                           "indices": sorted(str(i) for i in optimizer["state"])}}
-    try:
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={META_KEY: json.dumps(meta)}))
-    except OSError as exc:
-        raise StoreError(f"cannot write the checkpoint {path}: {exc.strerror or exc}") from None
+    write_tensors(path, tensors, {META_KEY: json.dumps(meta)}, "the checkpoint")
 
 
 def load(path: Path) -> dict:

@@ -239,6 +239,8 @@ def _read(path: Path) -> tuple[dict, bytes]:
         rec = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptRecord(f"{path}: not a readable run record ({exc})") from None
+    except RecursionError:
+        raise CorruptRecord(f"{path}: not a readable run record (nested too deeply)") from None
     reason = validate(rec, complete=False)
     if reason:
         raise CorruptRecord(f"{path}: {reason}")

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from ..errors import DataError, PipelineError
+from ..errors import DataError, PipelineError, SettingsError
 from ..store import RunRecord, RunSpec, RunStatus, RunStore, planned
 from ..store.journal import Journal
 from .protocols import PlanContext
@@ -98,20 +98,32 @@ def _advance(i, gen, sent, pending, outcomes) -> None:
         outcomes[i].error = str(exc)
 
 
-class DryExecutor:
-    """Counts runs without running them; selection sees placeholder metrics."""
+def too_many_runs(runs: int, limit: int, how: str = "") -> SettingsError:
+    """The one-line refusal of a sweep that plans at least ``runs`` runs, more than ``limit`` (its ``max_runs``)."""
+    return SettingsError(f"the sweep plans at least {runs:,} runs{how}, more than its limit of {limit:,} (--max-runs, "
+                         "max_runs in a sweep file): narrow the methods, tasks, seeds or lr / wd lists, or raise the "
+                         "limit if you mean it")
 
-    def __init__(self):
+
+class DryExecutor:
+    """Counts runs without running them; selection sees placeholder metrics. ``limit``: more runs than this
+    stop the count (a :class:`~peftbench.errors.SettingsError` with the number counted so far)."""
+
+    def __init__(self, limit: int | None = None):
         self.specs: list[RunSpec] = []
+        self.limit = limit
 
     def run(self, specs: list[RunSpec], store: RunStore | None) -> list[RunRecord]:
         self.specs.extend(specs)
+        if self.limit is not None and len(self.specs) > self.limit:
+            raise too_many_runs(len(self.specs), self.limit)
         return [planned(s) for s in specs]
 
 
-def count_runs(contexts: list[PlanContext]) -> list[RunSpec]:
-    """All runs a sweep needs (stages that depend on results use placeholder selections)."""
-    dry = DryExecutor()
+def count_runs(contexts: list[PlanContext], limit: int | None = None) -> list[RunSpec]:
+    """All runs a sweep needs (stages that depend on results use placeholder selections); more than
+    ``limit`` is an error, raised as soon as a stage passes it."""
+    dry = DryExecutor(limit)
     drive([dataclasses.replace(ctx, dry_run=True) for ctx in contexts], dry, None)
     return dry.specs
 
@@ -140,7 +152,13 @@ def summary_rows(outcomes: list[Outcome]) -> list[dict]:
 
 
 def print_summary(rows: list[dict], file=None) -> None:
+    """The summary table of a sweep; every text from the records (configs, tasks, errors) on one line with its
+    control characters made visible (:func:`peftbench._text.printable`: no ANSI escape reaches the terminal)."""
+    from .._text import printable
+
     file = file or sys.stdout
+    rows = [{**r, "config": printable(r["config"]), "task": printable(r["task"]),
+             "error": printable(" ".join(str(r["error"]).splitlines())) if r["error"] else r["error"]} for r in rows]
     mw = max([len("method")] + [len(r["config"]) for r in rows])
     tw = max([len("task")] + [len(r["task"]) for r in rows])
     head = f"{'method':<{mw}} {'task':<{tw}} {'top1':>7} {'±std':>6} {'seeds':>5} {'tuned%':>8}  notes"

@@ -21,6 +21,7 @@ from ..data.verify import require_verified
 from ..errors import DataError, OptionError, PeftbenchError, SettingsError
 from ..methods import Method, get_method
 from ..tasks import Task, default_data_root, get_suite, get_task, task_splits
+from .drive import too_many_runs
 from .protocols import PlanContext, get_protocol
 
 if TYPE_CHECKING:  # (the sweep's declaration is the API layer's: peftbench.api.schema)
@@ -97,6 +98,8 @@ def plan(sweep: Sweep, *, device: str = "cpu", check_data: bool = True) -> list[
         base = protocol.default_seeds if n <= len(protocol.default_seeds) else \
             tuple(protocol.default_seeds) + tuple(range(1000, 1000 + n - len(protocol.default_seeds)))
         seeds = tuple(base[:n])
+    check_run_count(settings.max_runs, len(methods), len(tasks), protocol.least_runs(
+        len(settings.lr or [0]) * len(settings.wd or [0]), len(seeds)))
     backbone = settings.backbone or suite.backbone
     resolve_checkpoint(backbone, settings.checkpoint)  # a missing file fails here
     if check_data:
@@ -138,6 +141,15 @@ def plan(sweep: Sweep, *, device: str = "cpu", check_data: bool = True) -> list[
     contexts = [ctx.protocol.adapt(ctx) for ctx in contexts]
     check_models(contexts, device)
     return contexts
+
+
+def check_run_count(limit: int, methods: int, tasks: int, per_pair: int) -> None:
+    """Refuse, before anything is built, a sweep whose method × task pairs times the runs each pair plans at
+    least (:meth:`~peftbench.sweep.protocols.EvalProtocol.least_runs`) exceed ``limit`` (its ``max_runs``)."""
+    runs = methods * tasks * per_pair
+    if runs > limit:
+        raise too_many_runs(runs, limit, f" ({methods:,} method(s) × {tasks:,} task(s) × at least {per_pair:,} "
+                                         "run(s) each)")
 
 
 def _memory_bytes(device: str) -> int:

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
 
+from .._text import printable, terminal
 from ..data.splits import split_size
 from ..methods import get_method
 from ..store import RunSpec
@@ -309,6 +310,7 @@ class SweepProgress:
     def _say(self, text: str) -> None:
         if self.mode == "quiet":
             return
+        text = terminal(text)  # labels, configs and errors come from records: no control character reaches the terminal
         self.last_line = self.clock()
         if self.bar is not None:
             self.bar.write(text, file=self.stream)
@@ -329,7 +331,7 @@ class SweepProgress:
             if self.epoch_text:
                 what += f" {self.epoch_text}"
         assert self.bar is not None
-        self.bar.set_description_str(what or "sweep", refresh=False)
+        self.bar.set_description_str(printable(what) or "sweep", refresh=False)
         self.bar.set_postfix_str(f"sweep left {self.left_text()}", refresh=True)  # tqdm adds the ", "
 
     def close(self) -> None:

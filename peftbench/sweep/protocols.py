@@ -114,6 +114,13 @@ class EvalProtocol:
     def pipeline(self, ctx: PlanContext) -> Generator[list[RunSpec], list[dict], None]:
         raise NotImplementedError
 
+    def least_runs(self, grid: int, seeds: int) -> int:
+        """At least how many runs one (method, task) pair plans under this protocol, from the sweep's numbers
+        alone: ``grid`` lr × wd points given (1 when none are) and ``seeds`` final seeds. Planning refuses a sweep
+        whose pairs × this exceed its ``max_runs`` before it builds anything (the runs it plans are counted
+        exactly afterwards); a protocol that cannot say returns 1."""
+        return 1
+
 
 def _override(hp: dict, overrides: dict) -> dict:
     out = dict(hp)
@@ -140,6 +147,9 @@ class SearchThenFinal(EvalProtocol):
             choice = chosen(best)
         yield from final_stage(ctx, {**self.base_hparams(ctx, "final"), **choice},
                                lambda stage, hp, seed: ctx.spec(stage, "final", hp, seed))
+
+    def least_runs(self, grid: int, seeds: int) -> int:
+        return (grid if grid > 1 else 0) + seeds  # every point of the search (its first rung), every final seed
 
 
 @register_protocol
@@ -194,6 +204,9 @@ class FixedProtocol(EvalProtocol):
     def pipeline(self, ctx):
         yield from final_stage(ctx, {**self.base_hparams(ctx, "final"), **self.search_points(ctx)[0]},
                                lambda stage, hp, seed: ctx.spec(stage, "final", hp, seed))
+
+    def least_runs(self, grid: int, seeds: int) -> int:
+        return seeds  # the first lr and wd given, for every seed
 
 
 @register_protocol

@@ -122,6 +122,10 @@ def check_tracking(tracking: Tracking) -> Tracking:
     options = {}
     for n, table in tracking.options.items():
         name = TRACKERS.canonical(n)
+        if name not in names:  # settings of a tracker that is not used are a mistake, never silently ignored
+            raise SettingsError(f"settings of tracker {name!r} given (--tracker-set {name}.KEY=VALUE, [tracking.{name}]), "
+                                f"but {name!r} is not among the trackers: add --tracker {name} (trackers = "
+                                f"[\"{name}\"] in [tracking]), or leave its settings out")
         known = TRACKERS.get(name).options
         for key in table:
             if key not in known:

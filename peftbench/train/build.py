@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .._io import atomic_write
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD, Normalizer
 from ..layers.tuned_vit import TunedViT
 from ..methods import get_method
 from ..store import RunSpec, RunStore
+from ..store.checkpoints import write_tensors
 from ..tasks import get_task
 from .env import Env
 
@@ -66,10 +66,8 @@ def load_trainable(model: torch.nn.Module, path: Path) -> None:
 
 
 def save_trainable(model: TunedViT, path: Path) -> None:
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.trainable_state().items()}
-    atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+    write_tensors(path, state, what="the trained tensors")
 
 
 def parameter_summary(model: TunedViT) -> dict:
