@@ -459,3 +459,17 @@ def test_a_registry_refuses_a_plugin_name_that_is_not_a_file_name(name):
     with pytest.raises(PeftbenchError, match="method name .* not usable as a file name"):
         METHODS.register_class(Evil)
     assert Evil.name not in METHODS
+
+
+def test_an_os_error_no_command_foresaw_is_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    """The last resort of the command line: a raw disk or permission error becomes one line with its file."""
+    import peftbench.executors as executors
+
+    def denied(*a, **kw):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(tmp_path / "some" / "file.json"))
+
+    monkeypatch.setattr(executors, "collect", denied)
+    assert main(["status", "--runs-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert f"{tmp_path / 'some' / 'file.json'}: Permission denied" in err

@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader of our output went away (`peftbench list methods | head`)
         _mute_stdout()
         return 141
+    except OSError as exc:  # the last resort for a disk or permission error no command turned into its own message
+        where = f"{exc.filename}: " if exc.filename else ""
+        _say(f"peftbench {args.command}: error: {where}{exc.strerror or exc}")
+        return 2
     finally:
         sys.stdout, sys.stderr = streams
 

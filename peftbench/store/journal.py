@@ -22,7 +22,7 @@ from typing import Callable
 
 from .._io import atomic_write_text
 from ..provenance import now
-from .leases import HEARTBEAT_S, lease_state, process_start
+from .leases import HEARTBEAT_S, holder, lease_state
 from .records import RunSpec
 
 FOLDER = Path(".peftbench") / "sweeps"
@@ -33,8 +33,7 @@ class Journal:
         self.dir = Path(runs_dir) / FOLDER
         self.path = self.dir / f"{socket.gethostname()}-{os.getpid()}.json"
         self.runs: dict[str, dict] = {}
-        self.info: dict = {"host": socket.gethostname(), "pid": os.getpid(), "pid_start": process_start(os.getpid()),
-                           "argv": list(argv if argv is not None else sys.argv), "started_at": now(),
+        self.info: dict = {**holder(), "argv": list(argv if argv is not None else sys.argv), "started_at": now(),
                            "heartbeat": time.time(), "runs": self.runs}
         for other in self.dir.glob("*.json") if self.dir.is_dir() else []:
             if other != self.path:
