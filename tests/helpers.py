@@ -43,6 +43,10 @@ def ensure_registered() -> None:
     if "testsuite" not in SUITES:
         register_suite(Suite(name="testsuite", description="tests", tasks=("toy", "toy_b"), protocol="vpt",
                              backbone=TINY_BACKBONE, folder="testsuite"))
+    from peftbench.sweep.paper import add_card, recipes
+
+    if ("linear", "testsuite") not in recipes():  # the tests' paper recipe (--protocol paper on the toy suite)
+        add_card(Path(__file__).with_name("papers") / "testsuite.toml")
     if "toy" not in TASKS:
         for name in ("toy", "toy_b"):
             register_task(Task(name=name, suite="testsuite", num_classes=3, description="toy colour task",

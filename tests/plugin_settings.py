@@ -82,5 +82,7 @@ LAYOUTS: dict[str, LayoutRow] = {
 PROTOCOLS: dict[str, ProtocolRow] = {
     "vpt": ProtocolRow(stages=("search", "search", "final")),
     "demo": ProtocolRow(stages=("search", "search", "final")),
-    "fixed": ProtocolRow(stages=("final",)),  # given hyper-parameters: the first point of a grid, no search
+    "fixed": ProtocolRow(stages=("final",)),
+    # the tests' card (tests/papers/testsuite.toml): linear searches its grid
+    "paper": ProtocolRow(stages=("search", "search", "final")),  # given hyper-parameters: the first point of a grid, no search
 }

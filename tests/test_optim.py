@@ -46,3 +46,24 @@ def test_full_finetune_optimizer_quirk(tiny_backbone):
             assert g["weight_decay"] == (0.0 if "bias" in names[id(p)] else 0.01)
     opt0 = build_optimizer("vpt-adamw", model, 1e-3, 0.0)  # wd 0 falls through to SGD
     assert isinstance(opt0, torch.optim.SGD)
+
+
+@pytest.mark.parametrize("lag, epochs, t_initial, warmup, warmup_lr, min_lr", [
+    (1, 100, 100, 10, 1e-6, 1e-5),  # NOAH (timm 0.5.4 defaults, step(epoch) after the epoch)
+    (0, 110, 100, 10, 1e-7, 1e-8),  # SSF (step(epoch + 1), 10 cool-down epochs at the floor)
+    (1, 12, 8, 3, 0.0, 0.0),
+])
+def test_timm_cosine_equals_timms_own_scheduler(lag, epochs, t_initial, warmup, warmup_lr, min_lr):
+    """timm's CosineLRScheduler, stepped as the official loops step it, gives every epoch's lr of
+    ``schedule = timm-cosine`` with that lag (docs/protocols.md §5)."""
+    from timm.scheduler import CosineLRScheduler
+
+    peak = 1e-3
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=peak)
+    sched = CosineLRScheduler(opt, t_initial=t_initial, lr_min=min_lr, warmup_lr_init=warmup_lr, warmup_t=warmup,
+                              cycle_limit=1, t_in_epochs=True, warmup_prefix=False)
+    for epoch in range(epochs):
+        used = opt.param_groups[0]["lr"]  # what this epoch trains at
+        ours = lr_at_epoch(epoch, peak, epochs, warmup, warmup_lr, min_lr, "timm-cosine", t_initial, lag)
+        assert ours == pytest.approx(used, rel=1e-12, abs=1e-15), epoch
+        sched.step(epoch + 1 - lag)  # after the epoch: step(epoch) (lag 1) or step(epoch + 1) (lag 0)

@@ -40,11 +40,13 @@ def trained_epochs(spec) -> tuple[int, int]:
 
 
 def evaluations(spec) -> int:
-    """Evaluations of the eval split a training spec runs: every ``eval_every`` epochs and after its last."""
+    """Evaluations of the eval split a training spec runs (:func:`peftbench.train.loop.evaluates`: every
+    ``eval_every`` epochs, counted from epoch 0 with ``eval_first``, and after its last)."""
     start, stop = trained_epochs(spec)
     every = int(spec.hparams.get("eval_every") or 0)
-    n = sum(1 for e in range(start, stop) if every and (e + 1) % every == 0)
-    return n + (0 if every and stop % every == 0 else 1)
+    first = bool(spec.hparams.get("eval_first"))
+    return sum(1 for e in range(start, stop)
+               if e == stop - 1 or (every and (e if first else e + 1) % every == 0))
 
 
 def _sizes(s, data_root: dict) -> tuple[int | None, int | None]:

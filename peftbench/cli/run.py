@@ -57,6 +57,40 @@ def check_runs_dir(path: str) -> Path:
     return check(path)
 
 
+def compare_protocols(plan, table: Path | None) -> None:
+    """A dry run under a protocol other than the suite's own: the same sweep's runs and device-hours under the
+    suite's protocol too, side by side (what a paper's recipe costs against the unified protocol)."""
+    import dataclasses
+
+    from ..api import plan_sweep
+    from ..bench.estimate import estimate_seconds, find_table, read_table
+    from ..tasks import get_suite
+
+    unified = get_suite(plan.suite).protocol
+    if plan.protocol == unified:
+        return
+    from ..errors import PeftbenchError
+
+    try:
+        other = plan_sweep(dataclasses.replace(plan.sweep, protocol=unified, seeds=None, num_seeds=None,
+                                               name=None), check_data=False)
+    except PeftbenchError as exc:  # e.g. more runs than this sweep's --max-runs: a comparison is no reason to fail
+        print(f"protocols side by side: the suite's protocol {unified!r} cannot plan this sweep ({exc})")
+        return
+    path = find_table(plan.contexts[0].backbone, table)
+    rows = []
+    for p in (plan, other):
+        hours = "-"
+        if path is not None:
+            hours = f"{estimate_seconds(p.runs, p.contexts, read_table(path))[0] / 3600:.1f}"
+        rows.append((p.protocol, len(p.runs), hours))
+    print(f"protocols side by side ({', '.join(sorted({c.method.name for c in plan.contexts}))} on "
+          f"{len(plan.contexts) // max(1, len({c.method.name for c in plan.contexts}))} task(s); device-hours from "
+          f"{path or 'no bench table'}):")
+    for name, runs, hours in rows:
+        print(f"  {name:<10} {runs:>7} runs {hours:>10} device-hours")
+
+
 def main(args) -> int:
     from ..api import plan_sweep, run_sweep
     from ..bench.estimate import print_costs, print_plan
@@ -82,8 +116,11 @@ def main(args) -> int:
               f"{len(fused)} fused group(s), {len(groups) - len(fused)} alone", file=sys.stderr)
     if args.dry_run:
         table = Path(args.bench_table) if args.bench_table else None
+        for line in plan.contexts[0].protocol.describe(plan.contexts):
+            print(line)
         print_plan(plan.runs, plan.contexts, table, plan.done)
         print_costs(plan.contexts, table, plan.done, fuse=fuse)
+        compare_protocols(plan, table)
         return 0
     result = run_sweep(plan, rerun_stale=args.rerun_stale, quiet=args.quiet, verbose=args.verbose,
                        bench_table=args.bench_table, argv=list(sys.argv))

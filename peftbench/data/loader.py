@@ -68,9 +68,12 @@ def gather(xs: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def batches(xs: torch.Tensor, labels: torch.Tensor, order: torch.Tensor, batch_size: int, *,
             prepare: Callable[[torch.Tensor], torch.Tensor],
             augment: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """``(x, y, idx)`` for consecutive slices of ``order``: x = prepare(augment(xs[idx])), y on ``device``."""
-    for s in range(0, len(order), batch_size):
+            device: torch.device | str = "cpu",
+            drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(x, y, idx)`` for consecutive slices of ``order``: x = prepare(augment(xs[idx])), y on ``device``;
+    ``drop_last``: without the last slice when it is shorter than ``batch_size`` (a DataLoader's ``drop_last``)."""
+    end = len(order) - len(order) % batch_size if drop_last and len(order) >= batch_size else len(order)
+    for s in range(0, end, batch_size):
         idx = order[s:s + batch_size]
         x = gather(xs, idx)
         if augment is not None:

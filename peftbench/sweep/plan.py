@@ -137,7 +137,9 @@ def plan(sweep: Sweep, *, device: str = "cpu", check_data: bool = True) -> list[
                 seeds=seeds, backbone=backbone,
                 checkpoint=str(Path(settings.checkpoint).resolve()) if settings.checkpoint else None,
                 checkpoint_id=ck_id, data_root=str(data_root.resolve()) if data_root else None, fingerprint=fp,
-                overrides=dict(overrides), precision=precision, search=search))
+                overrides=dict(overrides), precision=precision, search=search,
+                seeds_given="seeds" if settings.seeds else "num_seeds" if settings.num_seeds else "",
+                given_options=frozenset(raw[m.name])))
     contexts = [ctx.protocol.adapt(ctx) for ctx in contexts]
     check_models(contexts, device)
     return contexts

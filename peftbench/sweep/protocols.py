@@ -57,6 +57,11 @@ class PlanContext:
     precision: str = "fp32"
     dry_run: bool = False
     search: Search = field(default_factory=Search)  # how search stages pick their configuration
+    # what the command line gave itself (a protocol's own defaults, e.g. a paper's, give way to them):
+    # "seeds" (--seeds), "num_seeds" (--num-seeds) or ""; and the options set with --set
+    seeds_given: str = ""
+    given_options: frozenset = frozenset()
+    protocol_data: dict = field(default_factory=dict)  # what a protocol's adapt() resolved for this pair
     # pipeline state: the search that chose the points of the runs planned from here on (grid until a search
     # with more than one point is made: peftbench.sweep.stages.search_stage sets it); the runs record it
     searched: str = "grid"
@@ -114,6 +119,11 @@ class EvalProtocol:
     def pipeline(self, ctx: PlanContext) -> Generator[list[RunSpec], list[dict], None]:
         raise NotImplementedError
 
+    def describe(self, contexts: list[PlanContext]) -> list[str]:
+        """Lines a dry run prints about how this protocol planned ``contexts`` (e.g. a paper's recipe with its
+        sources); nothing by default."""
+        return []
+
     def least_runs(self, grid: int, seeds: int) -> int:
         """At least how many runs one (method, task) pair plans under this protocol, from the sweep's numbers
         alone: ``grid`` lr × wd points given (1 when none are) and ``seeds`` final seeds. Planning refuses a sweep
@@ -131,7 +141,10 @@ def _override(hp: dict, overrides: dict) -> dict:
 
 
 PROTOCOLS: Registry[EvalProtocol]
-PROTOCOLS, register_protocol = instance_registry("protocol", EvalProtocol, group="peftbench.protocols", article="an")
+# built-in protocols: this module's, and --protocol paper (peftbench.sweep.paper, imported when the registry is
+# first used: it builds on this module)
+PROTOCOLS, register_protocol = instance_registry("protocol", EvalProtocol, group="peftbench.protocols", article="an",
+                                                 builtin="peftbench.sweep.paper")
 
 
 class SearchThenFinal(EvalProtocol):
@@ -238,3 +251,4 @@ class DemoProtocol(SearchThenFinal):
 
 def get_protocol(name: str) -> EvalProtocol:
     return PROTOCOLS.get(name)
+

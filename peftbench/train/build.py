@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ..data.images import IMAGENET_MEAN, IMAGENET_STD, Normalizer
+from ..errors import SettingsError
 from ..layers.tuned_vit import TunedViT
 from ..methods import get_method
 from ..store import RunSpec, RunStore
@@ -39,6 +40,7 @@ def build_model(spec: RunSpec, env: Env, store: RunStore | None = None) -> Tuned
     method = get_method(spec.method)
     seed_everything(spec.seed)
     model = method.build(env.backbone(spec), task.num_classes, dict(spec.options))
+    init_head(model, str(spec.hparams.get("head_init", "vpt")))
     init_state = spec.extras.get("init_state")
     if init_state:
         path = Path(init_state)
@@ -46,6 +48,21 @@ def build_model(spec: RunSpec, env: Env, store: RunStore | None = None) -> Tuned
             path = store.record_path(spec).parent / path
         load_trainable(model, path)
     return model
+
+
+def init_head(model: TunedViT, kind: str) -> None:
+    """The head's initialisation (``HParams.head_init``): ``vpt`` leaves the method's own (the VPT/E^2VPT code's
+    kaiming-normal fan_out weight and bias -log(99), :func:`peftbench.layers.tuned_vit.make_head`);
+    ``trunc-normal`` is timm's ``reset_classifier`` / ``init_weights_vit_timm`` of the NOAH lineage and SSF:
+    weight trunc-normal std 0.02 (cut at ±2), bias 0."""
+    if kind == "vpt":
+        return
+    head = model.head
+    if not isinstance(head, torch.nn.Linear):
+        raise SettingsError(f"head_init={kind!r}: the head of this method is a {type(head).__name__}, not a Linear")
+    with torch.no_grad():
+        torch.nn.init.trunc_normal_(head.weight, std=0.02)
+        torch.nn.init.zeros_(head.bias)
 
 
 def copy_into(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

@@ -194,13 +194,13 @@ class FusedModel:
         return out
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizers: list, which: list[int], device: torch.device,
-                   precision: str = "fp32", scalers: list | None = None) -> list[float]:
+                   precision: str = "fp32", scalers: list | None = None, label_smoothing: float = 0.0) -> list[float]:
         """One optimisation step of the models ``which`` (``optimizers[i]`` is model i's): their losses
         (fp32, as :func:`peftbench.train.loop.train_step` computes them). A model whose loss is not finite
         is not stepped (its caller records it as diverged)."""
         with autocast(device, precision):
             logits = self.forward(x, which)
-        losses = [F.cross_entropy(logits[row].float(), y) for row in range(len(which))]
+        losses = [F.cross_entropy(logits[row].float(), y, label_smoothing=label_smoothing) for row in range(len(which))]
         values = torch.stack([loss.detach() for loss in losses]).tolist()  # one sync for the K losses
         ok = [row for row, v in enumerate(values) if math.isfinite(v)]
         if not ok:

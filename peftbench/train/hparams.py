@@ -13,6 +13,9 @@ from typing import Any
 from ..errors import SettingsError
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+SCHEDULES = ("vpt", "timm-cosine")  # peftbench.train.optim.lr_at_epoch
+REPORTS = ("last", "best")  # metrics.top1 of a run: its last evaluation, or its best one (flagged)
+HEAD_INITS = ("vpt", "trunc-normal")  # peftbench.train.build.init_head
 MAX_SEED = 2**63 - 1
 
 
@@ -34,6 +37,16 @@ class HParams:
     # train epochs [0, stop_epoch) of the ``epochs``-epoch schedule and stop (a rung of successive halving,
     # docs/sweeps.md): the lr schedule is the full one; absent means the whole schedule
     stop_epoch: int | None = None
+    # what the papers' own recipes need (--protocol paper, docs/protocols.md §5-§7); absent: the defaults,
+    # so runs planned before these existed keep their keys
+    schedule: str = "vpt"  # vpt: warm-up then cosine over the rest; timm-cosine: timm's CosineLRScheduler
+    cosine_epochs: int | None = None  # timm-cosine: its t_initial (epochs past it run at min_lr: a cool-down)
+    schedule_lag: int = 0  # timm-cosine: 1 when the official loop steps the scheduler with the epoch just ended
+    drop_last: bool = False  # drop the last partial batch of every epoch (a DataLoader's drop_last=True)
+    label_smoothing: float = 0.0
+    eval_first: bool = False  # evaluate after epochs 0, N, 2N, ... (epoch % eval_every == 0) and the last: timm loops
+    report: str = "last"  # best: metrics.top1 is the run's best evaluation (selection on the eval split, flagged)
+    head_init: str = "vpt"  # vpt: kaiming-normal fan_out, bias -log(99); trunc-normal: timm's std 0.02, bias 0
 
     @property
     def stop(self) -> int:
@@ -69,13 +82,14 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
         raise SettingsError(f"missing hyper-parameter(s) {', '.join(missing)}{at}")
     kw: dict[str, Any] = {}
     for key, value in hp.items():
-        if key in ("lr", "wd", "warmup_lr", "min_lr"):
+        if key in ("lr", "wd", "warmup_lr", "min_lr", "label_smoothing"):
             kw[key] = _number(key, value, float)
-        elif key in ("epochs", "batch_size", "warmup_epochs", "eval_every", "stop_epoch"):
-            kw[key] = _number(key, value, int)
-        elif key == "lr_scaling":
+        elif key in ("epochs", "batch_size", "warmup_epochs", "eval_every", "stop_epoch", "cosine_epochs",
+                     "schedule_lag"):
+            kw[key] = None if value is None and key in ("stop_epoch", "cosine_epochs") else _number(key, value, int)
+        elif key in ("lr_scaling", "drop_last", "eval_first"):
             if not isinstance(value, bool):
-                raise SettingsError(f"hyper-parameter lr_scaling={value!r}{at}: expected true or false")
+                raise SettingsError(f"hyper-parameter {key}={value!r}{at}: expected true or false")
             kw[key] = value
         elif key in ("mean", "std"):
             if value is not None:
@@ -98,6 +112,14 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
         (h.std is None or all(s > 0 for s in h.std), "std: every value must be > 0"),
         (h.stop_epoch is None or 1 <= h.stop_epoch <= h.epochs,
          f"stop_epoch={h.stop_epoch}: must be in 1..epochs ({h.epochs})"),
+        (h.schedule in SCHEDULES, f"schedule={h.schedule!r}: expected one of {', '.join(SCHEDULES)}"),
+        (h.cosine_epochs is None or h.cosine_epochs >= 1, f"cosine_epochs={h.cosine_epochs}: must be at least 1"),
+        (h.schedule_lag in (0, 1), f"schedule_lag={h.schedule_lag}: expected 0 or 1"),
+        (h.schedule == "timm-cosine" or (h.cosine_epochs is None and h.schedule_lag == 0),
+         "cosine_epochs and schedule_lag belong to schedule timm-cosine"),
+        (0 <= h.label_smoothing < 1, f"label_smoothing={h.label_smoothing:g}: must be in [0, 1)"),
+        (h.report in REPORTS, f"report={h.report!r}: expected one of {', '.join(REPORTS)}"),
+        (h.head_init in HEAD_INITS, f"head_init={h.head_init!r}: expected one of {', '.join(HEAD_INITS)}"),
     )
     for ok, msg in checks:
         if not ok:

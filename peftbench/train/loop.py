@@ -95,11 +95,11 @@ def uses_cached_features(method: Method, task: Task) -> bool:
 
 def train_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                optimizer: torch.optim.Optimizer, device: torch.device, precision: str = "fp32",
-               scaler: "torch.amp.GradScaler | None" = None) -> torch.Tensor:
+               scaler: "torch.amp.GradScaler | None" = None, label_smoothing: float = 0.0) -> torch.Tensor:
     """One optimisation step (loss in fp32 whatever the forward's precision); returns the loss."""
     with autocast(device, precision):
         logits = forward(x)
-    loss = F.cross_entropy(logits.float(), y)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
     if not torch.isfinite(loss):
         return loss
     optimizer.zero_grad(set_to_none=True)
@@ -290,12 +290,18 @@ def make_optimizer(hp: HParams, model: TunedViT, dev: torch.device):
 
 
 def epoch_lr(hp: HParams, peak_lr: float, epoch: int) -> float:
-    return lr_at_epoch(epoch, peak_lr, hp.epochs, hp.warmup_epochs, hp.warmup_lr, hp.min_lr)
+    return lr_at_epoch(epoch, peak_lr, hp.epochs, hp.warmup_epochs, hp.warmup_lr, hp.min_lr, hp.schedule,
+                       hp.cosine_epochs, hp.schedule_lag)
 
 
 def evaluates(hp: HParams, epoch: int) -> bool:
-    """Whether ``epoch`` ends with an evaluation (the last one the run trains always does)."""
-    return epoch == hp.stop - 1 or bool(hp.eval_every and (epoch + 1) % hp.eval_every == 0)
+    """Whether ``epoch`` ends with an evaluation (the last one the run trains always does): after every
+    ``eval_every``-th epoch, or (``eval_first``, a timm loop's ``epoch % N == 0``) after epochs 0, N, 2N..."""
+    if epoch == hp.stop - 1:
+        return True
+    if not hp.eval_every:
+        return False
+    return (epoch if hp.eval_first else epoch + 1) % hp.eval_every == 0
 
 
 def report_epoch(spec: RunSpec, env: Env, hp: HParams, entry: dict, eta_s: float) -> None:
@@ -332,13 +338,17 @@ def run_result(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: Tun
     history = prog.history
     evaluated = [h for h in history if "eval_top1" in h]
     best = max(evaluated, key=lambda h: h["eval_top1"])
+    # report "best" (a paper whose code keeps the best evaluation, e.g. the best test epoch): top1 is that
+    # best, flagged, and the last evaluation stays in last_top1
+    reported = {"top1": best["eval_top1"], "last_top1": history[-1]["eval_top1"], "reported": "best-epoch"} \
+        if hp.report == "best" else {"top1": history[-1]["eval_top1"]}
     return {
         "params": params,
         "hparams_effective": {"lr": peak_lr, "batch_size": hp.batch_size, "epochs": hp.epochs,
                               **({"stop_epoch": hp.stop} if hp.stop < hp.epochs else {})},
         "history": history,
         "metrics": {
-            "top1": history[-1]["eval_top1"],
+            **reported,
             "eval_split": spec.eval_split,
             "final_train_loss": history[-1]["train_loss"],
             # Extra, flagged: picking an epoch by this number is selection on the eval split.
@@ -348,6 +358,7 @@ def run_result(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: Tun
         },
         "timing": {
             "train_s": round(prog.train_time, 3),
+            "train_images": prog.train_images,  # images trained on, every epoch (drop_last counts)
             "train_images_per_s": round(prog.train_images / prog.train_time, 2) if prog.train_time > 0 else None,
             "cached_features": data.cached,
             **peak_memory(dev),
@@ -375,8 +386,10 @@ class SingleStep:
         self.models = [model]
         self.forward = forward_module(model, data)
 
-    def train_step(self, x, y, optimizers, which, device, precision="fp32", scalers=None) -> list[float]:
-        loss = train_step(self.forward, x, y, optimizers[0], device, precision, scalers[0] if scalers else None)
+    def train_step(self, x, y, optimizers, which, device, precision="fp32", scalers=None,
+                   label_smoothing: float = 0.0) -> list[float]:
+        loss = train_step(self.forward, x, y, optimizers[0], device, precision, scalers[0] if scalers else None,
+                          label_smoothing)
         return [loss.item()]
 
     def evaluate(self, xs, labels, prepare, env, which, precision="fp32") -> list[float]:
@@ -465,10 +478,13 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
         stepper.base.train()
         t_epoch = time.time()
         order = epoch_order(specs[0].seed, epoch, n)
+        seen = 0
         for s, (x, y, idx) in enumerate(batches(data.train_x, data.train.labels, order, hp0.batch_size,
-                                                prepare=data.prepare, augment=data.augment, device=dev)):
+                                                prepare=data.prepare, augment=data.augment, device=dev,
+                                                drop_last=hp0.drop_last)):
+            seen += len(idx)
             try:
-                values = stepper.train_step(x, y, optimizers, live, dev, hp0.precision, scalers)
+                values = stepper.train_step(x, y, optimizers, live, dev, hp0.precision, scalers, hp0.label_smoothing)
             except Exception as exc:
                 if stepped or not fused:
                     raise
@@ -494,8 +510,8 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
         for i in live:
             m = members[i]
             m.prog.train_time += dt
-            m.prog.train_images += n
-            entries[i] = {"epoch": epoch, "lr": m.lr, "train_loss": m.loss_sum / n}
+            m.prog.train_images += seen
+            entries[i] = {"epoch": epoch, "lr": m.lr, "train_loss": m.loss_sum / max(1, seen)}
         if evaluates(hp0, epoch):
             tops = stepper.evaluate(data.eval_x, data.eval.labels, data.prepare, env, live, hp0.precision)
             for i, top1 in zip(live, tops):

@@ -9,9 +9,18 @@
   has no "bias" (the grid value itself is ignored); with weight decay 0 it falls through to SGD
   (momentum 0.9).
 
-The schedule is stepped once per epoch: factor e / W during the W warm-up epochs (so epoch 0 runs at
-lr 0 when ``warmup_lr`` is 0), then 0.5 · (1 + cos(π (e − W) / (E − W))), scaled between ``min_lr``
-and the peak.
+Schedules (``HParams.schedule``), stepped once per epoch (docs/protocols.md §5):
+
+* ``vpt`` (the VPT/E^2VPT code's ``WarmupCosineSchedule``): factor e / W during the W warm-up epochs (so
+  epoch 0 runs at lr 0 when ``warmup_lr`` is 0), then 0.5 · (1 + cos(π (e − W) / (E − W))), scaled
+  between ``min_lr`` and the peak.
+* ``timm-cosine`` (timm's ``CosineLRScheduler``, ``t_in_epochs=True``, ``warmup_prefix=False``,
+  ``cycle_limit=1``, ``k_decay=1``, the loops of NOAH, SSF, FacT, GPS, SPT...): f(t) = η_w + t (η − η_w) / W for
+  t < W, else η_min + ½ (η − η_min)(1 + cos(π t / T)) while t < T, else η_min (so the cosine **overlaps** the
+  warm-up: it counts from t = 0, not from W; epochs past T are a cool-down at η_min). T = ``cosine_epochs``
+  (default: the epochs). With ``schedule_lag`` 1 (a loop that calls ``scheduler.step(epoch)`` after epoch
+  ``epoch``: NOAH, FacT, Convpass, RepAdapter, SPT) epoch e trains at f(e − 1), and epoch 0 at η_w (what the
+  constructor set); with lag 0 (``step(epoch + 1)``: SSF, GPS) epoch e trains at f(e).
 """
 from __future__ import annotations
 
@@ -79,9 +88,24 @@ def build_optimizer(kind: str, model: nn.Module, lr: float, weight_decay: float)
     return OPTIMIZERS.get(kind)(named, skip, lr, weight_decay)
 
 
+def timm_cosine(t: int, peak: float, t_initial: int, warmup: int, warmup_lr: float, min_lr: float) -> float:
+    """timm's ``CosineLRScheduler`` value at index ``t`` (the defaults of timm 0.5.4 to 1.x: no warm-up prefix,
+    one cycle, k_decay 1)."""
+    if t < warmup:
+        return warmup_lr + t * (peak - warmup_lr) / warmup
+    if t >= t_initial:  # past the one cycle: the floor
+        return min_lr
+    return min_lr + 0.5 * (peak - min_lr) * (1.0 + math.cos(math.pi * t / t_initial))
+
+
 def lr_at_epoch(epoch: int, peak: float, epochs: int, warmup: int, warmup_lr: float = 0.0,
-                min_lr: float = 0.0) -> float:
-    """The learning rate used during ``epoch`` (0-based)."""
+                min_lr: float = 0.0, schedule: str = "vpt", cosine_epochs: int | None = None, lag: int = 0) -> float:
+    """The learning rate used during ``epoch`` (0-based) under ``schedule`` (module docstring)."""
+    if schedule == "timm-cosine":
+        t = epoch - lag
+        if t < 0:  # the scheduler's constructor set the warm-up start; nobody stepped it yet
+            return warmup_lr if warmup > 0 else peak
+        return timm_cosine(t, peak, cosine_epochs or epochs, warmup, warmup_lr, min_lr)
     if epoch < warmup:
         return warmup_lr + (peak - warmup_lr) * epoch / warmup
     span = max(1, epochs - warmup)
