@@ -58,10 +58,14 @@ class AdapterNoah(Method):
     options = {
         "bottleneck": Option(8, "bottleneck width d (NOAH: 8)", min=1),
         "dropout": Option(0.1, "dropout inside the adapter, after the activation (NOAH: 0.1)", min=0.0, max=1.0),
+        "init": Option("xavier", "xavier: the adapter module's own init (xavier-uniform, biases N(0, 1e-6)); "
+                                 "trunc-normal: what NOAH's ViT.init_weights redraws it to (std 0.02, biases 0)",
+                       choices=("xavier", "trunc-normal")),
     }
 
     def build(self, backbone, num_classes, opts):
         d, p = int(opts["bottleneck"]), float(opts["dropout"])
-        adapters = insert_adapters(backbone, lambda dim: Adapter(dim, d, QuickGELU(), p, "noah"))
+        init = "noah" if opts.get("init", "xavier") == "xavier" else "trunc-normal"
+        adapters = insert_adapters(backbone, lambda dim: Adapter(dim, d, QuickGELU(), p, init))
         return _finish(backbone, num_classes, adapters)
 

@@ -105,7 +105,10 @@ TUNERS: dict[str, Tuner] = {
         lambda o: _peft().LoraConfig(r=int(o["rank"]), lora_alpha=_alpha(o), lora_dropout=float(o["dropout"]),
                                      target_modules=_targets(o)),
         "LoRA via peft: rank 8 on the fused qkv of every block, alpha = rank, dropout 0.1 (NOAH, docs/methods/peft_tuners.md)",
-        _lora_options(), aliases=("lora-qkv",)),
+        {**_lora_options(), "init": Option("kaiming-zeros", "kaiming-zeros: peft's (A kaiming-uniform, B zeros: BA "
+                                           "starts at 0); trunc-normal: what NOAH's ViT.init_weights redraws A and B "
+                                           "to (std 0.02: BA starts non-zero)", choices=("kaiming-zeros", "trunc-normal"))},
+        aliases=("lora-qkv",)),
     "dora": Tuner(
         lambda o: _peft().LoraConfig(r=int(o["rank"]), lora_alpha=_alpha(o), lora_dropout=float(o["dropout"]),
                                      target_modules=_targets(o), use_dora=True),
@@ -305,6 +308,11 @@ class PeftTunerMethod(Method):
             raise RuntimeError(f"method {self.name!r} needs peft >= {row.min_peft} (installed: {have or 'none'})")
         config = row.config(opts)
         backbone = inject(config, backbone)
+        if opts.get("init") == "trunc-normal":  # NOAH's ViT.init_weights: every Linear, LoRA's A and B too
+            with torch.no_grad():
+                for name, module in backbone.named_modules():
+                    if isinstance(module, nn.Linear) and (".lora_A." in f".{name}." or ".lora_B." in f".{name}."):
+                        nn.init.trunc_normal_(module.weight, std=0.02)
         trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}  # what peft marked
         if not trainable:
             raise ValueError(f"method {self.name!r}: peft found no layer named {opts.get('targets')!r} to adapt")

@@ -103,6 +103,7 @@ def test_transcribed_values_equal_their_sources():
     assert (ssf("stanford_dogs", "fgvc")["lr"], ssf("stanford_dogs", "fgvc")["wd"]) == (2.5e-4, 0.05)
     assert ssf("cifar100")["epochs"] == 110 and ssf("cifar100")["cosine_epochs"] == 100  # 100 + 10 cool-down
     assert ssf("cifar100")["batch_size"] == 64 and ssf("cifar100")["precision"] == "fp16"  # 2 GPUs x 32, --amp
+    assert (ssf("cifar100")["drop_path"], ssf("eurosat")["drop_path"], ssf("nabirds", "fgvc")["drop_path"]) == (0, .2, .1)
     # ChengHan111/E2VPT@7a66e75 command.txt: batch 64 on VTAB, 128 on FGVC; FGVC grid without 0.05
     e2 = resolve_card(cards["e2vpt", "fgvc"], "e2vpt", "fgvc", "cub200")
     assert e2.values("final")["batch_size"] == 128 and 0.05 not in e2.grid["lr_grid"].value
@@ -112,6 +113,8 @@ def test_transcribed_values_equal_their_sources():
     noah = resolve_card(cards["lora", "vtab"], "lora", "vtab", "dtd").values("final")
     assert (noah["lr"], noah["wd"], noah["lr_scaling"], noah["schedule_lag"]) == (1e-3, 1e-4, False, 1)
     assert (noah["warmup_lr"], noah["min_lr"], noah["drop_last"], noah["report"]) == (1e-6, 1e-5, True, "best")
+    assert noah["drop_path"] == 0.1
+    assert resolve_card(cards["lora", "vtab"], "lora", "vtab", "dtd").options["init"].value == "trunc-normal"
     # KMnP/vpt@4410440: configs/base-linear.yaml batch 1024, base-finetune.yaml batch 384 / warm-up 5
     vpt = lambda m: resolve_card(cards[m, "vtab"], m, "vtab", "dtd")  # noqa: E731
     assert vpt("linear").values("final")["batch_size"] == 1024
@@ -276,3 +279,61 @@ def test_the_dry_run_prints_each_papers_recipe_and_the_unified_protocol_beside_i
     assert "vpt-deep: the recipe of VPT (Jia et al., ECCV 2022)" in out and "unpublished: per task" in out
     assert "departure.search_seed" in out
     assert "protocols side by side" in out and "\n  paper " in out and "\n  vpt " in out
+
+
+def test_drop_path_is_timms_stochastic_depth_on_the_frozen_backbone():
+    """``drop_path``: the DropPath modules timm itself builds with drop_path_rate, active in train mode only,
+    and the backbone still frozen (no gradient reaches it)."""
+    import timm
+
+    from peftbench.backbones import create_backbone
+    from peftbench.methods import get_method
+    from peftbench.train.build import add_stochastic_depth
+
+    ensure_registered()
+    m = get_method("vpt-deep")
+    model = m.build(create_backbone(TINY_BACKBONE, pretrained=False), 3,
+                    m.resolve_options(m.default_options(), None)[0])
+    add_stochastic_depth(model, 0.2)
+    ref = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=3, num_heads=3,
+                            drop_path_rate=0.2, pretrained=False)
+    probs = lambda vit: [getattr(getattr(b, n), "drop_prob", 0.0) for b in vit.blocks  # noqa: E731
+                         for n in ("drop_path1", "drop_path2")]
+    assert probs(model.backbone) == pytest.approx(probs(ref)) and max(probs(ref)) == pytest.approx(0.2)
+    x = torch.randn(4, 3, 32, 32)
+    model.eval()
+    assert torch.equal(model(x), model(x))  # eval: no stochastic depth
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    assert not torch.equal(a, model(x))  # train: the frozen blocks drop their branches
+    a.sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters() if not p.requires_grad)
+
+
+def test_noahs_initialisation_of_its_adapters_and_lora():
+    """NOAH's ViT.init_weights redraws every Linear built before it (trunc-normal 0.02, biases 0): the adapters'
+    and LoRA's too, so NOAH's LoRA starts with BA != 0 (option init = trunc-normal)."""
+    from peftbench.backbones import create_backbone
+    from peftbench.methods import get_method
+
+    ensure_registered()
+
+    def build(name, **opts):
+        m = get_method(name)
+        torch.manual_seed(0)
+        return m.build(create_backbone(TINY_BACKBONE, pretrained=False), 3,
+                       m.resolve_options({**m.default_options(), **opts}, None)[0])
+
+    ada = [mod for mod in build("adapter-noah", init="trunc-normal").modules() if type(mod).__name__ == "Adapter"]
+    assert ada and all(a.down.bias.abs().max() == 0 and a.up.bias.abs().max() == 0 for a in ada)
+    assert all(a.down.weight.abs().max() <= 2.0 and 0.01 < a.down.weight.std() < 0.03 for a in ada)
+    xav = [mod for mod in build("adapter-noah").modules() if type(mod).__name__ == "Adapter"]
+    assert all(0 < a.down.bias.abs().max() < 1e-4 for a in xav)  # the module's own N(0, 1e-6) by default
+
+    def lora_b(model):
+        return [mod.weight for n, mod in model.named_modules() if n.endswith("lora_B.default")]
+
+    assert all(w.abs().max() == 0 for w in lora_b(build("lora")))  # peft: B = 0, BA starts at 0
+    bs = lora_b(build("lora", init="trunc-normal"))
+    assert bs and all(w.abs().max() > 0 and 0.01 < w.std() < 0.03 for w in bs)

@@ -28,10 +28,14 @@ class Adapter(nn.Module):
         if init == "zeros":  # VPT code: every weight and bias zero
             for p in self.parameters():
                 nn.init.zeros_(p)
-        elif init == "noah":  # NOAH: xavier-uniform weights, biases N(0, 1e-6)
+        elif init == "noah":  # NOAH's adapter module: xavier-uniform weights, biases N(0, 1e-6)
             for lin in (self.down, self.up):
                 nn.init.xavier_uniform_(lin.weight)
                 nn.init.normal_(lin.bias, std=1e-6)
+        elif init == "trunc-normal":  # what NOAH's ViT.init_weights then redraws: timm's Linear init
+            for lin in (self.down, self.up):
+                nn.init.trunc_normal_(lin.weight, std=0.02)
+                nn.init.zeros_(lin.bias)
         else:
             raise ValueError(f"unknown adapter init {init!r}")
 

@@ -41,6 +41,7 @@ def build_model(spec: RunSpec, env: Env, store: RunStore | None = None) -> Tuned
     seed_everything(spec.seed)
     model = method.build(env.backbone(spec), task.num_classes, dict(spec.options))
     init_head(model, str(spec.hparams.get("head_init", "vpt")))
+    add_stochastic_depth(model, float(spec.hparams.get("drop_path") or 0.0))
     init_state = spec.extras.get("init_state")
     if init_state:
         path = Path(init_state)
@@ -63,6 +64,20 @@ def init_head(model: TunedViT, kind: str) -> None:
     with torch.no_grad():
         torch.nn.init.trunc_normal_(head.weight, std=0.02)
         torch.nn.init.zeros_(head.bias)
+
+
+def add_stochastic_depth(model: TunedViT, rate: float) -> None:
+    """``HParams.drop_path``: timm's stochastic depth on the backbone's blocks (block i drops its branches with
+    probability rate · i / (depth − 1), :func:`peftbench.layers.timm_parts.add_drop_path`), active while the model
+    trains: what the official loops that call ``model.train()`` on a frozen timm ViT do (NOAH, SSF, FacT, SPT...).
+    The backbone stays frozen; only these modules join ``train_modules``."""
+    if rate <= 0:
+        return
+    from ..layers.timm_parts import add_drop_path
+
+    if not hasattr(model.backbone, "blocks"):
+        raise SettingsError(f"drop_path={rate:g}: the backbone has no timm blocks")
+    model.train_modules.extend(add_drop_path(model.backbone, rate))
 
 
 def copy_into(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:

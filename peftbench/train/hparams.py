@@ -44,6 +44,7 @@ class HParams:
     schedule_lag: int = 0  # timm-cosine: 1 when the official loop steps the scheduler with the epoch just ended
     drop_last: bool = False  # drop the last partial batch of every epoch (a DataLoader's drop_last=True)
     label_smoothing: float = 0.0
+    drop_path: float = 0.0  # stochastic depth on the (frozen) backbone's blocks while training, timm's linear rule
     eval_first: bool = False  # evaluate after epochs 0, N, 2N, ... (epoch % eval_every == 0) and the last: timm loops
     report: str = "last"  # best: metrics.top1 is the run's best evaluation (selection on the eval split, flagged)
     head_init: str = "vpt"  # vpt: kaiming-normal fan_out, bias -log(99); trunc-normal: timm's std 0.02, bias 0
@@ -82,7 +83,7 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
         raise SettingsError(f"missing hyper-parameter(s) {', '.join(missing)}{at}")
     kw: dict[str, Any] = {}
     for key, value in hp.items():
-        if key in ("lr", "wd", "warmup_lr", "min_lr", "label_smoothing"):
+        if key in ("lr", "wd", "warmup_lr", "min_lr", "label_smoothing", "drop_path"):
             kw[key] = _number(key, value, float)
         elif key in ("epochs", "batch_size", "warmup_epochs", "eval_every", "stop_epoch", "cosine_epochs",
                      "schedule_lag"):
@@ -118,6 +119,7 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
         (h.schedule == "timm-cosine" or (h.cosine_epochs is None and h.schedule_lag == 0),
          "cosine_epochs and schedule_lag belong to schedule timm-cosine"),
         (0 <= h.label_smoothing < 1, f"label_smoothing={h.label_smoothing:g}: must be in [0, 1)"),
+        (0 <= h.drop_path < 1, f"drop_path={h.drop_path:g}: must be in [0, 1)"),
         (h.report in REPORTS, f"report={h.report!r}: expected one of {', '.join(REPORTS)}"),
         (h.head_init in HEAD_INITS, f"head_init={h.head_init!r}: expected one of {', '.join(HEAD_INITS)}"),
     )

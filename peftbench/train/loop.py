@@ -268,7 +268,8 @@ def run_data(spec: RunSpec, model: TunedViT, env: Env, precision: str = "fp32") 
     train_data = load_split(task, Path(spec.data_root), spec.train_split, size)
     eval_data = load_split(task, Path(spec.data_root), spec.eval_split, size)
     norm = normalizer_for(spec, dev)
-    cached = uses_cached_features(get_method(spec.method), task)
+    # (stochastic depth makes the backbone's features random while training: nothing to cache then)
+    cached = uses_cached_features(get_method(spec.method), task) and not spec.hparams.get("drop_path")
     if cached:  # the head sees features that nothing trained changes: compute them once
         return RunData(train_data, eval_data, features(model, train_data, norm, env, precision),
                        features(model, eval_data, norm, env, precision), lambda x: x.to(dev), None, True, size)
