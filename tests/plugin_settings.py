@@ -40,6 +40,7 @@ class LayoutRow:
 @dataclass(frozen=True)
 class ProtocolRow:
     stages: tuple[str, ...]  # planned for linear on the toy task with --lr 0.1,0.2 and one seed
+    card: str | None = None  # the --card file it needs (tests/papers/...)
 
 
 EXECUTORS: dict[str, ExecutorRow] = {
@@ -84,5 +85,7 @@ PROTOCOLS: dict[str, ProtocolRow] = {
     "demo": ProtocolRow(stages=("search", "search", "final")),
     "fixed": ProtocolRow(stages=("final",)),
     # the tests' card (tests/papers/testsuite.toml): linear searches its grid
-    "paper": ProtocolRow(stages=("search", "search", "final")),  # given hyper-parameters: the first point of a grid, no search
+    "paper": ProtocolRow(stages=("search", "search", "final")),
+    # a card trains as given (the tests' card: linear's rule there is a search, so the --lr grid is searched)
+    "card": ProtocolRow(stages=("search", "search", "final"), card="papers/testsuite.toml"),  # given hyper-parameters: the first point of a grid, no search
 }

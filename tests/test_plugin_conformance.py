@@ -56,9 +56,9 @@ def data_root(tmp_path_factory):
     return make_data_root(tmp_path_factory.mktemp("plugdata"))
 
 
-def linear(data_root, protocol="fixed", lrs=(0.1,)):
+def linear(data_root, protocol="fixed", lrs=(0.1,), card=None):
     return plan(Sweep(methods=["linear"], suite="testsuite", tasks=["toy"], protocol=protocol, seeds=[1],
-                              data_root=str(data_root), backbone=TINY_BACKBONE,
+                              data_root=str(data_root), backbone=TINY_BACKBONE, card=card,
                               **{"epochs": 1, "batch_size": 16, "lr": tuple(lrs), "wd": (0.0,)}))
 
 
@@ -157,7 +157,8 @@ def test_a_task_in_each_layout_reads_every_split_and_verifies(name, tmp_path):
 @pytest.mark.parametrize("name", builtin(PROTOCOLS))
 def test_a_protocol_plans_its_stages_with_one_final_run_per_seed(name, data_root):
     r = row("protocol", table.PROTOCOLS, name)
-    specs = count_runs(linear(data_root, name, lrs=(0.1, 0.2)))
+    card = str(Path(__file__).with_name(r.card.split("/")[0]) / r.card.split("/", 1)[1]) if r.card else None
+    specs = count_runs(linear(data_root, name, lrs=(0.1, 0.2), card=card))
     assert tuple(s.stage for s in specs) == r.stages
     finals = [s for s in specs if s.stage == "final"]
     assert len(finals) == 1 and finals[0].seed == 1 and finals[0].eval_split == "test"

@@ -112,6 +112,9 @@ class Sweep:
                                                      nonempty=True, max_items=1000, metavar="NAME,NAME,..."))
     protocol: str | None = sweep_field(None, Spec("str", "the evaluation protocol (default: the suite's)", "what",
                                                   choices=_names_of("protocol"), canonical=_canonical_of("protocol")))
+    card: str | None = sweep_field(None, Spec("path", "the card file of --protocol card: per-task configurations to "
+                                                     "train as given, without a search (written by `peftbench cards`; "
+                                                     "docs/protocols.md §15)", "what", metavar="FILE"))
     backbone: str | None = sweep_field(None, Spec("str", "timm model name with its tag, or a preset (default: the "
                                                          "suite's; peftbench list backbones)", "what"))
     checkpoint: str | None = sweep_field(None, Spec("path", "local backbone weights: .npz, .safetensors or .pth", "what",

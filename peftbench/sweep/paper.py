@@ -353,8 +353,12 @@ class PaperProtocol(EvalProtocol):
     name = "paper"
     description = "each method's own paper recipe (methods/papers/*.toml): its per-task values, selection and seeds"
 
+    def card(self, ctx: PlanContext) -> Card:
+        """The card that holds this pair's recipe (the paper's)."""
+        return card_for(ctx.method, ctx.suite.name)
+
     def adapt(self, ctx: PlanContext) -> PlanContext:
-        card = card_for(ctx.method, ctx.suite.name)
+        card = self.card(ctx)
         res = resolve_card(card, ctx.method.name, ctx.suite.name, ctx.task.name)
         sources = {**ctx.option_sources, **res.sources()}
         options = dict(ctx.options)
@@ -384,11 +388,10 @@ class PaperProtocol(EvalProtocol):
         return dataclasses.replace(ctx, options=options, option_sources=sources, seeds=seeds,
                                    protocol_data={"paper": res})
 
-    @staticmethod
-    def _res(ctx: PlanContext) -> Resolved:
+    def _res(self, ctx: PlanContext) -> Resolved:
         res = ctx.protocol_data.get("paper")
         if res is None:  # planned without adapt (a method's own pipeline always gets an adapted context)
-            res = resolve_card(card_for(ctx.method, ctx.suite.name), ctx.method.name, ctx.suite.name, ctx.task.name)
+            res = resolve_card(self.card(ctx), ctx.method.name, ctx.suite.name, ctx.task.name)
         return res
 
     def default_precision(self, device_type: str) -> str:
@@ -458,3 +461,34 @@ class PaperProtocol(EvalProtocol):
                     lines.append(f"  {shown}, per task:")
                     lines += [f"    {t}: {v}" for t, v in values.items()]
         return lines
+
+
+@lru_cache(maxsize=64)
+def _card_file(path: str, mtime: float) -> Card:
+    return read_card(Path(path))
+
+
+@register_protocol
+class CardProtocol(PaperProtocol):
+    """``--protocol card --card FILE``: the per-task configurations of a card file (one written by ``peftbench
+    cards``, a colleague's, a paper's released values) trained as given: the paper protocol's machinery on a
+    card named on the command line instead of the shipped papers."""
+
+    name = "card"
+    description = "the per-task configurations of --card FILE (e.g. from `peftbench cards`), trained as given"
+    uses_card = True
+
+    def card(self, ctx: PlanContext) -> Card:
+        if not ctx.card:
+            raise SettingsError("--protocol card: give the card file with --card FILE (`peftbench cards` writes one)")
+        path = Path(ctx.card)
+        try:
+            card = _card_file(str(path), path.stat().st_mtime)
+        except OSError as exc:
+            raise SettingsError(f"--card {path}: cannot read it ({exc.strerror or exc})") from None
+        if ctx.method.name not in card.methods:
+            raise SettingsError(card.where(f"has no recipe for method {ctx.method.name!r} (it has "
+                                           f"{', '.join(card.methods)})"))
+        if ctx.suite.name not in card.suites:
+            raise SettingsError(card.where(f"covers suite(s) {', '.join(card.suites)}, not {ctx.suite.name!r}"))
+        return card

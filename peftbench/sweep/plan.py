@@ -72,6 +72,9 @@ def plan(sweep: Sweep, *, device: str = "cpu", check_data: bool = True) -> list[
     settings = sweep
     suite = get_suite(settings.suite)
     protocol = get_protocol(settings.protocol or suite.protocol)
+    if settings.card and not getattr(protocol, "uses_card", False):
+        raise SettingsError(f"--card {settings.card}: a card file is what --protocol card trains; the protocol here "
+                            f"is {protocol.name!r}")
     methods = [get_method(m) for m in settings.methods]
     if not methods:
         raise SettingsError("--methods names no method (give --methods, or `methods` in the sweep file; "
@@ -139,7 +142,8 @@ def plan(sweep: Sweep, *, device: str = "cpu", check_data: bool = True) -> list[
                 checkpoint_id=ck_id, data_root=str(data_root.resolve()) if data_root else None, fingerprint=fp,
                 overrides=dict(overrides), precision=precision, search=search,
                 seeds_given="seeds" if settings.seeds else "num_seeds" if settings.num_seeds else "",
-                given_options=frozenset(raw[m.name])))
+                given_options=frozenset(raw[m.name]),
+                card=str(Path(settings.card).resolve()) if settings.card else None))
     contexts = [ctx.protocol.adapt(ctx) for ctx in contexts]
     check_models(contexts, device)
     return contexts

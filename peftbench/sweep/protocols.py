@@ -62,6 +62,7 @@ class PlanContext:
     seeds_given: str = ""
     given_options: frozenset = frozenset()
     protocol_data: dict = field(default_factory=dict)  # what a protocol's adapt() resolved for this pair
+    card: str | None = None  # the sweep's card file (--protocol card), absolute
     # pipeline state: the search that chose the points of the runs planned from here on (grid until a search
     # with more than one point is made: peftbench.sweep.stages.search_stage sets it); the runs record it
     searched: str = "grid"
@@ -95,6 +96,7 @@ class EvalProtocol:
     reduced_search: ClassVar[bool] = False
     # the numeric precision of runs on CUDA unless --precision says otherwise (fp32 elsewhere)
     cuda_precision: ClassVar[str] = "fp32"
+    uses_card: ClassVar[bool] = False  # trains the card file the sweep names (--card)
 
     def default_precision(self, device_type: str) -> str:
         """The numeric precision runs use unless --precision says otherwise."""
