@@ -83,9 +83,9 @@ LAYOUTS: dict[str, LayoutRow] = {
 PROTOCOLS: dict[str, ProtocolRow] = {
     "vpt": ProtocolRow(stages=("search", "search", "final")),
     "demo": ProtocolRow(stages=("search", "search", "final")),
-    "fixed": ProtocolRow(stages=("final",)),
+    "fixed": ProtocolRow(stages=("final",)),  # given hyper-parameters: the first point of a grid, no search
     # the tests' card (tests/papers/testsuite.toml): linear searches its grid
     "paper": ProtocolRow(stages=("search", "search", "final")),
     # a card trains as given (the tests' card: linear's rule there is a search, so the --lr grid is searched)
-    "card": ProtocolRow(stages=("search", "search", "final"), card="papers/testsuite.toml"),  # given hyper-parameters: the first point of a grid, no search
+    "card": ProtocolRow(stages=("search", "search", "final"), card="papers/testsuite.toml"),
 }
