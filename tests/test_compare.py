@@ -131,6 +131,8 @@ def test_against_a_reference_csv(tmp_path):
     hl = m.line("overall", "mean_over_tasks")
     assert hl.delta == pytest.approx(-2.0) and hl.pairs == 0
     assert hl.p_sign_flip == pytest.approx(2 / 2 ** 5)  # the tasks are the units
+    # the CSV names no recipe, pipeline, backbone or selection: the pair cannot be like for like, and says so
+    assert m.like_for_like.startswith("no: recipe peftbench ") and "recipe" in m.like_for_like
 
 
 def test_cli_compare(tmp_path, capsys):
@@ -174,6 +176,6 @@ def test_compare_columns_are_documented():
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "results.md").read_text()
     names = [c.name for c in columns("compare")]
-    assert len(names) == 18
+    assert len(names) == 19
     for name in names:
         assert f"`{name}`" in doc, f"docs/results.md does not document the compare column {name}"

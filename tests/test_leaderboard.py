@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from peftbench.errors import SettingsError
 from peftbench.results.board import build_board, load_runs, pareto_front, suite_grid
 from peftbench.results.columns import columns, table
 from peftbench.results.reference import load_reference
@@ -34,13 +35,13 @@ def add_record(root: Path, *, config: str, task: str, seed: int, top1: float | N
                suite: str = "vtab", stage: str = "final", status: str = "ok", tuned_pct: float = 1.0,
                trainable: int = 1000, lr: float = 0.1, protocol: str = "vpt", backbone: str = "vit-test",
                ended_at: str = "2025-01-01T00:00:00+00:00", memory: float = 100.0, ips: float = 50.0,
-               error: str | None = None, job: str = "train") -> Path:
+               error: str | None = None, job: str = "train", option_sources: dict | None = None) -> Path:
     method = method or config.split("(")[0]
     spec = RunSpec(method=method, task=task, suite=suite, protocol=protocol, stage=stage,
                    train_split="train800val200" if stage == "final" else "train800",
                    eval_split="test" if stage == "final" else "val200",
                    hparams={"lr": lr, "wd": 0.0, "epochs": 2, "batch_size": 8}, seed=seed, backbone=backbone,
-                   config=config, options={"cfg": config}, job=job)
+                   config=config, options={"cfg": config}, job=job, option_sources=dict(option_sources or {}))
     rec = {"key": spec.key, "spec": spec.to_dict(), "status": status, "error": error, "attempts": 1,
            "started_at": ended_at, "ended_at": ended_at, "provenance": {"device": "test-device"}, "wall_s": 1.0}
     if status == "ok":
@@ -454,7 +455,8 @@ def test_columns_are_fixed_and_documented(vtab_store, tmp_path):
     assert header == table("leaderboard", board, [])[0]
     assert header[:6] == ["rank", "source", "config", "method", "backbone", "protocol"]
     assert header[-2:] == ["reference_source", "notes"]
-    assert header[6:8] == ["cifar100", "cifar100_std"]
+    assert header[6:11] == ["recipe", "data_pipeline", "selection", "mean_convention", "like_for_like"]
+    assert header[11:13] == ["cifar100", "cifar100_std"]
     doc = (REPO / "docs" / "leaderboard.md").read_text()
     names = [c.name.replace("{task}", "<task>").replace("{group}", "<group>")
              for t in ("leaderboard", "runs") for c in columns(t)]
@@ -483,3 +485,42 @@ def test_point_labels_of_close_configurations_do_not_overlap(tmp_path):
     for i in range(4):
         for j in range(i):
             assert not boxes[i].overlaps(boxes[j]), (boxes[i], boxes[j])
+
+
+def test_a_reproduced_row_pairs_with_its_papers_row_like_for_like_or_says_what_differs(tmp_path):
+    """The paper-protocol row of a method is the one paired with its paper's row (the reproduction gap); the pair
+    says whether it compares like with like (recipe, data pipeline, backbone, selection) and what differs."""
+    root = tmp_path / "runs"
+    paper = {"paper.card": "vpt"}
+    for suite, tasks in (("vtab", VTAB), ("fgvc", list(get_suite("fgvc").tasks))):
+        for t in tasks:
+            for seed in (1, 2):
+                add_record(root, config="vpt-deep", task=t, seed=seed, top1=50.0, suite=suite, protocol="vpt",
+                           backbone="vit_base_patch16_224.orig_in21k")
+                add_record(root, config="vpt-deep", task=t, seed=seed, top1=60.0, suite=suite, protocol="paper",
+                           backbone="vit_base_patch16_224.orig_in21k", option_sources=paper)
+            for protocol, sources in (("vpt", None), ("paper", paper)):
+                add_record(root, config="vpt-deep", task=t, seed=1, top1=10.0, suite=suite, protocol=protocol,
+                           stage="search", backbone="vit_base_patch16_224.orig_in21k", option_sources=sources)
+    board, _ = board_for(root, reference=REFERENCE)
+    (mine,) = [r for r in board.reproduced if r.paired_with == "VPT-deep"]
+    assert mine.protocol == "paper" and mine.basis.recipe == "vpt" and mine.basis.selection == "val search, last epoch"
+    assert mine.like_for_like.startswith("no: data pipeline noah files, resize (bilinear) vs tfds tensors")
+    assert "recipe" not in mine.like_for_like and "selection" not in mine.like_for_like
+    other = next(r for r in board.reproduced if r.protocol == "vpt")
+    assert other.basis.recipe == "peftbench vpt" and not other.paired_with
+    fgvc, _ = board_for(root, "fgvc", reference=REFERENCE)
+    (mine,) = [r for r in fgvc.reproduced if r.paired_with == "VPT-deep"]
+    assert mine.like_for_like == "yes"  # VPT's FGVC pipeline is peftbench's, the recipe the paper's own
+    reported = row(fgvc, "VPT-deep")
+    assert reported.like_for_like == "yes" and reported.basis.mean_convention == "tasks"
+
+
+def test_a_reference_row_is_named_once(tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    text = (REFERENCE / "fgvc-top1.csv").read_text()
+    lines = text.splitlines()
+    (ref / "fgvc-top1.csv").write_text("\n".join(lines + [lines[-1]]) + "\n")
+    with pytest.raises(SettingsError, match="appears twice"):
+        load_reference(ref, suite_grid("fgvc", []))

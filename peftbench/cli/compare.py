@@ -73,6 +73,8 @@ def print_summary(cmp) -> None:
         pw = f"{hl.p_wilcoxon:.3g}" if hl and hl.p_wilcoxon is not None else ""
         star = " *" if hl and hl.significant(cmp.alpha) else ""
         _say(f"  {m.a.label:<{w}}  {d:>15}  {sd:>6}  {hl.pairs if hl else 0:>5}  {p:>11}  {pw:>10}{star}")
+        if m.like_for_like != "yes":
+            _say(f"  {'':<{w}}  not like for like: {m.like_for_like[4:]}")
     if cmp.only_a:
         _say(f"  only in A: {', '.join(cmp.only_a)}")
     if cmp.only_b:

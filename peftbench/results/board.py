@@ -195,6 +195,63 @@ def suite_grid(suite: str, runs: Iterable[Run] = ()) -> SuiteGrid:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Basis:
+    """What a row's numbers were produced under. Two rows compare like for like only when their recipe, data
+    pipeline, backbone and selection rule agree (docs/leaderboard.md, "like for like").
+
+    * ``recipe``: the training recipe: a paper's (``vpt``, ``e2vpt``, ``noah``, ``ssf``...: the card names of
+      ``methods/papers/``, so a ``--protocol paper`` row matches its paper's row), ``peftbench <protocol>`` for
+      peftbench's unified protocols, ``card <name>`` for ``--protocol card``;
+    * ``data_pipeline``: the files and the preprocessing (``noah files, resize (bilinear)``; the papers' own:
+      ``tfds tensors, TF bilinear resize``, ``noah files, PIL bicubic resize``...);
+    * ``backbone``: the weights (a timm name with its tag);
+    * ``selection``: how the configuration was chosen and which epoch is reported (``val search, last epoch``,
+      ``fixed, best test epoch``...);
+    * ``mean_convention``: which overall mean the source prints (``groups``: of the group means; ``tasks``: of
+      the tasks); a reproduced row has both."""
+
+    recipe: str = ""
+    data_pipeline: str = ""
+    backbone: str = ""
+    selection: str = ""
+    mean_convention: str = ""
+
+    def differences(self, other: "Basis") -> list[str]:
+        """What differs between two bases (an unknown side counts as a difference: it cannot be checked)."""
+        out = []
+        for name in ("recipe", "data_pipeline", "backbone", "selection"):
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b or not a:
+                out.append(f"{name.replace('_', ' ')} {a or 'unknown'} vs {b or 'unknown'}")
+        return out
+
+
+def run_basis(run: "Run", searched: bool) -> Basis:
+    """The basis of a reproduced run (``searched``: its configuration was chosen by a search stage)."""
+    s = run.spec
+    hp = s.get("hparams") or {}
+    protocol = str(s.get("protocol") or "")
+    sources = s.get("option_sources") or {}
+    if sources.get("paper.card"):
+        recipe = ("card " if protocol == "card" else "") + str(sources["paper.card"])
+    else:
+        recipe = f"peftbench {protocol}"
+    chosen = "val search" if searched else "fixed"
+    reported = f"best {s.get('eval_split') or 'eval'} epoch" if hp.get("report") == "best" else "last epoch"
+    return Basis(recipe, data_pipeline(str(s.get("task"))), str(s.get("backbone") or ""), f"{chosen}, {reported}")
+
+
+def data_pipeline(task: str) -> str:
+    """How peftbench feeds a task's images: its layout's files, its preprocessing and augmentation, resized
+    bilinearly (docs/protocols.md §10-§11)."""
+    try:
+        t = get_task(task)
+    except UnknownNameError:
+        return ""
+    return f"{t.layout} files, {t.preprocess}" + (f" + {t.augment}" if t.augment else "") + " (bilinear)"
+
+
 @dataclass
 class Row:
     """One leaderboard row. Numbers are floats (None = empty)."""
@@ -243,6 +300,8 @@ class Row:
     notes: str = ""
     rank: int | None = None
     label: str = ""  # display name (config, disambiguated when needed)
+    basis: Basis = field(default_factory=Basis)  # what the numbers were produced under (like for like)
+    like_for_like: str = ""  # paired rows: "yes", or "no: " and what differs
 
     @property
     def tasks_done(self) -> int:
@@ -447,6 +506,10 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
             ips.append(_mean([finite(r.timing.get("train_images_per_s")) for r in kept]))
             kept_all.extend(kept)
         used.update(r.path for r in kept_all)
+        if kept_all:
+            searched = any(str(r.spec.get("stage", "")).startswith("search") for r in recs)
+            bases = {run_basis(r, searched) for r in kept_all}
+            row.basis = bases.pop() if len(bases) == 1 else Basis("mixed", "mixed", backbone, "mixed")
         row.stale = sum(r.stale for r in kept_all)
         _fill_aggregates(row, grid)
         done = [t for t in grid.tasks if row.mean.get(t) is not None]
@@ -482,11 +545,20 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
     by_config = {}
     for r in rows:
         by_config.setdefault(r.config, []).append(r)
+    taken: set[int] = set()
     for rep, ref in zip(reported_rows, reference or []):
-        mates = [m for c in ref.configs for m in by_config.get(c, [])]
-        if len(mates) == 1:  # pair only unambiguous matches
-            mate = mates[0]
+        mates = [m for c in ref.configs for m in by_config.get(c, []) if id(m) not in taken]
+        alike = [m for m in mates if not m.basis.differences(rep.basis)]
+        same_recipe = [m for m in mates if m.basis.recipe == rep.basis.recipe]
+        # the reproduction gap: the row trained with the paper's own recipe (like for like, else the same
+        # recipe); else the only reproduced row of that configuration, flagged
+        pick = alike if len(alike) == 1 else same_recipe if len(same_recipe) == 1 else mates if len(mates) == 1 else []
+        if pick:
+            mate = pick[0]
+            taken.add(id(mate))
             mate.paired_with, rep.paired_with = rep.label, mate.label
+            differs = mate.basis.differences(rep.basis)
+            mate.like_for_like = rep.like_for_like = "yes" if not differs else "no: " + "; ".join(differs)
             for target in (mate, rep):
                 target.delta_groups = {g: diff(mate.group_mean.get(g), rep.group_mean.get(g)) for g in grid.groups}
                 target.delta_overall_groups = diff(mate.overall_groups, rep.overall_groups)
@@ -530,7 +602,8 @@ def diff(a: float | None, b: float | None) -> float | None:
 
 
 def _reported_row(ref: Reported, grid: SuiteGrid) -> Row:
-    row = Row("reported", ref.method, reference_source=ref.source, label=ref.method)
+    row = Row("reported", ref.method, reference_source=ref.source, label=ref.method, backbone=ref.backbone,
+              basis=Basis(ref.recipe, ref.data_pipeline, ref.backbone, ref.selection, ref.mean_convention))
     for t in grid.tasks:
         row.mean[t] = ref.top1.get(t)
         row.std[t] = None

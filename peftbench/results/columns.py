@@ -261,6 +261,14 @@ _L = [
            html="backbone", html_cell=lambda r, b: txt(r.backbone), html_order=200),
     Column("protocol", "the evaluation protocol", lambda r, b: r.protocol,
            html="protocol", html_cell=lambda r, b: txt(r.protocol), html_order=200),
+    Column("recipe", "the training recipe: a paper's (vpt, e2vpt, noah, ssf...: methods/papers/), peftbench "
+           "<protocol> for the unified protocols, card <name> for --protocol card", lambda r, b: r.basis.recipe),
+    Column("data_pipeline", "the image files and their preprocessing", lambda r, b: r.basis.data_pipeline),
+    Column("selection", "how the configuration was chosen and which epoch is reported", lambda r, b: r.basis.selection),
+    Column("mean_convention", "which overall mean a reported row's source prints (groups | tasks)",
+           lambda r, b: r.basis.mean_convention),
+    Column("like_for_like", "paired rows: yes when recipe, data pipeline, backbone and selection agree, else no: "
+           "what differs (the deltas of such a pair compare unlike with unlike)", lambda r, b: r.like_for_like),
     Column("{task}", "mean top-1 (%) over the final seeds of the task", lambda r, b, t: fmt(r.mean.get(t)), per="task"),
     Column("{task}_std", "sample std over the seeds (empty with one seed)", lambda r, b, t: fmt(r.std.get(t)),
            per="task"),
@@ -413,6 +421,10 @@ _V = [
     Column("protocol", "", lambda p, b: p[0].protocol),
     Column("reported", "the reported row", lambda p, b: p[1].label),
     Column("reference_source", "", lambda p, b: p[1].reference_source),
+    Column("like_for_like", "yes, or no: what differs between the two rows' recipe, data pipeline, backbone and "
+           "selection (docs/leaderboard.md)", lambda p, b: p[0].like_for_like),
+    Column("recipe", "the reproduced row's recipe, then the reported row's", lambda p, b: f"{p[0].basis.recipe} | "
+           f"{p[1].basis.recipe}"),
     Column("delta_{task}", "reproduced − reported top-1 of the task",
            lambda p, b, t: fmt(diff(p[0].mean.get(t), p[1].mean.get(t))), per="task"),
     Column("delta_{group}_mean", "", lambda p, b, g: fmt(p[0].delta_groups.get(g)), per="group"),
@@ -437,6 +449,8 @@ _C = [
     Column("backbone", "side A's backbone", lambda p, c: p[0].a.backbone),
     Column("protocol", "side A's protocol", lambda p, c: p[0].a.protocol),
     Column("precision", "side A's numeric precision", lambda p, c: p[0].a.precision),
+    Column("like_for_like", "yes when both sides' recipe, data pipeline, backbone and selection agree, else no: what "
+           "differs (docs/leaderboard.md)", lambda p, c: p[0].like_for_like),
     Column("scope", "task, group (a group mean) or overall (mean_of_groups / mean_over_tasks)", lambda p, c: p[1].scope),
     Column("name", "the task, the group, or mean_of_groups / mean_over_tasks", lambda p, c: p[1].name),
     Column("a_mean", "side A's top-1 % (over the seeds both sides have, when paired)", lambda p, c: fmt(p[1].a)),

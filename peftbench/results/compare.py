@@ -117,6 +117,13 @@ class Match:
         return next((x for x in self.lines if x.scope == scope and x.name == name), None)
 
     @property
+    def like_for_like(self) -> str:
+        """``yes`` when both sides were produced under the same recipe, data pipeline, backbone and selection
+        (:class:`~peftbench.results.board.Basis`), else ``no: `` and what differs."""
+        differs = self.a.basis.differences(self.b.basis)
+        return "yes" if not differs else "no: " + "; ".join(differs)
+
+    @property
     def headline(self) -> Line | None:
         return self.lines[-1] if self.lines else None
 
@@ -169,7 +176,7 @@ def compare_with_reference(a: Board, reported: list[Row], refs: list[Reported], 
     grid = a.grid
     matches, only_a, used = [], [], set()
     for r in a.reproduced:
-        mates = [rep for rep, ref in zip(reported, refs) if r.config in ref.configs]
+        mates = [rep for rep, ref in zip(reported, refs) if r.config in ref.configs and id(rep) not in used]
         if len(mates) == 1:
             matches.append(Match(r, mates[0], compare_rows(r, mates[0], grid)))
             used.add(id(mates[0]))

@@ -30,6 +30,13 @@ class Reported:
     printed: dict[str, float]  # printed_* columns
     note: str
     printed_tuned_source: str = ""  # where printed_tuned_total_pct comes from (column tuned_total_pct_source)
+    # what the numbers were produced under (columns recipe, data_pipeline, backbone, selection; the mean
+    # convention is which printed overall the row has): peftbench.results.board.Basis
+    recipe: str = ""
+    data_pipeline: str = ""
+    backbone: str = ""
+    selection: str = ""
+    mean_convention: str = ""
 
 
 def default_reference_dir() -> Path | None:
@@ -65,7 +72,11 @@ def read_reference_file(top1_file: str | Path, grid: "SuiteGrid") -> list[Report
         raise SettingsError(f"{top1_file}: no 'method' column (a reference CSV has method, <task>..., source, "
                             "peftbench_config; docs/leaderboard.md)")
     out = []
+    seen: set[str] = set()
     for row in rows:
+        if row["method"] in seen:
+            raise SettingsError(f"{top1_file}: the row {row['method']!r} appears twice (a reference row is named once)")
+        seen.add(row["method"])
         top1 = {t: float(row[t]) for t in grid.tasks if (row.get(t) or "").strip()}
         tuned, tuned_source = {}, ""
         if row["method"] in tuned_rows:
@@ -74,8 +85,14 @@ def read_reference_file(top1_file: str | Path, grid: "SuiteGrid") -> list[Report
             tuned_source = tr.get("source", "")
         printed = {k: float(v) for k, v in row.items() if k.startswith("printed_") and (v or "").strip()}
         configs = tuple(c.strip() for c in (row.get("peftbench_config") or "").split(";") if c.strip())
+        tasks_mean = "printed_overall_mean_of_tasks" in printed
+        groups_mean = "printed_overall_mean_of_groups" in printed
+        convention = "tasks" if tasks_mean and not groups_mean else "groups" if groups_mean and not tasks_mean else \
+            "both" if tasks_mean else ""
         out.append(Reported(row["method"], configs, row.get("source", ""), top1, tuned, tuned_source, printed,
-                            row.get("note", ""), (row.get("tuned_total_pct_source") or "").strip()))
+                            row.get("note", ""), (row.get("tuned_total_pct_source") or "").strip(),
+                            *((row.get(k) or "").strip() for k in ("recipe", "data_pipeline", "backbone", "selection")),
+                            convention))
     return out
 
 

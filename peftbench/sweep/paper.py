@@ -106,6 +106,7 @@ class Resolved:
     def sources(self) -> dict[str, str]:
         """Every value's citation, keyed as the run records show them (``paper.<key>``)."""
         out = {"paper": f"{self.card.title} ({self.card.path.name}; code {self.card.code})",
+               "paper.card": self.card.name,  # the recipe a leaderboard row names (like-for-like comparisons)
                "paper.selection": f"{self.rule}" + (f", tie {self.tie}" if self.rule == "search" else "")}
         for group in (self.hparams, self.grid, self.options):
             for k, v in group.items():
