@@ -35,12 +35,14 @@ def add_record(root: Path, *, config: str, task: str, seed: int, top1: float | N
                suite: str = "vtab", stage: str = "final", status: str = "ok", tuned_pct: float = 1.0,
                trainable: int = 1000, lr: float = 0.1, protocol: str = "vpt", backbone: str = "vit-test",
                ended_at: str = "2025-01-01T00:00:00+00:00", memory: float = 100.0, ips: float = 50.0,
-               error: str | None = None, job: str = "train", option_sources: dict | None = None) -> Path:
+               error: str | None = None, job: str = "train", option_sources: dict | None = None,
+               hparams: dict | None = None) -> Path:
     method = method or config.split("(")[0]
     spec = RunSpec(method=method, task=task, suite=suite, protocol=protocol, stage=stage,
                    train_split="train800val200" if stage == "final" else "train800",
                    eval_split="test" if stage == "final" else "val200",
-                   hparams={"lr": lr, "wd": 0.0, "epochs": 2, "batch_size": 8}, seed=seed, backbone=backbone,
+                   hparams={"lr": lr, "wd": 0.0, "epochs": 2, "batch_size": 8, **(hparams or {})}, seed=seed,
+                   backbone=backbone,
                    config=config, options={"cfg": config}, job=job, option_sources=dict(option_sources or {}))
     rec = {"key": spec.key, "spec": spec.to_dict(), "status": status, "error": error, "attempts": 1,
            "started_at": ended_at, "ended_at": ended_at, "provenance": {"device": "test-device"}, "wall_s": 1.0}
@@ -514,6 +516,18 @@ def test_a_reproduced_row_pairs_with_its_papers_row_like_for_like_or_says_what_d
     assert mine.like_for_like == "yes"  # VPT's FGVC pipeline is peftbench's, the recipe the paper's own
     reported = row(fgvc, "VPT-deep")
     assert reported.like_for_like == "yes" and reported.basis.mean_convention == "tasks"
+
+
+def test_noahs_recipe_with_its_pipeline_is_like_for_like_with_noahs_row(tmp_path):
+    root = tmp_path / "runs"
+    for t in VTAB:
+        add_record(root, config="lora", task=t, seed=0, top1=70.0, protocol="paper",
+                   backbone="vit_base_patch16_224.orig_in21k", option_sources={"paper.card": "noah"},
+                   hparams={"report": "best", "interpolation": "bicubic"})
+    board, _ = board_for(root, reference=REFERENCE)
+    (mine,) = board.reproduced
+    assert mine.paired_with == "LoRA (NOAH)" and mine.like_for_like == "yes", mine.like_for_like
+    assert mine.basis.data_pipeline == "noah files, resize (bicubic)" and mine.basis.selection == "fixed, best test epoch"
 
 
 def test_a_reference_row_is_named_once(tmp_path):

@@ -248,6 +248,28 @@ def test_the_paper_protocol_trains_a_cards_recipe_end_to_end(capsys, root, tmp_p
     m = vpt["metrics"]
     assert m["top1"] == max(evaluated) and m["last_top1"] == evaluated[-1] and m["reported"] == "best-epoch"
     assert not any("reported" in r["metrics"] for r in lin)  # linear reports its last epoch
+    assert vpt["data_pipeline"]["interpolation"] == "bicubic" and vpt["data_pipeline"]["layout"] == "noah"
+    assert all(r["data_pipeline"]["interpolation"] == "bilinear" for r in lin)
+
+
+def test_bicubic_resizing_is_pils(root):
+    """``interpolation = bicubic``: every image resized by PIL's BICUBIC filter (NOAH's and SSF's Resize((224,
+    224), interpolation=3) of the JPEG export), cached apart from the bilinear copies."""
+    import numpy as np
+    from PIL import Image
+
+    from peftbench.data.loader import load_split
+    from peftbench.data.splits import read_split
+    from peftbench.tasks import get_task
+
+    task = get_task("toy")
+    split = read_split(task, Path(root), "test")
+    bicubic = load_split(task, Path(root), "test", 16, "bicubic").images
+    bilinear = load_split(task, Path(root), "test", 16).images
+    with Image.open(split.paths[0]) as im:
+        expected = np.asarray(im.convert("RGB").resize((16, 16), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    assert np.array_equal(bicubic[0].numpy(), expected)
+    assert not torch.equal(bicubic, bilinear)
 
 
 def test_the_command_line_still_wins_and_the_record_says_so(capsys, root, tmp_path):

@@ -36,12 +36,13 @@ class SplitData:
 _CACHE: dict[tuple, SplitData] = {}
 
 
-def load_split(task: Task, data_root: Path, split: str, size: int) -> SplitData:
-    """Images (uint8, geometry of the task's preprocessing) and labels of one split; decoded at most once."""
-    key = (task.name, str(Path(data_root).resolve()), split, size)
+def load_split(task: Task, data_root: Path, split: str, size: int, interpolation: str | None = None) -> SplitData:
+    """Images (uint8, geometry of the task's preprocessing; ``interpolation``: PIL's resampling when resizing,
+    None = the preprocessing's own) and labels of one split; decoded at most once."""
+    key = (task.name, str(Path(data_root).resolve()), split, size, interpolation)
     if key not in _CACHE:
         s = read_split(task, data_root, split)
-        images = decoded_images(task, data_root, s, geometry(task, split, size))
+        images = decoded_images(task, data_root, s, geometry(task, split, size, interpolation))
         _CACHE[key] = SplitData(images, torch.tensor(s.labels, dtype=torch.long))
         while len(_CACHE) > 8:  # keep memory bounded in long sweeps
             _CACHE.pop(next(iter(_CACHE)))

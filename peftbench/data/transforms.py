@@ -26,6 +26,8 @@ Augmentations run on uint8 batches on the device, every step. Built in:
 """
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 from typing import Callable
 
@@ -86,9 +88,26 @@ def training_splits(task: Task) -> set[str]:
     return {pair[0] for pair in task.splits.values()}
 
 
-def geometry(task: Task, split: str, size: int) -> Geometry:
-    """What the cache stores for ``split`` of ``task`` at input ``size``."""
-    return PREPROCESS.get(task.preprocess)(task, split, size)
+def geometry(task: Task, split: str, size: int, interpolation: str | None = None) -> Geometry:
+    """What the cache stores for ``split`` of ``task`` at input ``size`` (``interpolation``: replaces the
+    preprocessing's resampling, e.g. a paper's PIL bicubic)."""
+    geo = PREPROCESS.get(task.preprocess)(task, split, size)
+    return dataclasses.replace(geo, interpolation=interpolation) if interpolation else geo
+
+
+def pipeline(task: Task, size: int, interpolation: str | None = None, mean=None, std=None) -> dict:
+    """What a run's images went through, as its record keeps it (``record.data_pipeline``): the files (the task's
+    layout), each split role's geometry, the training augmentation and the normalisation."""
+    from .images import IMAGENET_MEAN, IMAGENET_STD
+
+    out = {"layout": task.layout, "preprocess": task.preprocess, "augment": task.augment}
+    for role, (train, evaluate) in sorted(task.splits.items()):
+        out[f"{role}_train"] = geometry(task, train, size, interpolation).tag
+        out[f"{role}_eval"] = geometry(task, evaluate, size, interpolation).tag
+    out["interpolation"] = interpolation or geometry(task, task.splits["final"][1], size).interpolation
+    out["mean"] = list(mean or IMAGENET_MEAN)
+    out["std"] = list(std or IMAGENET_STD)
+    return out
 
 
 def augmenter(task: Task, size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:

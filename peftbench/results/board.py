@@ -239,17 +239,24 @@ def run_basis(run: "Run", searched: bool) -> Basis:
         recipe = f"peftbench {protocol}"
     chosen = "val search" if searched else "fixed"
     reported = f"best {s.get('eval_split') or 'eval'} epoch" if hp.get("report") == "best" else "last epoch"
-    return Basis(recipe, data_pipeline(str(s.get("task"))), str(s.get("backbone") or ""), f"{chosen}, {reported}")
+    return Basis(recipe, data_pipeline(str(s.get("task")), run.record.data_pipeline, hp.get("interpolation")),
+                 str(s.get("backbone") or ""), f"{chosen}, {reported}")
 
 
-def data_pipeline(task: str) -> str:
-    """How peftbench feeds a task's images: its layout's files, its preprocessing and augmentation, resized
-    bilinearly (docs/protocols.md §10-§11)."""
-    try:
-        t = get_task(task)
-    except UnknownNameError:
-        return ""
-    return f"{t.layout} files, {t.preprocess}" + (f" + {t.augment}" if t.augment else "") + " (bilinear)"
+def data_pipeline(task: str, recorded: dict | None = None, interpolation: str | None = None) -> str:
+    """How a run's images were fed, in words: the files (the task's layout), the preprocessing and augmentation
+    and PIL's resampling (``record.data_pipeline`` when the record has it; records from before it: the task's
+    definition, bilinear; docs/protocols.md §10-§11)."""
+    d = recorded or {}
+    if d.get("layout"):
+        layout, pre, aug, interp = d["layout"], d.get("preprocess"), d.get("augment"), d.get("interpolation")
+    else:
+        try:
+            t = get_task(task)
+        except UnknownNameError:
+            return ""
+        layout, pre, aug, interp = t.layout, t.preprocess, t.augment, interpolation or "bilinear"
+    return f"{layout} files, {pre}" + (f" + {aug}" if aug else "") + f" ({interp or 'bilinear'})"
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .board import FINAL_STAGE, Board, Run, _latest
 # the hyper-parameters a card row carries (the card format's, less what a search chooses for a search rule)
 CARD_KEYS = ("lr", "wd", "epochs", "batch_size", "optimizer", "warmup_epochs", "warmup_lr", "min_lr", "lr_scaling",
              "eval_every", "eval_first", "precision", "mean", "std", "schedule", "cosine_epochs", "schedule_lag",
-             "drop_last", "label_smoothing", "drop_path", "report", "head_init")
+             "drop_last", "label_smoothing", "drop_path", "report", "head_init", "interpolation")
 
 
 @dataclass

@@ -179,6 +179,7 @@ class RunRecord:
     metrics: dict = field(default_factory=dict)
     timing: dict = field(default_factory=dict)
     image_size: int | None = None
+    data_pipeline: dict = field(default_factory=dict)  # what the images went through (peftbench.data.transforms.pipeline)
     num_train: int | None = None
     num_eval: int | None = None
     wall_s: float | None = None
@@ -199,7 +200,7 @@ class RunRecord:
         kw.setdefault("key", "")
         kw["schema"] = int(d.get("schema", 1))
         kw["status"] = status_of(d.get("status"))
-        for k in ("provenance", "params", "hparams_effective", "metrics", "timing"):
+        for k in ("provenance", "params", "hparams_effective", "metrics", "timing", "data_pipeline"):
             if k in kw and not isinstance(kw[k], dict):
                 kw[k] = {}
         if not isinstance(kw.get("history", []), list):

@@ -47,7 +47,7 @@ TIES = ("smaller-lr", "larger-lr")
 # hyper-parameter keys a card may set (HParams fields; lr and wd only for a fixed selection)
 HPARAM_KEYS = ("lr", "wd", "epochs", "batch_size", "optimizer", "warmup_epochs", "warmup_lr", "min_lr", "lr_scaling",
                "eval_every", "eval_first", "precision", "mean", "std", "schedule", "cosine_epochs", "schedule_lag",
-               "drop_last", "label_smoothing", "drop_path", "report", "head_init")
+               "drop_last", "label_smoothing", "drop_path", "report", "head_init", "interpolation")
 ENTRY_KEYS = {"value", "source", "unpublished", "search", "note"}
 
 

@@ -16,6 +16,7 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 SCHEDULES = ("vpt", "timm-cosine")  # peftbench.train.optim.lr_at_epoch
 REPORTS = ("last", "best")  # metrics.top1 of a run: its last evaluation, or its best one (flagged)
 HEAD_INITS = ("vpt", "trunc-normal")  # peftbench.train.build.init_head
+INTERPOLATIONS = ("bilinear", "bicubic")  # PIL's, when the images are resized (peftbench.data.images)
 MAX_SEED = 2**63 - 1
 
 
@@ -44,6 +45,7 @@ class HParams:
     schedule_lag: int = 0  # timm-cosine: 1 when the official loop steps the scheduler with the epoch just ended
     drop_last: bool = False  # drop the last partial batch of every epoch (a DataLoader's drop_last=True)
     label_smoothing: float = 0.0
+    interpolation: str | None = None  # None: the task's (bilinear); bicubic: PIL bicubic (NOAH, SSF, FacT...)
     drop_path: float = 0.0  # stochastic depth on the (frozen) backbone's blocks while training, timm's linear rule
     eval_first: bool = False  # evaluate after epochs 0, N, 2N, ... (epoch % eval_every == 0) and the last: timm loops
     report: str = "last"  # best: metrics.top1 is the run's best evaluation (selection on the eval split, flagged)
@@ -122,6 +124,8 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
         (0 <= h.drop_path < 1, f"drop_path={h.drop_path:g}: must be in [0, 1)"),
         (h.report in REPORTS, f"report={h.report!r}: expected one of {', '.join(REPORTS)}"),
         (h.head_init in HEAD_INITS, f"head_init={h.head_init!r}: expected one of {', '.join(HEAD_INITS)}"),
+        (h.interpolation is None or h.interpolation in INTERPOLATIONS,
+         f"interpolation={h.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}"),
     )
     for ok, msg in checks:
         if not ok:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from ..backbones import image_size
 from ..data.loader import SplitData, batches, epoch_order, load_split
-from ..data.transforms import augmenter
+from ..data.transforms import augmenter, pipeline
 from ..errors import Diverged, StoreError
 from ..layers.tuned_vit import TunedViT
 from ..methods import Method, get_method
@@ -256,7 +256,8 @@ def job_inputs(spec: RunSpec, store: RunStore, env: Env):
     params = parameter_summary(model)
     model.to(dev)
     size = image_size(model.backbone)
-    return dev, task, model, params, load_split(task, Path(spec.data_root), spec.train_split, size), size
+    return dev, task, model, params, load_split(task, Path(spec.data_root), spec.train_split, size,
+                                                spec.hparams.get("interpolation")), size
 
 
 def run_data(spec: RunSpec, model: TunedViT, env: Env, precision: str = "fp32") -> RunData:
@@ -265,8 +266,9 @@ def run_data(spec: RunSpec, model: TunedViT, env: Env, precision: str = "fp32") 
     dev = torch.device(env.device)
     task = get_task(spec.task)
     size = image_size(model.backbone)
-    train_data = load_split(task, Path(spec.data_root), spec.train_split, size)
-    eval_data = load_split(task, Path(spec.data_root), spec.eval_split, size)
+    interpolation = spec.hparams.get("interpolation")
+    train_data = load_split(task, Path(spec.data_root), spec.train_split, size, interpolation)
+    eval_data = load_split(task, Path(spec.data_root), spec.eval_split, size, interpolation)
     norm = normalizer_for(spec, dev)
     # (stochastic depth makes the backbone's features random while training: nothing to cache then)
     cached = uses_cached_features(get_method(spec.method), task) and not spec.hparams.get("drop_path")
@@ -365,6 +367,7 @@ def run_result(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: Tun
             **peak_memory(dev),
         },
         "image_size": data.size,
+        "data_pipeline": pipeline(get_task(spec.task), data.size, hp.interpolation, hp.mean, hp.std),
         **({"weights": weights.name} if weights is not None else {}),
         "num_train": len(data.train),
         "num_eval": len(data.eval),
