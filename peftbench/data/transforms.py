@@ -27,7 +27,6 @@ Augmentations run on uint8 batches on the device, every step. Built in:
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import dataclass
 from typing import Callable
 
