@@ -67,3 +67,12 @@ def test_timm_cosine_equals_timms_own_scheduler(lag, epochs, t_initial, warmup, 
         ours = lr_at_epoch(epoch, peak, epochs, warmup, warmup_lr, min_lr, "timm-cosine", t_initial, lag)
         assert ours == pytest.approx(used, rel=1e-12, abs=1e-15), epoch
         sched.step(epoch + 1 - lag)  # after the epoch: step(epoch) (lag 1) or step(epoch + 1) (lag 0)
+
+
+def test_adamw_all_decays_every_trainable_tensor(tiny_backbone):
+    """FacT, Convpass and RepAdapter call AdamW(trainable, lr, weight_decay): the head's bias is decayed too."""
+    model = _model(tiny_backbone, "bitfit")
+    opt = build_optimizer("adamw-all", model, 1e-3, 1e-4)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["eps"] == 1e-8
+    assert len(opt.param_groups) == 1 and opt.param_groups[0]["weight_decay"] == 1e-4
+    assert any(p is model.head.bias for p in opt.param_groups[0]["params"])

@@ -22,11 +22,8 @@ ensure_registered()
 # methods with reference rows whose paper recipe is not transcribed yet, and why (a method with reference rows
 # that is neither here nor in a card fails test_every_method_with_reference_rows_has_a_paper_recipe)
 PENDING = {
-    "adaptformer": "its row comes from the Convpass report (s searched on test runs): card to come with convpass",
-    "convpass": "per-task s / xavier flags transcribed (docs), card to come (timm 0.4.12 loop)",
-    "fact-tk": "per-task rank / scale transcribed (docs), card to come (timm 0.4.12 loop)",
-    "fact-tt": "per-task rank / scale transcribed (docs), card to come (timm 0.4.12 loop)",
-    "repadapter": "per-task s transcribed (docs), card to come",
+    "adaptformer": "its row is the Convpass report's re-run of AdaptFormer (h = 8): which s and code it used is not "
+                   "released",
     "difffit": "PETL_Vision recipe (no normalisation) not transcribed yet",
     "ln-tune": "PETL_Vision recipe (no normalisation) not transcribed yet",
     "vfpt": "VFPT's per-task values are in a Google sheet (runtsang/VFPT#2) not readable here",
@@ -115,6 +112,12 @@ def test_transcribed_values_equal_their_sources():
     assert (noah["warmup_lr"], noah["min_lr"], noah["drop_last"], noah["report"]) == (1e-6, 1e-5, True, "best")
     assert noah["drop_path"] == 0.1
     assert resolve_card(cards["lora", "vtab"], "lora", "vtab", "dtd").options["init"].value == "trunc-normal"
+    # JieShibo/PETL-ViT@026e4f1 FacT/fact_tt.py and convpass/vtab/train.py, luogen1996/RepAdapter@360992f train.py
+    for m in ("fact-tk", "convpass", "repadapter"):
+        hp = resolve_card(cards[m, "vtab"], m, "vtab", "dtd").values("final")
+        assert (hp["optimizer"], hp["lr"], hp["wd"], hp["head_init"], hp["eval_every"]) == ("adamw-all", 1e-3, 1e-4,
+                                                                                           "torch", 10)
+        assert (hp["drop_path"], hp["interpolation"], hp["schedule_lag"], hp["drop_last"]) == (0.1, "bicubic", 1, True)
     # KMnP/vpt@4410440: configs/base-linear.yaml batch 1024, base-finetune.yaml batch 384 / warm-up 5
     vpt = lambda m: resolve_card(cards[m, "vtab"], m, "vtab", "dtd")  # noqa: E731
     assert vpt("linear").values("final")["batch_size"] == 1024
@@ -359,3 +362,18 @@ def test_noahs_initialisation_of_its_adapters_and_lora():
     assert all(w.abs().max() == 0 for w in lora_b(build("lora")))  # peft: B = 0, BA starts at 0
     bs = lora_b(build("lora", init="trunc-normal"))
     assert bs and all(w.abs().max() > 0 and 0.01 < w.std() < 0.03 for w in bs)
+
+
+def test_torch_head_init_is_a_fresh_linear():
+    from peftbench.backbones import create_backbone
+    from peftbench.methods import get_method
+    from peftbench.train.build import init_head
+
+    ensure_registered()
+    m = get_method("linear")
+    model = m.build(create_backbone(TINY_BACKBONE, pretrained=False), 50, m.resolve_options(m.default_options(), None)[0])
+    torch.manual_seed(3)
+    init_head(model, "torch")
+    torch.manual_seed(3)
+    fresh = torch.nn.Linear(model.head.in_features, 50)  # PyTorch's own init, same random stream
+    assert torch.equal(model.head.weight, fresh.weight) and torch.equal(model.head.bias, fresh.bias)

@@ -55,15 +55,20 @@ def init_head(model: TunedViT, kind: str) -> None:
     """The head's initialisation (``HParams.head_init``): ``vpt`` leaves the method's own (the VPT/E^2VPT code's
     kaiming-normal fan_out weight and bias -log(99), :func:`peftbench.layers.tuned_vit.make_head`);
     ``trunc-normal`` is timm's ``reset_classifier`` / ``init_weights_vit_timm`` of the NOAH lineage and SSF:
-    weight trunc-normal std 0.02 (cut at ±2), bias 0."""
+    weight trunc-normal std 0.02 (cut at ±2), bias 0; ``torch`` is a fresh ``nn.Linear``'s own (kaiming-uniform
+    a = √5 weight, bias uniform ±1/√fan_in): timm 0.4-0.6's ``reset_classifier``, which FacT, Convpass and
+    RepAdapter call."""
     if kind == "vpt":
         return
     head = model.head
     if not isinstance(head, torch.nn.Linear):
         raise SettingsError(f"head_init={kind!r}: the head of this method is a {type(head).__name__}, not a Linear")
     with torch.no_grad():
-        torch.nn.init.trunc_normal_(head.weight, std=0.02)
-        torch.nn.init.zeros_(head.bias)
+        if kind == "torch":
+            head.reset_parameters()
+        else:
+            torch.nn.init.trunc_normal_(head.weight, std=0.02)
+            torch.nn.init.zeros_(head.bias)
 
 
 def add_stochastic_depth(model: TunedViT, rate: float) -> None:

@@ -15,7 +15,7 @@ from ..errors import SettingsError
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 SCHEDULES = ("vpt", "timm-cosine")  # peftbench.train.optim.lr_at_epoch
 REPORTS = ("last", "best")  # metrics.top1 of a run: its last evaluation, or its best one (flagged)
-HEAD_INITS = ("vpt", "trunc-normal")  # peftbench.train.build.init_head
+HEAD_INITS = ("vpt", "trunc-normal", "torch")  # peftbench.train.build.init_head
 INTERPOLATIONS = ("bilinear", "bicubic")  # PIL's, when the images are resized (peftbench.data.images)
 MAX_SEED = 2**63 - 1
 

@@ -4,6 +4,8 @@
   names the model lists in ``no_weight_decay()`` (the head bias).
 * ``adamw``: AdamW (betas 0.9/0.999, eps 1e-8), weight decay except biases and 1-d parameters
   (NOAH/timm convention), used by the ``fixed`` protocol.
+* ``adamw-all``: AdamW (betas 0.9/0.999, eps 1e-8) with the weight decay on **every** trainable tensor, biases
+  and the head's included: ``AdamW(trainable, lr, weight_decay)`` as FacT, Convpass and RepAdapter call it.
 * ``vpt-adamw``: the full fine-tuning optimiser of the VPT code, quirks included: with a grid
   weight decay > 0 it is AdamW (eps 1e-6) with a *fixed* decay of 0.01 on every parameter whose name
   has no "bias" (the grid value itself is ignored); with weight decay 0 it falls through to SGD
@@ -69,6 +71,11 @@ def _adamw(named, skip, lr, weight_decay):
     ids = {id(p) for p in decay}
     no_decay = [p for _, p in named if id(p) not in ids]
     return torch.optim.AdamW(_groups(decay, no_decay, weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8)
+
+
+@register_optimizer("adamw-all")
+def _adamw_all(named, skip, lr, weight_decay):
+    return torch.optim.AdamW([p for _, p in named], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
 
 
 @register_optimizer("vpt-adamw")
