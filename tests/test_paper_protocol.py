@@ -27,7 +27,6 @@ PENDING = {
     "difffit": "PETL_Vision recipe (no normalisation) not transcribed yet",
     "ln-tune": "PETL_Vision recipe (no normalisation) not transcribed yet",
     "vfpt": "VFPT's per-task values are in a Google sheet (runtsang/VFPT#2) not readable here",
-    "gps": "per-task batch / lr / K transcribed (docs), needs Adam wd 0 and the cool-down card",
     "spt-lora": "needs SPT's every-epoch-of-the-last-10 evaluation cadence",
     "spt-adapter": "needs SPT's every-epoch-of-the-last-10 evaluation cadence",
     "adapter-plus": "needs its lr/100 warm-up with divisor W-1 and lr/1000 floor (pl_bolts), a schedule of its own",
@@ -37,6 +36,12 @@ PENDING = {
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     return make_data_root(tmp_path_factory.mktemp("paperdata"))
+
+
+def get_suite_tasks(suite):
+    from peftbench.tasks import get_suite
+
+    return get_suite(suite).tasks
 
 
 def _cards():
@@ -112,6 +117,15 @@ def test_transcribed_values_equal_their_sources():
     assert (noah["warmup_lr"], noah["min_lr"], noah["drop_last"], noah["report"]) == (1e-6, 1e-5, True, "best")
     assert noah["drop_path"] == 0.1
     assert resolve_card(cards["lora", "vtab"], "lora", "vtab", "dtd").options["init"].value == "trunc-normal"
+    # FightingFighting/GPS@72e0c31: the card's per-task table is the method's own (methods/gps/settings.csv)
+    import csv as _csv
+
+    rows = {r["task"]: r for r in _csv.DictReader(line for line in (papers_dir().parent / "gps" / "settings.csv")
+                                                  .open() if not line.startswith("#"))}
+    for suite in ("vtab", "fgvc"):
+        for task in get_suite_tasks(suite):
+            hp = resolve_card(cards["gps", suite], "gps", suite, task).values("final")
+            assert (hp["lr"], hp["batch_size"]) == (float(rows[task]["lr"]), int(rows[task]["batch_size"])), task
     # JieShibo/PETL-ViT@026e4f1 FacT/fact_tt.py and convpass/vtab/train.py, luogen1996/RepAdapter@360992f train.py
     for m in ("fact-tk", "convpass", "repadapter"):
         hp = resolve_card(cards[m, "vtab"], m, "vtab", "dtd").values("final")

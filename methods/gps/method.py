@@ -86,8 +86,10 @@ class Gps(Method):
         points = protocol.search_points(ctx)
         seed0 = ctx.seeds[0]
         roles = ["search", "final"] if len(points) > 1 else ["final"]
+        # (the selection pass sees the images as the training runs do: a recipe's resampling and normalisation)
+        seen = {k: base_final[k] for k in ("interpolation", "mean", "std") if k in base_final}
         jobs = {role: spec("gradients", role, {"batch_size": (base_search if role == "search" else base_final)[
-            "batch_size"]}, seed0, job="gradients", options=sel_opts) for role in roles}
+            "batch_size"], **seen}, seed0, job="gradients", options=sel_opts) for role in roles}
         yield from job_stage(ctx, list(jobs.values()), "gradients")
 
         def selection(role):
