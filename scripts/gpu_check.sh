@@ -15,6 +15,11 @@
 #   sweep    the demo suite end to end on the device (run store + leaderboard), then one demo task at
 #            224 px on ViT-B/16 (random weights from a local --checkpoint file: no hub) for 2 epochs
 #            (--small: ViT-Ti/16, e2vpt only, 1 epoch)
+#   paper    --protocol paper for the E^2VPT paper's methods (e2vpt, vpt-deep): the dry run (each recipe with its
+#            sources, its cost beside the unified protocol's, from the bench table just measured); and, when the
+#            machine holds VTAB-1k data ($PEFTBENCH_DATA with vtab/dtd, or --paper-data DIR), e2vpt on DTD
+#            under its paper recipe, one seed, beside the paper's DTD cell in the leaderboard (no data: said so,
+#            and skipped, never faked)
 #
 # Outputs (--out, default results/): bench-cuda-<gpu>-<backbone>.csv (or bench-cpu-...), gpu-check-<dev>.json,
 # gpu-sweep-<dev>/ (leaderboards of the two sweeps). Any failure stops the script with a non-zero status.
@@ -23,7 +28,8 @@ cd "$(dirname "$0")/.."
 
 DEVICE=cuda
 SMALL=0
-PARTS=install,bench,compile,checks,fused,sweep
+PARTS=install,bench,compile,checks,fused,sweep,paper
+PAPER_DATA="${PEFTBENCH_DATA:-}"
 OUT=results
 RUNS=""
 while [ $# -gt 0 ]; do
@@ -33,6 +39,7 @@ while [ $# -gt 0 ]; do
     --parts) PARTS="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --runs) RUNS="$2"; shift 2 ;;
+    --paper-data) PAPER_DATA="$2"; shift 2 ;;
     -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -132,5 +139,21 @@ EOF
   "$PY" -m peftbench run --suite demo --tasks demo_animals --methods "$BIG_METHODS" --backbone "$BIG_BACKBONE" \
     --checkpoint "$CKPT" --protocol fixed --epochs "$BIG_EPOCHS" --seeds 1 --device "$DEVICE" --runs-dir "$RUNS/vitb224"
   "$PY" -m peftbench leaderboard --runs-dir "$RUNS/vitb224" --suite demo --out "$OUT/gpu-sweep-$DEVICE/vitb224" --force
+fi
+if has paper; then
+  stamp "paper: the dry run of --protocol paper for e2vpt and vpt-deep on VTAB-1k (recipes, sources, costs)"
+  TABLE_ARGS=()
+  for t in "$OUT"/bench-"$DEVICE"-*vit_base_patch16_224*.csv; do [ -f "$t" ] && TABLE_ARGS=(--bench-table "$t"); done
+  "$PY" -m peftbench run --methods e2vpt,vpt-deep --suite vtab --protocol paper --dry-run "${TABLE_ARGS[@]}" \
+    | tee "$OUT/gpu-paper-dry-run-$DEVICE.txt" | grep -E "^(e2vpt|vpt-deep):|^total|^protocols|^  (paper|vpt) "
+  if [ -n "$PAPER_DATA" ] && [ -d "$PAPER_DATA/vtab/dtd" ] && [ "$SMALL" = 0 ]; then
+    RUNS=${RUNS:-$(mktemp -d)/runs}
+    stamp "paper: e2vpt on DTD under its paper recipe (one seed), beside the paper's cell"
+    "$PY" -m peftbench run --methods e2vpt --suite vtab --tasks dtd --protocol paper --seeds 42 --device "$DEVICE" \
+      --data-root "$PAPER_DATA" --runs-dir "$RUNS/paper" --quiet
+    "$PY" -m peftbench leaderboard --runs-dir "$RUNS/paper" --suite vtab --out "$OUT/gpu-sweep-$DEVICE/paper" --force
+  else
+    stamp "paper: no VTAB-1k data on this machine (\$PEFTBENCH_DATA/vtab/dtd or --paper-data): the training part is skipped"
+  fi
 fi
 stamp "gpu_check.sh: all parts passed ($PARTS)"

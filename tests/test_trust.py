@@ -657,7 +657,8 @@ def test_an_installed_wheel_finds_its_reference_numbers_bench_tables_and_assets(
              "from peftbench.methods import METHODS; from peftbench.tasks import SUITES, get_task;"
              "import peftbench.methods.vpt as v, peftbench.methods.spt.method as s;"
              "print(v.PROMPT_LENGTHS); print(s.RELEASED); print(peftbench.methods.__file__);"
-             "print(len(METHODS.names()), len(SUITES.names()), file=__import__('sys').stderr);"
+             "from peftbench.sweep.paper import papers_dir, recipes; print(papers_dir());"
+             "print(len(METHODS.names()), len(SUITES.names()), len(recipes()), file=__import__('sys').stderr);"
              "m = METHODS.get('vpt-shallow'); print(m.resolve_options(m.parse_options({}), get_task('cifar100'))[0],"
              " file=__import__('sys').stderr)")
     env = dict(_env(tmp_path), PYTHONPATH=str(site))
@@ -669,8 +670,12 @@ def test_an_installed_wheel_finds_its_reference_numbers_bench_tables_and_assets(
     assert (lines[1] / "vtab-top1.csv").is_file() and list(lines[2].glob("bench-cpu-*.csv")) and lines[3].is_file()
     # the top-level plugin folders install inside the package, their per-task data beside them
     assert lines[4].is_file() and lines[5].is_file() and lines[6] == site / "peftbench" / "methods" / "__init__.py"
+    assert (lines[7] / "e2vpt.toml").is_file() and (lines[7] / "noah.toml").is_file()  # the paper recipes
     from peftbench.methods import METHODS
 
     builtin = [n for n, m in METHODS.items() if type(m).__module__.startswith("peftbench.methods.")]
-    assert out.stderr.split("\n")[0].split() == [str(len(builtin)), "3"], out.stderr  # demo, vtab, fgvc
+    from peftbench.sweep.paper import papers_dir, read_card
+
+    pairs = sum(len(c.methods) * len(c.suites) for c in map(read_card, papers_dir().glob("*.toml")))
+    assert out.stderr.split("\n")[0].split() == [str(len(builtin)), "3", str(pairs)], out.stderr  # demo, vtab, fgvc
     assert "'prompt_tokens': 100" in out.stderr  # VPT-shallow's cifar100 length, read from the wheel's CSV
