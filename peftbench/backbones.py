@@ -2,9 +2,12 @@
 
 ``--backbone`` takes a timm name (``vit_base_patch16_224.orig_in21k``) or a peftbench preset
 (``demo-vit``: the tiny ViT pretrained by ``scripts/pretrain_demo_backbone.py``, shipped with the
-package). ``--checkpoint PATH`` loads weights from a local .npz (the original JAX ViT files, through
-timm's own converter), .safetensors or .pth/.pt/.bin (``torch.load(weights_only=True)``: no pickle
-code runs).
+package; ``vit-b16-mae`` and ``vit-b16-mocov3``: the self-supervised ViT-B/16 of the VPT and E^2VPT tables,
+from their release files). ``--checkpoint PATH`` loads weights from a local .npz (the original JAX ViT
+files, through timm's own converter), .safetensors or .pth/.pt/.pth.tar/.bin (``torch.load(weights_only=True)``:
+no pickle code runs). A preset names the key layout of its release file (:data:`CHECKPOINT_LAYOUTS`: ``timm``,
+``mae``, ``mocov3``): a converter maps it onto the timm model, every key used or deliberately dropped (and
+said why), shapes checked; ``peftbench backbone convert`` writes the result once as .safetensors.
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import difflib
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,6 +37,8 @@ class Preset:
     # non-empty: results on this backbone are a control, not a method's result (e.g. "random weights");
     # leaderboards list such rows apart: not ranked, not on the Pareto frontier, drawn apart in plots
     control: str = ""
+    layout: str = "timm"  # the key layout of its checkpoint files (CHECKPOINT_LAYOUTS)
+    weights: str = ""  # where the release file comes from (a --checkpoint the user downloads)
 
 
 # presets; third-party packages add theirs through the `peftbench.backbones` entry-point group
@@ -63,6 +69,20 @@ _BUILTIN: dict[str, Preset] = {
         "the demo ViT architecture, randomly initialised (the control for the pretrained one)",
         control="random-weight backbone",
     ),
+    # the self-supervised ViT-B/16 of the VPT and E^2VPT tables, as their code builds and loads them
+    # (../shared/spec/backbones.md §3; KMnP/vpt@4410440 src/models/build_vit_backbone.py:45-91)
+    "vit-b16-mae": Preset(
+        "vit_base_patch16_224", dict(global_pool="avg", fc_norm=True), None,
+        "ViT-B/16 MAE (mae_pretrain_vit_base.pth): the features are a fresh LayerNorm (weight 1, bias 0) of the "
+        "mean of the tokens after the CLS (prompts included), the release's final norm dropped, as VPT's code",
+        layout="mae",
+        weights="mae_pretrain_vit_base.pth from facebookresearch/mae (README: the pre-trained ViT-Base checkpoint)"),
+    "vit-b16-mocov3": Preset(
+        "vit_base_patch16_224", {}, None,
+        "ViT-B/16 MoCo-v3 (linear-vit-b-300ep.pth.tar, or the pre-training vit-b-300ep.pth.tar): the CLS token "
+        "after the final norm, as VPT's code",
+        layout="mocov3",
+        weights="linear-vit-b-300ep.pth.tar (or vit-b-300ep.pth.tar) from facebookresearch/moco-v3 CONFIG.md"),
 }
 for _name, _preset in _BUILTIN.items():
     register_backbone(_name, _preset)
@@ -121,8 +141,11 @@ def create_backbone(backbone: str, checkpoint: str | None = None, *, pretrained:
 
     p = preset(backbone)
     name, kwargs = (p.timm_name, dict(p.kwargs)) if p else (backbone, {})
-    kwargs.update(num_classes=0, global_pool="token")
+    kwargs["num_classes"] = 0
+    kwargs.setdefault("global_pool", "token")  # (a preset may pool otherwise: vit-b16-mae averages)
     ckpt = resolve_checkpoint(backbone, checkpoint) if pretrained else None
+    if pretrained and ckpt is None and p is not None and p.weights:
+        raise BackboneError(f"backbone {backbone!r} needs its release file: --checkpoint PATH ({p.weights})")
     use_hub = pretrained and ckpt is None and p is None
     try:
         if use_hub:
@@ -143,17 +166,128 @@ def create_backbone(backbone: str, checkpoint: str | None = None, *, pretrained:
             f".safetensors or a .pth state dict)."
         ) from None
     if ckpt is not None:
-        load_checkpoint(model, ckpt)
+        load_checkpoint(model, ckpt, p.layout if p else "timm")
     if device is not None:
         model.to(device)
     return model
 
 
-def load_checkpoint(model: nn.Module, path: Path) -> None:
-    """Load a local weight file into a timm ViT; a file that does not fit names the keys."""
+def read_state(path: Path) -> dict:
+    """The tensors of a .safetensors or torch file (``weights_only=True``: no pickled code runs), as a dict."""
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path)))
+        except Exception as exc:  # truncated, empty or not safetensors at all (SafetensorError, OSError, ...)
+            raise BackboneError(f"checkpoint {path} cannot be read as .safetensors: {type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if path.suffix.lower() in (".pth", ".pt", ".bin", ".ckpt", ".tar"):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise BackboneError(
+                f"checkpoint {path} cannot be read as a plain state dict (weights_only=True refuses pickled "
+                f"code): {exc}") from None
+        if not isinstance(state, dict):
+            raise BackboneError(f"checkpoint {path} holds a {type(state).__name__}, not a dict of tensors")
+        return state
+    raise BackboneError(f"checkpoint {path}: unknown format {path.suffix!r} (use .npz, .safetensors, .pth or .pth.tar)")
+
+
+def _unwrap(state: dict, *wrappers: str) -> dict:
+    for wrapper in wrappers:
+        if isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint layouts: a release file's keys -> the timm model's (every key used or dropped with a reason)
+# ---------------------------------------------------------------------------------------------
+
+Converter = Callable[[dict, nn.Module], tuple[dict, dict[str, str]]]  # (raw, model) -> (state, dropped key -> why)
+CHECKPOINT_LAYOUTS: Registry[Converter] = Registry("checkpoint layout", group="peftbench.checkpoint_layouts")
+
+
+def register_layout(name: str):
+    def deco(fn: Converter) -> Converter:
+        CHECKPOINT_LAYOUTS.add(name, fn)
+        return fn
+    return deco
+
+
+@register_layout("timm")
+def _timm_layout(raw: dict, model: nn.Module) -> tuple[dict, dict[str, str]]:
+    """timm's own names, maybe wrapped (``state_dict``, ``model``, ``module``) or DDP-prefixed (``module.``); a
+    classifier the backbone (num_classes=0) does not have is dropped."""
+    state = _unwrap(raw, "state_dict", "model", "module")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    dropped = {k: "a classifier layer (the backbone has none)" for k in state if k.startswith(_IGNORED_PREFIXES)}
+    return {k: v for k, v in state.items() if k not in dropped}, dropped
+
+
+@register_layout("mae")
+def _mae_layout(raw: dict, model: nn.Module) -> tuple[dict, dict[str, str]]:
+    """MAE's ``mae_pretrain_vit_base.pth`` (``{'model': encoder state}``, timm names): its final ``norm`` is dropped
+    and a fresh ``fc_norm`` (weight 1, bias 0) pools, as MAE's fine-tuning code and VPT's loader do
+    (facebookresearch/mae@efb2a80 main_finetune.py:248-254; KMnP/vpt@4410440 src/models/vit_backbones/vit_mae.py:14-26);
+    a ``_full`` release's decoder and mask token are dropped too. A file already converted passes through."""
+    state = dict(_unwrap(raw, "model"))
+    dropped: dict[str, str] = {}
+    for k in list(state):
+        if k.startswith("norm.") and not any(x.startswith("fc_norm.") for x in state):
+            dropped[k] = "MAE's final norm: the papers' features use a fresh fc_norm instead"
+        elif k.startswith(("decoder", "mask_token")):
+            dropped[k] = "MAE's decoder (the _full release): not part of the encoder"
+        elif k.startswith(_IGNORED_PREFIXES):
+            dropped[k] = "a classifier layer (the backbone has none)"
+    state = {k: v for k, v in state.items() if k not in dropped}
+    own = model.state_dict()
+    if "fc_norm.weight" in own and "fc_norm.weight" not in state:  # fresh, as the papers' code leaves it
+        state["fc_norm.weight"] = torch.ones_like(own["fc_norm.weight"], device="cpu")
+        state["fc_norm.bias"] = torch.zeros_like(own["fc_norm.bias"], device="cpu")
+    return state, dropped
+
+
+@register_layout("mocov3")
+def _mocov3_layout(raw: dict, model: nn.Module) -> tuple[dict, dict[str, str]]:
+    """MoCo-v3's files: the linear-classification checkpoint (``linear-vit-b-300ep.pth.tar``: ``state_dict`` of
+    the DDP-wrapped ViT, ``module.`` + timm names, and its 1000-class ``head``) or the pre-training one
+    (``vit-b-300ep.pth.tar``: ``module.base_encoder.*`` with a projector ``head``, ``module.momentum_encoder.*``,
+    ``module.predictor.*``), mapped by MoCo's own rule: the base encoder without its head
+    (facebookresearch/moco-v3@c349e6e main_lincls.py:178-189). VPT's loader strips ``module.`` only, which
+    loads nothing from the pre-training file; peftbench maps it."""
+    state = dict(_unwrap(raw, "state_dict"))
+    dropped: dict[str, str] = {}
+    out = {}
+    pretraining = any(k.startswith("module.base_encoder.") for k in state)
+    for k, v in state.items():
+        if pretraining:
+            if k.startswith("module.base_encoder.head."):
+                dropped[k] = "the pre-training projector (MoCo's rule drops it)"
+            elif k.startswith("module.base_encoder."):
+                out[k.removeprefix("module.base_encoder.")] = v
+            else:
+                dropped[k] = "the momentum encoder or the predictor (pre-training only)"
+        else:
+            name = k.removeprefix("module.")
+            if name.startswith(_IGNORED_PREFIXES):
+                dropped[k] = "the linear classifier of the release (the backbone has none)"
+            else:
+                out[name] = v
+    return out, dropped
+
+
+def load_checkpoint(model: nn.Module, path: Path, layout: str = "timm") -> dict[str, str]:
+    """Load a local weight file in ``layout`` (:data:`CHECKPOINT_LAYOUTS`) into a timm ViT; a file that does not
+    fit names the keys. Returns the keys deliberately dropped, with why."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".npz":
+        if layout != "timm":
+            raise BackboneError(f"checkpoint {path}: a .npz file, but this backbone's layout is {layout!r}")
         # the original JAX ViT checkpoints (ViT-B_16.npz): timm's converter maps the names; the keys are
         # checked first so that a file that does not fit is reported by key, not by a bare shape error
         problems = _npz_problems(model, path)
@@ -163,37 +297,20 @@ def load_checkpoint(model: nn.Module, path: Path) -> None:
             model.load_pretrained(str(path))
         except Exception as exc:
             raise BackboneError(f"checkpoint {path} does not fit the backbone: {type(exc).__name__}: {exc}") from None
-        return
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path))
-        except Exception as exc:  # truncated, empty or not safetensors at all (SafetensorError, OSError, ...)
-            raise BackboneError(f"checkpoint {path} cannot be read as .safetensors: {type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
-    elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise BackboneError(
-                f"checkpoint {path} cannot be read as a plain state dict (weights_only=True refuses pickled "
-                f"code): {exc}") from None
-    else:
-        raise BackboneError(f"checkpoint {path}: unknown format {suffix!r} (use .npz, .safetensors or .pth)")
-    for wrapper in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and wrapper in state and isinstance(state[wrapper], dict):
-            state = state[wrapper]
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith(_IGNORED_PREFIXES)}
+        return {}
+    state, dropped = CHECKPOINT_LAYOUTS.get(layout)(read_state(path), model)
+    bad = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise BackboneError(f"checkpoint {path} does not fit the backbone: entries that are not tensors {_short(bad)}")
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     wrong = sorted(k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape))
     parts = _fit_report(missing, [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong], unexpected)
     if parts:
-        raise BackboneError(f"checkpoint {path} does not fit the backbone: " + "; ".join(parts))
+        raise BackboneError(f"checkpoint {path} ({layout} layout) does not fit the backbone: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
+    return dropped
 
 
 def _npz_problems(model: nn.Module, path: Path) -> list[str]:

@@ -1,0 +1,130 @@
+"""Release checkpoints in their official key layouts (MAE, MoCo-v3 linear and pre-training, timm), converted
+onto timm models without running any pickle: tiny random models saved in each layout, loaded through the
+preset's converter, give the features the papers' code computes (a direct reference computation)."""
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from peftbench.backbones import BACKBONES, Preset, create_backbone, register_backbone
+from peftbench.cli import main
+from peftbench.errors import BackboneError
+
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3)
+
+
+def _presets():
+    if "test-mae" not in BACKBONES:
+        register_backbone("test-mae", Preset("vit_tiny_patch16_224", dict(TINY, global_pool="avg", fc_norm=True), None,
+                                             "tiny MAE-style ViT (tests)", layout="mae"))
+        register_backbone("test-mocov3", Preset("vit_tiny_patch16_224", dict(TINY), None, "tiny MoCo-v3 ViT (tests)",
+                                                layout="mocov3"))
+
+
+@pytest.fixture(scope="module")
+def source():
+    """The 'official' model: a tiny ViT with a classifier, random weights."""
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", num_classes=10, **TINY).eval()
+
+
+def _blocks_out(src, x):
+    return src.blocks(src.norm_pre(src._pos_embed(src.patch_embed(x))))
+
+
+def _features(model, x):
+    model.eval()
+    with torch.no_grad():
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def test_mae_release_layout(source, tmp_path):
+    """mae_pretrain_vit_base.pth: {'model': encoder}; the final norm dropped, a fresh fc_norm (1, 0) over the
+    mean of the tokens after the CLS (VPT's and MAE's fine-tuning code)."""
+    _presets()
+    enc = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    full = {**enc, "mask_token": torch.zeros(1, 1, 48), "decoder_embed.weight": torch.randn(16, 48)}  # a _full file
+    path = tmp_path / "mae_pretrain_vit_base.pth"
+    torch.save({"model": full}, path)
+    model = create_backbone("test-mae", str(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = _blocks_out(source, x)
+        expected = F.layer_norm(tokens[:, 1:].mean(1), (48,), eps=1e-6)  # fc_norm weight 1, bias 0
+    assert torch.allclose(_features(model, x), expected, atol=1e-6)
+    assert torch.equal(model.fc_norm.weight, torch.ones(48)) and torch.equal(model.fc_norm.bias, torch.zeros(48))
+
+
+@pytest.mark.parametrize("kind", ["linear", "pretraining"])
+def test_mocov3_release_layouts(source, tmp_path, kind):
+    """linear-vit-b-300ep.pth.tar (module. + timm names, a 1000-class head) and vit-b-300ep.pth.tar
+    (module.base_encoder.* with a projector head, momentum encoder, predictor): MoCo's own rule; the feature
+    is the CLS token after the final norm."""
+    _presets()
+    state = source.state_dict()
+    opt = torch.optim.SGD(source.parameters(), lr=0.1, momentum=0.9)
+    if kind == "linear":
+        sd = {f"module.{k}": v for k, v in state.items()}
+    else:
+        enc = {k: v for k, v in state.items() if not k.startswith("head.")}
+        sd = {**{f"module.base_encoder.{k}": v for k, v in enc.items()},
+              "module.base_encoder.head.0.weight": torch.randn(64, 48),
+              **{f"module.momentum_encoder.{k}": v + 1 for k, v in enc.items()},
+              "module.predictor.0.weight": torch.randn(64, 64)}
+    path = tmp_path / f"{kind}-vit-b-300ep.pth.tar"
+    torch.save({"epoch": 300, "arch": "vit_base", "state_dict": sd, "best_acc1": torch.tensor(76.7),
+                "optimizer": opt.state_dict()}, path)
+    model = create_backbone("test-mocov3", str(path))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = source.norm(_blocks_out(source, x))[:, 0]
+    assert torch.allclose(_features(model, x), expected, atol=1e-6)
+
+
+def test_a_file_that_does_not_fit_names_its_keys(source, tmp_path):
+    _presets()
+    enc = {k: v for k, v in source.state_dict().items() if not k.startswith(("head.", "blocks.1.mlp.fc2"))}
+    path = tmp_path / "broken.pth"
+    torch.save({"model": enc}, path)
+    with pytest.raises(BackboneError, match=r"mae layout\) does not fit the backbone: missing keys \[blocks.1.mlp.fc2"):
+        create_backbone("test-mae", str(path))
+
+
+class _Planted:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch planted-by-a-pickle",))
+
+
+def test_no_pickled_code_runs(tmp_path, monkeypatch):
+    _presets()
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"x": _Planted()}}, path)
+    with pytest.raises(BackboneError, match="weights_only=True refuses pickled code"):
+        create_backbone("test-mae", str(path))
+    assert not (tmp_path / "planted-by-a-pickle").exists()
+
+
+def test_convert_once_to_safetensors(source, tmp_path, capsys):
+    _presets()
+    enc = {k: v for k, v in source.state_dict().items() if not k.startswith("head.")}
+    path = tmp_path / "mae.pth"
+    torch.save({"model": enc}, path)
+    out = tmp_path / "mae.safetensors"
+    assert main(["backbone", "convert", "--backbone", "test-mae", "--checkpoint", str(path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "dropped norm.weight: MAE's final norm" in text
+    a, b = create_backbone("test-mae", str(path)), create_backbone("test-mae", str(out))
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(_features(a, x), _features(b, x))  # the converted file is the same backbone
+
+
+def test_the_paper_presets_need_their_release_file():
+    with pytest.raises(BackboneError, match="needs its release file: --checkpoint PATH \\(mae_pretrain_vit_base.pth"):
+        create_backbone("vit-b16-mae")
+    model = create_backbone("vit-b16-mae", pretrained=False)  # counting needs no weights
+    assert model.global_pool == "avg" and isinstance(model.norm, torch.nn.Identity)
