@@ -39,6 +39,10 @@ class Preset:
     control: str = ""
     layout: str = "timm"  # the key layout of its checkpoint files (CHECKPOINT_LAYOUTS)
     weights: str = ""  # where the release file comes from (a --checkpoint the user downloads)
+    family: str = "vit"  # the architecture family (what methods support)
+    # the input normalisation its runs use (None: ImageNet's, the VPT/E^2VPT/NOAH code's for every ViT)
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
 
 
 # presets; third-party packages add theirs through the `peftbench.backbones` entry-point group
@@ -83,9 +87,35 @@ _BUILTIN: dict[str, Preset] = {
         "after the final norm, as VPT's code",
         layout="mocov3",
         weights="linear-vit-b-300ep.pth.tar (or vit-b-300ep.pth.tar) from facebookresearch/moco-v3 CONFIG.md"),
+    # the other backbones of the papers' tables (timm's hub names; the VPT paper's ViT-L/H rows, the CLIP and
+    # DINOv2 rows of PETL_Vision / VFPT / SNELL / GPS); weights from the Hugging Face hub through timm
+    "vit-b16-in21k": Preset("vit_base_patch16_224.orig_in21k", {}, None,
+                            "ViT-B/16 ImageNet-21k (the original ViT-B_16.npz; the paper suites' default)"),
+    "vit-l16-in21k": Preset("vit_large_patch16_224.orig_in21k", {}, None,
+                            "ViT-L/16 ImageNet-21k (the original release, as the VPT paper's ViT-L rows)"),
+    "vit-h14-in21k": Preset("vit_huge_patch14_224.orig_in21k", {}, None,
+                            "ViT-H/14 ImageNet-21k (the original release, as the VPT paper's ViT-H rows)"),
+    "dinov2-vit-b14": Preset("vit_base_patch14_dinov2.lvd142m", dict(img_size=224), None,
+                             "DINOv2 ViT-B/14 (LVD-142M) at 224 px (timm interpolates its position embedding)"),
+    "clip-vit-b16-openai": Preset("vit_base_patch16_clip_224.openai", {}, None,
+                                  "CLIP ViT-B/16 image tower (OpenAI), CLIP's normalisation",
+                                  mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
+    "clip-vit-b16-laion2b": Preset("vit_base_patch16_clip_224.laion2b", {}, None,
+                                   "CLIP ViT-B/16 image tower (LAION-2B, OpenCLIP), CLIP's normalisation",
+                                   mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
 }
 for _name, _preset in _BUILTIN.items():
     register_backbone(_name, _preset)
+
+
+def normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The input mean and std runs on ``backbone`` use unless their hyper-parameters set them: the preset's, else
+    ImageNet's (the papers' code uses ImageNet's for every ViT, whatever timm's config says)."""
+    from .data.images import IMAGENET_MEAN, IMAGENET_STD
+
+    p = preset(backbone)
+    return (tuple(p.mean or IMAGENET_MEAN), tuple(p.std or IMAGENET_STD)) if p else \
+        (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
 
 # keys a classification checkpoint may carry that the backbone (num_classes=0) does not have
 _IGNORED_PREFIXES = ("head.", "fc.", "pre_logits.", "classifier.")
@@ -146,7 +176,9 @@ def create_backbone(backbone: str, checkpoint: str | None = None, *, pretrained:
     ckpt = resolve_checkpoint(backbone, checkpoint) if pretrained else None
     if pretrained and ckpt is None and p is not None and p.weights:
         raise BackboneError(f"backbone {backbone!r} needs its release file: --checkpoint PATH ({p.weights})")
-    use_hub = pretrained and ckpt is None and p is None
+    # a preset fetches from the hub when it names a pretrained tag (vit-l16-in21k); without one it is random
+    # (demo-vit-random: a control)
+    use_hub = pretrained and ckpt is None and (p is None or "." in p.timm_name)
     try:
         if use_hub:
             model = timm.create_model(name, pretrained=True, **kwargs)

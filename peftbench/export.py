@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_write_text, safe_component
-from .backbones import image_size, preset
-from .data.images import IMAGENET_MEAN, IMAGENET_STD
+from .backbones import image_size, normalisation, preset
 from .errors import PeftbenchError, StoreError
 from .layers.merge import is_plain_timm
 from .store import RunRecord, RunStatus, RunStore
@@ -97,7 +96,8 @@ def export_run(runs_dir: str | Path, key: str, out: str | Path | None = None, va
     write_tensors(out, state, meta, "the exported weights")  # a full disk, a read-only folder: one line naming the file
     config = out.with_suffix(".json")
     info = {**meta, "timm": timm_config(spec, int(plain.head.out_features)), "image_size": size,
-            "mean": list(spec.hparams.get("mean") or IMAGENET_MEAN), "std": list(spec.hparams.get("std") or IMAGENET_STD),
+            "mean": list(spec.hparams.get("mean") or normalisation(spec.backbone)[0]),
+            "std": list(spec.hparams.get("std") or normalisation(spec.backbone)[1]),
             "top1": rec.top1,
             "eval_split": spec.eval_split, "max_abs_logit_diff": diff,
             "load": "model = timm.create_model(**config['timm']); "

@@ -128,3 +128,37 @@ def test_the_paper_presets_need_their_release_file():
         create_backbone("vit-b16-mae")
     model = create_backbone("vit-b16-mae", pretrained=False)  # counting needs no weights
     assert model.global_pool == "avg" and isinstance(model.norm, torch.nn.Identity)
+
+
+def test_normalisation_comes_from_the_preset():
+    """CLIP's own mean/std for the CLIP presets; ImageNet's (the papers' code) for the others; a run's
+    hyper-parameters still win."""
+    from peftbench.backbones import normalisation
+    from peftbench.store import RunSpec
+    from peftbench.train.build import normalizer_for
+
+    clip, imagenet = (0.48145466, 0.4578275, 0.40821073), (0.485, 0.456, 0.406)
+    assert normalisation("clip-vit-b16-openai")[0] == clip and normalisation("vit-b16-mae")[0] == imagenet
+    assert normalisation("vit_base_patch16_224.augreg_in21k")[0] == imagenet  # a timm name: the papers' constants
+
+    def spec(backbone, **hp):
+        return RunSpec(method="linear", task="toy", suite="testsuite", protocol="fixed", stage="final",
+                       train_split="a", eval_split="b", hparams={"lr": 1, "wd": 0, "epochs": 1, "batch_size": 1, **hp},
+                       seed=1, backbone=backbone)
+
+    x = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
+    got = normalizer_for(spec("clip-vit-b16-openai"), "cpu")(x).flatten()
+    assert torch.allclose(got, (1 - torch.tensor(clip)) / torch.tensor((0.26862954, 0.26130258, 0.27577711)))
+    got = normalizer_for(spec("clip-vit-b16-openai", mean=[0.5] * 3, std=[0.5] * 3), "cpu")(x).flatten()
+    assert torch.allclose(got, torch.ones(3))
+
+
+def test_every_preset_is_listed_with_its_family_resolution_normalisation_and_pooling(capsys):
+    from peftbench.backbones import BACKBONES
+
+    assert main(["list", "backbones"]) == 0
+    out = capsys.readouterr().out
+    for name in BACKBONES.names():
+        line = next(x for x in out.splitlines() if x.startswith(name + " "))
+        assert "px" in line and "norm=" in line and "pool=" in line and "weights=" in line
+    assert "norm=clip" in next(x for x in out.splitlines() if x.startswith("clip-vit-b16-openai"))

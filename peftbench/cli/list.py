@@ -19,12 +19,26 @@ LISTS = {
                lambda n, s, r: f"{n:<8} {len(s.tasks):>3} tasks  protocol={s.protocol:<6} backbone={s.backbone}  "
                                f"{s.description}", None),
     "protocols": ("peftbench.sweep.protocols", "PROTOCOLS", lambda n, p, r: f"{n:<8} {p.description}", None),
-    "backbones": ("peftbench.backbones", "BACKBONES", lambda n, p, r: f"{n:<18} {p.description}", None),
+    "backbones": ("peftbench.backbones", "BACKBONES", lambda n, p, r: _backbone_line(n, p), None),
     "executors": ("peftbench.executors", "EXECUTORS", lambda n, e, r: f"{n:<10} {e.description}", None),
     "trackers": ("peftbench.trackers", "TRACKERS", lambda n, t, r: f"{n:<12} {t.description}", None),
     "layouts": ("peftbench.data.layouts", "LAYOUTS", lambda n, x, r: f"{n:<12} {x.description}", None),
     "columns": ("peftbench.results.columns", "COLUMNS", lambda n, c, r: f"{n:<40} {c.doc}", None),
 }
+def _backbone_line(name, p) -> str:
+    """A preset: family, timm name and tag, resolution, normalisation, pooling, weights, what it is."""
+    from ..backbones import normalisation
+
+    size = p.kwargs.get("img_size", 224)
+    mean, _ = normalisation(name)
+    norm = "imagenet" if tuple(round(m, 3) for m in mean) == (0.485, 0.456, 0.406) else \
+        "clip" if round(mean[0], 3) == 0.481 else ",".join(f"{m:g}" for m in mean)
+    weights = "file" if p.checkpoint else p.layout + " release file" if p.weights else \
+        "timm hub" if "." in p.timm_name else "random"
+    return (f"{name:<22} {p.family:<5} {p.timm_name:<38} {size:>4}px  norm={norm:<8} "
+            f"pool={p.kwargs.get('global_pool', 'token'):<5} weights={weights:<18} {p.description}")
+
+
 NOTES = {"backbones": "(any timm ViT name also works, e.g. vit_base_patch16_224.orig_in21k)"}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.images import IMAGENET_MEAN, IMAGENET_STD, Normalizer
+from ..data.images import Normalizer
 from ..errors import SettingsError
 from ..layers.tuned_vit import TunedViT
 from ..methods import get_method
@@ -25,8 +25,12 @@ def seed_everything(seed: int) -> None:
 
 
 def normalizer_for(spec: RunSpec, device) -> Normalizer:
-    mean = spec.hparams.get("mean") or IMAGENET_MEAN
-    std = spec.hparams.get("std") or IMAGENET_STD
+    """The run's input normalisation: its hyper-parameters' mean/std, else its backbone preset's, else ImageNet's."""
+    from ..backbones import normalisation
+
+    mean0, std0 = normalisation(spec.backbone)
+    mean = spec.hparams.get("mean") or mean0
+    std = spec.hparams.get("std") or std0
     return Normalizer(mean, std, device=device)
 
 

@@ -278,6 +278,13 @@ def run_data(spec: RunSpec, model: TunedViT, env: Env, precision: str = "fp32") 
     return RunData(train_data, eval_data, train_data.images, eval_data.images, norm, augmenter(task, size), False, size)
 
 
+def _mean_std(spec: RunSpec, hp: HParams):
+    from ..backbones import normalisation
+
+    mean, std = normalisation(spec.backbone)
+    return hp.mean or mean, hp.std or std
+
+
 def forward_module(model: TunedViT, data: RunData) -> torch.nn.Module:
     """What one training step calls: the head on cached features, else the whole model."""
     return model.head if data.cached else model
@@ -367,7 +374,7 @@ def run_result(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: Tun
             **peak_memory(dev),
         },
         "image_size": data.size,
-        "data_pipeline": pipeline(get_task(spec.task), data.size, hp.interpolation, hp.mean, hp.std),
+        "data_pipeline": pipeline(get_task(spec.task), data.size, hp.interpolation, *_mean_std(spec, hp)),
         **({"weights": weights.name} if weights is not None else {}),
         "num_train": len(data.train),
         "num_eval": len(data.eval),
