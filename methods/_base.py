@@ -207,6 +207,9 @@ class Method:
     # sparse tensors). The engine still checks that the frozen tensors are equal and trains the runs one
     # by one when the fused step fails; a test trains every fusable method fused and separately.
     fusable: ClassVar[bool] = False
+    # the backbone families the method tunes (peftbench.backbones.backbone_family); a sweep that pairs it with
+    # another family is refused before compute
+    families: ClassVar[tuple[str, ...]] = ("vit",)
     # options `peftbench bench` builds the method with unless --set gives them: for a method whose inference
     # cost depends on what its pipeline selects (e2vpt-prune's pruning pattern), a typical selection
     bench_options: ClassVar[dict[str, Any]] = {}

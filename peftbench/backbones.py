@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
@@ -108,14 +109,35 @@ for _name, _preset in _BUILTIN.items():
     register_backbone(_name, _preset)
 
 
-def normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """The input mean and std runs on ``backbone`` use unless their hyper-parameters set them: the preset's, else
-    ImageNet's (the papers' code uses ImageNet's for every ViT, whatever timm's config says)."""
-    from .data.images import IMAGENET_MEAN, IMAGENET_STD
+# timm modules whose models are the ViT family peftbench tunes (a VisionTransformer: patch embedding, CLS token,
+# pre-norm blocks with a fused qkv); any other family is refused in one line before anything is built
+VIT_MODULES = ("vision_transformer", "deit")
 
+
+@lru_cache(maxsize=1)
+def _timm_modules() -> dict[str, str]:
+    """timm architecture name -> the timm module that defines it (timm's public listing)."""
+    import timm
+
+    return {arch: module for module in timm.list_modules() for arch in timm.list_models(module=module)}
+
+
+def backbone_family(backbone: str) -> str:
+    """``vit`` for the ViT family (presets say theirs), else the timm module of the architecture (``swin_transformer``,
+    ``convnext``...), or "" for a name timm does not know."""
     p = preset(backbone)
-    return (tuple(p.mean or IMAGENET_MEAN), tuple(p.std or IMAGENET_STD)) if p else \
-        (tuple(IMAGENET_MEAN), tuple(IMAGENET_STD))
+    if p is not None:
+        return p.family
+    module = _timm_modules().get(backbone.split(".")[0], "")
+    return "vit" if module in VIT_MODULES else module
+
+
+def normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """The input mean and std of ``backbone``'s preset, or None: ImageNet's (the papers' code uses ImageNet's for
+    every ViT, whatever timm's config says; :func:`peftbench.train.build.normalizer_for` fills it in)."""
+    p = preset(backbone)
+    return (tuple(p.mean), tuple(p.std)) if p is not None and p.mean and p.std else None
+
 
 # keys a classification checkpoint may carry that the backbone (num_classes=0) does not have
 _IGNORED_PREFIXES = ("head.", "fc.", "pre_logits.", "classifier.")
@@ -170,6 +192,11 @@ def create_backbone(backbone: str, checkpoint: str | None = None, *, pretrained:
     import timm
 
     p = preset(backbone)
+    family = backbone_family(backbone)
+    if family not in ("vit", ""):
+        raise BackboneError(f"backbone {backbone!r} is a timm {family} model: peftbench tunes the ViT family (timm's "
+                            f"{', '.join(VIT_MODULES)} models and the presets of `peftbench list backbones`); Swin and "
+                            "other families are not supported yet")
     name, kwargs = (p.timm_name, dict(p.kwargs)) if p else (backbone, {})
     kwargs["num_classes"] = 0
     kwargs.setdefault("global_pool", "token")  # (a preset may pool otherwise: vit-b16-mae averages)

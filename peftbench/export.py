@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_write_text, safe_component
-from .backbones import image_size, normalisation, preset
+from .backbones import image_size, preset
 from .errors import PeftbenchError, StoreError
 from .layers.merge import is_plain_timm
 from .store import RunRecord, RunStatus, RunStore
 from .store.checkpoints import write_tensors
-from .train.build import build_model, load_trainable
+from .train.build import build_model, load_trainable, mean_std
 from .train.env import Env
 
 TOLERANCE = 1e-4  # max |logit difference| / max(1, max |logit|), float32 on the CPU
@@ -96,8 +96,7 @@ def export_run(runs_dir: str | Path, key: str, out: str | Path | None = None, va
     write_tensors(out, state, meta, "the exported weights")  # a full disk, a read-only folder: one line naming the file
     config = out.with_suffix(".json")
     info = {**meta, "timm": timm_config(spec, int(plain.head.out_features)), "image_size": size,
-            "mean": list(spec.hparams.get("mean") or normalisation(spec.backbone)[0]),
-            "std": list(spec.hparams.get("std") or normalisation(spec.backbone)[1]),
+            "mean": list(mean_std(spec)[0]), "std": list(mean_std(spec)[1]),
             "top1": rec.top1,
             "eval_split": spec.eval_split, "max_abs_logit_diff": diff,
             "load": "model = timm.create_model(**config['timm']); "

@@ -138,13 +138,17 @@ def test_normalisation_comes_from_the_preset():
     from peftbench.train.build import normalizer_for
 
     clip, imagenet = (0.48145466, 0.4578275, 0.40821073), (0.485, 0.456, 0.406)
-    assert normalisation("clip-vit-b16-openai")[0] == clip and normalisation("vit-b16-mae")[0] == imagenet
-    assert normalisation("vit_base_patch16_224.augreg_in21k")[0] == imagenet  # a timm name: the papers' constants
 
     def spec(backbone, **hp):
         return RunSpec(method="linear", task="toy", suite="testsuite", protocol="fixed", stage="final",
                        train_split="a", eval_split="b", hparams={"lr": 1, "wd": 0, "epochs": 1, "batch_size": 1, **hp},
                        seed=1, backbone=backbone)
+
+    assert normalisation("clip-vit-b16-openai")[0] == clip and normalisation("vit-b16-mae") is None  # ImageNet's
+    assert normalisation("vit_base_patch16_224.augreg_in21k") is None  # a timm name: the papers' constants
+    from peftbench.train.build import mean_std
+
+    assert mean_std(spec("vit_base_patch16_224.augreg_in21k"))[0] == imagenet
 
     x = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
     got = normalizer_for(spec("clip-vit-b16-openai"), "cpu")(x).flatten()
@@ -162,3 +166,25 @@ def test_every_preset_is_listed_with_its_family_resolution_normalisation_and_poo
         line = next(x for x in out.splitlines() if x.startswith(name + " "))
         assert "px" in line and "norm=" in line and "pool=" in line and "weights=" in line
     assert "norm=clip" in next(x for x in out.splitlines() if x.startswith("clip-vit-b16-openai"))
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["params", "--method", "vpt-deep", "--backbone", "swin_base_patch4_window7_224", "--num-classes", "10"],
+     "is a timm swin_transformer model: peftbench tunes the ViT family"),
+    (["run", "--methods", "vpt-deep", "--suite", "vtab", "--backbone", "convnext_tiny", "--dry-run"],
+     "method 'vpt-deep' does not tune backbones of the convnext family"),
+])
+def test_another_backbone_family_is_one_line_before_compute(capsys, argv, needle):
+    """A Swin or ConvNeXt name used to end in timm's raw 'Invalid pool type: token' traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and err.strip().count("\n") == 0
+
+
+def test_every_method_declares_its_backbone_families():
+    from peftbench.backbones import backbone_family
+    from peftbench.methods import METHODS
+
+    assert all(m.families and all(isinstance(f, str) for f in m.families) for _, m in METHODS.items())
+    assert backbone_family("vit_base_patch16_224.orig_in21k") == "vit" == backbone_family("deit_small_patch16_224")
+    assert backbone_family("vit-b16-mae") == "vit" and backbone_family("swin_tiny_patch4_window7_224") == "swin_transformer"

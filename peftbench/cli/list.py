@@ -30,9 +30,9 @@ def _backbone_line(name, p) -> str:
     from ..backbones import normalisation
 
     size = p.kwargs.get("img_size", 224)
-    mean, _ = normalisation(name)
-    norm = "imagenet" if tuple(round(m, 3) for m in mean) == (0.485, 0.456, 0.406) else \
-        "clip" if round(mean[0], 3) == 0.481 else ",".join(f"{m:g}" for m in mean)
+    given = normalisation(name)
+    norm = "imagenet" if given is None else "clip" if round(given[0][0], 3) == 0.481 else \
+        ",".join(f"{m:g}" for m in given[0])
     weights = "file" if p.checkpoint else p.layout + " release file" if p.weights else \
         "timm hub" if "." in p.timm_name else "random"
     return (f"{name:<22} {p.family:<5} {p.timm_name:<38} {size:>4}px  norm={norm:<8} "

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..data.images import Normalizer
+from ..backbones import normalisation
+from ..data.images import IMAGENET_MEAN, IMAGENET_STD, Normalizer
 from ..errors import SettingsError
 from ..layers.tuned_vit import TunedViT
 from ..methods import get_method
@@ -24,13 +25,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def normalizer_for(spec: RunSpec, device) -> Normalizer:
+def mean_std(spec: RunSpec) -> tuple:
     """The run's input normalisation: its hyper-parameters' mean/std, else its backbone preset's, else ImageNet's."""
-    from ..backbones import normalisation
+    mean0, std0 = normalisation(spec.backbone) or (IMAGENET_MEAN, IMAGENET_STD)
+    return tuple(spec.hparams.get("mean") or mean0), tuple(spec.hparams.get("std") or std0)
 
-    mean0, std0 = normalisation(spec.backbone)
-    mean = spec.hparams.get("mean") or mean0
-    std = spec.hparams.get("std") or std0
+
+def normalizer_for(spec: RunSpec, device) -> Normalizer:
+    """:func:`mean_std` as the batch transform."""
+    mean, std = mean_std(spec)
     return Normalizer(mean, std, device=device)
 
 

@@ -37,7 +37,7 @@ from ..layers.tuned_vit import TunedViT
 from ..methods import Method, get_method
 from ..store import RunSpec, RunStore
 from ..tasks import Task, get_task
-from .build import build_model, copy_into, normalizer_for, parameter_summary, save_trainable
+from .build import build_model, copy_into, mean_std, normalizer_for, parameter_summary, save_trainable
 from .env import Env
 from .fused import FUSED_HPARAMS, CannotFuse, FusedModel, fuse_key
 from .hparams import HParams, parse_hparams
@@ -278,13 +278,6 @@ def run_data(spec: RunSpec, model: TunedViT, env: Env, precision: str = "fp32") 
     return RunData(train_data, eval_data, train_data.images, eval_data.images, norm, augmenter(task, size), False, size)
 
 
-def _mean_std(spec: RunSpec, hp: HParams):
-    from ..backbones import normalisation
-
-    mean, std = normalisation(spec.backbone)
-    return hp.mean or mean, hp.std or std
-
-
 def forward_module(model: TunedViT, data: RunData) -> torch.nn.Module:
     """What one training step calls: the head on cached features, else the whole model."""
     return model.head if data.cached else model
@@ -374,7 +367,7 @@ def run_result(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: Tun
             **peak_memory(dev),
         },
         "image_size": data.size,
-        "data_pipeline": pipeline(get_task(spec.task), data.size, hp.interpolation, *_mean_std(spec, hp)),
+        "data_pipeline": pipeline(get_task(spec.task), data.size, hp.interpolation, *mean_std(spec)),
         **({"weights": weights.name} if weights is not None else {}),
         "num_train": len(data.train),
         "num_eval": len(data.eval),
