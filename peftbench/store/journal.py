@@ -11,7 +11,6 @@ is ignored (its lease state is dead) and removed by the next driver. A file ther
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import sys
@@ -22,7 +21,7 @@ from typing import Callable
 
 from .._io import atomic_write_text
 from ..provenance import now
-from .leases import HEARTBEAT_S, holder, lease_state
+from .leases import HEARTBEAT_S, holder, lease_state, problem, set_aside
 from .records import RunSpec
 
 FOLDER = Path(".peftbench") / "sweeps"
@@ -72,15 +71,10 @@ class Journal:
 
 def _problem(info: object) -> str | None:
     """Why ``info`` is not a journal as :class:`Journal` writes it; None when it is."""
-    if not isinstance(info, dict):
-        return "not a JSON object"
-    pid, beat = info.get("pid"), info.get("heartbeat")
-    if not isinstance(pid, int) or isinstance(pid, bool):
-        return f"pid {pid!r} is not a process id"
-    if not isinstance(beat, (int, float)) or isinstance(beat, bool) or not math.isfinite(beat):
-        return f"heartbeat {beat!r} is not a time"
-    if not isinstance(info.get("host"), str):
-        return "host is not a string"
+    why = problem(info, required=("heartbeat", "host"))  # the driver's identity, as a lease's
+    if why is not None:
+        return why
+    assert isinstance(info, dict)
     argv = info.get("argv", [])
     if not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         return "argv is not a list of strings"
@@ -113,16 +107,7 @@ def read_journal(path: Path, warn: Callable[[str], None] | None = None) -> dict 
         info, why = None, f"not JSON ({type(exc).__name__})"
     if why is None:
         return info
-    target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
-    try:
-        os.replace(path, target)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        (warn or _warn)(f"{path}: not a sweep journal ({why}), and it cannot be set aside ({exc.strerror or exc}); "
-                        "ignored")
-        return None
-    (warn or _warn)(f"{path}: not a sweep journal ({why}); set aside as {target.name}")
+    set_aside(path, f"not a sweep journal ({why})", warn or _warn)
     return None
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import socket
 import threading
@@ -29,6 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from .._io import atomic_write_text
 
@@ -77,15 +79,27 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def valid(info: object) -> bool:
-    """A lease (or journal, or driver) entry as written by :func:`holder`: a pid that is an int and a
-    heartbeat that is a finite number."""
+def problem(info: object, required: tuple[str, ...] = ()) -> str | None:
+    """Why ``info`` is not a lease (or journal, or driver) entry as :func:`holder` writes it: a pid that is an int,
+    a heartbeat that is a finite number, a host that is a string; None when it is one. Keys in ``required`` must
+    be there (a lease may lack a heartbeat or a host: then it is 0, i.e. long dead, and "")."""
     if not isinstance(info, dict):
-        return False
-    pid, beat = info.get("pid"), info.get("heartbeat", 0)
-    return (isinstance(pid, int) and not isinstance(pid, bool) and isinstance(beat, (int, float))
-            and not isinstance(beat, bool) and beat == beat and abs(beat) != float("inf")
-            and isinstance(info.get("host", ""), str))
+        return "not a JSON object"
+    pid = info.get("pid")
+    beat = info.get("heartbeat") if "heartbeat" in required else info.get("heartbeat", 0)
+    host = info.get("host") if "host" in required else info.get("host", "")
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return f"pid {pid!r} is not a process id"
+    if not isinstance(beat, (int, float)) or isinstance(beat, bool) or not math.isfinite(beat):
+        return f"heartbeat {beat!r} is not a time"
+    if not isinstance(host, str):
+        return "host is not a string"
+    return None
+
+
+def valid(info: object) -> bool:
+    """:func:`problem` finds nothing."""
+    return problem(info) is None
 
 
 def read_lease(path: Path) -> dict | None:
@@ -97,19 +111,23 @@ def read_lease(path: Path) -> dict | None:
     return data if valid(data) else None
 
 
-def set_aside(path: Path, why: str = "not a lease") -> Path | None:
-    """Move a corrupt lease (or journal) out of the way as ``<name>.corrupt-<time>``; a warning says so."""
-    import warnings
+def set_aside(path: Path, why: str = "not a lease", warn: Callable[[str], None] | None = None) -> Path | None:
+    """Move a corrupt lease (or journal) out of the way as ``<name>.corrupt-<time>``, and say so through ``warn``
+    (default: a ``UserWarning``). Returns where it went (None: it was gone already, or could not be moved)."""
+    if warn is None:
+        import warnings
 
+        def warn(message: str) -> None:
+            warnings.warn(message, stacklevel=3)
     target = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
     try:
         os.replace(path, target)
     except FileNotFoundError:
         return None
     except OSError as exc:
-        warnings.warn(f"{path}: {why}, and it could not be set aside ({exc})", stacklevel=2)
+        warn(f"{path}: {why}, and it cannot be set aside ({exc.strerror or exc})")
         return None
-    warnings.warn(f"{path}: {why}; set aside as {target.name}", stacklevel=2)
+    warn(f"{path}: {why}; set aside as {target.name}")
     return target
 
 
