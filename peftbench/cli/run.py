@@ -78,11 +78,10 @@ def compare_protocols(plan, table: Path | None) -> None:
         print(f"protocols side by side: the suite's protocol {unified!r} cannot plan this sweep ({exc})")
         return
     path = find_table(plan.contexts[0].backbone, table)
+    speeds = read_table(path) if path is not None else None
     rows = []
     for p in (plan, other):
-        hours = "-"
-        if path is not None:
-            hours = f"{estimate_seconds(p.runs, p.contexts, read_table(path))[0] / 3600:.1f}"
+        hours = "-" if speeds is None else f"{estimate_seconds(p.runs, p.contexts, speeds)[0] / 3600:.1f}"
         rows.append((p.protocol, len(p.runs), hours))
     print(f"protocols side by side ({', '.join(sorted({c.method.name for c in plan.contexts}))} on "
           f"{len(plan.contexts) // max(1, len({c.method.name for c in plan.contexts}))} task(s); device-hours from "

@@ -18,18 +18,15 @@ of the most recent run and a note.
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .._io import atomic_write_bytes, safe_component
 from .._text import csv_cell
 from ..errors import StoreError
+from ..store.records import RUN_POSITION
 from .board import FINAL_STAGE, Board, Run, _latest
-
-# the hyper-parameters a card row carries (the card format's, less what a search chooses for a search rule)
-CARD_KEYS = ("lr", "wd", "epochs", "batch_size", "optimizer", "warmup_epochs", "warmup_lr", "min_lr", "lr_scaling",
-             "eval_every", "eval_first", "precision", "mean", "std", "schedule", "cosine_epochs", "schedule_lag",
-             "drop_last", "label_smoothing", "drop_path", "report", "head_init", "interpolation")
 
 
 @dataclass
@@ -77,7 +74,7 @@ def card_entries(board: Board) -> list[CardEntry]:
             notes = []
             hp = {}
             for k, v in sorted(latest.spec.get("hparams", {}).items()):
-                if k not in CARD_KEYS:
+                if k in RUN_POSITION:
                     notes.append(f"hyper-parameter {k}={v} left out (a card does not set it)")
                     continue
                 if any(r.spec.get("hparams", {}).get(k) != v for r in runs):
@@ -85,8 +82,6 @@ def card_entries(board: Board) -> list[CardEntry]:
                 hp[k] = v
             options = dict(latest.spec.get("options") or {})
             tops = [float(r.top1) for r in runs if r.top1 is not None]
-            import statistics
-
             out.append(CardEntry(
                 label=labels.get(key, key[0]), method=str(latest.spec["method"]), task=task, suite=board.grid.suite,
                 protocol=str(latest.spec.get("protocol")), backbone=str(latest.spec.get("backbone") or ""),

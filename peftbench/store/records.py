@@ -75,6 +75,11 @@ def status_of(value: Any) -> RunStatus | str:
         return str(value)
 
 
+# hyper-parameters that say where a run stops in its schedule (a rung of successive halving), not how it
+# trains: not part of its trajectory, and never part of a recipe or a card
+RUN_POSITION = ("stop_epoch",)
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """Everything one run needs; plain data, so it pickles to a job and hashes stably."""
@@ -124,7 +129,7 @@ class RunSpec:
         """The key of the full run this run is a prefix of: the identity without the stage name and without
         ``hparams["stop_epoch"]`` (a run stopped at a rung and the run that finishes the schedule share it)."""
         ident = {k: getattr(self, k) for k in self.IDENTITY if k != "stage"}
-        ident["hparams"] = {k: v for k, v in self.hparams.items() if k != "stop_epoch"}
+        ident["hparams"] = {k: v for k, v in self.hparams.items() if k not in RUN_POSITION}
         if self.method_version != 1:
             ident["method_version"] = self.method_version
         blob = json.dumps(ident, sort_keys=True, separators=(",", ":"), default=str)

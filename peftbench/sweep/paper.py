@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import tomllib
 
 from ..errors import SettingsError
-from ..train.hparams import parse_hparams
+from ..train.hparams import RECIPE_KEYS, parse_hparams
 from .protocols import EvalProtocol, PlanContext, register_protocol
 from .stages import chosen, final_stage, search_stage
 
@@ -45,9 +45,7 @@ SCHEMA = 1
 RULES = ("fixed", "search")
 TIES = ("smaller-lr", "larger-lr")
 # hyper-parameter keys a card may set (HParams fields; lr and wd only for a fixed selection)
-HPARAM_KEYS = ("lr", "wd", "epochs", "batch_size", "optimizer", "warmup_epochs", "warmup_lr", "min_lr", "lr_scaling",
-               "eval_every", "eval_first", "precision", "mean", "std", "schedule", "cosine_epochs", "schedule_lag",
-               "drop_last", "label_smoothing", "drop_path", "report", "head_init", "interpolation")
+HPARAM_KEYS = RECIPE_KEYS
 ENTRY_KEYS = {"value", "source", "unpublished", "search", "note"}
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ..errors import SettingsError
+from ..store.records import RUN_POSITION
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 SCHEDULES = ("vpt", "timm-cosine")  # peftbench.train.optim.lr_at_epoch
@@ -58,6 +59,8 @@ class HParams:
 
 
 _KINDS = {f.name: f.type for f in fields(HParams)}
+# the hyper-parameters a recipe sets (a paper's recipe card, an exported card: peftbench.sweep.paper)
+RECIPE_KEYS = tuple(k for k in _KINDS if k not in RUN_POSITION)
 _REQUIRED = ("lr", "wd", "epochs", "batch_size")
 
 
