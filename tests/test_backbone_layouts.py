@@ -188,3 +188,11 @@ def test_every_method_declares_its_backbone_families():
     assert all(m.families and all(isinstance(f, str) for f in m.families) for _, m in METHODS.items())
     assert backbone_family("vit_base_patch16_224.orig_in21k") == "vit" == backbone_family("deit_small_patch16_224")
     assert backbone_family("vit-b16-mae") == "vit" and backbone_family("swin_tiny_patch4_window7_224") == "swin_transformer"
+
+
+def test_every_checkpoint_layout_has_a_test_here():
+    """A layout registered without a known-answer test fails here (add its test, then its name): mae and mocov3
+    above, timm in tests/test_data_backbone.py::test_safetensors_and_pth."""
+    from peftbench.backbones import CHECKPOINT_LAYOUTS
+
+    assert sorted(CHECKPOINT_LAYOUTS.names()) == ["mae", "mocov3", "timm"]
