@@ -27,6 +27,10 @@ class Task:
     aliases: tuple[str, ...] = ()
     folder: str = ""  # folder under <data-root>/<suite.folder>/ (default: the name)
     layout: str = "noah"  # a registered on-disk layout (peftbench.data.layouts): noah | fgvc-json
+    # other forms the task's data can be held in: layout name -> that layout's per-task settings (plain data, checked
+    # by the layout; VTAB-1k: {"tfds": ...}, see peftbench.data.layouts.tfds); peftbench.data.layouts.locate picks
+    # the form a data root holds
+    sources: dict[str, dict] = field(default_factory=dict)
     # stage role -> (train split, eval split)
     splits: dict[str, tuple[str, str]] = field(
         default_factory=lambda: {"search": ("train800", "val200"), "final": ("train800val200", "test")}

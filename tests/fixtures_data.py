@@ -190,3 +190,50 @@ def export_vit_npz(model, path: Path, *, extra_head: int | None = 7) -> Path:
         out["head/bias"] = np.zeros(extra_head, np.float32)
     np.savez(path, **{k: np.ascontiguousarray(v) for k, v in out.items()})
     return Path(path)
+
+
+def write_tfds(root: Path, builder: str, version: str, splits: dict[str, list[int]], records) -> Path:
+    """A folder as tensorflow_datasets prepares it: ``splits`` = TFDS split -> its shard lengths;
+    ``records(split, i)`` = the serialised Example of record i of that split. dataset_info.json lists the shard
+    lengths as TFDS writes them (``shardLengths``, int64 as strings)."""
+    from peftbench.data import tfrecord
+
+    d = Path(root) / builder / version
+    d.mkdir(parents=True)
+    base = builder.split("/")[0]
+    info: dict = {"name": base, "version": version, "splits": []}
+    for split, lengths in splits.items():
+        i = 0
+        for k, n in enumerate(lengths):
+            tfrecord.write_records(d / f"{base}-{split}.tfrecord-{k:05d}-of-{len(lengths):05d}",
+                                   [records(split, j) for j in range(i, i + n)])
+            i += n
+        info["splits"].append({"name": split, "shardLengths": [str(n) for n in lengths]})
+    (d / "dataset_info.json").write_text(json.dumps(info))
+    return d
+
+
+TFDS_TOY = {"builder": "toy_tfds", "version": "1.*.*", "label": "label",
+            "splits": {"train800": "train[:6]", "val200": "train[n*60//100:n*60//100+3]",
+                       "train800val200": "train[:6]+train[n*60//100:n*60//100+3]", "test": "test"}}
+
+
+def write_tfds_toy(root: Path) -> str:
+    """A 3-class task of the tests' suite held only in the TFDS layout (12 train records in 2 shards, 6 test):
+    its name."""
+    import io
+
+    from peftbench.data import tfrecord
+    from peftbench.tasks import TASKS, Task, register_task
+
+    if "toy_tfds" not in TASKS:
+        register_task(Task(name="toy_tfds", suite="testsuite", num_classes=3, description="TFDS-layout toy",
+                           layout="tfds", sources={"tfds": TFDS_TOY}, folder="toy_tfds"))
+
+    def rec(split, i):
+        buf = io.BytesIO()
+        Image.fromarray(np.full((6, 6, 3), (i * 40) % 256, dtype=np.uint8)).save(buf, format="PNG")
+        return tfrecord.encode_example({"image": buf.getvalue(), "label": i % 3})
+
+    write_tfds(root, "toy_tfds", "1.0.0", {"train": [7, 5], "test": [6]}, rec)
+    return "toy_tfds"

@@ -68,6 +68,12 @@ def _noah(root):
     return "toy"
 
 
+def _tfds(root):
+    from fixtures_data import write_tfds_toy
+
+    return write_tfds_toy(root)
+
+
 def _fgvc_json(root):
     from fixtures_data import write_fgvc_task
 
@@ -78,6 +84,7 @@ def _fgvc_json(root):
 LAYOUTS: dict[str, LayoutRow] = {
     "noah": LayoutRow(write=_noah),
     "fgvc-json": LayoutRow(write=_fgvc_json),
+    "tfds": LayoutRow(write=_tfds),
 }
 
 PROTOCOLS: dict[str, ProtocolRow] = {

@@ -507,7 +507,7 @@ def test_a_reproduced_row_pairs_with_its_papers_row_like_for_like_or_says_what_d
     board, _ = board_for(root, reference=REFERENCE)
     (mine,) = [r for r in board.reproduced if r.paired_with == "VPT-deep"]
     assert mine.protocol == "paper" and mine.basis.recipe == "vpt" and mine.basis.selection == "val search, last epoch"
-    assert mine.like_for_like.startswith("no: data pipeline noah files, resize (bilinear) vs tfds tensors")
+    assert mine.like_for_like.startswith("no: data pipeline noah files, resize (bilinear) vs tfds files")
     assert "recipe" not in mine.like_for_like and "selection" not in mine.like_for_like
     other = next(r for r in board.reproduced if r.protocol == "vpt")
     assert other.basis.recipe == "peftbench vpt" and not other.paired_with

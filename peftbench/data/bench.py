@@ -12,9 +12,9 @@ import torch
 from ..tasks import Task
 from .cache import cache_header, decode_workers, decoded_dir, decoded_images, open_cache_file, write_cache_file
 from .images import decode_many
-from .layouts import Split
+from .layouts import Split, locate
 from .splits import read_split
-from .transforms import geometry
+from .transforms import geometry, resampling
 
 
 def bench(task: Task, data_root: Path, split: str, size: int, *, batch: int = 256, limit: int | None = None) -> dict:
@@ -22,7 +22,7 @@ def bench(task: Task, data_root: Path, split: str, size: int, *, batch: int = 25
     s = read_split(task, data_root, split)
     if limit is not None and limit < len(s):
         s = Split(s.task, s.name, s.file, s.paths[:limit], s.labels[:limit])
-    geo = geometry(task, split, size)
+    geo = geometry(task, split, size, resampling(task, data_root))
     n = len(s)
     t0 = time.perf_counter()
     decode_many(s.paths, geo.stored, geo.interpolation, decode_workers(), geo.resize_shorter)
@@ -38,7 +38,7 @@ def bench(task: Task, data_root: Path, split: str, size: int, *, batch: int = 25
         out["first_load_s"] = time.perf_counter() - t0
     else:  # a subset: its own throw-away file
         tmp_path = decoded_dir() / f".bench-{os.getpid()}-{uuid.uuid4().hex[:6]}.u8"
-        header = cache_header(task, s, geo, "bench", task.directory(data_root))
+        header = cache_header(task, s, geo, "bench", locate(task, data_root)[1])
         write_cache_file(tmp_path, header, s, geo, log=False)
         images = torch.from_numpy(open_cache_file(tmp_path, header))
     t0 = time.perf_counter()

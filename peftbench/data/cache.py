@@ -36,7 +36,7 @@ from .._io import atomic_write
 from ..tasks import Task
 from ._cachedir import cache_base
 from .images import decode_into, decode_many
-from .layouts import Split
+from .layouts import Split, locate
 from .splits import fingerprint
 from .transforms import Geometry
 
@@ -64,7 +64,7 @@ def cache_path(task: Task, data_root: Path, split: str, geo: Geometry, fp: str |
     if d is None:
         return None
     fp = fp or fingerprint(task, data_root)
-    folder = hashlib.sha256(str(task.directory(data_root).resolve()).encode()).hexdigest()[:8]
+    folder = hashlib.sha256(str(locate(task, Path(data_root))[1].resolve()).encode()).hexdigest()[:8]
     return d / f"{_safe(task.name)}-{_safe(split)}-{fp}-{geo.tag}-{folder}.u8"
 
 
@@ -183,7 +183,7 @@ def decoded_images(task: Task, data_root: Path, split: Split, geo: Geometry, *, 
         return decode_many(split.paths, geo.stored, geo.interpolation, decode_workers(), geo.resize_shorter)
     fp = fingerprint(task, data_root)
     path = cache_path(task, data_root, split.name, geo, fp)
-    header = cache_header(task, split, geo, fp, task.directory(data_root))
+    header = cache_header(task, split, geo, fp, locate(task, Path(data_root))[1])
     arr = open_cache_file(path, header) if path.exists() else None
     if arr is None:
         path.parent.mkdir(parents=True, exist_ok=True)

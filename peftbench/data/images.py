@@ -7,17 +7,28 @@ FGVC preprocessing uses ``resize_shorter``: the shorter side is resized to that 
 (the longer one to ``int(resize_shorter * long / short)``, aspect kept, as torchvision's
 ``Resize(int)`` does on a PIL image) and the centre ``size`` × ``size`` square is cut out with
 torchvision's ``CenterCrop`` rounding. See :mod:`peftbench.data.transforms` for which split gets which geometry.
+
+Resampling: PIL's ``bilinear`` (the default) and ``bicubic`` (NOAH's, SSF's ...), and ``tf-bilinear``: TensorFlow 2's
+``tf.image.resize(image, size)`` (bilinear, half-pixel centres, no antialiasing), the resize of VPT's and E^2VPT's
+TFDS pipeline (KMnP/vpt@4410440 src/data/datasets/tf_dataset.py ``preprocess_fn``), computed as torch's
+``interpolate(mode="bilinear", align_corners=False, antialias=False)`` (the same formula: source coordinate
+``(i + 0.5) * in / out - 0.5``, clamped at the edges). TF keeps the result as float; the cache stores it rounded to
+uint8 (at most 0.5/255 from TF's value, docs/data.md). PIL's bilinear antialiases when it shrinks an image, TF's does
+not: the two differ for images larger than the input size (SUN397, DMLab, KITTI ...), not for smaller ones.
+
+An image is a file (``Path``) or a member of a container file (:class:`~peftbench.data.layouts.Member`: a TFRecord
+image, whose ``scale`` multiplies the decoded pixels before resizing, as dSprites' ``image * 255``).
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from PIL import Image
 
 from ..errors import DataError
+from .layouts import Member
 
 if TYPE_CHECKING:  # torch is imported lazily: `data verify` does not need it
     import torch
@@ -26,18 +37,50 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
+RESAMPLINGS = ("bilinear", "bicubic", "tf-bilinear")
 
 
-def decode(path: Path, size: int | tuple[int, int], interpolation: str = "bilinear",
+def tf_resize(arr: np.ndarray, h: int, w: int) -> np.ndarray:
+    """TF 2's ``tf.image.resize(arr, (h, w))`` (bilinear, half-pixel centres, no antialiasing) of an (H, W, C)
+    array, as float64."""
+    import torch
+
+    x = torch.from_numpy(np.array(arr, dtype=np.float64)).permute(2, 0, 1)[None]
+    y = torch.nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+    return y[0].permute(1, 2, 0).numpy()
+
+
+def tf_bilinear(arr: np.ndarray, h: int, w: int) -> np.ndarray:
+    """:func:`tf_resize` rounded to uint8 (what the decoded-image cache stores)."""
+    return np.clip(np.round(tf_resize(arr, h, w)), 0, 255).astype(np.uint8)
+
+
+def _resize(im: Image.Image, w: int, h: int, interpolation: str) -> Image.Image:
+    if interpolation == "tf-bilinear":
+        return Image.fromarray(tf_bilinear(np.asarray(im, dtype=np.uint8), h, w))
+    return im.resize((w, h), _RESAMPLE[interpolation])
+
+
+def _open(path) -> Image.Image:
+    """The decoded image of a file or a container member, as RGB (scaled first for a member with a scale)."""
+    with Image.open(path.open() if isinstance(path, Member) else path) as im:
+        im.load()
+        scale = getattr(path, "scale", 1)
+        if scale != 1:  # dSprites: 0/1 masks, times 255 before anything else (task_adaptation dsprites.py)
+            arr = np.asarray(im.convert("L") if im.mode not in ("L", "RGB") else im, dtype=np.uint16) * scale
+            im = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+        # RGB, L, P, CMYK, I;16 ... -> RGB (a grey image's channel repeated, as tf.tile(image, [1, 1, 3]));
+        # alpha is dropped, as TF's decode_image(channels=3) does
+        return im if im.mode == "RGB" else im.convert("RGB")
+
+
+def decode(path, size: int | tuple[int, int], interpolation: str = "bilinear",
            resize_shorter: int | None = None) -> np.ndarray:
-    """One image as an (H, W, 3) uint8 array, resized to ``size`` (or, with ``resize_shorter``: shorter
-    side resized to it, then centre-cropped to ``size``). Errors name the file."""
+    """One image (a ``Path`` or a container member) as an (H, W, 3) uint8 array, resized to ``size`` (or, with
+    ``resize_shorter``: shorter side resized to it, then centre-cropped to ``size``). Errors name the file."""
     h, w = (size, size) if isinstance(size, int) else size
     try:
-        with Image.open(path) as im:
-            im.load()
-            # RGB, L, P, CMYK, I;16 ... -> RGB; alpha is dropped, as TF's decode_image(channels=3) does
-            rgb = im if im.mode == "RGB" else im.convert("RGB")
+        rgb = _open(path)
     except FileNotFoundError:
         raise DataError(f"image {path} does not exist") from None
     except Exception as exc:  # PIL raises many kinds (UnidentifiedImageError, OSError: truncated, ...)
@@ -45,7 +88,7 @@ def decode(path: Path, size: int | tuple[int, int], interpolation: str = "biline
     if resize_shorter is not None:
         return center_crop(resize_shorter_side(rgb, resize_shorter, interpolation), h, w)
     if rgb.size != (w, h):
-        rgb = rgb.resize((w, h), _RESAMPLE[interpolation])
+        rgb = _resize(rgb, w, h, interpolation)
     return np.asarray(rgb, dtype=np.uint8)
 
 
@@ -57,7 +100,7 @@ def resize_shorter_side(im: Image.Image, length: int, interpolation: str = "bili
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     if (new_w, new_h) == (w, h):
         return im
-    return im.resize((new_w, new_h), _RESAMPLE[interpolation])
+    return _resize(im, new_w, new_h, interpolation)
 
 
 def center_crop(im: Image.Image, h: int, w: int) -> np.ndarray:
@@ -74,10 +117,11 @@ def center_crop(im: Image.Image, h: int, w: int) -> np.ndarray:
     return np.ascontiguousarray(arr[top:top + h, left:left + w])
 
 
-def check_image(path: Path) -> str | None:
-    """None when the image exists and decodes completely; otherwise what is wrong (for verify)."""
+def check_image(path) -> str | None:
+    """None when the image (a file or a container member) exists and decodes completely; otherwise what is wrong
+    (for verify)."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path.open() if isinstance(path, Member) else path) as im:
             im.load()  # a truncated file fails here (LOAD_TRUNCATED_IMAGES is off)
             if im.width < 1 or im.height < 1:
                 return "has no pixels"
@@ -90,7 +134,7 @@ def check_image(path: Path) -> str | None:
     return None
 
 
-def decode_into(out: np.ndarray, paths: Sequence[Path], size: int, interpolation: str = "bilinear",
+def decode_into(out: np.ndarray, paths: Sequence, size: int, interpolation: str = "bilinear",
                 resize_shorter: int | None = None, workers: int = 4, progress=None) -> None:
     """Decode ``paths`` into ``out`` ((N, 3, size, size) uint8, e.g. a memory map) in parallel threads
     (PIL releases the GIL). ``progress(done)`` is called now and then."""
@@ -104,7 +148,7 @@ def decode_into(out: np.ndarray, paths: Sequence[Path], size: int, interpolation
                 progress(done)
 
 
-def decode_many(paths: Sequence[Path], size: int, interpolation: str = "bilinear", workers: int = 4,
+def decode_many(paths: Sequence, size: int, interpolation: str = "bilinear", workers: int = 4,
                 resize_shorter: int | None = None) -> torch.Tensor:
     """(N, 3, H, W) uint8 tensor of all images, decoded in parallel threads (PIL releases the GIL)."""
     import torch

@@ -19,7 +19,7 @@ import torch
 from ..tasks import Task
 from .cache import decoded_images
 from .splits import read_split
-from .transforms import geometry
+from .transforms import geometry, resampling
 
 ORDER_SEED_FACTOR = 1_000_003  # epoch order seed = run seed × this + epoch
 
@@ -37,8 +37,9 @@ _CACHE: dict[tuple, SplitData] = {}
 
 
 def load_split(task: Task, data_root: Path, split: str, size: int, interpolation: str | None = None) -> SplitData:
-    """Images (uint8, geometry of the task's preprocessing; ``interpolation``: PIL's resampling when resizing,
-    None = the preprocessing's own) and labels of one split; decoded at most once."""
+    """Images (uint8, geometry of the task's preprocessing; ``interpolation``: the resampling when resizing,
+    None = that of the files' pipeline, else the preprocessing's own) and labels of one split; decoded at most once."""
+    interpolation = resampling(task, data_root, interpolation)
     key = (task.name, str(Path(data_root).resolve()), split, size, interpolation)
     if key not in _CACHE:
         s = read_split(task, data_root, split)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from ..tasks import Task, task_splits
-from .layouts import Split, layout_of
+from .layouts import Split, locate
 
 
 def split_size(task: Task, data_root: str | Path | None, split: str) -> int | None:
@@ -25,17 +25,18 @@ def split_size(task: Task, data_root: str | Path | None, split: str) -> int | No
 def read_split(task: Task, data_root: Path, split: str) -> Split:
     """Read and check one split list (the task's folder is materialised first if the task builds
     itself). Errors name the file, the line and what is wrong."""
-    d = task.ensure(Path(data_root))
-    return layout_of(task).read(task, d, split)
+    layout, d = locate(task, Path(data_root))
+    return layout.read(task, d, split)
 
 
 def fingerprint(task: Task, data_root: Path) -> str:
-    """A short hash of every split list of the task (what a run record stores)."""
+    """A short hash of every split list of the task (what a run record stores): each image named relative to the
+    task's folder (a container member with its offset and length) and its label."""
     h = hashlib.sha256()
-    d = task.ensure(Path(data_root))
+    _, d = locate(task, Path(data_root))
     for name in sorted(task_splits(task)):
         split = read_split(task, data_root, name)
         h.update(name.encode())
         for p, y in zip(split.paths, split.labels):
-            h.update(f"{os.path.relpath(p, d)}\t{y}\n".encode())
+            h.update(f"{os.path.relpath(str(p), d)}\t{y}\n".encode())
     return h.hexdigest()[:16]

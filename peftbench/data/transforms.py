@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -94,12 +95,24 @@ def geometry(task: Task, split: str, size: int, interpolation: str | None = None
     return dataclasses.replace(geo, interpolation=interpolation) if interpolation else geo
 
 
-def pipeline(task: Task, size: int, interpolation: str | None = None, mean=None, std=None) -> dict:
-    """What a run's images went through, as its record keeps it (``record.data_pipeline``): the files (the task's
-    layout), each split role's geometry, the training augmentation and the normalisation."""
-    from .images import IMAGENET_MEAN, IMAGENET_STD
+def resampling(task: Task, data_root, interpolation: str | None = None) -> str | None:
+    """The resampling a run uses: its own, else that of the pipeline the task's files at ``data_root`` come from
+    (the TFDS layout's tf-bilinear), else None (the preprocessing's)."""
+    from .layouts import locate
 
-    out = {"layout": task.layout, "preprocess": task.preprocess, "augment": task.augment}
+    return interpolation or (locate(task, Path(data_root))[0].interpolation if data_root is not None else None)
+
+
+def pipeline(task: Task, size: int, interpolation: str | None = None, mean=None, std=None, data_root=None) -> dict:
+    """What a run's images went through, as its record keeps it (``record.data_pipeline``): the files (the layout
+    found at ``data_root``, else the task's main one), each split role's geometry, the training augmentation and
+    the normalisation."""
+    from .images import IMAGENET_MEAN, IMAGENET_STD
+    from .layouts import locate
+
+    layout = locate(task, Path(data_root))[0].name if data_root is not None else task.layout
+    interpolation = resampling(task, data_root, interpolation)
+    out = {"layout": layout, "preprocess": task.preprocess, "augment": task.augment}
     for role, (train, evaluate) in sorted(task.splits.items()):
         out[f"{role}_train"] = geometry(task, train, size, interpolation).tag
         out[f"{role}_eval"] = geometry(task, evaluate, size, interpolation).tag

@@ -1,8 +1,10 @@
 """``peftbench data verify``: check a task's data before any compute is spent on it.
 
-For every split file of a task (NOAH ``<split>.txt`` or VPT ``<split>.json``) it checks
+For every split file of a task (NOAH ``<split>.txt``, VPT ``<split>.json``, or TFDS's TFRecord shards sliced as
+task_adaptation does) it checks
 
-* that the file exists and every line / entry parses (image path + integer label in 0..C-1),
+* that the file exists and every line / entry parses (image path + integer label in 0..C-1; a TFRecord's framing
+  checksums and its Example's label features),
 * that no image is listed twice in one split,
 * the number of entries against the task's ``split_sizes`` (VTAB-1k: train800 800, val200 200,
   train800val200 1000, test = task_adaptation's test size) or against the sizes a data tree declares
@@ -32,7 +34,7 @@ from ..errors import DataError
 from ..provenance import now
 from ..tasks import Task, task_splits
 from ._cachedir import cache_base
-from .layouts import Entry, layout_of
+from .layouts import Entry, Layout, locate
 from .splits import fingerprint
 
 VERIFY_VERSION = 1
@@ -86,9 +88,9 @@ def read_manifest(task_dir: Path) -> dict | None:
     return m
 
 
-def _parse(task: Task, d: Path, split: str, defects: list[str]) -> list[Entry] | None:
-    """The valid entries of one split (defects appended); None when the file cannot be read."""
-    layout = layout_of(task)
+def _parse(task: Task, layout: Layout, d: Path, split: str, defects: list[str], sources: dict) -> list[Entry] | None:
+    """The valid entries of one split (defects appended; each image's source kept in ``sources`` by name);
+    None when the file cannot be read."""
     f = layout.split_file(task, d, split)
     if not f.is_file():
         defects.append(f"task {task.name!r}: split file {f} is missing")
@@ -99,13 +101,17 @@ def _parse(task: Task, d: Path, split: str, defects: list[str]) -> list[Entry] |
         defects.append(str(exc))
         return None
     defects.extend(problems)
-    base = layout.image_dir(task, d)
-    return [(where, str(base / rel), y) for where, rel, y in entries]
+    out = []
+    for where, rel, y in entries:
+        src = layout.image(task, d, rel)
+        sources[str(src)] = src
+        out.append((where, str(src), y))
+    return out
 
 
-def _stat(path: str):
+def _stat(path):
     try:
-        st = os.stat(path)
+        st = os.stat(getattr(path, "file", path))  # a container member: its file's
         return (st.st_size, st.st_mtime_ns)
     except OSError:
         return None
@@ -127,7 +133,7 @@ def _stamp_file(task: Task, d: Path) -> Path | None:
 def verify_task(task: Task, data_root: Path, *, check_images: bool = True, workers: int | None = None,
                 use_stamp: bool = True, progress: bool = True) -> VerifyReport:
     t0 = time.time()
-    d = task.ensure(Path(data_root))
+    layout, d = locate(task, Path(data_root))
     rep = VerifyReport(task.name, str(d))
     if not d.is_dir():
         rep.defects.append(f"task {task.name!r}: data folder {d} does not exist. {task.how_to_get}".strip())
@@ -151,9 +157,10 @@ def verify_task(task: Task, data_root: Path, *, check_images: bool = True, worke
             + (f"; sizes it declares: {', '.join(changed)}" if changed else ""))
 
     per_split: dict[str, list[tuple[str, str, int]]] = {}
+    sources: dict = {}
     for split in task_splits(task):
-        entries = _parse(task, d, split, rep.defects)
-        f = layout_of(task).split_file(task, d, split)
+        entries = _parse(task, layout, d, split, rep.defects, sources)
+        f = layout.split_file(task, d, split)
         if entries is None:
             continue
         per_split[split] = entries
@@ -194,16 +201,16 @@ def verify_task(task: Task, data_root: Path, *, check_images: bool = True, worke
     paths = sorted(where)
     nw = workers or max(1, min(16, (os.cpu_count() or 1) * 2))
     with ThreadPoolExecutor(max_workers=nw) as pool:
-        stats = list(pool.map(_stat, paths))
+        stats = list(pool.map(lambda q: _stat(sources[q]), paths))
     stamp_key = None
     stamp = _stamp_file(task, d) if use_stamp else None
     if parse_ok and rep.fingerprint and all(s is not None for s in stats):
         h = hashlib.sha256()
         h.update(json.dumps({"v": VERIFY_VERSION, "fp": rep.fingerprint, "classes": task.num_classes,
                              "sizes": task.split_sizes, "complete": list(task.complete_splits),
-                             "manifest": manifest, "layout": task.layout}, sort_keys=True).encode())
+                             "manifest": manifest, "layout": layout.name}, sort_keys=True).encode())
         for split in task_splits(task):
-            h.update(repr((split, _stat(str(layout_of(task).split_file(task, d, split))))).encode())
+            h.update(repr((split, _stat(str(layout.split_file(task, d, split))))).encode())
         for p, s in zip(paths, stats):
             h.update(f"{p}\t{s[0]}\t{s[1]}\n".encode())
         stamp_key = h.hexdigest()
@@ -224,7 +231,7 @@ def verify_task(task: Task, data_root: Path, *, check_images: bool = True, worke
     done = 0
     step = max(1, len(paths) // 200)
     with ThreadPoolExecutor(max_workers=nw) as pool:
-        for p, problem in zip(paths, pool.map(lambda q: images.check_image(Path(q)), paths)):
+        for p, problem in zip(paths, pool.map(lambda q: images.check_image(sources[q]), paths)):
             done += 1
             if problem:
                 bad[p] = problem

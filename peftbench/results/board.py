@@ -204,7 +204,7 @@ class Basis:
       ``methods/papers/``, so a ``--protocol paper`` row matches its paper's row), ``peftbench <protocol>`` for
       peftbench's unified protocols, ``card <name>`` for ``--protocol card``;
     * ``data_pipeline``: the files and the preprocessing (``noah files, resize (bilinear)``; the papers' own:
-      ``tfds tensors, TF bilinear resize``, ``noah files, PIL bicubic resize``...);
+      ``tfds files, resize (tf-bilinear)``, ``noah files, resize (bicubic)``...);
     * ``backbone``: the weights (a timm name with its tag);
     * ``selection``: how the configuration was chosen and which epoch is reported (``val search, last epoch``,
       ``fixed, best test epoch``...);

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..data.images import RESAMPLINGS
 from ..errors import SettingsError
 from ..store.records import RUN_POSITION
 
@@ -17,7 +18,8 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 SCHEDULES = ("vpt", "timm-cosine")  # peftbench.train.optim.lr_at_epoch
 REPORTS = ("last", "best")  # metrics.top1 of a run: its last evaluation, or its best one (flagged)
 HEAD_INITS = ("vpt", "trunc-normal", "torch")  # peftbench.train.build.init_head
-INTERPOLATIONS = ("bilinear", "bicubic")  # PIL's, when the images are resized (peftbench.data.images)
+# when the images are resized: PIL's bilinear / bicubic, or TF 2's tf.image.resize (peftbench.data.images)
+INTERPOLATIONS = RESAMPLINGS
 MAX_SEED = 2**63 - 1
 
 
@@ -46,7 +48,9 @@ class HParams:
     schedule_lag: int = 0  # timm-cosine: 1 when the official loop steps the scheduler with the epoch just ended
     drop_last: bool = False  # drop the last partial batch of every epoch (a DataLoader's drop_last=True)
     label_smoothing: float = 0.0
-    interpolation: str | None = None  # None: the task's (bilinear); bicubic: PIL bicubic (NOAH, SSF, FacT...)
+    # None: the data's (the layout's pipeline: TFDS files tf-bilinear, else PIL bilinear); bicubic: PIL bicubic
+    # (NOAH, SSF, FacT...); tf-bilinear: TF's tf.image.resize (VPT, E^2VPT)
+    interpolation: str | None = None
     drop_path: float = 0.0  # stochastic depth on the (frozen) backbone's blocks while training, timm's linear rule
     eval_first: bool = False  # evaluate after epochs 0, N, 2N, ... (epoch % eval_every == 0) and the last: timm loops
     report: str = "last"  # best: metrics.top1 is the run's best evaluation (selection on the eval split, flagged)
