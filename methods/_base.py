@@ -221,6 +221,17 @@ class Method:
     def default_options(self) -> dict[str, Any]:
         return {k: o.default for k, o in self.options.items()}
 
+    def check_backbone(self, backbone: str) -> None:
+        """A one-line SettingsError, before anything is built, when ``backbone`` belongs to a family this method does
+        not tune (docs/methods/README.md: which methods tune which families)."""
+        from ..backbones import backbone_family
+        from ..errors import SettingsError
+
+        family = backbone_family(backbone)
+        if family and family not in self.families:
+            raise SettingsError(f"method {self.name!r} does not tune backbones of the {family} family of {backbone!r} "
+                                f"(it tunes: {', '.join(self.families)})")
+
     def parse_options(self, raw: dict[str, Any]) -> dict[str, Any]:
         opts = self.default_options()
         for key, value in raw.items():

@@ -14,6 +14,7 @@ class Linear(Method):
     recipe = LINEAR_RECIPE  # SGD, batch 1024, 100 epochs, warm-up 10, VPT lr x wd grid
     frozen_features = True
     fusable = True
+    families = ("vit", "swin")  # Swin: the average of the final tokens after the final norm (timm's own pooling)
 
     def build(self, backbone, num_classes, opts):
         return TunedViT(backbone, num_classes)

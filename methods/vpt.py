@@ -4,6 +4,9 @@
   outputs; 12·768·p parameters for ViT-B/16. Prompt dropout 0.1.
 * ``vpt-shallow``: prompts at the input only; 768·p parameters. Prompt dropout 0.0.
 
+On a Swin backbone: P prompts of the stage's width in every stage, prepended to every window
+(:class:`peftbench.layers.prompted_swin.PromptedSwin`); 12,032·p parameters deep, 128·p shallow for Swin-B.
+
 ``prompt_tokens=auto`` takes the per-task prompt length of the VPT paper inferred from its per-task
 Tuned/Total (docs/methods/vpt.md, data file ``methods/vpt_prompt_lengths.csv`` beside this one) and 10 for
 other tasks; the
@@ -11,6 +14,7 @@ run record says which.
 """
 from pathlib import Path
 
+from peftbench.layers.prompted_swin import PromptedSwin, is_swin
 from peftbench.layers.prompted_vit import PromptedViT
 from peftbench.methods import PROMPT_RECIPE, Method, Option, PerTask, register_method
 
@@ -22,8 +26,13 @@ class _Vpt(Method):
     deep: bool = True
     recipe = PROMPT_RECIPE  # SGD, batch 64, 100 epochs, warm-up 10, lr x wd grid
     fusable = True
+    # Swin: P prompts per stage in every window, VPT's PromptedSwinTransformer (docs/methods/vpt.md §11)
+    families = ("vit", "swin")
 
     def build(self, backbone, num_classes, opts):
+        if is_swin(backbone):
+            return PromptedSwin(backbone, num_classes, int(opts["prompt_tokens"]), deep=self.deep,
+                                dropout=float(opts["dropout"]))
         return PromptedViT(backbone, num_classes, int(opts["prompt_tokens"]), deep=self.deep,
                            dropout=float(opts["dropout"]))
 

@@ -104,6 +104,16 @@ _BUILTIN: dict[str, Preset] = {
     "clip-vit-b16-laion2b": Preset("vit_base_patch16_clip_224.laion2b", {}, None,
                                    "CLIP ViT-B/16 image tower (LAION-2B, OpenCLIP), CLIP's normalisation",
                                    mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
+    # the papers' Swin-B: ImageNet-21k, 224 px, window 7 (VPT build_vit_backbone.py:170-182; timm's tag points at
+    # the release file swin_base_patch4_window7_224_22k.pth, converted by timm's checkpoint filter)
+    "swin-b-in22k": Preset("swin_base_patch4_window7_224.ms_in22k", {}, None,
+                           "Swin-B ImageNet-21k (224, window 7), as VPT/E^2VPT used it", family="swin"),
+    # the demo's and the tests' tiny random Swin (4 stages of 2 blocks, width 32, window 4 on 32-pixel images)
+    "demo-swin-tiny": Preset("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, embed_dim=32,
+                                                                  depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                                                                  window_size=4),
+                             None, "random tiny Swin (4 x 2 blocks, width 32, window 4, 32 px) for the demo and "
+                                   "tests", family="swin"),
 }
 for _name, _preset in _BUILTIN.items():
     register_backbone(_name, _preset)
@@ -112,6 +122,9 @@ for _name, _preset in _BUILTIN.items():
 # timm modules whose models are the ViT family peftbench tunes (a VisionTransformer: patch embedding, CLS token,
 # pre-norm blocks with a fused qkv); any other family is refused in one line before anything is built
 VIT_MODULES = ("vision_transformer", "deit")
+# other timm modules whose models some methods tune, by family name (Method.families)
+FAMILY_MODULES = {"swin_transformer": "swin"}
+TUNED_FAMILIES = ("vit", "swin")
 
 
 @lru_cache(maxsize=1)
@@ -129,7 +142,7 @@ def backbone_family(backbone: str) -> str:
     if p is not None:
         return p.family
     module = _timm_modules().get(backbone.split(".")[0], "")
-    return "vit" if module in VIT_MODULES else module
+    return "vit" if module in VIT_MODULES else FAMILY_MODULES.get(module, module)
 
 
 def normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
@@ -193,13 +206,14 @@ def create_backbone(backbone: str, checkpoint: str | None = None, *, pretrained:
 
     p = preset(backbone)
     family = backbone_family(backbone)
-    if family not in ("vit", ""):
+    if family not in TUNED_FAMILIES + ("",):
         raise BackboneError(f"backbone {backbone!r} is a timm {family} model: peftbench tunes the ViT family (timm's "
-                            f"{', '.join(VIT_MODULES)} models and the presets of `peftbench list backbones`); Swin and "
-                            "other families are not supported yet")
+                            f"{', '.join(VIT_MODULES)} models) and Swin (timm's swin_transformer models), and the "
+                            "presets of `peftbench list backbones`; other families are not supported")
     name, kwargs = (p.timm_name, dict(p.kwargs)) if p else (backbone, {})
     kwargs["num_classes"] = 0
-    kwargs.setdefault("global_pool", "token")  # (a preset may pool otherwise: vit-b16-mae averages)
+    if family != "swin":  # (Swin averages its final tokens)
+        kwargs.setdefault("global_pool", "token")  # (a preset may pool otherwise: vit-b16-mae averages)
     ckpt = resolve_checkpoint(backbone, checkpoint) if pretrained else None
     if pretrained and ckpt is None and p is not None and p.weights:
         raise BackboneError(f"backbone {backbone!r} needs its release file: --checkpoint PATH ({p.weights})")

@@ -27,10 +27,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from peftbench.layers.prompted_swin import PromptedSwin, is_swin
 from peftbench.layers.prompted_vit import PromptedViT
 from peftbench.methods import PROMPT_RECIPE, VPT_LR_GRID, Method, Option, OptionError, PerTask, register_method
 
-from .kv_attention import KV_INITS, KVPromptAttention
+from .kv_attention import KV_INITS, KVPromptAttention, init_kv_prompt
 from .pruning import SEGMENTS, check_pattern, dense_mask, pattern_tensors, segment_index, zero_entries_per_layer
 
 PROMPT_LENGTHS_FILE = Path(__file__).with_name("prompt_lengths.csv")
@@ -169,12 +170,25 @@ class E2vpt(Method):
     options = dict(E2VPT_OPTIONS)
     recipe = E2VPT_RECIPE  # SGD momentum 0.9, batch 64, 100 epochs, warm-up 10, lr x wd grid; FGVC batch 128
     fusable = True  # e2vpt-prune inherits it: its search stage fuses; later stages differ in options
+    # Swin: VPT's Swin prompts + (heads, L, head_dim) key-value prompts in every window attention
+    # (swin_transformer_prompt_VK.py; docs/methods/e2vpt.md §9)
+    families = ("vit", "swin")
 
     def resolve_options(self, opts, task):
         opts, sources = super().resolve_options(opts, task)
         return check_prompt_lengths(opts), sources
 
     def build(self, backbone, num_classes, opts):
+        if is_swin(backbone):
+            if not opts.get("share_kv", True):
+                raise OptionError("e2vpt on Swin: share_kv=false does not exist in the official Swin code "
+                                  "(SHARE_PARAM_KV False raises, swin_transformer_prompt_VK.py:574-575)")
+            kind = str(opts.get("kv_init", "kaiming"))
+            patch = tuple(backbone.patch_embed.patch_size)
+            return PromptedSwin(backbone, num_classes, _as_count("prompt_tokens", opts["prompt_tokens"]), deep=True,
+                                dropout=float(opts.get("dropout", 0.1)),
+                                kv_tokens=_as_count("kv_tokens", opts["kv_tokens"]),
+                                kv_init=lambda t: init_kv_prompt(t, kind, patch))
         return E2vptModel(
             backbone, num_classes,
             prompt_tokens=_as_count("prompt_tokens", opts["prompt_tokens"]),

@@ -35,5 +35,6 @@ def build_model(method: str, num_classes: int, backbone: str = "vit_base_patch16
         from ..train.build import seed_everything
 
         seed_everything(seed)
+    m.check_backbone(backbone)
     net = create_backbone(backbone, checkpoint, pretrained=pretrained)
     return m.build(net, num_classes, dict(opts))

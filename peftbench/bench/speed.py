@@ -111,6 +111,7 @@ def _flops(fn) -> int:
 
 def build(method_name: str, s: BenchSettings):
     method = get_method(method_name)
+    method.check_backbone(s.backbone)
     # the bench's --set values go to the methods that have the option (e.g. prompt_tokens), over the method's
     # own bench options (a typical selection for methods whose cost depends on one: Method.bench_options)
     opts = method.parse_options({**method.bench_options, **parse_sets(list(s.sets), [method], strict=False)[method.name]})

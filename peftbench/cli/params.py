@@ -31,6 +31,7 @@ def count(method_name: str, num_classes: int, backbone: str = "vit_base_patch16_
     from ..train.build import parameter_summary
 
     method = get_method(method_name)
+    method.check_backbone(backbone)
     opts = method.parse_options(parse_sets(sets or [], [method])[method.name])
     opts, _ = method.resolve_options(opts, None)
     with torch.device("meta"):  # shapes only: no memory, no weights

@@ -13,13 +13,15 @@ def is_plain_timm(module: nn.Module) -> bool:
 
 
 def plain_vit(backbone: nn.Module, head: nn.Linear) -> nn.Module:
-    """A plain timm ViT classifier: a deep copy of ``backbone`` (a ``num_classes=0`` timm ViT whose
-    modules are the originals, weights already updated by the caller) with ``head`` as its head."""
+    """A plain timm classifier: a deep copy of ``backbone`` (a ``num_classes=0`` timm ViT or Swin whose
+    modules are the originals, weights already updated by the caller) with ``head`` as its classifier
+    (timm's ``get_classifier()``: ViT's ``head``, Swin's ``head.fc``)."""
     model = copy.deepcopy(backbone)
     model.reset_classifier(head.out_features)
+    fc = model.get_classifier()
     with torch.no_grad():
-        model.head.weight.copy_(head.weight)
-        model.head.bias.copy_(head.bias)
+        fc.weight.copy_(head.weight)
+        fc.bias.copy_(head.bias)
     for p in model.parameters():
         p.requires_grad = False
     return model.eval()

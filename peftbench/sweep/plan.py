@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..backbones import backbone_family, checkpoint_id, create_backbone, resolve_checkpoint
+from ..backbones import checkpoint_id, create_backbone, resolve_checkpoint
 from ..data.splits import fingerprint, read_split
 from ..data.verify import require_verified
 from ..errors import DataError, OptionError, PeftbenchError, SettingsError
@@ -104,11 +104,8 @@ def plan(sweep: Sweep, *, device: str = "cpu", check_data: bool = True) -> list[
     check_run_count(settings.max_runs, len(methods), len(tasks), protocol.least_runs(
         len(settings.lr or [0]) * len(settings.wd or [0]), len(seeds)))
     backbone = settings.backbone or suite.backbone
-    family = backbone_family(backbone)
     for m in methods:
-        if family and family not in m.families:
-            raise SettingsError(f"method {m.name!r} does not tune backbones of the {family} family of {backbone!r} "
-                                f"(it tunes: {', '.join(m.families)})")
+        m.check_backbone(backbone)
     resolve_checkpoint(backbone, settings.checkpoint)  # a missing file fails here
     if check_data:
         create_backbone(backbone, settings.checkpoint)  # weights that do not fit fail here, not mid-sweep
