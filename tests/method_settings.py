@@ -14,6 +14,8 @@ Row fields (:class:`MethodSettings`):
 * ``variants``: the cheaper inference models the method's model offers (``TunedViT.inference_variants``:
   ``merged``, a plain timm ViT for ``peftbench export``; ``folded`` / ``compacted`` prompt models); the suite
   checks that the model offers exactly these and that each gives the model's logits.
+* ``family_variants``: family -> the inference models on that family, where they differ from ``variants`` (the
+  prompt folding exists for the ViT only).
 * ``tol``: the relative tolerance of the fused-equals-separate and merged-equals-unmerged checks (float64).
 * ``doc``: its page in docs/methods/ (default: the page its description names).
 * ``skip``: check name -> the reason it does not apply to this method (a known exception, stated).
@@ -29,6 +31,7 @@ class MethodSettings:
     vit_b: tuple[dict, int] | None = None
     counts_elsewhere: str = ""
     variants: tuple[str, ...] = ()
+    family_variants: dict = field(default_factory=dict)
     tol: float = 1e-9
     doc: str = ""
     skip: dict = field(default_factory=dict)
@@ -52,11 +55,12 @@ SETTINGS: dict[str, MethodSettings] = {
     "ssf": MethodSettings(vit_b=({}, 205_824), variants=MERGED),
     # prompts
     "vpt-shallow": MethodSettings(options=PROMPTS, vit_b=({"prompt_tokens": "100"}, 768 * 100)),
-    "vpt-deep": MethodSettings(options=PROMPTS, vit_b=({"prompt_tokens": "10"}, 9_216 * 10), variants=FOLDED),
+    "vpt-deep": MethodSettings(options=PROMPTS, vit_b=({"prompt_tokens": "10"}, 9_216 * 10), variants=FOLDED,
+                               family_variants={"swin": ()}),
     "vfpt": MethodSettings(options={"prompt_tokens": "4", "fourier_percentage": "0.5"},
                            vit_b=({"prompt_tokens": "10", "fourier_percentage": "0.5"}, 9_216 * 10), variants=FOLDED),
     "e2vpt": MethodSettings(options=E2VPT, vit_b=({"prompt_tokens": "10", "kv_tokens": "5"}, 9_216 * 10 + 9_216 * 5),
-                            variants=FOLDED),
+                            variants=FOLDED, family_variants={"swin": ()}),
     "e2vpt-prune": MethodSettings(options={**E2VPT, "prune_tokens": "1", "prune_segments": "8"},
                                   counts_elsewhere="tests/test_e2vpt_prune.py (the pruned count of docs/methods/e2vpt.md §5)",
                                   variants=("folded", "compacted")),

@@ -4,6 +4,8 @@ required). What every method must do (docs/methods/README.md §2-4, docs/plugins
 
 * have a settings row, a docs page and a row in the README's methods table;
 * build on the meta device with the counts of the built model, and on ViT-B/16 with its documented count;
+* on every backbone family it claims (``Method.families``: a tiny backbone of each, FAMILY_BACKBONES), pass the
+  gradient, state, fused and inference-model checks below;
 * train exactly what ``requires_grad`` names (gradients reach those tensors and nothing else) and keep every
   module but ``train_modules`` in eval mode;
 * give the same logits after its trained state is saved and loaded into a freshly built model;
@@ -34,6 +36,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # every built-in method (plugins a test module registers are not the project's to list)
 BUILTIN = sorted(n for n, m in METHODS.items() if type(m).__module__.startswith("peftbench.methods."))
 CLASSES = 5
+# a tiny backbone of every family a method may claim (peftbench.backbones.TUNED_FAMILIES), 32-pixel input
+FAMILY_BACKBONES = {"vit": TINY_BACKBONE, "swin": "demo-swin-tiny"}
+# (method, family) for every family each method claims
+CASES = [pytest.param(n, f, id=f"{n}-{f}") for n in BUILTIN for f in METHODS.get(n).families]
 
 
 def row(name: str) -> MethodSettings:
@@ -49,16 +55,17 @@ def options(name: str, raw: dict | None = None) -> dict:
     return opts
 
 
-def pretrained() -> torch.nn.Module:
-    """The tiny backbone, the same weights every time (as a pretrained one would be)."""
+def pretrained(family: str = "vit") -> torch.nn.Module:
+    """The tiny backbone of ``family``, the same weights every time (as a pretrained one would be)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return create_backbone(TINY_BACKBONE, pretrained=False)
+        return create_backbone(FAMILY_BACKBONES[family], pretrained=False)
 
 
-def build(name: str, seed: int = 0, backbone=None, num_classes: int = CLASSES, raw: dict | None = None):
+def build(name: str, seed: int = 0, backbone=None, num_classes: int = CLASSES, raw: dict | None = None,
+          family: str = "vit"):
     """The method's model; ``seed``: its own initialisation."""
-    backbone = backbone if backbone is not None else pretrained()
+    backbone = backbone if backbone is not None else pretrained(family)
     torch.manual_seed(seed)
     return METHODS.get(name).build(backbone, num_classes, options(name, raw))
 
@@ -83,6 +90,15 @@ def image(n: int = 4) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # the table itself
 # ---------------------------------------------------------------------------------------------
+
+
+def test_every_family_a_method_claims_has_a_tiny_backbone_here():
+    from peftbench.backbones import TUNED_FAMILIES
+
+    for n in BUILTIN:
+        unknown = [f for f in METHODS.get(n).families if f not in FAMILY_BACKBONES]
+        assert not unknown, f"{n} claims {unknown}: add a tiny backbone of that family to FAMILY_BACKBONES"
+    assert set(FAMILY_BACKBONES) == set(TUNED_FAMILIES)
 
 
 def test_the_settings_table_has_a_row_for_every_method_and_only_for_methods():
@@ -137,9 +153,9 @@ def test_counts_on_the_meta_device_equal_the_built_model_and_the_documented_form
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", BUILTIN)
-def test_gradients_reach_exactly_the_trainable_tensors_and_frozen_modules_stay_in_eval(name):
-    model = build(name).double()
+@pytest.mark.parametrize("name,family", CASES)
+def test_gradients_reach_exactly_the_trainable_tensors_and_frozen_modules_stay_in_eval(name, family):
+    model = build(name, family=family).double()
     perturb(model)
     model.train()
     trained = {id(m) for t in model.train_modules for m in t.modules()}
@@ -163,15 +179,15 @@ def test_gradients_reach_exactly_the_trainable_tensors_and_frozen_modules_stay_i
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", BUILTIN)
-def test_saved_and_loaded_trainable_state_gives_the_same_logits(name, tmp_path):
-    a = build(name, seed=0).double()
+@pytest.mark.parametrize("name,family", CASES)
+def test_saved_and_loaded_trainable_state_gives_the_same_logits(name, family, tmp_path):
+    a = build(name, seed=0, family=family).double()
     perturb(a)
     a.train()
     with torch.no_grad():  # a train-mode pass: batch-norm statistics of the trained modules move too
         a(image())
     save_trainable(a, tmp_path / "w.safetensors")
-    b = build(name, seed=1).double()  # another initialisation
+    b = build(name, seed=1, family=family).double()  # another initialisation
     load_trainable(b, tmp_path / "w.safetensors")
     with torch.no_grad():
         la, lb = a.eval()(image()), b.eval()(image())
@@ -183,13 +199,13 @@ def test_saved_and_loaded_trainable_state_gives_the_same_logits(name, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", [n for n in BUILTIN if METHODS.get(n).fusable])
-def test_fused_forward_and_gradients_equal_each_models_own(name):
+@pytest.mark.parametrize("name,family", [c for c in CASES if METHODS.get(c.values[0]).fusable])
+def test_fused_forward_and_gradients_equal_each_models_own(name, family):
     """K models of a fusable method under vmap (timm's attention, prompts, peft layers, batch norm, dropout on):
     the fused logits and gradients are each model's own, with different trained values per model. In float64,
     so that what is compared is the maths, not float32 rounding."""
     m = METHODS.get(name)
-    backbone = create_backbone(TINY_BACKBONE, pretrained=False)
+    backbone = create_backbone(FAMILY_BACKBONES[family], pretrained=False)
     models = []
     for k in range(3):
         model = build(name, seed=0, backbone=copy.deepcopy(backbone)).double()
@@ -226,16 +242,17 @@ def test_fused_forward_and_gradients_equal_each_models_own(name):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", BUILTIN)
-def test_inference_models_are_those_declared_and_give_the_same_logits(name):
+@pytest.mark.parametrize("name,family", CASES)
+def test_inference_models_are_those_declared_and_give_the_same_logits(name, family):
     from peftbench.layers.merge import is_plain_timm
 
-    model = build(name).double()
+    model = build(name, family=family).double()
     perturb(model)
     model.eval()
     variants = model.inference_variants()
-    assert sorted(variants) == sorted(row(name).variants), f"{name}: offers {sorted(variants)}, its row says " \
-                                                            f"{sorted(row(name).variants)}"
+    declared = row(name).family_variants.get(family, row(name).variants)
+    assert sorted(variants) == sorted(declared), f"{name} on {family}: offers {sorted(variants)}, its row says " \
+                                                 f"{sorted(declared)}"
     with torch.no_grad():
         expected = model(image())
         for vname, variant in variants.items():
@@ -244,7 +261,7 @@ def test_inference_models_are_those_declared_and_give_the_same_logits(name):
     if "merged" in variants:
         merged = variants["merged"]
         assert is_plain_timm(merged) and not any(p.requires_grad for p in merged.parameters())  # what export writes
-        untouched = build(name).double().eval().inference_variants()["merged"].double().eval()
+        untouched = build(name, family=family).double().eval().inference_variants()["merged"].double().eval()
         with torch.no_grad():  # the trained tensors are really in the merged weights
             assert (untouched(image()) - expected).abs().max() > 1e-4
 

@@ -171,7 +171,7 @@ class E2vpt(Method):
     recipe = E2VPT_RECIPE  # SGD momentum 0.9, batch 64, 100 epochs, warm-up 10, lr x wd grid; FGVC batch 128
     fusable = True  # e2vpt-prune inherits it: its search stage fuses; later stages differ in options
     # Swin: VPT's Swin prompts + (heads, L, head_dim) key-value prompts in every window attention
-    # (swin_transformer_prompt_VK.py; docs/methods/e2vpt.md §9)
+    # (swin_transformer_prompt_VK.py; docs/methods/e2vpt.md §12)
     families = ("vit", "swin")
 
     def resolve_options(self, opts, task):

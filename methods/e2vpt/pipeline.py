@@ -114,7 +114,7 @@ def _optional_count(opts: dict, key: str):
 @register_method
 class E2vptPrune(E2vpt):
     name = "e2vpt-prune"
-    families = ("vit",)  # the pruning masks and rewinding exist for the ViT only (docs/methods/e2vpt.md §9)
+    families = ("vit",)  # the pruning masks and rewinding exist for the ViT only (docs/methods/e2vpt.md §12)
     aliases = ("e2vpt_prune", "e2vpt-pruning")
     description = ("E^2VPT with token/segment prompt pruning + rewinding: search, retrain, importance, "
                    "rewind every candidate, final seeds (docs/methods/e2vpt.md §3.2)")

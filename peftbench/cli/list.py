@@ -6,7 +6,8 @@ import importlib
 
 def _methods(name, m, reg):
     aliases = reg.aliases_of(name)
-    return f"{name:<18} {m.description}" + (f" (alias: {', '.join(aliases)})" if aliases else "")
+    fam = "" if tuple(m.families) == ("vit",) else f" [backbones: {', '.join(m.families)}]"
+    return f"{name:<18} {m.description}" + (f" (alias: {', '.join(aliases)})" if aliases else "") + fam
 
 
 # what: (module, registry attribute, one line per item, sort key)
@@ -35,11 +36,16 @@ def _backbone_line(name, p) -> str:
         ",".join(f"{m:g}" for m in given[0])
     weights = "file" if p.checkpoint else p.layout + " release file" if p.weights else \
         "timm hub" if "." in p.timm_name else "random"
+    from ..methods import METHODS
+
+    tuners = sum(1 for _, m in METHODS.items() if p.family in m.families)
+    pool = p.kwargs.get("global_pool", "avg" if p.family == "swin" else "token")
     return (f"{name:<22} {p.family:<5} {p.timm_name:<38} {size:>4}px  norm={norm:<8} "
-            f"pool={p.kwargs.get('global_pool', 'token'):<5} weights={weights:<18} {p.description}")
+            f"pool={pool:<5} weights={weights:<18} methods={tuners:<3} {p.description}")
 
 
-NOTES = {"backbones": "(any timm ViT name also works, e.g. vit_base_patch16_224.orig_in21k)"}
+NOTES = {"backbones": "(any timm ViT or Swin name also works, e.g. vit_base_patch16_224.orig_in21k; methods = how many "
+                      "methods tune the family: `peftbench list methods` says which, docs/methods/README.md)"}
 
 
 def register(sub) -> None:

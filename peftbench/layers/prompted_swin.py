@@ -1,5 +1,5 @@
 """Visual prompts (VPT) and key-value prompts (E^2VPT) on a frozen timm Swin Transformer, as the official code does
-them (docs/methods/vpt.md §11, docs/methods/e2vpt.md §9; KMnP/vpt@4410440 src/models/vit_prompt/swin_transformer.py,
+them (docs/methods/vpt.md §11, docs/methods/e2vpt.md §12; KMnP/vpt@4410440 src/models/vit_prompt/swin_transformer.py,
 ChengHan111/E2VPT@7a66e75 src/models/vit_prompt/swin_transformer_prompt_VK.py).
 
 The backbone's own modules (patch embedding, every block's norms, qkv / proj, relative-position table, shift mask,
