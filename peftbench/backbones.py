@@ -107,7 +107,8 @@ _BUILTIN: dict[str, Preset] = {
     # the papers' Swin-B: ImageNet-21k, 224 px, window 7 (VPT build_vit_backbone.py:170-182; timm's tag points at
     # the release file swin_base_patch4_window7_224_22k.pth, converted by timm's checkpoint filter)
     "swin-b-in22k": Preset("swin_base_patch4_window7_224.ms_in22k", {}, None,
-                           "Swin-B ImageNet-21k (224, window 7), as VPT/E^2VPT used it", family="swin"),
+                           "Swin-B ImageNet-21k (224, window 7), as VPT/E^2VPT used it (timm hub, or the release "
+                           "swin_base_patch4_window7_224_22k.pth with --checkpoint)", family="swin", layout="swin"),
     # the demo's and the tests' tiny random Swin (4 stages of 2 blocks, width 32, window 4 on 32-pixel images)
     "demo-swin-tiny": Preset("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, embed_dim=32,
                                                                   depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
@@ -351,6 +352,22 @@ def _mocov3_layout(raw: dict, model: nn.Module) -> tuple[dict, dict[str, str]]:
             else:
                 out[name] = v
     return out, dropped
+
+
+@register_layout("swin")
+def _swin_layout(raw: dict, model: nn.Module) -> tuple[dict, dict[str, str]]:
+    """Swin's release files (``swin_base_patch4_window7_224_22k.pth``: ``{'model': state}``, Microsoft's names):
+    timm's own converter (``timm.models.swin_transformer.checkpoint_filter_fn``: the stage's patch merging moves
+    from the end of stage s to the start of stage s + 1, ``head.`` becomes ``head.fc.``) and the buffers timm
+    rebuilds itself (``relative_position_index``, ``attn_mask``) dropped; the release's 21,841-class head is
+    dropped (the backbone has none). A file already in timm's names passes through."""
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
+    state = dict(_unwrap(raw, "model", "state_dict"))
+    dropped = {k: "a buffer timm rebuilds (relative_position_index, attn_mask)" for k in state
+               if k.endswith(("relative_position_index", "attn_mask"))}
+    dropped.update({k: "the release's classifier (the backbone has none)" for k in state if k.startswith("head.")})
+    return checkpoint_filter_fn({k: v for k, v in state.items() if k not in dropped}, model), dropped
 
 
 def load_checkpoint(model: nn.Module, path: Path, layout: str = "timm") -> dict[str, str]:

@@ -169,8 +169,10 @@ def test_every_preset_is_listed_with_its_family_resolution_normalisation_and_poo
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["params", "--method", "vpt-deep", "--backbone", "swin_base_patch4_window7_224", "--num-classes", "10"],
-     "is a timm swin_transformer model: peftbench tunes the ViT family"),
+    (["params", "--method", "lora", "--backbone", "swin_base_patch4_window7_224", "--num-classes", "10"],
+     "method 'lora' does not tune backbones of the swin family of 'swin_base_patch4_window7_224' (it tunes: vit)"),
+    (["params", "--method", "vpt-deep", "--backbone", "convnext_tiny", "--num-classes", "10"],
+     "method 'vpt-deep' does not tune backbones of the convnext family"),
     (["run", "--methods", "vpt-deep", "--suite", "vtab", "--backbone", "convnext_tiny", "--dry-run"],
      "method 'vpt-deep' does not tune backbones of the convnext family"),
 ])
@@ -187,7 +189,8 @@ def test_every_method_declares_its_backbone_families():
 
     assert all(m.families and all(isinstance(f, str) for f in m.families) for _, m in METHODS.items())
     assert backbone_family("vit_base_patch16_224.orig_in21k") == "vit" == backbone_family("deit_small_patch16_224")
-    assert backbone_family("vit-b16-mae") == "vit" and backbone_family("swin_tiny_patch4_window7_224") == "swin_transformer"
+    assert backbone_family("vit-b16-mae") == "vit" and backbone_family("swin_tiny_patch4_window7_224") == "swin"
+    assert backbone_family("convnext_tiny") == "convnext"
 
 
 def test_every_checkpoint_layout_has_a_test_here():
@@ -195,4 +198,31 @@ def test_every_checkpoint_layout_has_a_test_here():
     above, timm in tests/test_data_backbone.py::test_safetensors_and_pth."""
     from peftbench.backbones import CHECKPOINT_LAYOUTS
 
-    assert sorted(CHECKPOINT_LAYOUTS.names()) == ["mae", "mocov3", "timm"]
+    assert sorted(CHECKPOINT_LAYOUTS.names()) == ["mae", "mocov3", "swin", "timm"]
+
+
+def test_swin_release_layout(tmp_path):
+    """swin_base_patch4_window7_224_22k.pth: Microsoft's names (patch merging at the end of each stage, its
+    buffers, a 21k head) loaded onto timm's Swin give the same features as the source model."""
+    from peftbench.backbones import load_checkpoint
+
+    kw = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4)
+    torch.manual_seed(0)
+    src = timm.create_model("swin_tiny_patch4_window7_224", num_classes=11, **kw).eval()
+    official = {}
+    for k, v in src.state_dict().items():  # timm's names -> the release's (the inverse of timm's filter)
+        parts = k.split(".")
+        if k.startswith("layers.") and parts[2] == "downsample":
+            k = ".".join(["layers", str(int(parts[1]) - 1)] + parts[2:])
+        official[k.replace("head.fc.", "head.")] = v
+    for i, stage in enumerate(src.layers):
+        for j, blk in enumerate(stage.blocks):
+            official[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = blk.attn.relative_position_index
+    path = tmp_path / "swin_release.pth"
+    torch.save({"model": official}, path)
+    model = timm.create_model("swin_tiny_patch4_window7_224", num_classes=0, **kw).eval()
+    dropped = load_checkpoint(model, path, "swin")
+    assert "head.weight" in dropped and any(k.endswith("relative_position_index") for k in dropped)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), src.forward_head(src.forward_features(x), pre_logits=True))
