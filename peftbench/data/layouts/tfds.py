@@ -248,9 +248,17 @@ def _shards(folder: str, stamp: tuple) -> dict[str, list[tuple[Path, int]]]:
     return out
 
 
+def _stamp(folder: Path) -> tuple:
+    return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(folder).iterdir()))
+
+
 def shards(folder: Path) -> dict[str, list[tuple[Path, int]]]:
-    stamp = tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(folder).iterdir()))
-    return _shards(str(folder), stamp)
+    return _shards(str(folder), _stamp(folder))
+
+
+# the entries of a split, parsed once per process while the folder is unchanged (a fingerprint, the data check and
+# the cache each read every split; dSprites' test split is 73,728 Examples)
+_ENTRIES: dict[tuple, tuple[list, list]] = {}
 
 
 def read_records(folder: Path, parts: list[tuple[str, int, int]]) -> list[tuple[Path, Record, int]]:
@@ -309,6 +317,15 @@ class TfdsLayout(Layout):
         return Member(Path(task_dir) / m["f"], int(m["o"]), int(m["n"]), int(self.source(task).get("scale", 1)))
 
     def entries(self, task: Task, task_dir: Path, split: str) -> tuple[list[Entry], list[str]]:
+        key = (task.name, repr(sorted(self.source(task).items())), str(task_dir), split, _stamp(Path(task_dir)))
+        if key not in _ENTRIES:
+            while len(_ENTRIES) >= 32:
+                _ENTRIES.pop(next(iter(_ENTRIES)))
+            _ENTRIES[key] = self._entries(task, task_dir, split)
+        out, defects = _ENTRIES[key]
+        return list(out), list(defects)
+
+    def _entries(self, task: Task, task_dir: Path, split: str) -> tuple[list[Entry], list[str]]:
         src = self.source(task)
         if split not in src["splits"]:
             raise DataError(f"task {task.name!r}: its TFDS source defines no split {split!r} "
