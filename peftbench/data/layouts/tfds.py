@@ -252,18 +252,15 @@ def _stamp(folder: Path) -> tuple:
     return tuple(sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(folder).iterdir()))
 
 
-def shards(folder: Path) -> dict[str, list[tuple[Path, int]]]:
-    return _shards(str(folder), _stamp(folder))
-
-
 # the entries of a split, parsed once per process while the folder is unchanged (a fingerprint, the data check and
 # the cache each read every split; dSprites' test split is 73,728 Examples)
 _ENTRIES: dict[tuple, tuple[list, list]] = {}
 
 
-def read_records(folder: Path, parts: list[tuple[str, int, int]]) -> list[tuple[Path, Record, int]]:
-    """(shard file, record, index in its TFDS split) of every record the slice parts select, in order."""
-    table = shards(folder)
+def read_records(table: dict[str, list[tuple[Path, int]]],
+                 parts: list[tuple[str, int, int]]) -> list[tuple[Path, Record, int]]:
+    """(shard file, record, index in its TFDS split) of every record the slice parts select, in order (``table``:
+    the folder's :func:`_shards`)."""
     out: list[tuple[Path, Record, int]] = []
     for split, start, stop in parts:
         base = 0
@@ -317,27 +314,28 @@ class TfdsLayout(Layout):
         return Member(Path(task_dir) / m["f"], int(m["o"]), int(m["n"]), int(self.source(task).get("scale", 1)))
 
     def entries(self, task: Task, task_dir: Path, split: str) -> tuple[list[Entry], list[str]]:
-        key = (task.name, repr(sorted(self.source(task).items())), str(task_dir), split, _stamp(Path(task_dir)))
+        stamp = _stamp(Path(task_dir))
+        key = (task.name, repr(sorted(self.source(task).items())), str(task_dir), split, stamp)
         if key not in _ENTRIES:
             while len(_ENTRIES) >= 32:
                 _ENTRIES.pop(next(iter(_ENTRIES)))
-            _ENTRIES[key] = self._entries(task, task_dir, split)
+            _ENTRIES[key] = self._entries(task, task_dir, split, _shards(str(task_dir), stamp))
         out, defects = _ENTRIES[key]
         return list(out), list(defects)
 
-    def _entries(self, task: Task, task_dir: Path, split: str) -> tuple[list[Entry], list[str]]:
+    def _entries(self, task: Task, task_dir: Path, split: str,
+                 table: dict[str, list[tuple[Path, int]]]) -> tuple[list[Entry], list[str]]:
         src = self.source(task)
         if split not in src["splits"]:
             raise DataError(f"task {task.name!r}: its TFDS source defines no split {split!r} "
                             f"(it defines {', '.join(sorted(src['splits']))})")
-        table = shards(Path(task_dir))
         sizes = {s: sum(n for _, n in fs) for s, fs in table.items()}
         expr = src["splits"][split]
         rule = label_rule(src.get("label", "label"))
         key = src.get("image", "image")
         out: list[Entry] = []
         defects: list[str] = []
-        for f, rec, i in read_records(Path(task_dir), slices(expr, sizes)):
+        for f, rec, i in read_records(table, slices(expr, sizes)):
             where = f"{f}: record {rec.index} ({split} = {expr}; TFDS index {i})"
             try:
                 feats = parse_example(rec.data)
