@@ -14,15 +14,17 @@ from ._recipes import (
                        FULL_FT_LR_GRID,
                        FULL_FT_RECIPE,
                        LINEAR_RECIPE,
+                       NOAH_FIXED_RECIPE,
                        NOAH_RECIPE,
                        PROMPT_RECIPE,
                        VPT_LR_GRID,
                        VPT_WD_GRID,
                        Recipe,
                        SuiteOverride,
+                       noah_fixed_recipe,
 )
 
 __all__ = ["Method", "Option", "PerTask", "AUTO", "per_task_row", "OptionError",
            "Recipe", "SuiteOverride", "TunedViT", "make_head", "HEAD_BIAS_INIT",
            "METHODS", "register_method", "get_method", "PROMPT_RECIPE", "LINEAR_RECIPE", "FULL_FT_RECIPE",
-           "NOAH_RECIPE", "VPT_LR_GRID", "VPT_WD_GRID", "FULL_FT_LR_GRID"]
+           "NOAH_RECIPE", "NOAH_FIXED_RECIPE", "noah_fixed_recipe", "VPT_LR_GRID", "VPT_WD_GRID", "FULL_FT_LR_GRID"]

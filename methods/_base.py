@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generator, Mapping
 from torch import nn
 
 from .._registry import Registry
-from ..errors import OptionError
+from ..errors import OptionError, bounds_problem
 from ..layers.tuned_vit import TunedViT
 from ._recipes import PROMPT_RECIPE, Recipe
 
@@ -164,10 +164,9 @@ class Option:
         if self.choices is not None and value not in self.choices:
             raise OptionError(f"option {name!r}: {value!r} is not one of {', '.join(map(str, self.choices))}")
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if self.min is not None and value < self.min:
-                raise OptionError(f"option {name!r}: {value!r} is below its minimum {self.min:g}")
-            if self.max is not None and value > self.max:
-                raise OptionError(f"option {name!r}: {value!r} is above its maximum {self.max:g}")
+            problem = bounds_problem(value, self.min, self.max)
+            if problem:
+                raise OptionError(f"option {name!r}: {value!r} {problem}")
         return value
 
 

@@ -24,12 +24,8 @@ from peftbench.methods import FULL_FT_RECIPE, NOAH_RECIPE, Method, Option, Tuned
 
 
 def _finish(backbone: nn.Module, num_classes: int, adapters: list[Adapter]) -> TunedViT:
-    model = TunedViT(backbone, num_classes)  # freezes the whole backbone, adapters included
-    for a in adapters:
-        for p in a.parameters():
-            p.requires_grad = True
-    model.train_modules.extend(adapters)  # their dropout (NOAH) runs in train mode; the backbone stays in eval
-    return model
+    # (TunedViT freezes the whole backbone, adapters included; their dropout (NOAH) runs in train mode)
+    return TunedViT(backbone, num_classes).train_inserted(adapters)
 
 
 @register_method

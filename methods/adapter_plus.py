@@ -27,7 +27,7 @@ import torch
 from timm.layers import DropPath
 from torch import nn
 
-from peftbench.methods import Method, Option, PerTask, Recipe, TunedViT, register_method
+from peftbench.methods import Method, Option, PerTask, TunedViT, noah_fixed_recipe, register_method
 
 # conf/experiment/vtab/adapter_plus_dim1-32.yaml (dataset_dim), by peftbench task name; fgvc/adapter_plus_dim1-32.yaml
 ADAPTER_PLUS_DIMS = {
@@ -91,8 +91,7 @@ class BranchAdapter(nn.Module):
 # conf/train/default.yaml + optimizer/adamw.yaml: AdamW lr 1e-3, wd 1e-4 (none on 1-d tensors, biases and the
 # scaling), batch 64, 100 epochs, 10 warm-up, no search; base lr 0.004 = 1e-3 at batch 64.
 # demo lr: the best mean val200 top-1 over the 5 demo tasks (results/demo-hparam-search.csv)
-ADAPTER_PLUS_RECIPE = Recipe(optimizer="adamw", batch_size=64, epochs=100, warmup_epochs=10,
-                             lr_grid=(0.004,), wd_grid=(1e-4,)).for_protocol("demo", lr=0.04, wd=0.0001, batch_size=64)
+ADAPTER_PLUS_RECIPE = noah_fixed_recipe(demo_lr=0.04)
 # the same training configuration (conf/train/default.yaml); the same demo lr (searched for both)
 HOULSBY_RECIPE = ADAPTER_PLUS_RECIPE
 
@@ -100,14 +99,11 @@ DROP_PATH = Option(0.1, "DropPath rate on the adapter output (official: 0.1, eve
 
 
 def _finish(backbone: nn.Module, num_classes: int, adapters: list[nn.Module], train_ln: bool) -> TunedViT:
-    model = TunedViT(backbone, num_classes)  # freezes everything, the adapters included
-    for a in adapters:
-        a.requires_grad_(True)
+    model = TunedViT(backbone, num_classes).train_inserted(adapters)  # their DropPath runs in train mode
     if train_ln:  # official train.train_ln: every nn.LayerNorm of the ViT
         for m in backbone.modules():
             if isinstance(m, nn.LayerNorm):
                 m.requires_grad_(True)
-    model.train_modules.extend(adapters)  # their DropPath runs in train mode; the backbone stays in eval
     return model
 
 

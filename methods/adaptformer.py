@@ -21,7 +21,7 @@ import math
 import torch
 from torch import nn
 
-from peftbench.methods import Method, Option, Recipe, TunedViT, register_method
+from peftbench.methods import Method, Option, TunedViT, noah_fixed_recipe, register_method
 
 
 class AdaptFormerAdapter(nn.Module):
@@ -63,8 +63,7 @@ class ParallelAdapterBlock(nn.Module):
 # Jie & Deng's VTAB-1k AdaptFormer baseline (Convpass tech report, Table 1) trained with the NOAH/Convpass
 # protocol: AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs, 10 warm-up (base lr 0.004 = 1e-3 at batch 64).
 # demo lr: the best mean val200 top-1 over the 5 demo tasks (results/demo-hparam-search.csv)
-ADAPTFORMER_RECIPE = Recipe(optimizer="adamw", batch_size=64, epochs=100, warmup_epochs=10,
-                            lr_grid=(0.004,), wd_grid=(1e-4,)).for_protocol("demo", lr=0.16, wd=0.0001, batch_size=64)
+ADAPTFORMER_RECIPE = noah_fixed_recipe(demo_lr=0.16)
 
 
 @register_method
@@ -87,8 +86,5 @@ class AdaptFormer(Method):
             adapter = AdaptFormerAdapter(backbone.embed_dim, d, s, p)
             backbone.blocks[i] = ParallelAdapterBlock(block, adapter)
             adapters.append(adapter)
-        model = TunedViT(backbone, num_classes)  # freezes everything, the adapters included
-        for a in adapters:
-            a.requires_grad_(True)
-        model.train_modules.extend(adapters)  # their dropout runs in train mode; the backbone stays in eval
-        return model
+        # (TunedViT freezes everything, the adapters included; their dropout runs in train mode)
+        return TunedViT(backbone, num_classes).train_inserted(adapters)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from peftbench.layers.adapters import QuickGELU
-from peftbench.methods import Method, Option, PerTask, Recipe, TunedViT, register_method
+from peftbench.methods import Method, Option, PerTask, TunedViT, noah_fixed_recipe, register_method
 
 # official configs (JieShibo/PETL-ViT convpass/vtab/configs/{convpass,convpass_attn}/<task>.yaml): scale, xavier_init
 CONVPASS_TASKS = {
@@ -102,8 +102,7 @@ class ParallelBypass(nn.Module):
 # Convpass App. B Table 8 / convpass/vtab/train.py: AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs, 10 warm-up,
 # no search (base lr 0.004 = 1e-3 at batch 64).
 # demo lr: the best mean val200 top-1 over the 5 demo tasks (results/demo-hparam-search.csv) (scale 1)
-CONVPASS_RECIPE = Recipe(optimizer="adamw", batch_size=64, epochs=100, warmup_epochs=10,
-                         lr_grid=(0.004,), wd_grid=(1e-4,)).for_protocol("demo", lr=0.04, wd=0.0001, batch_size=64)
+CONVPASS_RECIPE = noah_fixed_recipe(demo_lr=0.04)
 
 
 @register_method
@@ -142,8 +141,4 @@ class Convpass(Method):
                 adapter = make()
                 setattr(block, t, ParallelBypass(getattr(block, t), adapter, scale))
                 adapters.append(adapter)
-        model = TunedViT(backbone, num_classes)
-        for a in adapters:
-            a.requires_grad_(True)
-        model.train_modules.extend(adapters)
-        return model
+        return TunedViT(backbone, num_classes).train_inserted(adapters)

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftbench.layers.merge import plain_vit
-from peftbench.methods import Method, Option, PerTask, Recipe, TunedViT, register_method
+from peftbench.layers.merge import plain_vit, replace_wrappers
+from peftbench.methods import Method, Option, PerTask, TunedViT, noah_fixed_recipe, register_method
 
 TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
@@ -146,13 +146,6 @@ class FacTLinear(nn.Module):
         return self.base
 
 
-def _replace_wrappers(root: nn.Module, kind: type, unwrap) -> None:
-    for name, module in list(root.named_modules()):
-        if isinstance(module, kind):
-            parent_path, _, child = name.rpartition(".")
-            setattr(root.get_submodule(parent_path) if parent_path else root, child, unwrap(module))
-
-
 class FacTViT(TunedViT):
     def __init__(self, backbone: nn.Module, num_classes: int, fact: FacTShared):
         super().__init__(backbone, num_classes)
@@ -160,15 +153,14 @@ class FacTViT(TunedViT):
 
     def merged(self) -> nn.Module:
         backbone = copy.deepcopy(self.backbone)
-        _replace_wrappers(backbone, FacTLinear, lambda m: m.fold())
+        replace_wrappers(backbone, FacTLinear, lambda m: m.fold())
         return plain_vit(backbone, self.head)
 
 
 # FacT/fact_{tt,tk}.py: AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs, 10 warm-up, no lr search (rank and scale
 # per task instead); base lr 0.004 = 1e-3 at batch 64. demo lr: the best mean val200 top-1 over the 5 demo tasks
 # (results/demo-hparam-search.csv): fact-tt 0.04, fact-tk 0.01 (the fallback rank/scale).
-FACT_RECIPE = Recipe(optimizer="adamw", batch_size=64, epochs=100, warmup_epochs=10,
-                     lr_grid=(0.004,), wd_grid=(1e-4,)).for_protocol("demo", lr=0.04, wd=0.0001, batch_size=64)
+FACT_RECIPE = noah_fixed_recipe(demo_lr=0.04)
 FACT_TK_RECIPE = FACT_RECIPE.for_protocol("demo", lr=0.01)
 
 

@@ -24,8 +24,8 @@ import copy
 import torch
 from torch import nn
 
-from peftbench.layers.merge import plain_vit
-from peftbench.methods import Method, Option, PerTask, Recipe, TunedViT, register_method
+from peftbench.layers.merge import plain_vit, replace_wrappers
+from peftbench.methods import Method, Option, PerTask, TunedViT, noah_fixed_recipe, register_method
 
 # official configs (luogen1996/RepAdapter configs/{repblock,repattn}/<task>.yaml): scale s
 REPBLOCK_TASKS = {
@@ -106,18 +106,14 @@ class InputAdaptedLinear(nn.Module):
 class RepAdapterViT(TunedViT):
     def merged(self) -> nn.Module:
         backbone = copy.deepcopy(self.backbone)
-        for name, module in list(backbone.named_modules()):
-            if isinstance(module, InputAdaptedLinear):
-                parent_path, _, child = name.rpartition(".")
-                setattr(backbone.get_submodule(parent_path), child, module.fold())
+        replace_wrappers(backbone, InputAdaptedLinear, lambda m: m.fold())
         return plain_vit(backbone, self.head)
 
 
 # train.py: AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs, 10 warm-up; no lr search (s per task instead,
 # scripts/search_repblock.sh: s in {0.1, 0.5, 1, 5, 10}); base lr 0.004 = 1e-3 at batch 64.
 # demo lr: the best mean val200 top-1 over the 5 demo tasks (results/demo-hparam-search.csv)
-REPADAPTER_RECIPE = Recipe(optimizer="adamw", batch_size=64, epochs=100, warmup_epochs=10,
-                           lr_grid=(0.004,), wd_grid=(1e-4,)).for_protocol("demo", lr=0.04, wd=0.0001, batch_size=64)
+REPADAPTER_RECIPE = noah_fixed_recipe(demo_lr=0.04)
 
 
 @register_method
@@ -152,8 +148,4 @@ class RepAdapterMethod(Method):
                                      float(opts["dropout"]))
                 setattr(parent, child, InputAdaptedLinear(getattr(parent, child), adapter))
                 adapters.append(adapter)
-        model = RepAdapterViT(backbone, num_classes)
-        for a in adapters:
-            a.requires_grad_(True)
-        model.train_modules.extend(adapters)
-        return model
+        return RepAdapterViT(backbone, num_classes).train_inserted(adapters)

@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from peftbench.layers.merge import plain_vit, scale_shift_linear
+from peftbench.layers.merge import plain_vit, replace_wrappers, scale_shift_linear
 from peftbench.methods import Method, Recipe, TunedViT, register_method
 
 # the timm modules of a block whose output SSF scales and shifts (official order)
@@ -78,14 +78,6 @@ def _wrap(root: nn.Module, path: str, channel_dim: int = -1) -> ScaleShift:
     wrapped = ScaleShift(base, _out_features(base), channel_dim)
     setattr(parent, child, wrapped)
     return wrapped
-
-
-def replace_wrappers(root: nn.Module, kind: type, unwrap) -> None:
-    """Replace every ``kind`` module under ``root`` by ``unwrap(module)`` (in place)."""
-    for name, module in list(root.named_modules()):
-        if isinstance(module, kind):
-            parent_path, _, child = name.rpartition(".")
-            setattr(root.get_submodule(parent_path) if parent_path else root, child, unwrap(module))
 
 
 class SsfViT(TunedViT):

@@ -54,3 +54,13 @@ class PipelineError(PeftbenchError, RuntimeError):
 
 class Diverged(RuntimeError):
     """Raised inside a run when the loss is not finite; the run is recorded as ``diverged``."""
+
+
+def bounds_problem(value, lo: float | None, hi: float | None) -> str | None:
+    """``is below its minimum 1`` / ``is above its maximum 5`` for a number outside [lo, hi] (a bound of None is no
+    bound), else None: the one wording of the sweep fields, the executor settings and the method options."""
+    if lo is not None and value < lo:
+        return f"is below its minimum {lo:g}"
+    if hi is not None and value > hi:
+        return f"is above its maximum {hi:g}"
+    return None

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from .._io import toml_value
-from ..errors import PeftbenchError, SettingsError
+from ..errors import PeftbenchError, SettingsError, bounds_problem
 
 MAX_SEED = 2**31 - 1  # the epoch order seeds a generator with seed × 1,000,003 + epoch
 MAX_RUNS = 100_000  # the default limit of the runs one sweep may plan (max_runs, --max-runs)
@@ -314,10 +314,9 @@ def _number(s: Spec, x: Any, where: str, integer: bool) -> float | int:
         raise SettingsError(f"{where}: {x!r} is not an integer")
     if not math.isfinite(x):
         raise SettingsError(f"{where}: {x!r} is not a finite number")
-    if s.min is not None and x < s.min:
-        raise SettingsError(f"{where}: {x!r} is below its minimum {s.min:g}")
-    if s.max is not None and x > s.max:
-        raise SettingsError(f"{where}: {x!r} is above its maximum {s.max:g}")
+    problem = bounds_problem(x, s.min, s.max)
+    if problem:
+        raise SettingsError(f"{where}: {x!r} {problem}")
     return int(x) if integer else float(x)
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from .._registry import Registry, instance_registry
-from ..errors import SettingsError
+from ..errors import SettingsError, bounds_problem
 
 if TYPE_CHECKING:
     from ..train.env import Env
@@ -53,10 +53,9 @@ class Setting:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if not math.isfinite(value):
                 raise SettingsError(f"{where}: {key} must be a finite number, got {value!r}")
-            if self.min is not None and value < self.min:
-                raise SettingsError(f"{where}: {key}={value!r} is below its minimum {self.min:g}")
-            if self.max is not None and value > self.max:
-                raise SettingsError(f"{where}: {key}={value!r} is above its maximum {self.max:g}")
+            problem = bounds_problem(value, self.min, self.max)
+            if problem:
+                raise SettingsError(f"{where}: {key}={value!r} {problem}")
             if float in self.types and int in self.types:
                 value = float(value) if isinstance(value, float) or self.types[0] is float else value
         if self.choices is not None and value not in self.choices:

@@ -12,6 +12,15 @@ def is_plain_timm(module: nn.Module) -> bool:
     return all(type(m).__module__.split(".")[0] in ("timm", "torch") for m in module.modules())
 
 
+def replace_wrappers(root: nn.Module, kind: type, unwrap) -> None:
+    """Replace every ``kind`` module under ``root`` by ``unwrap(module)``, in place (a method's wrapper layers by the
+    plain layers their update was folded into)."""
+    for name, module in list(root.named_modules()):
+        if isinstance(module, kind):
+            parent_path, _, child = name.rpartition(".")
+            setattr(root.get_submodule(parent_path) if parent_path else root, child, unwrap(module))
+
+
 def plain_vit(backbone: nn.Module, head: nn.Linear) -> nn.Module:
     """A plain timm classifier: a deep copy of ``backbone`` (a ``num_classes=0`` timm ViT or Swin whose
     modules are the originals, weights already updated by the caller) with ``head`` as its classifier

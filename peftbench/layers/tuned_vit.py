@@ -35,6 +35,15 @@ class TunedViT(nn.Module):
         self.head = head if head is not None else make_head(backbone.num_features, num_classes)
         self.train_modules: list[nn.Module] = [self.head]
 
+    def train_inserted(self, modules) -> "TunedViT":
+        """Modules a method inserted into the backbone (frozen with it by ``__init__``): their parameters train, and
+        they run in train mode while training (their dropout, DropPath); the rest of the backbone stays frozen and in
+        eval mode. Returns the model."""
+        for m in modules:
+            m.requires_grad_(True)
+            self.train_modules.append(m)
+        return self
+
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 
