@@ -125,7 +125,11 @@ for _name, _preset in _BUILTIN.items():
 VIT_MODULES = ("vision_transformer", "deit")
 # other timm modules whose models some methods tune, by family name (Method.families)
 FAMILY_MODULES = {"swin_transformer": "swin"}
-TUNED_FAMILIES = ("vit", "swin")
+# the families peftbench tunes, each with the timm keyword arguments its backbones are built with (besides
+# num_classes=0; a preset's own kwargs win): the ViT's feature is its CLS token (the papers' code), Swin keeps timm's
+# average of the final tokens
+FAMILY_KWARGS: dict[str, dict] = {"vit": {"global_pool": "token"}, "swin": {"global_pool": "avg"}}
+TUNED_FAMILIES = tuple(FAMILY_KWARGS)
 
 
 @lru_cache(maxsize=1)
@@ -213,8 +217,9 @@ def create_backbone(backbone: str, checkpoint: str | None = None, *, pretrained:
                             "presets of `peftbench list backbones`; other families are not supported")
     name, kwargs = (p.timm_name, dict(p.kwargs)) if p else (backbone, {})
     kwargs["num_classes"] = 0
-    if family != "swin":  # (Swin averages its final tokens)
-        kwargs.setdefault("global_pool", "token")  # (a preset may pool otherwise: vit-b16-mae averages)
+    # (a preset may pool otherwise: vit-b16-mae averages; a timm name timm does not know is built as a ViT, and
+    # timm's own error names it)
+    kwargs = {**FAMILY_KWARGS[family or "vit"], **kwargs}
     ckpt = resolve_checkpoint(backbone, checkpoint) if pretrained else None
     if pretrained and ckpt is None and p is not None and p.weights:
         raise BackboneError(f"backbone {backbone!r} needs its release file: --checkpoint PATH ({p.weights})")

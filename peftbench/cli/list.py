@@ -28,7 +28,7 @@ LISTS = {
 }
 def _backbone_line(name, p) -> str:
     """A preset: family, timm name and tag, resolution, normalisation, pooling, weights, what it is."""
-    from ..backbones import normalisation
+    from ..backbones import FAMILY_KWARGS, normalisation
 
     size = p.kwargs.get("img_size", 224)
     given = normalisation(name)
@@ -39,7 +39,7 @@ def _backbone_line(name, p) -> str:
     from ..methods import METHODS
 
     tuners = sum(1 for _, m in METHODS.items() if p.family in m.families)
-    pool = p.kwargs.get("global_pool", "avg" if p.family == "swin" else "token")
+    pool = {**FAMILY_KWARGS.get(p.family, {}), **p.kwargs}.get("global_pool", "token")
     return (f"{name:<22} {p.family:<5} {p.timm_name:<38} {size:>4}px  norm={norm:<8} "
             f"pool={pool:<5} weights={weights:<18} methods={tuners:<3} {p.description}")
 
