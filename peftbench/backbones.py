@@ -44,6 +44,10 @@ class Preset:
     # the input normalisation its runs use (None: ImageNet's, the VPT/E^2VPT/NOAH code's for every ViT)
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
+    # the papers' table its results belong in ("ViT-B/16 ImageNet-21k", "Swin-B ImageNet-21k", "ViT-B/16 MAE"...):
+    # leaderboards rank and draw each table apart (:func:`backbone_table`); "" = the preset's name. A control
+    # names the table of the backbone it controls for
+    table: str = ""
 
 
 # presets; third-party packages add theirs through the `peftbench.backbones` entry-point group
@@ -66,6 +70,7 @@ _BUILTIN: dict[str, Preset] = {
         ASSETS / "demo_vit.safetensors",
         "tiny ViT (6 blocks, width 96, 32x32 input, patch 4) pretrained on Fashion-MNIST by "
         "scripts/pretrain_demo_backbone.py",
+        table="demo ViT (tiny)",
     ),
     "demo-vit-random": Preset(
         "vit_tiny_patch16_224",
@@ -73,6 +78,7 @@ _BUILTIN: dict[str, Preset] = {
         None,
         "the demo ViT architecture, randomly initialised (the control for the pretrained one)",
         control="random-weight backbone",
+        table="demo ViT (tiny)",
     ),
     # the self-supervised ViT-B/16 of the VPT and E^2VPT tables, as their code builds and loads them
     # (../shared/spec/backbones.md §3; KMnP/vpt@4410440 src/models/build_vit_backbone.py:45-91)
@@ -80,41 +86,47 @@ _BUILTIN: dict[str, Preset] = {
         "vit_base_patch16_224", dict(global_pool="avg", fc_norm=True), None,
         "ViT-B/16 MAE (mae_pretrain_vit_base.pth): the features are a fresh LayerNorm (weight 1, bias 0) of the "
         "mean of the tokens after the CLS (prompts included), the release's final norm dropped, as VPT's code",
-        layout="mae",
+        layout="mae", table="ViT-B/16 MAE",
         weights="mae_pretrain_vit_base.pth from facebookresearch/mae (README: the pre-trained ViT-Base checkpoint)"),
     "vit-b16-mocov3": Preset(
         "vit_base_patch16_224", {}, None,
         "ViT-B/16 MoCo-v3 (linear-vit-b-300ep.pth.tar, or the pre-training vit-b-300ep.pth.tar): the CLS token "
         "after the final norm, as VPT's code",
-        layout="mocov3",
+        layout="mocov3", table="ViT-B/16 MoCo-v3",
         weights="linear-vit-b-300ep.pth.tar (or vit-b-300ep.pth.tar) from facebookresearch/moco-v3 CONFIG.md"),
     # the other backbones of the papers' tables (timm's hub names; the VPT paper's ViT-L/H rows, the CLIP and
     # DINOv2 rows of PETL_Vision / VFPT / SNELL / GPS); weights from the Hugging Face hub through timm
     "vit-b16-in21k": Preset("vit_base_patch16_224.orig_in21k", {}, None,
-                            "ViT-B/16 ImageNet-21k (the original ViT-B_16.npz; the paper suites' default)"),
+                            "ViT-B/16 ImageNet-21k (the original ViT-B_16.npz; the paper suites' default)",
+                            table="ViT-B/16 ImageNet-21k"),
     "vit-l16-in21k": Preset("vit_large_patch16_224.orig_in21k", {}, None,
-                            "ViT-L/16 ImageNet-21k (the original release, as the VPT paper's ViT-L rows)"),
+                            "ViT-L/16 ImageNet-21k (the original release, as the VPT paper's ViT-L rows)",
+                            table="ViT-L/16 ImageNet-21k"),
     "vit-h14-in21k": Preset("vit_huge_patch14_224.orig_in21k", {}, None,
-                            "ViT-H/14 ImageNet-21k (the original release, as the VPT paper's ViT-H rows)"),
+                            "ViT-H/14 ImageNet-21k (the original release, as the VPT paper's ViT-H rows)",
+                            table="ViT-H/14 ImageNet-21k"),
     "dinov2-vit-b14": Preset("vit_base_patch14_dinov2.lvd142m", dict(img_size=224), None,
-                             "DINOv2 ViT-B/14 (LVD-142M) at 224 px (timm interpolates its position embedding)"),
+                             "DINOv2 ViT-B/14 (LVD-142M) at 224 px (timm interpolates its position embedding)",
+                             table="DINOv2 ViT-B/14"),
     "clip-vit-b16-openai": Preset("vit_base_patch16_clip_224.openai", {}, None,
-                                  "CLIP ViT-B/16 image tower (OpenAI), CLIP's normalisation",
+                                  "CLIP ViT-B/16 image tower (OpenAI), CLIP's normalisation", table="CLIP ViT-B/16 (OpenAI)",
                                   mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
     "clip-vit-b16-laion2b": Preset("vit_base_patch16_clip_224.laion2b", {}, None,
                                    "CLIP ViT-B/16 image tower (LAION-2B, OpenCLIP), CLIP's normalisation",
+                                   table="CLIP ViT-B/16 (LAION-2B)",
                                    mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)),
     # the papers' Swin-B: ImageNet-21k, 224 px, window 7 (VPT build_vit_backbone.py:170-182; timm's tag points at
     # the release file swin_base_patch4_window7_224_22k.pth, converted by timm's checkpoint filter)
     "swin-b-in22k": Preset("swin_base_patch4_window7_224.ms_in22k", {}, None,
                            "Swin-B ImageNet-21k (224, window 7), as VPT/E^2VPT used it (timm hub, or the release "
-                           "swin_base_patch4_window7_224_22k.pth with --checkpoint)", family="swin", layout="swin"),
+                           "swin_base_patch4_window7_224_22k.pth with --checkpoint)", family="swin", layout="swin",
+                           table="Swin-B ImageNet-21k"),
     # the demo's and the tests' tiny random Swin (4 stages of 2 blocks, width 32, window 4 on 32-pixel images)
     "demo-swin-tiny": Preset("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=2, embed_dim=32,
                                                                   depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
                                                                   window_size=4),
                              None, "random tiny Swin (4 x 2 blocks, width 32, window 4, 32 px) for the demo and "
-                                   "tests", family="swin"),
+                                   "tests", family="swin", table="demo Swin (tiny, random)"),
 }
 for _name, _preset in _BUILTIN.items():
     register_backbone(_name, _preset)
@@ -148,6 +160,18 @@ def backbone_family(backbone: str) -> str:
         return p.family
     module = _timm_modules().get(backbone.split(".")[0], "")
     return "vit" if module in VIT_MODULES else FAMILY_MODULES.get(module, module)
+
+
+def backbone_table(backbone: str) -> str:
+    """The papers' table results on ``backbone`` belong in: its preset's ``table``; a timm name is in the table of the
+    preset built from exactly that name (``vit_base_patch16_224.orig_in21k`` -> ``ViT-B/16 ImageNet-21k``); any other
+    backbone is a table of its own, named by itself. Leaderboards rank each table apart (docs/leaderboard.md)."""
+    p = preset(backbone)
+    if p is not None:
+        return p.table or backbone
+    same = [q for _, q in BACKBONES.items() if q.timm_name == backbone and not q.kwargs and q.checkpoint is None
+            and not q.control and q.layout in ("timm", "swin")]
+    return (same[0].table or backbone) if len(same) == 1 else backbone
 
 
 def normalisation(backbone: str) -> tuple[tuple[float, ...], tuple[float, ...]] | None:

@@ -13,7 +13,7 @@ import pytest
 from peftbench.errors import SettingsError
 from peftbench.results.board import build_board, load_runs, pareto_front, suite_grid
 from peftbench.results.columns import columns, table
-from peftbench.results.reference import load_reference
+from peftbench.results.reference import load_reference, read_reference_file
 from peftbench.results.write import write_leaderboard
 from peftbench.store import RunSpec, RunStore
 from peftbench.tasks import get_suite, get_task
@@ -367,6 +367,10 @@ def test_reference_csvs_reaverage_to_the_printed_means(name, tol):
     checked = 0
     for r in rows:
         assert r["source"].strip(), f"{name} {r['method']}: no source"
+        if "top1" in name and not any(r[t].strip() for t in tasks):  # a group-level row (another backbone's table)
+            assert r["preset"].strip() and all(r[f"printed_{g}_mean"].strip() for g in get_suite(suite).groups), r
+            checked += 1
+            continue
         values = {t: float(r[t]) for t in tasks}  # every task present
         recomputed = _recompute(values, suite)
         for col, v in r.items():
@@ -383,7 +387,7 @@ def test_reference_csvs_reaverage_to_the_printed_means(name, tol):
 
 
 def test_reference_numbers_the_spec_quotes():
-    rows = {r["method"]: r for r in read_csv(REFERENCE / "vtab-top1.csv")}
+    rows = {r["method"]: r for r in read_csv(REFERENCE / "vtab-top1.csv") if not r["preset"]}
     re_ = {m: _recompute({t: float(r[t]) for t in VTAB}, "vtab") for m, r in rows.items()}
     assert re_["E^2VPT"]["printed_overall_mean_of_groups"] == pytest.approx(73.94, abs=0.005)
     assert re_["E^2VPT"]["printed_overall_mean_of_tasks"] == pytest.approx(71.42, abs=0.005)
@@ -394,6 +398,39 @@ def test_reference_numbers_the_spec_quotes():
     assert rows["Bias"]["peftbench_config"] == "bitfit" and rows["LoRA (NOAH)"]["peftbench_config"] == "lora"
     assert rows["Adapter-8"]["peftbench_config"].split(";") == ["adapter", "adapter(reduction=8)"]
     assert rows["Adapter (NOAH)"]["peftbench_config"] == "adapter-noah"
+
+
+def test_other_backbones_reported_rows_form_their_own_table(vtab_store, tmp_path):
+    """The E^2VPT paper's Swin-B row (group means only) sits in the Swin-B table: ranked there, not among the
+    ViT-B/16 rows; a reproduced Swin row of its config pairs with it before any ViT row does."""
+    board, _ = board_for(vtab_store, reference=REFERENCE)
+    swin = next(r for r in board.reported if r.label == "E^2VPT (Swin-B)")
+    assert swin.table == "Swin-B ImageNet-21k" and swin.rank == 1
+    assert swin.group_mean == {"natural": 83.31, "specialized": 84.95, "structured": 57.35}
+    assert swin.overall_groups == pytest.approx((83.31 + 84.95 + 57.35) / 3)
+    assert all(swin.mean[t] is None for t in VTAB) and "group means as printed" in swin.notes
+    vit = [r for r in board.reported if r.table == "ViT-B/16 ImageNet-21k"]
+    assert [r.rank for r in vit if r.rank] == list(range(1, 1 + sum(1 for r in vit if r.rank)))
+    assert board.tables.index("ViT-B/16 ImageNet-21k") == 0  # the suite's default backbone's table first
+    assert board.reported.index(swin) > max(board.reported.index(r) for r in vit)
+    # a reproduced e2vpt row on the Swin-B preset: pairs with the Swin-B row (like for like names what differs)
+    root = tmp_path / "runs"
+    for t in VTAB:
+        add_record(root, config="e2vpt", task=t, seed=1, top1=60.0, backbone="swin-b-in22k")
+    board, _ = board_for(root, reference=REFERENCE)
+    mine = row(board, "e2vpt")
+    assert mine.table == "Swin-B ImageNet-21k" and mine.paired_with == "E^2VPT (Swin-B)"
+    assert mine.delta_groups["natural"] == pytest.approx(60.0 - 83.31)
+
+
+def test_reference_preset_must_be_a_backbone_preset(tmp_path):
+    grid = suite_grid("vtab")
+    lines = (REFERENCE / "vtab-top1.csv").read_text().splitlines()
+    lines[1] = lines[1].replace("val search, last epoch\",,", "val search, last epoch\",swin-b-in2k,", 1)
+    assert "swin-b-in2k" in lines[1]
+    (tmp_path / "vtab-top1.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(SettingsError, match=r"vtab-top1.csv:2: column preset: .*Did you mean 'swin-b-in22k'"):
+        read_reference_file(tmp_path / "vtab-top1.csv", grid)
 
 
 def test_reported_row_pairs_with_any_of_its_config_labels(tmp_path):
@@ -455,10 +492,10 @@ def test_columns_are_fixed_and_documented(vtab_store, tmp_path):
     header = next(csv.reader(open(tmp_path / "vtab-leaderboard.csv")))
     board, _ = board_for(vtab_store, reference=REFERENCE)
     assert header == table("leaderboard", board, [])[0]
-    assert header[:6] == ["rank", "source", "config", "method", "backbone", "protocol"]
+    assert header[:7] == ["rank", "source", "config", "method", "backbone", "backbone_table", "protocol"]
     assert header[-2:] == ["reference_source", "notes"]
-    assert header[6:11] == ["recipe", "data_pipeline", "selection", "mean_convention", "like_for_like"]
-    assert header[11:13] == ["cifar100", "cifar100_std"]
+    assert header[7:12] == ["recipe", "data_pipeline", "selection", "mean_convention", "like_for_like"]
+    assert header[12:14] == ["cifar100", "cifar100_std"]
     doc = (REPO / "docs" / "leaderboard.md").read_text()
     names = [c.name.replace("{task}", "<task>").replace("{group}", "<group>")
              for t in ("leaderboard", "runs") for c in columns(t)]

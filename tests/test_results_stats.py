@@ -116,14 +116,15 @@ def test_controls_are_not_ranked_nor_on_the_frontier(tmp_path):
     assert ctl.control == "random-weight backbone"
     assert ctl.rank is None and ctl.pareto is None
     assert row(board, "lora").rank == 1 and row(board, "bitfit").pareto is True  # would be dominated otherwise
-    assert board.reproduced[-1] is ctl  # listed after the ranked rows
+    assert [r for r in board.reproduced if r.table == ctl.table][-1] is ctl  # after the ranked rows of its table
+    assert ctl.table == "demo ViT (tiny)" and row(board, "lora").table == "vit-test"  # two backbones: two tables
     write_leaderboard(root, tmp_path / "out", "fgvc", reference_dir=False)
     (c,) = [x for x in read_csv(tmp_path / "out" / "fgvc-leaderboard.csv") if x["config"] == "linear@random"]
     assert c["control"] == "random-weight backbone" and c["rank"] == "" and c["pareto"] == ""
     html = (tmp_path / "out" / "fgvc-report.html").read_text()
     assert 'class="badge">control</span>' in html
     md = (tmp_path / "out" / "fgvc-table.md").read_text()
-    assert "*Controls*" in md
+    assert "*Controls, demo ViT (tiny)*" in md
 
 
 def test_tuned_params_beside_trainable_and_the_flags(tmp_path):

@@ -52,7 +52,9 @@ def test_latex_layout(board):
     assert vd[-2] == r"\textbf{57.0}{\scriptsize$\pm$1.0}"
     assert rows["linear"][0] == r"\textbf{0.05}" and rows["bitfit"][0] == "0.10"  # the lowest Tuned/Total is bold
     assert "linear" in rows and rows["linear"][-1] == "--"  # incomplete: no overall mean
-    assert r"\emph{Reported (papers)}" in tex and "E\\textasciicircum{}2VPT" in tex  # escaped
+    # the tiny test backbone and the papers' ViT-B/16 are two backbone tables: each its own blocks
+    assert r"\emph{Reported (papers), ViT-B/16 ImageNet-21k}" in tex and r"\emph{Reproduced (peftbench), vit-test}" in tex
+    assert "E\\textasciicircum{}2VPT" in tex  # escaped
 
 
 def test_markdown_layout(board):
@@ -64,7 +66,7 @@ def test_markdown_layout(board):
     assert "Natural mean" in cells and "Structured mean" in cells
     vd = next(x for x in lines if x.startswith("| vpt-deep "))
     assert "**57.0** ± 1.0" in vd
-    assert "| *Reported (papers)* |" in md
+    assert "| *Reported (papers), ViT-B/16 ImageNet-21k* |" in md
 
 
 def test_cli_format_prints_the_table(tmp_path, capsys):

@@ -41,11 +41,12 @@ def _backbone_line(name, p) -> str:
     tuners = sum(1 for _, m in METHODS.items() if p.family in m.families)
     pool = {**FAMILY_KWARGS.get(p.family, {}), **p.kwargs}.get("global_pool", "token")
     return (f"{name:<22} {p.family:<5} {p.timm_name:<38} {size:>4}px  norm={norm:<8} "
-            f"pool={pool:<5} weights={weights:<18} methods={tuners:<3} {p.description}")
+            f"pool={pool:<5} weights={weights:<18} methods={tuners:<3} table=\"{p.table or name}\"  {p.description}")
 
 
 NOTES = {"backbones": "(any timm ViT or Swin name also works, e.g. vit_base_patch16_224.orig_in21k; methods = how many "
-                      "methods tune the family: `peftbench list methods` says which, docs/methods/README.md)"}
+                      "methods tune the family: `peftbench list methods` says which, docs/methods/README.md; table = the papers' "
+                      "table its results go in: leaderboards rank each apart, docs/leaderboard.md)"}
 
 
 def register(sub) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from .._text import terminal
-from ..backbones import preset
+from ..backbones import backbone_table, preset
 from ..errors import PeftbenchError, UnknownNameError
 from ..fingerprint import code_fingerprint, staleness
 from ..methods import get_method
@@ -267,6 +267,7 @@ class Row:
     config: str
     method: str = ""
     backbone: str = ""
+    table: str = ""  # the papers' table of the backbone (peftbench.backbones.backbone_table): ranked apart
     checkpoint_id: str = ""
     protocol: str = ""
     precision: str = ""
@@ -336,6 +337,8 @@ class Board:
     superseded: list[tuple[str, str]]  # (record path, why)
     has_reference: bool
     noise: dict[str, float | None] = field(default_factory=dict)  # task -> pooled seed std of the reproduced rows
+    # the backbones' tables of the rows in board order: the suite's default backbone's first, then by name
+    tables: list[str] = field(default_factory=list)
 
     @property
     def reproduced(self) -> list[Row]:
@@ -548,13 +551,21 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
             extra = r.backbone + (f"@{r.checkpoint_id[:8]}" if r.checkpoint_id else "")
             r.label = f"{r.config} [{extra}, {r.protocol}" + (f", {r.precision}" if r.precision != "fp32" else "") + "]"
 
+    suite_backbone = _suite_backbone(grid)
+    for r in rows:
+        r.table = _table(r.backbone)
     reported_rows = [_reported_row(ref, grid) for ref in (reference or [])]
+    for rep, ref in zip(reported_rows, reference or []):
+        rep.table = _table(ref.preset or suite_backbone)
     by_config = {}
     for r in rows:
         by_config.setdefault(r.config, []).append(r)
     taken: set[int] = set()
     for rep, ref in zip(reported_rows, reference or []):
         mates = [m for c in ref.configs for m in by_config.get(c, []) if id(m) not in taken]
+        # a row of the reported row's own backbone table first; else one of another backbone (its like-for-like
+        # says the backbone differs)
+        mates = [m for m in mates if m.table == rep.table] or mates
         alike = [m for m in mates if not m.basis.differences(rep.basis)]
         same_recipe = [m for m in mates if m.basis.recipe == rep.basis.recipe]
         # the reproduction gap: the row trained with the paper's own recipe (like for like, else the same
@@ -576,22 +587,30 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
     weights = headline_weights(grid)
     for r in rows:
         r.headline_se = headline_se(r, weights, noise)
+    # each backbone's table is ranked apart (its own frontier, ranks and ties): the suite's default backbone first
+    first = _table(suite_backbone)
+    order = {t: i for i, t in enumerate(sorted({r.table for r in rows + reported_rows},
+                                                key=lambda t: (t != first, t.lower())))}
     for group in (rows, reported_rows):
-        ranked = [r for r in group if not r.control]  # controls: not ranked, not on the frontier
-        flags = pareto_front([(r.tuned_total_pct, r.headline(grid)) for r in ranked])
-        for r, f in zip(ranked, flags):
-            r.pareto = f
-        group.sort(key=lambda r: (bool(r.control), r.headline(grid) is None, -(r.headline(grid) or 0.0), r.label))
-        rank = 0
+        for table in order:
+            ranked = [r for r in group if r.table == table and not r.control]  # controls: not ranked, not on the frontier
+            flags = pareto_front([(r.tuned_total_pct, r.headline(grid)) for r in ranked])
+            for r, f in zip(ranked, flags):
+                r.pareto = f
+        group.sort(key=lambda r: (order[r.table], bool(r.control), r.headline(grid) is None,
+                                  -(r.headline(grid) or 0.0), r.label))
+        rank, table = 0, None
         above: list[Row] = []
         for r in group:
+            if r.table != table:
+                rank, table, above = 0, r.table, []
             if r.headline(grid) is not None and not r.control:
                 rank += 1
                 r.rank = rank
                 r.tied_with = next((a.rank for a in above if within_noise(a, r, grid)), None)
                 above.append(r)
     return Board(grid, rows + reported_rows, mine, used, list(skipped or []), superseded,
-                 has_reference=bool(reference), noise=noise)
+                 has_reference=bool(reference), noise=noise, tables=list(order))
 
 
 def _control(backbone: str) -> str:
@@ -601,6 +620,23 @@ def _control(backbone: str) -> str:
     except Exception:  # noqa: BLE001 - a broken backbone plugin must not stop a leaderboard
         return ""
     return p.control if p is not None else ""
+
+
+def _table(backbone: str) -> str:
+    """The papers' table of ``backbone`` (:func:`peftbench.backbones.backbone_table`); the name itself when a broken
+    backbone plugin cannot say."""
+    try:
+        return backbone_table(backbone)
+    except Exception:  # noqa: BLE001 - a broken backbone plugin must not stop a leaderboard
+        return backbone
+
+
+def _suite_backbone(grid: SuiteGrid) -> str:
+    """The suite's default backbone (whose table comes first, and holds the reported rows that name no preset)."""
+    try:
+        return get_suite(grid.suite).backbone
+    except UnknownNameError:
+        return ""
 
 
 def diff(a: float | None, b: float | None) -> float | None:
@@ -618,6 +654,12 @@ def _reported_row(ref: Reported, grid: SuiteGrid) -> Row:
         row.tuned[t] = ref.tuned.get(t)
     _fill_aggregates(row, grid)
     notes = [ref.note] if ref.note else []
+    printed_groups = {g: ref.printed.get(f"printed_{g}_mean") for g in grid.groups}
+    if grid.groups and not ref.top1 and all(v is not None for v in printed_groups.values()):
+        # a source that prints group means only (other backbones' tables): those stand for the groups
+        row.group_mean = dict(printed_groups)
+        row.overall_groups = statistics.fmean(v for v in printed_groups.values() if v is not None)
+        notes.append("group means as printed (the source's per-task values are not in the reference file)")
     if ref.tuned and all(ref.tuned.get(t) is not None for t in grid.tasks):
         row.tuned_total_pct = statistics.fmean(ref.tuned[t] for t in grid.tasks)
         notes.append(f"Tuned/Total: mean of per-task values ({ref.tuned_source})")

@@ -259,6 +259,10 @@ _L = [
     Column("backbone", "backbone name, with @<checkpoint hash> for a local --checkpoint",
            lambda r, b: r.backbone + (f"@{r.checkpoint_id}" if r.checkpoint_id else ""),
            html="backbone", html_cell=lambda r, b: txt(r.backbone), html_order=200),
+    Column("backbone_table", "the papers' table of the backbone (its preset's table, e.g. ViT-B/16 ImageNet-21k, Swin-B "
+           "ImageNet-21k, ViT-B/16 MAE): ranks, ties and the Pareto frontier are within one table",
+           lambda r, b: r.table, html="backbone table", html_cell=lambda r, b: txt(r.table),
+           html_when=lambda b: len(b.tables) > 1, html_order=2),
     Column("protocol", "the evaluation protocol", lambda r, b: r.protocol,
            html="protocol", html_cell=lambda r, b: txt(r.protocol), html_order=200),
     Column("recipe", "the training recipe: a paper's (vpt, e2vpt, noah, ssf...: methods/papers/), peftbench "

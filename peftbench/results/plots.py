@@ -5,7 +5,8 @@ versions in the metadata, figures built without pyplot (no global state).
   overall; reproduced rows are filled markers with ± std-over-seeds error bars, reported rows hollow
   markers in the colour of the reproduced row they pair with; the Pareto frontier (lower Tuned/Total
   and higher accuracy is better) is a solid staircase for reproduced rows and a dashed one for
-  reported rows. Controls (random-weight backbones) are dotted horizontal lines, off the frontier;
+  reported rows, one per backbone table (rows of several backbones: the legend names each row's table).
+  Controls (random-weight backbones) are dotted horizontal lines, off the frontier;
   the y axis spans the methods' points (padded, at least ``MIN_Y_SPAN`` points).
 * ``tasks``: a configurations x tasks heatmap (mean ± sample std over the final seeds in each cell,
   coloured by the cell's place within its column), group and overall means after the tasks,
@@ -160,7 +161,7 @@ def pareto_figure(board: Board):
         _log_axis(ax)
         ax.set_xlabel("Tuned / Total parameters (%, log scale)")
         ax.set_ylabel("Top-1 accuracy (%)")
-        pts = {"reproduced": [], "reported": []}
+        pts: dict[tuple[str, str], list] = {}  # (source, backbone table) -> points: one frontier each
         ys: list[tuple[float, float]] = []
         controls: list[tuple[Row, float]] = []
         for r in board.rows:
@@ -183,15 +184,16 @@ def pareto_figure(board: Board):
                 notes[-1].append(ax.annotate(_t(r.label), (x, y), xytext=(4, 4), textcoords="offset points",
                                              fontsize=7, color=colour, zorder=4))
 
-            pts[r.source].append((x, y))
+            pts.setdefault((r.source, r.table), []).append((x, y))
             if r.label not in used_labels:
                 used_labels.append(r.label)
         ax.margins(x=0.12)
         limits = _y_limits(ys)
         if limits:
             ax.set_ylim(*limits)
-        _frontier(ax, pts["reproduced"], "0.15", "-", None)
-        _frontier(ax, pts["reported"], "0.55", "--", None)
+        for (source, _), points in pts.items():
+            _frontier(ax, points, "0.15" if source == "reproduced" else "0.55",
+                      "-" if source == "reproduced" else "--", None)
         if controls:
             lo, hi = ax.get_ylim() if limits else (min(y for _, y in controls) - 5, max(y for _, y in controls) + 5)
             if not limits:
@@ -210,14 +212,14 @@ def pareto_figure(board: Board):
             if below:
                 ax.text(0.99, 0.02, "\n".join(below), transform=ax.transAxes, ha="right", va="bottom", fontsize=6.5,
                         color="0.35")
-        if not pts["reproduced"] and not pts["reported"] and not controls:
+        if not pts and not controls:
             what = f"every task of the {_t(group)} group" if group else "every task"
             ax.text(0.5, 0.5, f"no complete results yet\n(needs final runs on {what})", ha="center",
                     va="center", transform=ax.transAxes, color="0.4")
             ax.set_xlim(0.01, 100)
             ax.set_ylim(0, 100)
         missing = [_t(r.label) for r in board.reproduced if r.tasks_done and (get(r)[0] is None or get(r)[1] is None)]
-        if missing and (pts["reproduced"] or pts["reported"]):
+        if missing and pts:
             shown = ", ".join(missing[:4]) + (f" (+{len(missing) - 4})" if len(missing) > 4 else "")
             ax.set_title(f"{title}\n(incomplete, not shown: {shown})")
     for ax in axes[n:]:
@@ -230,14 +232,16 @@ def pareto_figure(board: Board):
         if r.label in pair:
             order.append(pair[r.label])
     order += [r for r in board.reported if r not in order]
+    several = len(board.tables) > 1
     for r in order:
         if r.label not in used_labels:
             continue
         colour, marker = style[r.label]
         filled = r.source == "reproduced"
+        where = f" [{_t(r.table)}]" if several else ""  # each backbone's table has its own frontier
         handles.append(Line2D([], [], linestyle="", marker=marker, markersize=6, color=colour,
                               markerfacecolor=colour if filled else "none", markeredgewidth=1.0 if filled else 1.4,
-                              label=_t(r.label) if filled else f"{_t(r.label)} (reported)"))
+                              label=(_t(r.label) if filled else f"{_t(r.label)} (reported)") + where))
     handles.append(Line2D([], [], color="0.15", linestyle="-", label="Pareto frontier, reproduced"))
     if board.reported:
         handles.append(Line2D([], [], color="0.55", linestyle="--", label="Pareto frontier, reported"))

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .._io import safe_component
-from ..errors import SettingsError
+from ..backbones import BACKBONES
+from ..errors import SettingsError, UnknownNameError
 
 if TYPE_CHECKING:
     from .board import SuiteGrid
@@ -37,6 +38,9 @@ class Reported:
     backbone: str = ""
     selection: str = ""
     mean_convention: str = ""
+    # the backbone preset (or timm name) whose table the row belongs in (column preset; empty: the suite's default
+    # backbone): leaderboards rank each backbone's table apart (peftbench.backbones.backbone_table)
+    preset: str = ""
 
 
 def default_reference_dir() -> Path | None:
@@ -73,7 +77,13 @@ def read_reference_file(top1_file: str | Path, grid: "SuiteGrid") -> list[Report
                             "peftbench_config; docs/leaderboard.md)")
     out = []
     seen: set[str] = set()
-    for row in rows:
+    for line, row in enumerate(rows, start=2):
+        name = (row.get("preset") or "").strip()
+        if name:
+            try:
+                BACKBONES.get(name)
+            except UnknownNameError as e:
+                raise SettingsError(f"{top1_file}:{line}: column preset: {e}") from None
         if row["method"] in seen:
             raise SettingsError(f"{top1_file}: the row {row['method']!r} appears twice (a reference row is named once)")
         seen.add(row["method"])
@@ -92,7 +102,7 @@ def read_reference_file(top1_file: str | Path, grid: "SuiteGrid") -> list[Report
         out.append(Reported(row["method"], configs, row.get("source", ""), top1, tuned, tuned_source, printed,
                             row.get("note", ""), (row.get("tuned_total_pct_source") or "").strip(),
                             *((row.get(k) or "").strip() for k in ("recipe", "data_pipeline", "backbone", "selection")),
-                            convention))
+                            convention, (row.get("preset") or "").strip()))
     return out
 
 

@@ -49,19 +49,21 @@ CONTROLS = "Controls"
 
 def _bests(name: str, rows: list[Row], cols: list[_Col]) -> list[float | None]:
     """The bold value of each column: none for a block of one row or of controls."""
-    if name == CONTROLS or len(rows) < 2:
+    if name.startswith(CONTROLS) or len(rows) < 2:
         return [None] * len(cols)
     return [_best(rows, c) for c in cols]
 
 
 def _blocks(board: Board) -> list[tuple[str, list[Row]]]:
-    rep = [r for r in board.reproduced if r.tasks_done and not r.control]
-    ctl = [r for r in board.reproduced if r.tasks_done and r.control]
-    out = [("Reproduced (peftbench)", rep)]
-    if ctl:
-        out.append((CONTROLS, ctl))
-    if board.reported:
-        out.append(("Reported (papers)", list(board.reported)))
+    """Reproduced rows, controls, reported rows: per backbone table when the board has several (ranked apart)."""
+    tables = board.tables
+    out = []
+    for table in tables:
+        suffix = f", {table}" if len(tables) > 1 else ""
+        rep = [r for r in board.reproduced if r.tasks_done and not r.control and r.table == table]
+        ctl = [r for r in board.reproduced if r.tasks_done and r.control and r.table == table]
+        out += [("Reproduced (peftbench)" + suffix, rep), (CONTROLS + suffix, ctl),
+                ("Reported (papers)" + suffix, [r for r in board.reported if r.table == table])]
     return [(name, rows) for name, rows in out if rows]
 
 
