@@ -6,9 +6,12 @@ import csv
 import dataclasses
 import re
 from collections import Counter, defaultdict
+from dataclasses import dataclass
+from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from ..backbones import backbone_family, preset
 from ..data.splits import split_size
 from ..methods import get_method
 from ..tasks import get_task
@@ -18,15 +21,83 @@ from .speed import read_table, table_path
 TABLES = Path(str(resources.files("peftbench.bench") / "tables"))  # the bench tables shipped with the package
 
 
+def _names(backbone: str) -> list[str]:
+    """The names a bench table of ``backbone`` may carry: itself, its preset's timm name, and their architectures
+    (``swin-b-in22k`` -> ``swin_base_patch4_window7_224.ms_in22k``, ``swin_base_patch4_window7_224``)."""
+    p = preset(backbone)
+    names = [backbone] + ([p.timm_name] if p is not None and not p.kwargs else [])
+    return list(dict.fromkeys(names + [n.split(".")[0] for n in names]))
+
+
 def find_table(backbone: str, given: Path | None) -> Path | None:
+    """The bench table measured on ``backbone`` (GPU tables first), or the one given."""
     if given is not None:
         return given
-    arch = backbone.split(".")[0]
-    for name in (backbone, arch):
+    for name in _names(backbone):
         gpu_tables = sorted(TABLES.glob(f"bench-cuda-*-{name}.csv")) + [table_path(TABLES, "cuda", name)]
         for p in gpu_tables + [table_path(TABLES, "cpu", name)]:
             if p.is_file():
                 return p
+    return None
+
+
+@dataclass
+class Speeds:
+    """The throughputs a cost estimate uses: a bench table measured on the backbone, or (none measured) one of a
+    backbone of the same family scaled by the two backbones' forward FLOPs per image (``scale`` < 1: slower)."""
+
+    rows: dict  # read_table's rows, images/s already scaled
+    path: Path
+    scale: float = 1.0
+    measured_on: str = ""  # the table's backbone when scaled
+
+    def describe(self) -> str:
+        if self.scale == 1.0:
+            return str(self.path)
+        return (f"{self.path}, measured on {self.measured_on} and scaled x{self.scale:.3f} by forward FLOPs per image: "
+                f"an estimate (`peftbench bench --backbone ...` measures it)")
+
+
+def _table_backbone(path: Path) -> str:
+    with open(path, newline="") as fh:
+        return next((r["backbone"] for r in csv.DictReader(fh) if r.get("backbone")), "")
+
+
+@lru_cache(maxsize=None)
+def forward_gflops(backbone: str) -> float:
+    """Forward GFLOPs per image of the frozen backbone at its resolution (built on the meta device: no memory)."""
+    import torch
+
+    from ..backbones import create_backbone, image_size
+    from .speed import _flops
+
+    with torch.device("meta"):
+        model = create_backbone(backbone, pretrained=False)
+        x = torch.empty(1, 3, image_size(model), image_size(model))
+    with torch.no_grad():
+        return _flops(lambda: model(x)) / 1e9
+
+
+def speeds_for(backbone: str, given: Path | None) -> Speeds | None:
+    """:class:`Speeds` for ``backbone``: its own bench table, else a shipped table of its family scaled by FLOPs
+    (GPU tables first), else None."""
+    path = find_table(backbone, given)
+    if path is not None:
+        return Speeds(read_table(path), path)
+    family = backbone_family(backbone)
+    candidates = sorted(TABLES.glob("bench-cuda-*.csv")) + sorted(TABLES.glob("bench-cpu-*.csv"))
+    for cand in candidates:
+        measured = _table_backbone(cand)
+        if not measured or backbone_family(measured) != family:
+            continue
+        try:
+            scale = forward_gflops(measured) / forward_gflops(backbone)
+        except Exception:  # noqa: BLE001 - a backbone timm cannot build here: no estimate rather than no plan
+            return None
+        rows = {k: {**r, "train_images_per_s": float(r["train_images_per_s"]) * scale,
+                    "eval_images_per_s": float(r["eval_images_per_s"]) * scale}
+                for k, r in read_table(cand).items() if r.get("train_images_per_s") and r.get("eval_images_per_s")}
+        return Speeds(rows, cand, scale, measured)
     return None
 
 
@@ -178,9 +249,10 @@ def print_costs(contexts, bench_table: Path | None, done: set[str] | frozenset =
     and with fusing (K = ``fuse``, else the largest K of the table's fused rows). Returns the rows."""
     from ..sweep.drive import count_runs
 
-    path = find_table(contexts[0].backbone, bench_table)
-    table = read_table(path) if path is not None else None
-    fused = read_fused(path) if path is not None else {}
+    speeds = speeds_for(contexts[0].backbone, bench_table)
+    path = speeds.path if speeds is not None else None
+    table = speeds.rows if speeds is not None else None
+    fused = read_fused(path) if path is not None and speeds is not None and speeds.scale == 1.0 else {}
     fuse = fuse if fuse and fuse > 1 else 0  # --fuse 1: no fusing
     k = fuse or max((key[1] for key in fused), default=0)
     methods = sorted({c.method.name for c in contexts})
@@ -214,8 +286,12 @@ def print_costs(contexts, bench_table: Path | None, done: set[str] | frozenset =
               "(docs/sweeps.md)", file=file)
     if path is None:
         print("  device-hours: no bench table for this backbone (`peftbench bench --backbone ...`)", file=file)
+    elif speeds is not None and speeds.scale != 1.0:
+        print(f"  device-hours: {speeds.describe()}", file=file)
     if not fusable:
         print(f"  fused: none of {', '.join(methods)} can be fused (Method.fusable)", file=file)
+    elif speeds is not None and speeds.scale != 1.0:
+        print("  fused: speed not measured on this backbone (fused rows are not scaled)", file=file)
     elif path is not None and k <= 1:
         print(f"  fused: speed not measured (no fused-<K> rows in {path}; `peftbench bench` with fusing adds them)",
               file=file)
@@ -240,13 +316,13 @@ def print_plan(specs, contexts, bench_table: Path | None, done: set[str] | froze
         per_method[s.method] += 1
     print(f"total: {len(specs)} runs (" + ", ".join(f"{m} {n}" for m, n in sorted(per_method.items())) + ")"
           + f"; {len(specs) - len(todo)} done already, {len(todo)} to run")
-    path = find_table(contexts[0].backbone, bench_table)
-    if path is None:
+    speeds = speeds_for(contexts[0].backbone, bench_table)
+    if speeds is None:
         print("no bench table found for this backbone: run `peftbench bench --backbone ...` to get time estimates")
         return
-    seconds, missing = estimate_seconds(todo, contexts, read_table(path))
-    device = next(iter(read_table(path).values()))["device"]
+    seconds, missing = estimate_seconds(todo, contexts, speeds.rows)
+    device = next(iter(speeds.rows.values()))["device"]
     print(f"estimated compute for the {len(todo)} runs to run: {seconds / 3600:.1f} device-hours on {device} "
-          f"(from {path})")
+          f"(from {speeds.describe()})")
     if missing:
         print(f"  not estimated (not in the table): {', '.join(missing)}")

@@ -242,15 +242,24 @@ def bench_fused(method_name: str, s: BenchSettings, k: int, precision: str | Non
 
 
 def _tokens(model, x) -> int:
-    """Sequence length entering the first transformer block (prompts included), read with a forward hook."""
+    """Tokens per image entering the first transformer block (prompts included), read with forward hooks: the
+    block's input (B, N, C), or a Swin block's (B, H, W, C); a model that runs the block's parts itself (the
+    prompted Swin) is counted at the block's first norm, every call of it summed (window tokens + prompts)."""
     block = next(m for n, m in model.named_modules() if n == "blocks.0" or n.endswith(".blocks.0"))
-    seen = []
-    handle = block.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape[1]))
+    seen: list[int] = []
+    normed: list[int] = []
+
+    def count(t) -> int:
+        return int(t[0].numel() // t.shape[-1])  # per image: every position before the channels
+
+    handles = [block.register_forward_pre_hook(lambda m, a: seen.append(count(a[0]))),
+               block.norm1.register_forward_pre_hook(lambda m, a: normed.append(count(a[0])))]
     with torch.no_grad():
         model.eval()
         model(x)
-    handle.remove()
-    return seen[0]
+    for h in handles:
+        h.remove()
+    return seen[0] if seen else sum(normed)
 
 
 def cached_linear_probe(s: BenchSettings, epochs: int = 100, num_images: int = 1000) -> dict:

@@ -63,7 +63,7 @@ def compare_protocols(plan, table: Path | None) -> None:
     import dataclasses
 
     from ..api import plan_sweep
-    from ..bench.estimate import estimate_seconds, find_table, read_table
+    from ..bench.estimate import estimate_seconds, speeds_for
     from ..tasks import get_suite
 
     unified = get_suite(plan.suite).protocol
@@ -77,15 +77,14 @@ def compare_protocols(plan, table: Path | None) -> None:
     except PeftbenchError as exc:  # e.g. more runs than this sweep's --max-runs: a comparison is no reason to fail
         print(f"protocols side by side: the suite's protocol {unified!r} cannot plan this sweep ({exc})")
         return
-    path = find_table(plan.contexts[0].backbone, table)
-    speeds = read_table(path) if path is not None else None
+    speeds = speeds_for(plan.contexts[0].backbone, table)
     rows = []
     for p in (plan, other):
-        hours = "-" if speeds is None else f"{estimate_seconds(p.runs, p.contexts, speeds)[0] / 3600:.1f}"
+        hours = "-" if speeds is None else f"{estimate_seconds(p.runs, p.contexts, speeds.rows)[0] / 3600:.1f}"
         rows.append((p.protocol, len(p.runs), hours))
     print(f"protocols side by side ({', '.join(sorted({c.method.name for c in plan.contexts}))} on "
           f"{len(plan.contexts) // max(1, len({c.method.name for c in plan.contexts}))} task(s); device-hours from "
-          f"{path or 'no bench table'}):")
+          f"{speeds.describe() if speeds is not None else 'no bench table'}):")
     for name, runs, hours in rows:
         print(f"  {name:<10} {runs:>7} runs {hours:>10} device-hours")
 

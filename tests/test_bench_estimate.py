@@ -1,0 +1,51 @@
+"""Cost estimates on backbones without a bench table of their own: the shipped table of the same family, scaled by
+the two backbones' forward FLOPs per image (counted on the meta device), said so in the dry-run."""
+from __future__ import annotations
+
+import pytest
+
+from peftbench.bench.estimate import TABLES, find_table, forward_gflops, speeds_for
+from peftbench.bench.speed import read_table
+
+
+def vit_forward_flops(depth: int, width: int, patch: int, img: int = 224) -> int:
+    """A timm ViT's matmul FLOPs (2·m·n·k per product) per image, no head: the patch embedding, then per block
+    qkv + proj + fc1 + fc2 (24·n·d²) and the attention's two products (4·n²·d), n = patches + CLS."""
+    patches = (img // patch) ** 2
+    n = patches + 1
+    return 2 * patches * 3 * patch * patch * width + depth * (24 * n * width ** 2 + 4 * n * n * width)
+
+
+@pytest.mark.parametrize("backbone,depth,width,patch", [("vit_base_patch16_224", 12, 768, 16),
+                                                        ("vit-l16-in21k", 24, 1024, 16)])
+def test_forward_flops_equal_the_formula(backbone, depth, width, patch):
+    assert forward_gflops(backbone) * 1e9 == pytest.approx(vit_forward_flops(depth, width, patch), rel=1e-5)
+
+
+def test_a_preset_finds_the_table_of_its_timm_architecture():
+    shipped = TABLES / "bench-cpu-vit_base_patch16_224.csv"
+    assert find_table("vit-b16-in21k", None) == shipped  # the preset's timm name, then its architecture
+    assert find_table("vit_base_patch16_224.orig_in21k", None) == shipped
+    speeds = speeds_for("vit-b16-in21k", None)
+    assert speeds is not None and speeds.scale == 1.0 and "scaled" not in speeds.describe()
+
+
+def test_a_backbone_without_a_table_is_costed_from_its_family_scaled_by_flops():
+    speeds = speeds_for("vit-l16-in21k", None)
+    assert speeds is not None and speeds.path == TABLES / "bench-cpu-vit_base_patch16_224.csv"
+    ratio = vit_forward_flops(12, 768, 16) / vit_forward_flops(24, 1024, 16)
+    assert speeds.scale == pytest.approx(ratio, rel=1e-5) and 0.25 < speeds.scale < 0.32
+    measured = read_table(speeds.path)
+    for method in ("e2vpt", "vpt-deep", "lora"):
+        assert speeds.rows[method]["train_images_per_s"] == pytest.approx(
+            float(measured[method]["train_images_per_s"]) * speeds.scale)
+        assert speeds.rows[method]["eval_images_per_s"] == pytest.approx(
+            float(measured[method]["eval_images_per_s"]) * speeds.scale)
+    assert "measured on vit_base_patch16_224 and scaled x0.2" in speeds.describe() and "an estimate" in speeds.describe()
+
+
+def test_no_table_of_the_family_gives_no_estimate(monkeypatch, tmp_path):
+    import peftbench.bench.estimate as estimate
+
+    monkeypatch.setattr(estimate, "TABLES", tmp_path)  # no shipped tables at all
+    assert speeds_for("vit-l16-in21k", None) is None
