@@ -187,6 +187,71 @@ TUNERS: dict[str, Tuner] = {
          "seed": Option(0, "seed of the random sparse mask"),
          "targets": TARGETS},
         min_peft="0.17", fusable=False),  # sparse tensors (no vmap)
+    # the tuners peft added since (docs/methods/peft_tuners.md §5): LoRA-like budgets on qkv unless their maths
+    # fixes the count otherwise
+    "vblora": Tuner(
+        lambda o: _peft().VBLoRAConfig(r=int(o["rank"]), num_vectors=int(o["num_vectors"]),
+                                       vector_length=int(o["vector_length"]), topk=int(o["topk"]),
+                                       vblora_dropout=float(o["dropout"]), target_modules=_targets(o)),
+        "VB-LoRA via peft: LoRA factors composed from a shared bank of vectors (top-k mixture logits per sub-vector), "
+        "on qkv",
+        {"rank": Option(4, "rank r of the composed B·A", min=1),
+         "num_vectors": Option(256, "vectors in the shared bank", min=1),
+         "vector_length": Option(256, "length of a bank vector (must divide the layers' in and out widths)", min=1),
+         "topk": Option(2, "bank vectors mixed per sub-vector", min=1),
+         "dropout": Option(0.0, "dropout on the VB-LoRA input", min=0.0, max=1.0),
+         "targets": TARGETS},
+        min_peft="0.15", fusable=False),  # data-dependent control flow in its top-k (no vmap)
+    "gralora": Tuner(
+        lambda o: _peft().GraloraConfig(r=int(o["rank"]), alpha=_alpha(o), gralora_k=int(o["k"]),
+                                        gralora_dropout=float(o["dropout"]), target_modules=_targets(o)),
+        "GraLoRA via peft: the weight split into k x k blocks, each with its own rank-r/k LoRA (LoRA-r budget), on qkv",
+        {"rank": Option(8, "total rank r (k must divide it)", min=1),
+         "alpha": ALPHA,
+         "k": Option(2, "blocks per side (must divide the in and out widths and r)", min=1),
+         "dropout": Option(0.0, "dropout on the GraLoRA input", min=0.0, max=1.0),
+         "targets": TARGETS},
+        min_peft="0.19", fusable=False),  # in-place accumulation into the output (no vmap)
+    "hira": Tuner(
+        lambda o: _peft().HiraConfig(r=int(o["rank"]), hira_dropout=float(o["dropout"]), target_modules=_targets(o)),
+        "HiRA via peft: Hadamard high-rank update W0 ⊙ (B·A) (LoRA-r budget), on qkv",
+        {"rank": Option(8, "rank r of B·A", min=1),
+         "dropout": Option(0.0, "dropout on the HiRA input", min=0.0, max=1.0),
+         "targets": TARGETS},
+        min_peft="0.20"),
+    "delora": Tuner(
+        lambda o: _peft().DeloraConfig(r=int(o["rank"]), delora_lambda=float(o["lambda"]),
+                                       module_dropout=float(o["dropout"]), target_modules=_targets(o)),
+        "DeLoRA via peft: LoRA with normalised rank-one terms and a learned bound lambda per layer, on qkv",
+        {"rank": Option(8, "rank r of B·A", min=1),
+         "lambda": Option(15.0, "initial bound lambda of the update's norm"),
+         "dropout": Option(0.0, "dropout of whole rank-one terms (train mode only)", min=0.0, max=1.0),
+         "targets": TARGETS},
+        min_peft="0.18", fusable=False),  # in-place accumulation into the output (no vmap)
+    "road": Tuner(
+        lambda o: _peft().RoadConfig(variant=str(o["variant"]), group_size=int(o["group_size"]),
+                                     target_modules=_targets(o)),
+        "RoAd via peft: learned 2-D rotations (and scales) of pairs of output features, on qkv",
+        {"variant": Option("road_1", "road_1: one angle and scale per pair; road_2 / road_4: two / four per pair",
+                           choices=("road_1", "road_2", "road_4")),
+         "group_size": Option(64, "features per rotation group (must divide the out width; even)", min=2),
+         "targets": TARGETS},
+        min_peft="0.18"),
+    "miss": Tuner(
+        lambda o: _peft().MissConfig(r=int(o["rank"]), mini_r=int(o["mini_r"]), miss_dropout=float(o["dropout"]),
+                                     target_modules=_targets(o)),
+        "MiSS via peft: one shared trained shard (r x out) expanded over the input width, on qkv",
+        {"rank": Option(64, "shard rows r (must divide the in width)", min=1),
+         "mini_r": Option(1, "mini rank of the shard (the miss-mini variant)", min=1),
+         "dropout": Option(0.0, "dropout on the MiSS input", min=0.0, max=1.0),
+         "targets": TARGETS},
+        min_peft="0.17"),
+    "c3a": Tuner(
+        lambda o: _peft().C3AConfig(block_size=int(o["block_size"]), target_modules=_targets(o)),
+        "C3A via peft: block-circulant update by circular convolution, one kernel per block, on qkv",
+        {"block_size": Option(256, "circulant block size (must divide the in and out widths)", min=1),
+         "targets": TARGETS},
+        min_peft="0.16", fusable=False),  # FFT-based circulant products (complex intermediates; no vmap)
 }
 
 

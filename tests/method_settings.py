@@ -95,4 +95,14 @@ SETTINGS: dict[str, MethodSettings] = {
     "hra": MethodSettings(vit_b=({}, 73_728), variants=MERGED, doc=PEFT_DOC),
     "randlora": MethodSettings(vit_b=({}, 230_400), variants=MERGED, doc=PEFT_DOC),
     "shira": MethodSettings(vit_b=({}, 294_912), variants=MERGED, doc=PEFT_DOC),
+    "vblora": MethodSettings(options={"vector_length": "16", "num_vectors": "32"}, vit_b=({}, 212_992),
+                             variants=MERGED, doc=PEFT_DOC),
+    "gralora": MethodSettings(vit_b=({}, 294_912), variants=MERGED, doc=PEFT_DOC),
+    "hira": MethodSettings(vit_b=({}, 294_912), variants=MERGED, doc=PEFT_DOC),
+    "delora": MethodSettings(vit_b=({}, 294_924), variants=MERGED, doc=PEFT_DOC),
+    "road": MethodSettings(options={"group_size": "16"}, vit_b=({}, 27_648), variants=MERGED, doc=PEFT_DOC),
+    "miss": MethodSettings(options={"rank": "8"}, vit_b=({}, 1_769_472), variants=MERGED, doc=PEFT_DOC),
+    # peft computes C3A's circulant products in float32 whatever the model's dtype (peft/tuners/c3a/layer.py:57,193):
+    # merged and unmerged agree to float32 precision only
+    "c3a": MethodSettings(options={"block_size": "16"}, vit_b=({}, 82_944), variants=MERGED, doc=PEFT_DOC, tol=1e-6),
 }

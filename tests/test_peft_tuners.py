@@ -28,7 +28,17 @@ VITB = {
     "hra": 12 * 8 * 768,  # r Householder vectors
     "randlora": 230_400,
     "shira": 12 * 8 * (768 + 2304),  # LoRA-r budget of sparse entries
+    "vblora": 256 * 256 + 12 * 4 * (768 + 2304),  # the shared bank + top-k logits: r per 256-long sub-vector and bank
+    "gralora": 12 * 8 * (768 + 2304),  # k² blocks of rank r/k: r·(in + out)
+    "hira": 12 * 8 * (768 + 2304),  # B·A of rank r
+    "delora": 12 * (8 * (768 + 2304) + 1),  # B·A + one lambda per layer
+    "road": 12 * 2304,  # road_1: an angle and a scale per pair of outputs
+    "miss": 12 * 64 * 2304,  # a shard of r rows of the output width
+    "c3a": 12 * 768 * 2304 // 256,  # one kernel of the block size per block
 }
+# options that fit the tests' 48-wide ViT (qkv 48 -> 144) where a row's ViT-B defaults do not divide its widths
+TINY_OPTIONS = {"vblora": {"vector_length": "16", "num_vectors": "32"}, "road": {"group_size": "16"},
+                "miss": {"rank": "8"}, "c3a": {"block_size": "16"}}
 
 
 def test_table_has_the_required_tuners():
@@ -42,7 +52,7 @@ def test_table_has_the_required_tuners():
 @pytest.mark.parametrize("name", ROWS)
 def test_tuner_builds_trains_and_freezes_backbone(tiny_backbone, name):
     method = get_method(name)
-    model = method.build(tiny_backbone, NUM_CLASSES, method.parse_options({}))
+    model = method.build(tiny_backbone, NUM_CLASSES, method.parse_options(TINY_OPTIONS.get(name, {})))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     adapter = {n for n in trainable if not n.startswith("head.")}
     assert adapter, "the tuner trains nothing"
