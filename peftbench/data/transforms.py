@@ -23,6 +23,8 @@ Augmentations run on uint8 batches on the device, every step. Built in:
 * ``crop-flip`` (FGVC): torchvision's ``RandomCrop(size)`` then ``RandomHorizontalFlip(0.5)``, per image,
   drawn from torch's global RNG (so seeding and the RNG state a checkpoint saves make it reproducible
   and resumable).
+* ``rrc-flip``: timm's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bilinear or bicubic) then a flip, per
+  image, from the stored image (a recipe's ``augment``: SSF on FGVC).
 """
 from __future__ import annotations
 
@@ -103,7 +105,8 @@ def resampling(task: Task, data_root, interpolation: str | None = None) -> str |
     return interpolation or (locate(task, Path(data_root))[0].interpolation if data_root is not None else None)
 
 
-def pipeline(task: Task, size: int, interpolation: str | None = None, mean=None, std=None, data_root=None) -> dict:
+def pipeline(task: Task, size: int, interpolation: str | None = None, mean=None, std=None, data_root=None,
+             augment: str | None = None) -> dict:
     """What a run's images went through, as its record keeps it (``record.data_pipeline``): the files (the layout
     found at ``data_root``, else the task's main one), each split role's geometry, the training augmentation and
     the normalisation."""
@@ -112,7 +115,7 @@ def pipeline(task: Task, size: int, interpolation: str | None = None, mean=None,
 
     layout = locate(task, Path(data_root))[0].name if data_root is not None else task.layout
     interpolation = resampling(task, data_root, interpolation)
-    out = {"layout": layout, "preprocess": task.preprocess, "augment": task.augment}
+    out = {"layout": layout, "preprocess": task.preprocess, "augment": augment or task.augment}
     for role, (train, evaluate) in sorted(task.splits.items()):
         out[f"{role}_train"] = geometry(task, train, size, interpolation).tag
         out[f"{role}_eval"] = geometry(task, evaluate, size, interpolation).tag
@@ -122,9 +125,10 @@ def pipeline(task: Task, size: int, interpolation: str | None = None, mean=None,
     return out
 
 
-def augmenter(task: Task, size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """The task's training augmentation at input ``size`` (None: no augmentation)."""
-    return None if task.augment is None else AUGMENT.get(task.augment)(size)
+def augmenter(task: Task, size: int, name: str | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The training augmentation ``name`` (a recipe's), else the task's, at input ``size`` (None: none)."""
+    name = name or task.augment
+    return None if name is None else AUGMENT.get(name)(size)
 
 
 @register_preprocess("resize")
@@ -148,6 +152,33 @@ def _resize_crop(task: Task, split: str, size: int) -> Geometry:
 @register_augment("crop-flip")
 def _crop_flip(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: random_crop_flip(x, size)
+
+
+@register_augment("rrc-flip")
+def _rrc_flip(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: random_resized_crop_flip(x, size)
+
+
+def random_resized_crop_flip(x: torch.Tensor, size: int, scale: tuple[float, float] = (0.08, 1.0),
+                             ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_p: float = 0.5) -> torch.Tensor:
+    """(N, C, H, W) uint8 → (N, C, size, size): timm's ``--simple-aug`` training transform (SSF, GPS on FGVC:
+    ``RandomResizedCropAndInterpolation(size, scale 0.08-1, ratio 3/4-4/3, interpolation "random")`` then
+    ``RandomHorizontalFlip(0.5)``) per image, on the stored image: torchvision's crop parameters (the same
+    rule), bilinear or bicubic at even odds, antialiased, all drawn from torch's global generator.
+    **Approximation:** the crop is drawn from the stored square (the central ``R`` × ``R`` of the shorter-side
+    resize, docs/data.md), not from the whole original image."""
+    from torchvision.transforms import InterpolationMode, RandomResizedCrop
+    from torchvision.transforms.v2 import functional as TF
+
+    if x.dim() != 4:
+        raise ValueError(f"random_resized_crop_flip expects an (N, C, H, W) batch, got shape {tuple(x.shape)}")
+    out = []
+    for img in x:
+        top, left, h, w = RandomResizedCrop.get_params(img, list(scale), list(ratio))
+        mode = InterpolationMode.BICUBIC if torch.rand(()) < 0.5 else InterpolationMode.BILINEAR
+        crop = TF.resized_crop(img, top, left, h, w, [size, size], interpolation=mode, antialias=True)
+        out.append(crop.flip(-1) if torch.rand(()) < flip_p else crop)
+    return torch.stack(out) if out else x[:, :, :size, :size]
 
 
 def random_crop_flip(x: torch.Tensor, size: int, flip_p: float = 0.5) -> torch.Tensor:

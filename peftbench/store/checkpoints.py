@@ -61,9 +61,10 @@ def write_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = N
         raise StoreError(f"cannot write {what} {path}: {exc}") from None
 
 
-def save(path: Path, *, state: dict, optimizer: dict, rng: dict, info: dict) -> None:
+def save(path: Path, *, state: dict, optimizer: dict, rng: dict, info: dict, extra: dict | None = None) -> None:
     """Write a checkpoint atomically. ``state``: name -> tensor; ``optimizer``: a torch optimizer
-    ``state_dict()``; ``rng``: name -> uint8 tensor (generator states); ``info``: JSON-able scalars."""
+    ``state_dict()``; ``rng``: name -> tensor (generator states); ``info``: JSON-able scalars; ``extra``: name ->
+    tensor, what else the loop keeps (a model EMA's averages)."""
     import torch
 
     tensors: dict[str, torch.Tensor] = {}
@@ -80,6 +81,8 @@ def save(path: Path, *, state: dict, optimizer: dict, rng: dict, info: dict) -> 
         opt_state[str(idx)] = scal
     for name, t in rng.items():
         tensors[f"rng/{name}"] = t.detach().cpu().contiguous()
+    for name, t in (extra or {}).items():
+        tensors[f"extra/{name}"] = t.detach().cpu().contiguous()
     meta = {"format": FORMAT, "version": VERSION, "info": _encode(info),
             "optimizer": {"param_groups": _encode(optimizer["param_groups"]), "scalars": _encode(opt_state),
                           "indices": sorted(str(i) for i in optimizer["state"])}}
@@ -120,6 +123,7 @@ def load(path: Path) -> dict:
         "state": {k[len("state/"):]: v for k, v in tensors.items() if k.startswith("state/")},
         "optimizer": {"state": state, "param_groups": _decode(opt["param_groups"])},
         "rng": {k[len("rng/"):]: v for k, v in tensors.items() if k.startswith("rng/")},
+        "extra": {k[len("extra/"):]: v for k, v in tensors.items() if k.startswith("extra/")},
         "info": _decode(meta["info"]),
     }
 

@@ -35,6 +35,7 @@ from ..methods import get_method
 from ..store import RunSpec
 from .env import Env
 from .precision import autocast
+from .regularise import loss_smoothing
 
 # the hyper-parameters the configurations of one fused group may differ in (they change no shape and
 # nothing the forward computes: only what each configuration's optimiser does with its gradient)
@@ -200,7 +201,8 @@ class FusedModel:
         is not stepped (its caller records it as diverged)."""
         with autocast(device, precision):
             logits = self.forward(x, which)
-        losses = [F.cross_entropy(logits[row].float(), y, label_smoothing=label_smoothing) for row in range(len(which))]
+        smoothing = loss_smoothing(y, label_smoothing)  # none for mixup's soft targets (they carry it)
+        losses = [F.cross_entropy(logits[row].float(), y, label_smoothing=smoothing) for row in range(len(which))]
         values = torch.stack([loss.detach() for loss in losses]).tolist()  # one sync for the K losses
         ok = [row for row, v in enumerate(values) if math.isfinite(v)]
         if not ok:

@@ -55,6 +55,14 @@ class HParams:
     eval_first: bool = False  # evaluate after epochs 0, N, 2N, ... (epoch % eval_every == 0) and the last: timm loops
     report: str = "last"  # best: metrics.top1 is the run's best evaluation (selection on the eval split, flagged)
     head_init: str = "vpt"  # vpt: kaiming-normal fan_out, bias -log(99); trunc-normal: timm's std 0.02, bias 0
+    # timm's training regularisers (SSF / GPS on FGVC: peftbench.train.regularise); 0: off
+    mixup: float = 0.0  # mixup's Beta(α, α)
+    cutmix: float = 0.0  # CutMix's Beta(α, α)
+    mixup_prob: float = 1.0  # the chance a batch is mixed (when mixup or cutmix is on)
+    mixup_switch_prob: float = 0.5  # the chance a mixed batch uses CutMix (when both are on)
+    random_erasing: float = 0.0  # the chance an image gets one box of normal noise (timm's mode "pixel")
+    ema_decay: float = 0.0  # > 0: a model EMA of the trained tensors, evaluated (and saved) in place of the model
+    augment: str | None = None  # the training augmentation instead of the task's (peftbench.data.transforms)
 
     @property
     def stop(self) -> int:
@@ -92,7 +100,8 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
         raise SettingsError(f"missing hyper-parameter(s) {', '.join(missing)}{at}")
     kw: dict[str, Any] = {}
     for key, value in hp.items():
-        if key in ("lr", "wd", "warmup_lr", "min_lr", "label_smoothing", "drop_path"):
+        if key in ("lr", "wd", "warmup_lr", "min_lr", "label_smoothing", "drop_path", "mixup", "cutmix", "mixup_prob",
+                   "mixup_switch_prob", "random_erasing", "ema_decay"):
             kw[key] = _number(key, value, float)
         elif key in ("epochs", "batch_size", "warmup_epochs", "eval_every", "stop_epoch", "cosine_epochs",
                      "schedule_lag"):
@@ -131,10 +140,25 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
         (0 <= h.drop_path < 1, f"drop_path={h.drop_path:g}: must be in [0, 1)"),
         (h.report in REPORTS, f"report={h.report!r}: expected one of {', '.join(REPORTS)}"),
         (h.head_init in HEAD_INITS, f"head_init={h.head_init!r}: expected one of {', '.join(HEAD_INITS)}"),
+        (h.mixup >= 0 and h.cutmix >= 0, "mixup and cutmix (Beta α) must not be negative"),
+        (0 <= h.mixup_prob <= 1 and 0 <= h.mixup_switch_prob <= 1, "mixup_prob and mixup_switch_prob must be in [0, 1]"),
+        (0 <= h.random_erasing <= 1, f"random_erasing={h.random_erasing:g}: must be in [0, 1]"),
+        (0 <= h.ema_decay < 1, f"ema_decay={h.ema_decay:g}: must be in [0, 1)"),
+        (not (h.mixup or h.cutmix) or (h.drop_last and h.batch_size % 2 == 0),
+         "mixup / cutmix need drop_last = true and an even batch_size (timm's Mixup mixes a batch with its reverse; "
+         "the official loaders drop the last batch)"),
         (h.interpolation is None or h.interpolation in INTERPOLATIONS,
          f"interpolation={h.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}"),
     )
     for ok, msg in checks:
         if not ok:
             raise SettingsError(f"hyper-parameter {msg}{at}")
+    if h.augment is not None:
+        from ..data.transforms import AUGMENT
+        from ..errors import UnknownNameError
+
+        try:
+            AUGMENT.get(h.augment)
+        except UnknownNameError as exc:
+            raise SettingsError(f"hyper-parameter augment{at}: {exc}") from None
     return h

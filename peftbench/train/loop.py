@@ -18,7 +18,9 @@ fails, stops or loses the run; an interrupt (``KeyboardInterrupt``, ``SystemExit
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import random
 import resource
 import sys
 import time
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,6 +46,7 @@ from .fused import FUSED_HPARAMS, CannotFuse, FusedModel, fuse_key
 from .hparams import HParams, parse_hparams
 from .optim import build_optimizer, effective_lr, lr_at_epoch, set_lr
 from .precision import autocast
+from .regularise import TrainableEMA, batch_regulariser, loss_smoothing
 
 
 class RunHooks:
@@ -99,7 +103,7 @@ def train_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     """One optimisation step (loss in fp32 whatever the forward's precision); returns the loss."""
     with autocast(device, precision):
         logits = forward(x)
-    loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+    loss = F.cross_entropy(logits.float(), y, label_smoothing=loss_smoothing(y, label_smoothing))
     if not torch.isfinite(loss):
         return loss
     optimizer.zero_grad(set_to_none=True)
@@ -168,6 +172,7 @@ class Progress:
     train_images: int = 0
     resumed_from: dict | None = None  # the rung run this run continues ({"key", "epoch"})
     rng: dict | None = None  # the RNG state the checkpoint restored (None: not resumed)
+    extra: dict = field(default_factory=dict)  # the checkpoint's other tensors (a model EMA's averages)
 
 
 @dataclass
@@ -186,10 +191,31 @@ class RunData:
 
 
 def rng_state(dev: torch.device) -> dict[str, torch.Tensor]:
+    """torch's generators, and numpy's and Python's global ones (timm's mixup and random erasing draw from them)."""
     state = {"cpu": torch.get_rng_state()}
     if dev.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(dev)
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state["numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    state["numpy_pos"] = torch.tensor([float(pos), float(has_gauss), float(gauss)], dtype=torch.float64)
+    version, internal, gauss_next = random.getstate()
+    state["python"] = torch.tensor(internal, dtype=torch.int64)
+    state["python_gauss"] = torch.tensor([float(version), float(gauss_next is not None), gauss_next or 0.0],
+                                         dtype=torch.float64)
     return state
+
+
+def set_rng_state(rng: dict[str, torch.Tensor], dev: torch.device) -> None:
+    """Restore :func:`rng_state` (checkpoints written before numpy's and Python's were kept restore torch's)."""
+    torch.set_rng_state(rng["cpu"])
+    if dev.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], dev)
+    if "numpy" in rng:
+        pos, has_gauss, gauss = rng["numpy_pos"].tolist()
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    if "python" in rng:
+        version, has_next, nxt = rng["python_gauss"].tolist()
+        random.setstate((int(version), tuple(int(v) for v in rng["python"].tolist()), nxt if has_next else None))
 
 
 def resume(spec: RunSpec, store: RunStore, model: TunedViT, optimizer, dev: torch.device, env: Env) -> Progress:
@@ -216,12 +242,10 @@ def resume(spec: RunSpec, store: RunStore, model: TunedViT, optimizer, dev: torc
         return Progress()
     copy_into(model, ck["state"], str(where))
     optimizer.load_state_dict(ck["optimizer"])
-    torch.set_rng_state(ck["rng"]["cpu"])
-    if dev.type == "cuda" and "cuda" in ck["rng"]:
-        torch.cuda.set_rng_state(ck["rng"]["cuda"], dev)
+    set_rng_state(ck["rng"], dev)
     info = ck["info"]
     p = Progress(list(info["history"]), int(info["epoch"]) + 1, float(info["train_time"]), int(info["train_images"]),
-                 source or info.get("resumed_from"), rng=dict(ck["rng"]))
+                 source or info.get("resumed_from"), rng=dict(ck["rng"]), extra=dict(ck.get("extra") or {}))
     if source:
         env.log(f"{env.prefix} {spec.label()}: continuing rung run {source['key']} after epoch {p.start_epoch}")
     else:
@@ -270,12 +294,15 @@ def run_data(spec: RunSpec, model: TunedViT, env: Env, precision: str = "fp32") 
     train_data = load_split(task, Path(spec.data_root), spec.train_split, size, interpolation)
     eval_data = load_split(task, Path(spec.data_root), spec.eval_split, size, interpolation)
     norm = normalizer_for(spec, dev)
-    # (stochastic depth makes the backbone's features random while training: nothing to cache then)
-    cached = uses_cached_features(get_method(spec.method), task) and not spec.hparams.get("drop_path")
+    # (stochastic depth, another augmentation, mixing or erasing make what the head sees random while training:
+    # nothing to cache then)
+    cached = uses_cached_features(get_method(spec.method), task) and not any(
+        spec.hparams.get(k) for k in ("drop_path", "augment", "mixup", "cutmix", "random_erasing"))
     if cached:  # the head sees features that nothing trained changes: compute them once
         return RunData(train_data, eval_data, features(model, train_data, norm, env, precision),
                        features(model, eval_data, norm, env, precision), lambda x: x.to(dev), None, True, size)
-    return RunData(train_data, eval_data, train_data.images, eval_data.images, norm, augmenter(task, size), False, size)
+    return RunData(train_data, eval_data, train_data.images, eval_data.images, norm,
+                   augmenter(task, size, spec.hparams.get("augment")), False, size)
 
 
 def forward_module(model: TunedViT, data: RunData) -> torch.nn.Module:
@@ -314,21 +341,25 @@ def report_epoch(spec: RunSpec, env: Env, hp: HParams, entry: dict, eta_s: float
             + f" | run left {fmt_s(eta_s)}", detail=True)
 
 
+def _ema_extra(ema: "TrainableEMA | None") -> dict:
+    return {f"ema/{k}": v for k, v in ema.state().items()} if ema is not None else {}
+
+
 def save_progress(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: TunedViT, optimizer,
-                  dev: torch.device, prog: Progress, epoch: int) -> None:
+                  dev: torch.device, prog: Progress, epoch: int, ema: "TrainableEMA | None" = None) -> None:
     """The epoch's checkpoint (unless it is the run's last epoch or the env checkpoints less often)."""
     if epoch != hp.stop - 1 and env.checkpoint_every and (epoch + 1) % env.checkpoint_every == 0:
         store.save_checkpoint(spec, state=model.trainable_state(), optimizer=optimizer.state_dict(),
-                              rng=rng_state(dev), info=state_info(spec, epoch, prog))
+                              rng=rng_state(dev), info=state_info(spec, epoch, prog), extra=_ema_extra(ema))
 
 
 def save_rung_end(spec: RunSpec, store: RunStore, hp: HParams, model: TunedViT, optimizer, dev: torch.device,
-                  prog: Progress) -> None:
+                  prog: Progress, ema: "TrainableEMA | None" = None) -> None:
     """A run stopped at a rung of successive halving (``hp.stop < hp.epochs``): its end state, which the
     next rung's run of the same trajectory continues from."""
     if hp.stop < hp.epochs:
         store.save_rung_state(spec, state=model.trainable_state(), optimizer=optimizer.state_dict(),
-                              rng=rng_state(dev), info=state_info(spec, hp.stop - 1, prog))
+                              rng=rng_state(dev), info=state_info(spec, hp.stop - 1, prog), extra=_ema_extra(ema))
 
 
 def run_result(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: TunedViT, params: dict,
@@ -368,7 +399,7 @@ def run_result(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: Tun
         },
         "image_size": data.size,
         "data_pipeline": pipeline(get_task(spec.task), data.size, hp.interpolation, *mean_std(spec),
-                                  data_root=spec.data_root),
+                                  data_root=spec.data_root, augment=hp.augment),
         **({"weights": weights.name} if weights is not None else {}),
         "num_train": len(data.train),
         "num_eval": len(data.eval),
@@ -464,6 +495,15 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
     if any(m.prog.start_epoch != first.start_epoch or not _same_rng(m.prog.rng, first.rng) for m in members):
         raise CannotFuse("the runs resume from different epochs or random states")
     hp0 = members[0].hp
+    if fused and hp0.ema_decay:
+        raise CannotFuse("a model EMA (ema_decay) averages one model's own tensors")
+    # the recipe's model EMA (evaluated and saved in place of the model) and batch regularisers (mixup, CutMix,
+    # random erasing): peftbench.train.regularise
+    ema = TrainableEMA(stepper.models[0], hp0.ema_decay) if hp0.ema_decay else None
+    if ema is not None and first.extra:
+        ema.load({k[len("ema/"):]: v for k, v in first.extra.items() if k.startswith("ema/")},
+                 str(store.checkpoint_path(specs[0])))
+    regularise = batch_regulariser(hp0, get_task(specs[0].task).num_classes, dev)
     scalers = [m.scaler for m in members] if hp0.precision == "fp16" else None
     optimizers = [m.optimizer for m in members]
     if dev.type == "cuda":
@@ -488,8 +528,12 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
                                                 prepare=data.prepare, augment=data.augment, device=dev,
                                                 drop_last=hp0.drop_last)):
             seen += len(idx)
+            if regularise is not None:
+                x, y = regularise(x, y)
             try:
                 values = stepper.train_step(x, y, optimizers, live, dev, hp0.precision, scalers, hp0.label_smoothing)
+                if ema is not None:
+                    ema.update()
             except Exception as exc:
                 if stepped or not fused:
                     raise
@@ -518,7 +562,8 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
             m.prog.train_images += seen
             entries[i] = {"epoch": epoch, "lr": m.lr, "train_loss": m.loss_sum / max(1, seen)}
         if evaluates(hp0, epoch):
-            tops = stepper.evaluate(data.eval_x, data.eval.labels, data.prepare, env, live, hp0.precision)
+            with ema.applied() if ema is not None else contextlib.nullcontext():  # the EMA is what is evaluated
+                tops = stepper.evaluate(data.eval_x, data.eval.labels, data.prepare, env, live, hp0.precision)
             for i, top1 in zip(live, tops):
                 entries[i]["eval_top1"] = top1
         eta = (time.time() - t_run) / (epoch - first.start_epoch + 1) * (hp0.stop - epoch - 1)
@@ -530,7 +575,7 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
                 on_epoch(m.spec, entries[i])
         for i in live:
             m = members[i]
-            save_progress(m.spec, store, env, m.hp, stepper.models[i], m.optimizer, dev, m.prog, epoch)
+            save_progress(m.spec, store, env, m.hp, stepper.models[i], m.optimizer, dev, m.prog, epoch, ema)
         for i in live:
             call_hooks(env, "epoch", members[i].spec, dict(entries[i]))
 
@@ -539,8 +584,9 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
         if m.diverged is not None:
             out.append(m.diverged)
             continue
-        save_rung_end(m.spec, store, m.hp, stepper.models[i], m.optimizer, dev, m.prog)
-        result = run_result(m.spec, store, env, m.hp, stepper.models[i], m.params, m.peak_lr, m.prog, data, dev)
+        save_rung_end(m.spec, store, m.hp, stepper.models[i], m.optimizer, dev, m.prog, ema)
+        with ema.applied() if ema is not None else contextlib.nullcontext():  # the EMA's weights are the result
+            result = run_result(m.spec, store, env, m.hp, stepper.models[i], m.params, m.peak_lr, m.prog, data, dev)
         if fused:
             t = m.prog.train_time
             result["fused"] = {
