@@ -479,8 +479,8 @@ def test_cli_leaderboard(vtab_store, tmp_path, capsys):
 
     out = tmp_path / "out"
     assert main(["leaderboard", "--runs-dir", str(vtab_store), "--out", str(out), "--suite", "vtab",
-                 "--no-reference", "--no-plots"]) == 0
-    printed = capsys.readouterr().out.split()
+                 "--no-reference", "--no-plots", "--quiet"]) == 0
+    printed = capsys.readouterr().out.split("\n", 1)[1].split()  # (after "files (2) in <out>:")
     assert printed == [str(out / "vtab-leaderboard.csv"), str(out / "vtab-runs.csv")]
     assert main(["leaderboard", "--runs-dir", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no run records" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 row per method configuration, the columns of ``<suite>-leaderboard.csv``)."""
 from __future__ import annotations
 
+import functools
 import io
 from pathlib import Path
 from typing import Callable
@@ -70,6 +71,9 @@ def leaderboard(runs="runs", suite: str | None = None, *, reference: bool | str 
     from ..results.board import load_runs as board_runs
     from ..results.columns import csv_text, table
     from ..results.reference import default_reference_dir, load_reference
+    from ..results.tables import terminal_table
+
+    Leaderboard = _leaderboard_class()
 
     if isinstance(runs, pd.DataFrame):
         root = runs.attrs.get("runs_dir")
@@ -92,7 +96,37 @@ def leaderboard(runs="runs", suite: str | None = None, *, reference: bool | str 
     board = build_board(chosen, grid.suite, load_reference(ref_dir, grid) if ref_dir else None, skipped, grid=grid,
                         warn=warn or (lambda m: None))
     text = csv_text(*table("leaderboard", board, board.rows))
-    return pd.read_csv(io.StringIO(text))
+    df = Leaderboard(pd.read_csv(io.StringIO(text)))
+    df.attrs["board"] = terminal_table(board)
+    return df
+
+
+@functools.lru_cache(maxsize=None)
+def _leaderboard_class():
+    import pandas as pd
+
+    class Leaderboard(pd.DataFrame):
+        """The leaderboard's DataFrame (every column of ``<suite>-leaderboard.csv``), printed as the board:
+        ``print(lb)`` shows what ``peftbench leaderboard`` prints; ``lb.to_string()`` or ``pd.DataFrame(lb)``
+        give the whole frame."""
+
+        @property
+        def _constructor(self):  # slices and copies are plain DataFrames (with the frame's own repr)
+            return pd.DataFrame
+
+        def __repr__(self) -> str:
+            board = self.attrs.get("board")
+            if not board:
+                return super().__repr__()
+            return f"{board.rstrip()}\n[{len(self)} rows x {len(self.columns)} columns: lb.columns lists them]"
+
+    return Leaderboard
+
+
+def __getattr__(name: str):
+    if name == "Leaderboard":  # pandas is imported on first use only
+        return _leaderboard_class()
+    raise AttributeError(name)
 
 
 def status(runs_dir: str | Path = "runs", *, query: bool = True):

@@ -192,6 +192,17 @@ class SweepResult:
     def ok(self) -> bool:
         return not (self.failed or self.diverged or self.stopped or self.leaderboard_error)
 
+    def __repr__(self) -> str:
+        """One line: what ran, how it ended and where the records and the leaderboard are (the plan and the
+        outcomes are attributes, the rows are :meth:`summary`)."""
+        state = "ok" if self.ok else ", ".join(x for x in (
+            f"{self.failed} failed" if self.failed else "", f"{self.diverged} diverged" if self.diverged else "",
+            f"{len(self.stopped)} stopped" if self.stopped else "",
+            "no leaderboard" if self.leaderboard_error else "") if x)
+        return (f"SweepResult({len(self.plan.runs)} runs of {len(self.rows)} method x task pipelines, {state}, "
+                f"{self.seconds:.0f} s; runs_dir={str(self.runs_dir)!r}, leaderboard="
+                f"{str(self.leaderboard) if self.leaderboard else None!r})")
+
     def summary(self):
         """The summary rows as a DataFrame."""
         import pandas as pd

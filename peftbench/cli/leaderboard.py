@@ -18,9 +18,11 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="overwrite leaderboard files in --out that another run store produced")
     p.add_argument("--suite", help="only this suite (default: every suite that has records)")
-    p.add_argument("--format", choices=("files", "latex", "markdown"), default="files",
-                   help="files (default): write every file into --out; latex | markdown: print the table (Table 1 "
-                        "layout, mean ± std, best per column bold) to stdout and write nothing")
+    p.add_argument("--format", choices=("files", "latex", "markdown", "terminal"), default="files",
+                   help="files (default): write every file into --out and print the board; latex | markdown: print "
+                        "the table (Table 1 layout, mean ± std, best per column bold) to stdout and write nothing; "
+                        "terminal: print the board only")
+    p.add_argument("--quiet", action="store_true", help="files: print only the paths written, not the board")
     p.add_argument("--reference", metavar="DIR",
                    help="folder of reported numbers, <suite>-top1.csv (default: $PEFTBENCH_REFERENCE, else the "
                         "numbers shipped with peftbench: peftbench/results/reference)")
@@ -91,6 +93,11 @@ def main(args) -> int:
                                 html=not args.no_plots, force=args.force, comparisons=comparisons)
     if not written:
         raise SettingsError(f"no run records under {runs_dir} (and no --suite given)")
+    if not args.quiet:
+        for text in leaderboard_tables(runs_dir, "terminal", suite, reference_dir=reference,
+                                       warn=lambda msg: None).values():  # (its warnings were printed above)
+            print(text)
+    print(f"files ({len(written)}) in {terminal(Path(out))}:")
     for p in written:
-        print(terminal(p))
+        print("  " + terminal(p))
     return 0

@@ -124,6 +124,11 @@ def main(args) -> int:
                        bench_table=args.bench_table, argv=list(sys.argv))
     print()
     print_summary(result.rows)
+    if result.leaderboard is not None and not args.quiet:
+        from ..results.write import leaderboard_tables
+
+        for text in leaderboard_tables(result.runs_dir, "terminal", plan.suite, warn=lambda msg: None).values():
+            print("\n" + text, end="")
     print(f"\nrun records: {result.runs_dir}")
     print(f"sweep file:  {result.sweep_file} (peftbench run --config {result.sweep_file} runs it again)")
     if result.leaderboard is not None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .._text import latex, markdown
+from .._text import latex, markdown, terminal
 from .board import Board, Row
 
 DIGITS = 1  # accuracies as printed in the papers
@@ -202,4 +202,70 @@ def markdown_table(board: Board) -> str:
     return "\n".join(out) + "\n"
 
 
-FORMATS = {"latex": (latex_table, "tex"), "markdown": (markdown_table, "md")}
+# ---------------------------------------------------------------------------------------------
+# the terminal (what `peftbench leaderboard` and `peftbench run` print)
+# ---------------------------------------------------------------------------------------------
+
+TERMINAL_REPORTED_MAX = 8  # reported rows printed per table beyond those paired with a reproduced row
+
+
+def _params(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K" if n >= 1e3 else f"{n:.0f}"
+
+
+def _rank(r: Row) -> str:
+    if r.control:
+        return "ctl"
+    if not r.rank:
+        return "-"
+    return f"{r.rank}" + (f"≈{r.tied_with}" if r.tied_with else "")
+
+
+def terminal_table(board: Board) -> str:
+    """The board as plain aligned text, one block per backbone table: rank (``≈k``: within noise of rank k),
+    configuration, Tuned/Total %, tuned parameters, each group's mean, the headline ± its std over seeds and the
+    tasks done; then the reported rows paired with a reproduced one and the best others of the same table (the
+    CSV files have them all). Deterministic, no colour."""
+    lay = board.grid
+    heads = ["rank", "config", "tuned %", "params"] + [g for g in lay.groups] + ["mean", "± std", "tasks"]
+    out_lines = [f"{lay.suite}: " + ("mean of the group means" if lay.groups else f"mean over the {len(lay.tasks)} "
+                                     "tasks") + " (top-1 %, final runs)"]
+    paired = {r.paired_with for r in board.reproduced if r.paired_with}
+    for table in board.tables:
+        mine = [r for r in board.reproduced if r.table == table]
+        theirs = [r for r in board.reported if r.table == table]
+        pairs = [r for r in theirs if r.label in paired]
+        rest = [r for r in theirs if r.label not in paired]
+        shown = sorted(pairs + rest[:max(0, TERMINAL_REPORTED_MAX - len(pairs))],
+                       key=lambda r: (r.rank is None, r.rank or 0, r.label))
+        rows = []
+        for r in mine + shown:
+            head = r.headline(lay)
+            std = r.headline_std(lay)
+            done = sum(1 for t in lay.tasks if r.mean.get(t) is not None)
+            label = r.label if r.source == "reproduced" else f"{r.label} (paper)"
+            rows.append([_rank(r), label, "-" if r.tuned_total_pct is None else f"{r.tuned_total_pct:.3f}",
+                         _params(r.tuned_params if r.source == "reproduced" else None)]
+                        + [("-" if r.group_mean.get(g) is None else f"{r.group_mean[g]:.2f}") for g in lay.groups]
+                        + ["-" if head is None else f"{head:.2f}", "" if std is None else f"{std:.2f}",
+                           f"{done}/{len(lay.tasks)}" if r.source == "reproduced" else ""])
+        if not rows:
+            continue
+        widths = [max(len(h), *(len(x[i]) for x in rows)) for i, h in enumerate(heads)]
+        left = {1}
+        fmt = lambda cells: "  ".join(c.ljust(w) if i in left else c.rjust(w)  # noqa: E731
+                                      for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+        out_lines += ["", f"[{table}]" if len(board.tables) > 1 else "", fmt(heads), "-" * len(fmt(heads))]
+        for i, cells in enumerate(rows):
+            if i == len(mine) and mine:
+                out_lines.append("")
+            out_lines.append(fmt(cells))
+        if len(theirs) > len(shown):
+            out_lines.append(f"(+ {len(theirs) - len(shown)} more reported rows in the CSV and the report)")
+    return terminal("\n".join(line for i, line in enumerate(out_lines) if line or i == 0 or out_lines[i - 1]) + "\n")
+
+
+FORMATS = {"latex": (latex_table, "tex"), "markdown": (markdown_table, "md")}  # written as <suite>-table.<ext>
+PRINTED = {**FORMATS, "terminal": (terminal_table, "")}  # what `leaderboard --format` / leaderboard_tables print

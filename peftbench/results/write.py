@@ -32,7 +32,7 @@ from .compare import Comparison, comparison_csv
 from .plots import render_all
 from .reference import default_reference_dir, load_reference
 from .report import render_comparison, render_report
-from .tables import FORMATS
+from .tables import FORMATS, PRINTED
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -150,9 +150,9 @@ def _boards(runs_dir, suite, reference_dir, warn) -> list[Board]:
 def leaderboard_tables(runs_dir: str | Path, fmt: str, suite: str | None = None, *,
                        reference_dir: str | Path | None | bool = None,
                        warn: Callable[[str], None] | None = None) -> dict[str, str]:
-    """suite -> the leaderboard as a LaTeX (``fmt="latex"``) or Markdown (``"markdown"``) table
-    (peftbench.results.tables), for every suite of ``runs_dir`` (or ``suite``)."""
-    make = FORMATS[fmt][0]
+    """suite -> the leaderboard as a LaTeX (``fmt="latex"``) or Markdown (``"markdown"``) table, or as the terminal's
+    plain text (``"terminal"``; peftbench.results.tables), for every suite of ``runs_dir`` (or ``suite``)."""
+    make = PRINTED[fmt][0]
     return {b.grid.suite: make(b) for b in _boards(runs_dir, suite, reference_dir, warn)}
 
 
