@@ -16,6 +16,7 @@ from peftbench.errors import SettingsError
 from peftbench.methods import METHODS
 from peftbench.results.reference import default_reference_dir
 from peftbench.sweep.paper import add_card, papers_dir, read_card, recipes, resolve_card
+from peftbench.sweep.protocols import get_protocol
 
 ensure_registered()
 
@@ -24,8 +25,6 @@ ensure_registered()
 PENDING = {
     "adaptformer": "its row is the Convpass report's re-run of AdaptFormer (h = 8): which s and code it used is not "
                    "released",
-    "difffit": "PETL_Vision recipe (no normalisation) not transcribed yet",
-    "ln-tune": "PETL_Vision recipe (no normalisation) not transcribed yet",
     "vfpt": "VFPT's per-task values are in a Google sheet (runtsang/VFPT#2) not readable here",
     "spt-lora": "its reference rows are FGVC (SNELL's copy of SPT's row) and SPT released no FGVC code",
     "spt-adapter": "its reference rows are FGVC (SNELL's copy of SPT's row) and SPT released no FGVC code",
@@ -96,6 +95,15 @@ def test_every_method_with_reference_rows_has_a_paper_recipe():
 def test_transcribed_values_equal_their_sources():
     """Spot checks of each value table against the official files, as read (tables cited in the cards)."""
     cards = recipes()
+    # OSU-MLB/PETL_Vision@245d262 experiment/config/{lr_wd_vtab_processed,default_vtab_processed}.yml
+    petl = resolve_card(cards["difffit", "vtab"], "difffit", "vtab", "dtd")
+    assert petl.grid["lr_grid"].value == [0.001, 0.01] and petl.grid["wd_grid"].value == [0.0001, 0.001]
+    assert petl.tie == "later-point" and petl.seeds.value == [42]
+    final = petl.values("final")
+    assert (final["mean"], final["std"], final["interpolation"]) == ([0.0] * 3, [1.0] * 3, "bicubic")
+    assert (final["optimizer"], final["drop_path"], final["schedule_lag"], final["head_init"]) == \
+        ("adamw-all", 0.1, 1, "torch")
+    assert resolve_card(cards["ln-tune", "vtab"], "ln-tune", "vtab", "dtd").values("final") == final
     ssf = lambda t, s="vtab": resolve_card(cards["ssf", s], "ssf", s, t).values("final")  # noqa: E731
     # dongzelian/SSF@e94e0e7 train_scripts/vit/vtab/<task>/train_ssf.sh: --lr, --weight-decay
     assert (ssf("cifar100")["lr"], ssf("cifar100")["wd"]) == (5e-3, 5e-5)
@@ -390,3 +398,29 @@ def test_torch_head_init_is_a_fresh_linear():
     torch.manual_seed(3)
     fresh = torch.nn.Linear(model.head.in_features, 50)  # PyTorch's own init, same random stream
     assert torch.equal(model.head.weight, fresh.weight) and torch.equal(model.head.bias, fresh.bias)
+
+
+def test_each_tie_rule_picks_as_its_paper_does():
+    """Four points of PETL_Vision's grid (lr outer, wd inner) with the first two tied: smaller-lr keeps the earlier
+    point, larger-lr the larger lr, later-point (sorted(...)[-1]) the later point of the tie."""
+    from types import SimpleNamespace
+
+    from peftbench.store import RunRecord
+    from peftbench.sweep.stages import select_best
+
+    points = [{"lr": lr, "wd": wd} for lr in (0.001, 0.01) for wd in (0.0001, 0.001)]
+    recs = [RunRecord(key=str(i), spec={"hparams": p}, status="ok", metrics={"top1": t})
+            for i, (p, t) in enumerate(zip(points, (70.0, 70.0, 60.0, 60.0)))]
+    protocol = get_protocol("paper")
+
+    def pick(rule, records=recs):
+        protocol._res = lambda ctx: SimpleNamespace(tie=rule)  # the card's resolved tie rule
+        return points.index(select_best(records, protocol.tie(None, points)).hparams)
+
+    try:
+        assert (pick("smaller-lr"), pick("later-point")) == (0, 1)
+        high = [RunRecord(key=str(i), spec={"hparams": p}, status="ok", metrics={"top1": 70.0})
+                for i, p in enumerate(points)]
+        assert (pick("larger-lr", high), pick("later-point", high)) == (2, 3)
+    finally:
+        del protocol._res

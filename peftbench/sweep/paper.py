@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 
 SCHEMA = 1
 RULES = ("fixed", "search")
-TIES = ("smaller-lr", "larger-lr")
+# how a search's ties are broken: the smaller / larger lr first (then the earlier grid point), or the later grid point
+# (a stable sort whose last element is taken, e.g. PETL_Vision's sorted(...)[-1])
+TIES = ("smaller-lr", "larger-lr", "later-point")
 # hyper-parameter keys a card may set (HParams fields; lr and wd only for a fixed selection)
 HPARAM_KEYS = RECIPE_KEYS
 ENTRY_KEYS = {"value", "source", "unpublished", "search", "note"}
@@ -421,8 +423,11 @@ class PaperProtocol(EvalProtocol):
         return [{"lr": float(lr), "wd": float(wd)} for lr in lrs for wd in wds]
 
     def tie(self, ctx: PlanContext, points: list[dict]):
-        """The paper's tie rule on grid positions (smaller or larger lr first)."""
-        sign = 1.0 if self._res(ctx).tie == "smaller-lr" else -1.0
+        """The paper's tie rule on grid positions (smaller or larger lr first, or the later grid point)."""
+        rule = self._res(ctx).tie
+        if rule == "later-point":
+            return lambda i: (-i,)
+        sign = 1.0 if rule == "smaller-lr" else -1.0
         return lambda i: (sign * float(points[i]["lr"]),)
 
     def pipeline(self, ctx):
