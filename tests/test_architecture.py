@@ -33,3 +33,11 @@ def test_the_layers_of_the_docs_are_the_enforced_ones():
     drawn = drawn[drawn.index("```") + 3:]
     drawn = [line.split("(")[0].strip() for line in drawn[:drawn.index("```")].strip().splitlines()]
     assert drawn == enforced
+
+
+def test_no_placeholder_is_left_in_the_docs():
+    """A page a user reads has no unfinished placeholder (a "TODO-..." marker left by a generator or an edit)."""
+    pages = [ROOT / "README.md", ROOT / "results" / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    left = [f"{p.relative_to(ROOT)}:{i}" for p in pages
+            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if re.search(r"\bTODO[-_:]", line)]
+    assert not left, f"placeholders left in the docs: {left}"
