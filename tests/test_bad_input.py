@@ -127,3 +127,44 @@ def test_good_checkpoint_loads(capsys, root, tmp_path):
     assert code == 0
     (rec,) = list((tmp_path / "runs").rglob("*.json"))
     assert json.loads(rec.read_text())["spec"]["checkpoint_id"]
+
+
+def test_a_misspelt_option_names_the_close_one_and_the_options(capsys):
+    assert main(["params", "--method", "lora", "--set", "rnak=4", "--num-classes", "10"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'rank'?" in err and "options: alpha, dropout, init, rank, targets" in err
+    assert main(["params", "--method", "lora", "--set", "lora.rnak=4", "--num-classes", "10"]) == 2
+    assert "did you mean 'rank'?" in capsys.readouterr().err
+
+
+def test_params_lists_a_methods_options(capsys):
+    assert main(["params", "--method", "lora", "--options"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("options of lora") and "rank" in out and "rank r of B·A" in out and "default 8" in out
+    assert main(["params", "--method", "lora"]) == 2
+    assert "--num-classes N is required" in capsys.readouterr().err
+
+
+def test_an_unknown_task_lists_the_tasks_of_the_selected_suite(capsys):
+    assert main(["run", "--methods", "lora", "--suite", "demo", "--tasks", "demo_digitz", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "Did you mean 'demo_digits'?" in err and "Tasks of suite 'demo': demo_digits" in err
+    assert "cifar100" not in err  # not every suite's tasks
+
+
+def test_the_resolved_sweep_keeps_the_device_and_precision_as_asked(tmp_path):
+    """Not the machine's: a sweep resolved on a CPU laptop says nothing of "cpu" or "fp32" unless asked."""
+    from peftbench.api import plan_sweep
+    from peftbench.api.schema import Sweep
+    from peftbench.api.sweep import write_resolved
+
+    root = make_data_root(tmp_path / "data")
+    base = dict(methods=["linear"], suite="testsuite", tasks=["toy"], data_root=str(root), backbone=TINY_BACKBONE,
+                runs_dir=str(tmp_path / "runs"), protocol="fixed", seeds=[1])
+    text = write_resolved(plan_sweep(Sweep(**base), check_data=False)).read_text()
+    import re
+
+    assert not re.search(r"^(device|precision) = ", text, re.M)
+    text = write_resolved(plan_sweep(Sweep(**base, device="cpu", precision="fp32", name="asked"),
+                                     check_data=False)).read_text()
+    assert re.search(r'^device = "cpu"$', text, re.M) and re.search(r'^precision = "fp32"$', text, re.M)

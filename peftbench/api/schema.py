@@ -83,6 +83,24 @@ def _canonical_of(kind: str) -> Callable[[str], str]:
     return lambda name: _registry(kind)().canonical(name)
 
 
+def _unknown_task_of_suite(suite: str, tasks: list, where: str = "Sweep(tasks=...)") -> None:
+    """Raise the error of the first name in ``tasks`` that is no task, with a did-you-mean and the list of the tasks of
+    ``suite`` (the sweep's suite: the tasks it can take), when the suite is known; else return."""
+    import difflib
+
+    from ..tasks import SUITES, TASKS
+
+    if not isinstance(suite, str) or suite not in SUITES:
+        return
+    own = list(SUITES.get(suite).tasks)
+    for t in tasks:
+        if isinstance(t, str) and t not in TASKS:
+            close = difflib.get_close_matches(t, own, n=1, cutoff=0.5)
+            raise SettingsError(f"{where}: unknown task {t!r}." + (f" Did you mean {close[0]!r}?" if close else "")
+                                + f" Tasks of suite {SUITES.get(suite).name!r}: {', '.join(own)} "
+                                  "(`peftbench list tasks` lists every suite's)")
+
+
 def sweep_field(default: Any, spec: Spec, factory: Callable | None = None):
     meta = {"spec": spec}
     if factory is not None:
@@ -225,7 +243,12 @@ class Sweep:
                 setattr(self, keys[key], value)
         for f in fields():
             value = getattr(self, f.name)
-            setattr(self, f.name, check(f.name, value, f"Sweep({f.name}=...)"))
+            try:
+                setattr(self, f.name, check(f.name, value, f"Sweep({f.name}=...)"))
+            except SettingsError:
+                if f.name == "tasks" and isinstance(value, list):
+                    _unknown_task_of_suite(self.suite, value)  # the suite's own tasks, not every suite's
+                raise
         if self.seeds is not None and self.num_seeds is not None:
             raise SettingsError("Sweep: give seeds or num_seeds, not both")
         if self.seeds is not None and len(set(self.seeds)) != len(self.seeds):
@@ -458,7 +481,14 @@ def from_args(args, base: Sweep | None = None) -> Sweep:
         if f.name == "sets":
             changes["sets"] = list(base.sets) + list(raw)
             continue
-        changes[f.name] = check(f.name, raw, flag or f.name, text=True)
+        try:
+            changes[f.name] = check(f.name, raw, flag or f.name, text=True)
+        except SettingsError:
+            if f.name == "tasks":  # the suite's own tasks in the error, when the suite is known
+                suite = getattr(args, "suite", None) or base.suite
+                names = [t.strip() for t in str(raw).split(",")] if isinstance(raw, str) else raw
+                _unknown_task_of_suite(suite, names, flag or "--tasks")
+            raise
     if "methods" in changes and base.options:  # --methods narrows the file's: its options of other methods go
         from ..methods import get_method
 

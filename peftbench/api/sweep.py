@@ -144,7 +144,10 @@ def plan_sweep(sweep: Sweep, *, check_data: bool = True) -> Plan:
         methods=[get_method(m).name for m in sweep.methods], suite=get_suite(sweep.suite).name,
         tasks=list(dict.fromkeys(c.task.name for c in contexts)), protocol=ctx.protocol.name, seeds=list(ctx.seeds),
         num_seeds=None, backbone=ctx.backbone, checkpoint=ctx.checkpoint, data_root=ctx.data_root,
-        precision=ctx.precision, runs_dir=str(runs_dir), device=device, executor=executor_name,
+        # the device and the precision as the user asked (None: this machine's default, so a sweep resolved on a
+        # laptop trains on the GPU node's device at its default precision; the plan's own are Plan.device and the
+        # runs' keys)
+        precision=sweep.precision, runs_dir=str(runs_dir), device=sweep.device, executor=executor_name,
         executor_settings={executor_name: executor_settings} if executor_settings else {},
         trackers=list(tracking.trackers), tracker_settings={k: dict(v) for k, v in tracking.options.items()},
         name=name, options=merged_options(sweep), sets=[], **{k: None for k in sweep.generic_executor_settings()})

@@ -7,14 +7,33 @@ MAX_CLASSES = 1_000_000  # a classification head wider than this is a typo (Imag
 
 
 def register(sub) -> None:
-    p = sub.add_parser("params", help="parameter counts of a method (no training, no weights)")
-    p.add_argument("--method", required=True)
-    p.add_argument("--num-classes", type=int, required=True)
+    p = sub.add_parser("params", help="parameter counts of a method (no training, no weights)",
+                       description="Build the method on the backbone on the meta device (no memory, no weights) and "
+                                   "print its trainable, tuned and total parameters. `--options` lists the method's "
+                                   "options (what --set takes), with their defaults, bounds and meaning.")
+    p.add_argument("--method", required=True, help="a registered method (peftbench list methods)")
+    p.add_argument("--num-classes", type=int, help="classes of the head (required unless --options)")
     p.add_argument("--backbone", default="vit_base_patch16_224",
                    help="timm architecture or preset (default vit_base_patch16_224: ViT-B/16)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="[METHOD.]OPTION=VALUE")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="[METHOD.]OPTION=VALUE",
+                   help="a method option, e.g. --set rank=4 (repeatable; --options lists them)")
+    p.add_argument("--options", action="store_true", help="list the method's options and stop")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=main)
+
+
+def option_lines(method) -> list[str]:
+    """One line per option of ``method``: name, default, what it accepts, what it does."""
+    out = []
+    for name, o in sorted(method.options.items()):
+        accepts = (" | ".join(map(str, o.choices)) if o.choices else
+                   (f"{o.min:g}.." if o.min is not None else "") + (f"{o.max:g}" if o.max is not None else "")
+                   if o.min is not None or o.max is not None else
+                   (o.type or (type(o.default) if o.default is not None else None) or type("value", (), {})).__name__)
+        if o.keywords:
+            accepts += " or " + " | ".join(o.keywords)
+        out.append(f"  {name:<22} default {o.default!s:<14} {accepts:<22} {o.help}")
+    return out or ["  (no options)"]
 
 
 def count(method_name: str, num_classes: int, backbone: str = "vit_base_patch16_224",
@@ -41,6 +60,16 @@ def count(method_name: str, num_classes: int, backbone: str = "vit_base_patch16_
 
 
 def main(args) -> int:
+    from ..errors import SettingsError
+    from ..methods import get_method
+
+    if args.options:
+        method = get_method(args.method)
+        print(f"options of {method.name} (--set [{method.name}.]OPTION=VALUE):")
+        print("\n".join(option_lines(method)))
+        return 0
+    if args.num_classes is None:
+        raise SettingsError("--num-classes N is required (the head's classes), unless --options")
     out = count(args.method, args.num_classes, args.backbone, args.sets)
     if args.json:
         print(json.dumps(out, indent=1, sort_keys=True, default=str))

@@ -7,6 +7,7 @@ line or a missing file stops the sweep before the first epoch).
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import os
 import sys
@@ -48,13 +49,20 @@ def parse_sets(sets: list[str], methods: list[Method], *, strict: bool = True) -
             if opt not in m.options:
                 if not strict:
                     continue
-                raise SettingsError(f"--set {item!r}: method {m.name!r} has no option {opt!r} "
-                                    f"(its options: {', '.join(sorted(m.options)) or 'none'})")
+                close = difflib.get_close_matches(opt, sorted(m.options), n=1, cutoff=0.6)
+                raise SettingsError(f"--set {item!r}: method {m.name!r} has no option {opt!r}"
+                                    + (f"; did you mean {close[0]!r}?" if close else "")
+                                    + f" (its options: {', '.join(sorted(m.options)) or 'none'})")
             per[m.name][opt] = value
         else:
             owners = [m for m in methods if key in m.options]
             if not owners and strict:
-                raise SettingsError(f"--set {item!r}: none of the selected methods has an option {key!r}")
+                known = sorted({o for m in methods for o in m.options})
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                raise SettingsError(f"--set {item!r}: none of the selected methods has an option {key!r}"
+                                    + (f"; did you mean {close[0]!r}?" if close else "")
+                                    + f" (options: {', '.join(known) or 'none'}; `peftbench params --method M --options` "
+                                      "describes them)")
             for m in owners:
                 per[m.name][key] = value
     return per
