@@ -59,6 +59,10 @@ class Tuner:
     # Method.fusable (docs/fused.md): False when peft's layer does not run under torch.func.vmap
     # (tests/test_fused.py trains every fusable row fused and separately)
     fusable: bool = True
+    # the backbone families it tunes: a Swin block names its Linear layers as a ViT block does (attn.qkv, attn.proj,
+    # mlp.fc1, mlp.fc2), so peft injects there alike (a generalisation: no paper's table has peft tuners on Swin);
+    # ("vit",) for a row whose defaults need widths Swin-B's first stage lacks
+    families: tuple[str, ...] = ("vit", "swin")
 
 
 def _targets(opts: dict[str, Any], key: str = "targets") -> list[str]:
@@ -201,7 +205,9 @@ TUNERS: dict[str, Tuner] = {
          "topk": Option(2, "bank vectors mixed per sub-vector", min=1),
          "dropout": Option(0.0, "dropout on the VB-LoRA input", min=0.0, max=1.0),
          "targets": TARGETS},
-        min_peft="0.15", fusable=False),  # data-dependent control flow in its top-k (no vmap)
+        # not fusable: data-dependent control flow in its top-k (no vmap); ViT only: vector_length 256 does not divide
+        # the 128-wide first stage of Swin-B
+        min_peft="0.15", fusable=False, families=("vit",)),
     "gralora": Tuner(
         lambda o: _peft().GraloraConfig(r=int(o["rank"]), alpha=_alpha(o), gralora_k=int(o["k"]),
                                         gralora_dropout=float(o["dropout"]), target_modules=_targets(o)),
@@ -251,7 +257,9 @@ TUNERS: dict[str, Tuner] = {
         "C3A via peft: block-circulant update by circular convolution, one kernel per block, on qkv",
         {"block_size": Option(256, "circulant block size (must divide the in and out widths)", min=1),
          "targets": TARGETS},
-        min_peft="0.16", fusable=False),  # FFT-based circulant products (complex intermediates; no vmap)
+        # not fusable: FFT-based circulant products (complex intermediates; no vmap); ViT only: block_size 256 does not
+        # divide the 128-wide first stage of Swin-B
+        min_peft="0.16", fusable=False, families=("vit",)),
 }
 
 
@@ -395,7 +403,7 @@ def _register_all() -> list[type[PeftTunerMethod]]:
             "name": name, "tuner": name, "aliases": row.aliases, "description": row.description,
             "options": dict(row.options), "__module__": __name__, "__qualname__": cls_name,
             "recipe": NOAH_RECIPE if row.demo_lr is None else NOAH_RECIPE.for_protocol("demo", lr=row.demo_lr),
-            "fusable": row.fusable,
+            "fusable": row.fusable, "families": row.families,
         })
         globals()[cls_name] = cls  # importable by name (pickling)
         register_method(cls)

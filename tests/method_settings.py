@@ -72,6 +72,9 @@ SETTINGS: dict[str, MethodSettings] = {
     "adaptformer": MethodSettings(vit_b=({}, 156_768)),
     "convpass": MethodSettings(vit_b=({}, 327_552)),
     "repadapter": MethodSettings(vit_b=({}, 239_808), variants=MERGED),
+    "hydra": MethodSettings(vit_b=({}, 239_712), variants=MERGED),
+    "dtl": MethodSettings(vit_b=({}, 36_864)),
+    "dtl-plus": MethodSettings(vit_b=({"kernel": "4"}, 49_152)),
     "fact-tt": MethodSettings(vit_b=({"rank": "8"}, 21_504), variants=MERGED),
     "fact-tk": MethodSettings(vit_b=({"rank": "32"}, 86_528), variants=MERGED),
     # selection methods: their counts depend on what their selection stage picks

@@ -169,8 +169,8 @@ def test_every_preset_is_listed_with_its_family_resolution_normalisation_and_poo
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["params", "--method", "lora", "--backbone", "swin_base_patch4_window7_224", "--num-classes", "10"],
-     "method 'lora' does not tune backbones of the swin family of 'swin_base_patch4_window7_224' (it tunes: vit)"),
+    (["params", "--method", "hydra", "--backbone", "swin_base_patch4_window7_224", "--num-classes", "10"],
+     "method 'hydra' does not tune backbones of the swin family of 'swin_base_patch4_window7_224' (it tunes: vit)"),
     (["params", "--method", "vpt-deep", "--backbone", "convnext_tiny", "--num-classes", "10"],
      "method 'vpt-deep' does not tune backbones of the convnext family"),
     (["run", "--methods", "vpt-deep", "--suite", "vtab", "--backbone", "convnext_tiny", "--dry-run"],

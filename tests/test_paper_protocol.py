@@ -95,6 +95,10 @@ def test_every_method_with_reference_rows_has_a_paper_recipe():
 def test_transcribed_values_equal_their_sources():
     """Spot checks of each value table against the official files, as read (tables cited in the cards)."""
     cards = recipes()
+    # extremebird/Hydra@4138457 vtab1k/configs/hydra_both/{cifar,smallnorb_azi}.yaml:3,4,7; train.py:113
+    hyd = lambda t: resolve_card(cards["hydra", "vtab"], "hydra", "vtab", t).values("final")  # noqa: E731
+    assert (hyd("cifar100")["lr"], hyd("cifar100")["wd"], hyd("cifar100")["batch_size"]) == (5e-4, 1e-4, 16)
+    assert hyd("smallnorb_azimuth")["wd"] == 1e-5 and hyd("dtd")["cosine_epochs"] == 500
     # OSU-MLB/PETL_Vision@245d262 experiment/config/{lr_wd_vtab_processed,default_vtab_processed}.yml
     petl = resolve_card(cards["difffit", "vtab"], "difffit", "vtab", "dtd")
     assert petl.grid["lr_grid"].value == [0.001, 0.01] and petl.grid["wd_grid"].value == [0.0001, 0.001]

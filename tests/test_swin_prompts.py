@@ -170,9 +170,9 @@ def test_only_prompts_and_head_get_gradients_and_the_swin_stays_in_eval(method, 
 def test_a_method_that_does_not_tune_swin_is_one_line_before_anything_is_built():
     from peftbench.cli.params import count
 
-    with pytest.raises(SettingsError, match=r"^method 'lora' does not tune backbones of the swin family of "
+    with pytest.raises(SettingsError, match=r"^method 'hydra' does not tune backbones of the swin family of "
                                             r"'demo-swin-tiny' \(it tunes: vit\)$"):
-        count("lora", 10, SWIN, [])
+        count("hydra", 10, SWIN, [])
     with pytest.raises(SettingsError, match="e2vpt-prune"):
         count("e2vpt-prune", 10, SWIN, [])
 
@@ -201,3 +201,19 @@ def test_swin_methods_train_through_the_engine(tmp_path):
     recs = [json.loads(p.read_text()) for p in runs.rglob("*.json") if p.parent.name == "toy" and "." not in p.stem]
     assert sorted(r["spec"]["method"] for r in recs) == ["e2vpt", "linear", "vpt-deep"]
     assert all(r["status"] == "ok" and r["spec"]["backbone"] == SWIN for r in recs)
+
+
+def test_the_swin_generalisations_count_as_documented():
+    """BitFit and the peft tuners on Swin-B (docs/methods/README.md §1.1): LoRA on every qkv is 4·r·ΣC_s; BitFit the
+    bias vectors (11·ΣC_s in the blocks + patch embedding + patch-merging norms + final norm), not the
+    relative-position bias tables; VB-LoRA and C3A stay ViT-only."""
+    from peftbench.cli.params import count
+
+    widths = [128] * 2 + [256] * 2 + [512] * 18 + [1024] * 2  # Swin-B: C_s of each of its 24 blocks
+    assert count("lora", 100, "swin-b-in22k", [])["trainable_without_head"] == 4 * 8 * sum(widths) == 385_024
+    bitfit = count("bitfit", 100, "swin-b-in22k", [])
+    assert bitfit["trainable_without_head"] == 11 * sum(widths) + 2 * 128 + 4 * (128 + 256 + 512) + 1024 == 137_216
+    assert bitfit["head"] == 1025 * 100
+    for name in ("vblora", "c3a"):
+        with pytest.raises(SettingsError, match=f"method '{name}' does not tune backbones of the swin family"):
+            count(name, 10, "swin-b-in22k", [])
