@@ -240,3 +240,4 @@ def test_ray_settings_are_checked_before_compute(tmp_path, capsys, monkeypatch):
     assert "--mem-gb (executor setting 'mem_gb'): executor 'ray' does not take it" in capsys.readouterr().err
     assert main(["run", "--methods", "linear", "--executor-set", "address=x:1", "--dry-run"]) == 2
     assert "executor 'local' has no setting 'address'" in capsys.readouterr().err
+

@@ -145,6 +145,17 @@ def _import_ray():
     return ray
 
 
+def plain_worker_logs(environ=None, streams=(sys.stdout, sys.stderr)) -> bool:
+    """No ANSI colour codes around the "(run_task pid=...)" prefix Ray prints before each worker line when the
+    driver's output goes to a file (a log, a SLURM .out): Ray reads ``RAY_COLOR_PREFIX=0`` in the driver
+    (ray/_private/worker.py ``print_worker_logs``). A value the user set is kept. Returns whether it was set here."""
+    environ = os.environ if environ is None else environ
+    if "RAY_COLOR_PREFIX" in environ or all(getattr(s, "isatty", lambda: False)() for s in streams):
+        return False
+    environ["RAY_COLOR_PREFIX"] = "0"
+    return True
+
+
 class RayExecutor:
     """Runs each stage's runs as Ray tasks and waits for them (the :class:`~peftbench.sweep.drive.Executor`
     protocol); see the module docstring."""
@@ -161,6 +172,7 @@ class RayExecutor:
         self.tracking = tracking
         self._log = log or (lambda m: print(m, file=sys.stderr, flush=True))
         self._owns = not ray.is_initialized()
+        plain_worker_logs()
         if self._owns:
             kwargs: dict[str, Any] = {"namespace": settings.namespace, "log_to_driver": not quiet,
                                       "configure_logging": False}
