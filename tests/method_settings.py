@@ -75,6 +75,7 @@ SETTINGS: dict[str, MethodSettings] = {
     "hydra": MethodSettings(vit_b=({}, 239_712), variants=MERGED),
     "dtl": MethodSettings(vit_b=({}, 36_864)),
     "dtl-plus": MethodSettings(vit_b=({"kernel": "4"}, 49_152)),
+    "sct": MethodSettings(vit_b=({}, 111_744)),
     "fact-tt": MethodSettings(vit_b=({"rank": "8"}, 21_504), variants=MERGED),
     "fact-tk": MethodSettings(vit_b=({"rank": "32"}, 86_528), variants=MERGED),
     # selection methods: their counts depend on what their selection stage picks
