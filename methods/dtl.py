@@ -116,6 +116,8 @@ class DTLPlusMethod(DTLMethod):
     name = "dtl-plus"
     description = ("DTL+: DTL with a shared depthwise k x k convolution on the added patch tokens "
                    "(docs/methods/dtl.md)")
+    # demo lr: the best mean val200 top-1 over the 5 demo tasks, the top of its grid (results/demo-hparam-search.csv)
+    recipe = noah_fixed_recipe(demo_lr=0.16)
     options = {
         **DTLMethod.options,
         "kernel": Option("auto", "kernel k of the shared depthwise conv (auto: the official per-task value, else 3)",
