@@ -76,6 +76,9 @@ SETTINGS: dict[str, MethodSettings] = {
     "dtl": MethodSettings(vit_b=({}, 36_864)),
     "dtl-plus": MethodSettings(vit_b=({"kernel": "4"}, 49_152)),
     "sct": MethodSettings(vit_b=({}, 111_744)),
+    # (+ the CLS token, which SNELL trains; sparsity 0.5 so that the conformance suite covers the competition)
+    "snell": MethodSettings(options={"rank": "4", "sparsity": "0.5"}, vit_b=({"rank": "32"}, 5_309_184),
+                            variants=MERGED, tol=1e-8),
     "fact-tt": MethodSettings(vit_b=({"rank": "8"}, 21_504), variants=MERGED),
     "fact-tk": MethodSettings(vit_b=({"rank": "32"}, 86_528), variants=MERGED),
     # selection methods: their counts depend on what their selection stage picks

@@ -236,6 +236,17 @@ def test_eval_first_evaluates_like_a_timm_loop():
     assert [e for e in range(100) if evaluates(hp, e)] == [0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 99]  # NOAH's 11
     hp = parse_hparams({"lr": 1.0, "wd": 0.0, "epochs": 100, "batch_size": 64, "eval_every": 10})
     assert [e for e in range(100) if evaluates(hp, e)] == [9, 19, 29, 39, 49, 59, 69, 79, 89, 99]
+    # SNELL's train.py:401-408 (and SPT's): epoch % 10 == 0 or epoch >= epochs - 10
+    hp = parse_hparams({"lr": 1.0, "wd": 0.0, "epochs": 100, "batch_size": 64, "eval_every": 10, "eval_first": True,
+                        "eval_last": 10})
+    assert [e for e in range(100) if evaluates(hp, e)] == [0, 10, 20, 30, 40, 50, 60, 70, 80] + list(range(90, 100))
+    from peftbench.bench.estimate import evaluations
+    from peftbench.store import RunSpec
+
+    spec = RunSpec(method="linear", task="dtd", suite="vtab", protocol="paper", stage="final", train_split="train800val200",
+                   eval_split="test", hparams={"lr": 1.0, "wd": 0.0, "epochs": 100, "batch_size": 64, "eval_every": 10,
+                                               "eval_first": True, "eval_last": 10}, seed=0, backbone="x")
+    assert evaluations(spec) == 19  # the cost estimate counts the same evaluations
 
 
 # ---------------------------------------------------------------------------------------------

@@ -116,8 +116,9 @@ def evaluations(spec) -> int:
     start, stop = trained_epochs(spec)
     every = int(spec.hparams.get("eval_every") or 0)
     first = bool(spec.hparams.get("eval_first"))
+    last_from = int(spec.hparams["epochs"]) - int(spec.hparams.get("eval_last") or 0)
     return sum(1 for e in range(start, stop)
-               if e == stop - 1 or (every and (e if first else e + 1) % every == 0))
+               if e == stop - 1 or e >= last_from or (every and (e if first else e + 1) % every == 0))
 
 
 def _sizes(s, data_root: dict) -> tuple[int | None, int | None]:

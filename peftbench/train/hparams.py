@@ -53,6 +53,7 @@ class HParams:
     interpolation: str | None = None
     drop_path: float = 0.0  # stochastic depth on the (frozen) backbone's blocks while training, timm's linear rule
     eval_first: bool = False  # evaluate after epochs 0, N, 2N, ... (epoch % eval_every == 0) and the last: timm loops
+    eval_last: int = 0  # also evaluate after each of the schedule's last N epochs (SNELL's, SPT's loops: N = 10)
     report: str = "last"  # best: metrics.top1 is the run's best evaluation (selection on the eval split, flagged)
     head_init: str = "vpt"  # vpt: kaiming-normal fan_out, bias -log(99); trunc-normal: timm's std 0.02, bias 0
     # timm's training regularisers (SSF / GPS on FGVC: peftbench.train.regularise); 0: off
@@ -104,7 +105,7 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
                    "mixup_switch_prob", "random_erasing", "ema_decay"):
             kw[key] = _number(key, value, float)
         elif key in ("epochs", "batch_size", "warmup_epochs", "eval_every", "stop_epoch", "cosine_epochs",
-                     "schedule_lag"):
+                     "schedule_lag", "eval_last"):
             kw[key] = None if value is None and key in ("stop_epoch", "cosine_epochs") else _number(key, value, int)
         elif key in ("lr_scaling", "drop_last", "eval_first"):
             if not isinstance(value, bool):
@@ -127,6 +128,7 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
         (h.warmup_epochs >= 0, f"warmup_epochs={h.warmup_epochs}: must not be negative"),
         (h.warmup_lr >= 0 and h.min_lr >= 0, "warmup_lr and min_lr must not be negative"),
         (h.eval_every >= 0, f"eval_every={h.eval_every}: must not be negative"),
+        (h.eval_last >= 0, f"eval_last={h.eval_last}: must not be negative"),
         (h.precision in PRECISIONS, f"precision={h.precision!r}: expected one of {', '.join(PRECISIONS)}"),
         (h.std is None or all(s > 0 for s in h.std), "std: every value must be > 0"),
         (h.stop_epoch is None or 1 <= h.stop_epoch <= h.epochs,

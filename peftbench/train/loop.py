@@ -326,8 +326,9 @@ def epoch_lr(hp: HParams, peak_lr: float, epoch: int) -> float:
 
 def evaluates(hp: HParams, epoch: int) -> bool:
     """Whether ``epoch`` ends with an evaluation (the last one the run trains always does): after every
-    ``eval_every``-th epoch, or (``eval_first``, a timm loop's ``epoch % N == 0``) after epochs 0, N, 2N..."""
-    if epoch == hp.stop - 1:
+    ``eval_every``-th epoch, or (``eval_first``, a timm loop's ``epoch % N == 0``) after epochs 0, N, 2N...; and after
+    each of the schedule's last ``eval_last`` epochs."""
+    if epoch == hp.stop - 1 or epoch >= hp.epochs - hp.eval_last:
         return True
     if not hp.eval_every:
         return False
