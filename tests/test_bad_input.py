@@ -168,3 +168,21 @@ def test_the_resolved_sweep_keeps_the_device_and_precision_as_asked(tmp_path):
     text = write_resolved(plan_sweep(Sweep(**base, device="cpu", precision="fp32", name="asked"),
                                      check_data=False)).read_text()
     assert re.search(r'^device = "cpu"$', text, re.M) and re.search(r'^precision = "fp32"$', text, re.M)
+
+
+def test_every_missing_package_is_named_at_once_before_anything_is_planned(tmp_path, monkeypatch):
+    import importlib.util
+
+    from peftbench.api import plan_sweep
+    from peftbench.api.schema import Sweep
+    from peftbench.errors import SettingsError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in ("ray", "wandb") else real(name, *a))
+    runs = tmp_path / "runs"
+    sweep = Sweep(methods=["linear"], suite="testsuite", tasks=["toy"], data_root=str(tmp_path / "no-data"),
+                  backbone=TINY_BACKBONE, runs_dir=str(runs), executor="ray", trackers=["wandb"])
+    with pytest.raises(SettingsError, match=r"^missing packages: --executor ray needs 'ray'; --tracker wandb needs "
+                                            r"'wandb' \(pip install 'peftbench\[ray,wandb\]'\)$"):
+        plan_sweep(sweep)
+    assert not runs.exists()  # nothing made, and the missing data was not what stopped it

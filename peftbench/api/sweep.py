@@ -20,6 +20,24 @@ from .sweepfile import dump_sweep, locate, merged_options
 # ---------------------------------------------------------------------------------------------
 
 
+def check_requirements(executor, trackers) -> None:
+    """One error naming every package the sweep's executor and trackers need and this environment lacks, with the
+    one pip command that installs them all (not one at a time, and before the data check or any folder is made)."""
+    import importlib.util
+
+    from ..trackers import TRACKERS
+
+    wanted = [(f"--executor {executor.name}", executor.requires, executor.extra)]
+    for name in trackers:
+        t = TRACKERS.get(name)
+        wanted.append((f"--tracker {t.name}", t.requires, t.extra or t.requires))
+    missing = [(who, module, extra) for who, module, extra in wanted if module and importlib.util.find_spec(module) is None]
+    if missing:
+        extras = ",".join(dict.fromkeys(extra for _, _, extra in missing))
+        raise SettingsError("missing packages: " + "; ".join(f"{who} needs {module!r}" for who, module, _ in missing)
+                            + f" (pip install 'peftbench[{extras}]')")
+
+
 def check_device(device: str | None, flag: str = "--device") -> str:
     """The device to use (default: cuda when available); a device this machine lacks is an error."""
     from ..train.env import check_device as check  # (imports torch: only when a sweep is planned)
@@ -110,6 +128,7 @@ def plan_sweep(sweep: Sweep, *, check_data: bool = True) -> Plan:
                             "peftbench list methods)")
     plugin = EXECUTORS.get(sweep.executor)
     executor_name = EXECUTORS.canonical(sweep.executor)
+    check_requirements(plugin, sweep.trackers)  # every missing package at once, before anything is planned
     for other in sweep.executor_settings:  # settings of another executor are a mistake
         if EXECUTORS.canonical(other) != executor_name:
             raise SettingsError(f"settings of executor {other!r} given, but the executor is {executor_name!r}")

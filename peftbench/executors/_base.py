@@ -133,6 +133,8 @@ class ExecutorPlugin:
     generic: ClassVar[dict[str, str]] = {}
     # whether the executor trains fused groups of runs (``peftbench run --fuse K``, docs/fused.md)
     fuses: ClassVar[bool] = False
+    requires: ClassVar[str] = ""  # the module it needs (checked with the trackers' before anything is planned)
+    extra: ClassVar[str] = ""  # the pip extra that installs it: pip install peftbench[<extra>]
 
     def configure(self, table: dict, generic: dict, where: Callable[[str], str]) -> dict:
         """This executor's settings as plain data (TOML-writable: they go into the resolved sweep file): a

@@ -329,6 +329,7 @@ def status(runs_dir: Path, runs: dict[str, dict], query: bool) -> dict:
 @register_executor
 class Ray(ExecutorPlugin):
     name = "ray"
+    requires = extra = "ray"
     description = "one Ray task per run on a Ray cluster (RAY_ADDRESS / --executor-set address=...; KubeRay: ray://<head>:10001)"
     settings = SETTINGS
     generic = GENERIC
