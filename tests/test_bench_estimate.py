@@ -49,3 +49,15 @@ def test_no_table_of_the_family_gives_no_estimate(monkeypatch, tmp_path):
 
     monkeypatch.setattr(estimate, "TABLES", tmp_path)  # no shipped tables at all
     assert speeds_for("vit-l16-in21k", None) is None
+
+
+def test_a_dry_run_without_the_data_says_so_instead_of_zero_hours(tmp_path, capsys):
+    from peftbench.cli import main
+
+    assert main(["run", "--methods", "linear", "--suite", "fgvc", "--tasks", "cub200,nabirds", "--data-root",
+                 str(tmp_path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated compute for the 90 runs to run: unknown: the data of 2 task(s) is not in" in out
+    assert "(cub200, nabirds)" in out and "`peftbench data prepare --suite fgvc`" in out
+    grid = next(line for line in out.splitlines() if line.startswith("* grid"))
+    assert grid.split()[-3:] == ["unknown", "unknown", "unknown"] and "0.00" not in grid

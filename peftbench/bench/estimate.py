@@ -276,15 +276,23 @@ def print_costs(contexts, bench_table: Path | None, done: set[str] | frozenset =
           file=file)
     print(f"  {'search':<9} {'fuse':>4} {'runs':>7} {'to run':>7} {'search image-steps':>19} {'all image-steps':>16} "
           f"{'device-hours':>13}", file=file)
+    no_data = _missing_data(count_runs(contexts), contexts)
+    if no_data:  # image-steps and hours of those tasks are not counted: the numbers would read as 0
+        for r in rows:
+            r["hours"] = None
     for r in rows:
-        hours = "-" if r["hours"] is None else f"{r['hours']:.2f}"
+        hours = ("unknown" if no_data else "-") if r["hours"] is None else f"{r['hours']:.2f}"
+        steps = (f"{'unknown':>19} {'unknown':>16}" if no_data else
+                 f"{r['search_image_steps'] / 1e6:>18.3f}M {r['image_steps'] / 1e6:>15.3f}M")
         print(f"{'*' if r['chosen'] else ' '} {r['kind']:<9} {r['fuse'] or '-':>4} {r['runs']:>7} {r['to_run']:>7} "
-              f"{r['search_image_steps'] / 1e6:>18.3f}M {r['image_steps'] / 1e6:>15.3f}M {hours:>13}", file=file)
+              f"{steps} {hours:>13}", file=file)
     grid, halving = (next(r for r in rows if r["kind"] == kind and not r["fuse"]) for kind in ("grid", "halving"))
     if halving["image_steps"] and halving["search_image_steps"]:
         print(f"  {halving['search']}: {grid['search_image_steps'] / halving['search_image_steps']:.2f}x fewer "
               f"image-steps in the search stages, {grid['image_steps'] / halving['image_steps']:.2f}x in all "
               "(docs/sweeps.md)", file=file)
+    if no_data:
+        print(f"  image-steps and device-hours: {_data_note(no_data, contexts)}", file=file)
     if path is None:
         print("  device-hours: no bench table for this backbone (`peftbench bench --backbone ...`)", file=file)
     elif speeds is not None and speeds.scale != 1.0:
@@ -301,6 +309,20 @@ def print_costs(contexts, bench_table: Path | None, done: set[str] | frozenset =
         print(f"  fused (--fuse {k}): fused-{k} rows for {', '.join(timed) or 'none of these methods'}; "
               f"fusable methods: {', '.join(fusable) or 'none'}; other runs at their unfused speed", file=file)
     return rows
+
+
+def _missing_data(specs, contexts) -> list[str]:
+    """The tasks whose training split's size is unknown here (their data is not at the data root): their cost cannot
+    be estimated."""
+    _, missing = image_steps(specs, contexts)
+    return sorted({m.split(":")[0] for m in missing})
+
+
+def _data_note(tasks: list[str], contexts) -> str:
+    suites = sorted({c.suite.name for c in contexts if c.task.name in tasks})
+    roots = sorted({str(c.data_root) for c in contexts if c.task.name in tasks})
+    return (f"the data of {len(tasks)} task(s) is not in {', '.join(roots)} ({', '.join(tasks)}), and the split sizes "
+            f"decide the cost: `peftbench data prepare --suite {suites[0] if suites else '...'}` says how to get it")
 
 
 def print_plan(specs, contexts, bench_table: Path | None, done: set[str] | frozenset = frozenset()) -> None:
@@ -323,7 +345,13 @@ def print_plan(specs, contexts, bench_table: Path | None, done: set[str] | froze
         return
     seconds, missing = estimate_seconds(todo, contexts, speeds.rows)
     device = next(iter(speeds.rows.values()))["device"]
-    print(f"estimated compute for the {len(todo)} runs to run: {seconds / 3600:.1f} device-hours on {device} "
-          f"(from {speeds.describe()})")
+    no_data = _missing_data(todo, contexts)
+    if no_data and len(no_data) == len({s.task for s in todo if s.job == "train"}):
+        print(f"estimated compute for the {len(todo)} runs to run: unknown: {_data_note(no_data, contexts)}")
+    else:
+        print(f"estimated compute for the {len(todo)} runs to run: {seconds / 3600:.1f} device-hours on {device} "
+              f"(from {speeds.describe()})" + (f"; without the tasks whose data is missing: {_data_note(no_data, contexts)}"
+                                               if no_data else ""))
+    missing = [m for m in missing if m.split(":")[0] not in no_data]
     if missing:
         print(f"  not estimated (not in the table): {', '.join(missing)}")
