@@ -8,6 +8,7 @@ wave joins by adding one row here.
 Row fields (:class:`MethodSettings`):
 
 * ``options``: ``--set`` values that make a cheap model on the tiny test backbone (prompt lengths of 2...).
+* ``vit_b_head``: the head's parameters there (768·C + C unless the method widens the head's input, e.g. VQT).
 * ``vit_b``: ``(options, trainable parameters without the head)`` on ViT-B/16 with C = 100, built on the meta
   device: the documented formula's value (docs/methods/README.md §4 and the method's page); ``None`` with
   ``counts_elsewhere`` naming the test that checks a count that depends on a selection.
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 class MethodSettings:
     options: dict = field(default_factory=dict)
     vit_b: tuple[dict, int] | None = None
+    vit_b_head: int = 769 * 100  # the head's parameters on ViT-B/16 with C = 100 (a method may widen its input)
     counts_elsewhere: str = ""
     variants: tuple[str, ...] = ()
     family_variants: dict = field(default_factory=dict)
@@ -76,6 +78,7 @@ SETTINGS: dict[str, MethodSettings] = {
     "dtl": MethodSettings(vit_b=({}, 36_864)),
     "dtl-plus": MethodSettings(vit_b=({"kernel": "4"}, 49_152)),
     "sct": MethodSettings(vit_b=({}, 111_744)),
+    "vqt": MethodSettings(options={"tokens": "2"}, vit_b=({}, 92_160), vit_b_head=(768 * (1 + 12 * 10) + 1) * 100),
     # (+ the CLS token, which SNELL trains; sparsity 0.5 so that the conformance suite covers the competition)
     "snell": MethodSettings(options={"rank": "4", "sparsity": "0.5"}, vit_b=({"rank": "32"}, 5_309_184),
                             variants=MERGED, tol=1e-8),
