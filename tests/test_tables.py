@@ -54,7 +54,7 @@ def test_latex_layout(board):
     assert "linear" in rows and rows["linear"][-1] == "--"  # incomplete: no overall mean
     # the tiny test backbone and the papers' ViT-B/16 are two backbone tables: each its own blocks
     assert r"\emph{Reported (papers), ViT-B/16 ImageNet-21k}" in tex and r"\emph{Reproduced (peftbench), vit-test}" in tex
-    assert "E\\textasciicircum{}2VPT" in tex  # escaped
+    assert "E$^{2}$VPT" in tex and "textasciicircum" not in tex  # the superscript the papers print
 
 
 def test_markdown_layout(board):
@@ -96,3 +96,20 @@ def test_latex_compiles(board, tmp_path):
     assert (tmp_path / "doc.pdf").read_bytes()[:5] == b"%PDF-"
     log = (tmp_path / "doc.log").read_text(errors="replace")
     assert "Undefined control sequence" not in log and "Missing character" not in log
+
+
+def test_a_small_table_is_never_enlarged():
+    """The LaTeX table is shrunk to the text width when wider, never scaled up (a resizebox to \\textwidth enlarged
+    a two-column table to the page's width)."""
+    from peftbench.results.tables import tex_escape
+
+    assert r"\resizebox{\ifdim\width>\textwidth\textwidth\else\width\fi}{!}{%" in latex_table_of_any_board()
+    assert tex_escape("E^2VPT") == "E$^{2}$VPT" and tex_escape("a^b") == r"a\textasciicircum{}b"
+
+
+def latex_table_of_any_board():
+    from peftbench.results.board import Board, suite_grid
+    from peftbench.results.tables import latex_table
+
+    grid = suite_grid("demo")
+    return latex_table(Board(grid, [], [], set(), [], [], has_reference=False))
