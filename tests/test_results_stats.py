@@ -226,3 +226,23 @@ def test_plots_of_a_board_of_controls_only(tmp_path):
     board, _ = board_for(root, "fgvc")
     out = render_all(board)
     assert out["tasks"]["png"][:8] == b"\x89PNG\r\n\x1a\n" and out["pareto"]["svg"]
+
+
+def test_heatmap_colours_a_tiny_gap_alike_and_ties_at_printed_precision_the_same(tmp_path):
+    """A column whose values differ by 0.07 points is not drawn lightest against darkest (a minimum span), and values
+    that print the same (60.01, 60.04) share one colour."""
+    from matplotlib.image import AxesImage
+
+    from peftbench.results.plots import HEAT_MIN_SPAN, task_heatmap_figure
+
+    root = tmp_path / "runs"
+    for name, top1 in (("a", 60.00), ("b", 60.07), ("c", 60.01), ("d", 60.04)):
+        _fgvc(root, name, (0.0,), top1)
+    board, _ = board_for(root, "fgvc")
+    fig = task_heatmap_figure(board)
+    (img,) = [c for c in fig.axes[0].get_children() if isinstance(c, AxesImage)]
+    colours = img.get_array()[:, 0]  # the first task's column, rows in rank order b, d, c, a
+    assert float(colours.max() - colours.min()) < 0.8 * 0.1 / HEAT_MIN_SPAN + 1e-9  # 0.1 printed points of 2
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    same = [colours[labels.index(x)] for x in ("a", "c")]  # 60.0 and 60.0 as printed
+    assert same[0] == same[1]

@@ -287,6 +287,9 @@ def _declutter(fig, notes: list[list]) -> None:
             placed.append(box)
 
 
+HEAT_MIN_SPAN = 2.0  # points of top-1: the least spread a heatmap column's colours stand for
+
+
 def task_heatmap_figure(board: Board):
     """Configurations x tasks: each cell the mean top-1 over seeds (± sample std below it), coloured by its
     place within its column (the column's lowest value lightest, its highest darkest), so the best
@@ -316,13 +319,15 @@ def task_heatmap_figure(board: Board):
     ranked = np.array([not r.control for r in rows] or [True])  # controls take no part in the colour scale
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # an all-empty column
+        printed = np.round(vals, 1)  # compared as printed: values that print the same are a tie (the same colour)
         if ranked.any():
-            lo, hi = np.nanmin(vals[ranked], axis=0), np.nanmax(vals[ranked], axis=0)
+            lo, hi = np.nanmin(printed[ranked], axis=0), np.nanmax(printed[ranked], axis=0)
         else:  # only controls
             lo = hi = np.full(nc, np.nan)
-        span = np.where(hi - lo > 0, hi - lo, 1.0)
-        rel = np.where(np.isnan(vals), np.nan, np.clip((vals - lo) / span, 0, 1))
-    rel = np.where(np.isfinite(rel) & (hi - lo == 0), 0.5, rel)
+        # a column's colours span at least HEAT_MIN_SPAN points around its middle: a 0.1-point gap is not drawn as
+        # lightest against darkest
+        span = np.maximum(hi - lo, HEAT_MIN_SPAN)
+        rel = np.where(np.isnan(vals), np.nan, np.clip(0.5 + (printed - (lo + hi) / 2) / span, 0, 1))
     rel[~ranked] = np.nan  # drawn neutral
     labels = [_t(r.label) + (" (reported)" if r.source == "reported" else "") + (" (control)" if r.control else "")
               for r in rows]
@@ -363,9 +368,11 @@ def task_heatmap_figure(board: Board):
     n_rep = sum(r.source == "reproduced" for r in rows)
     if 0 < n_rep < len(rows):
         ax.axhline(n_rep - 0.5, color="0.2", linewidth=1.2)
-    ax.set_title(f"{_t(lay.suite)}: per-task top-1 % (final runs: mean over seeds, ± sample std)\ncolour: the cell's "
-                 "place within its column, darker = higher (controls grey, outside the scale)", fontsize=9,
-                 pad=16 if lay.groups else 6)
+    ax.set_title(f"{_t(lay.suite)}: per-task top-1 % (final runs: mean over seeds, ± sample std)", fontsize=9,
+                 pad=16 if lay.groups else 6)  # (one line: the group labels sit between it and the cells)
+    ax.set_xlabel(f"colour: the cell's place within its column, darker = higher; a column spans at least "
+                  f"{HEAT_MIN_SPAN:g} points, values that print the same share a colour (controls grey, outside the "
+                  "scale)", fontsize=7, color="0.3")
     if not rows:
         ax.text(0.5, 0.5, "no finished final runs yet", ha="center", va="center", transform=ax.transAxes,
                 color="0.4")
