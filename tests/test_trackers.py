@@ -115,11 +115,14 @@ def test_wandb_offline_run_read_back(data_root, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     (rec,), _ = sweep(data_root, tmp_path / "runs", ["wandb"], {"wandb": {"project": "pb-test"}})
-    files = glob.glob(str(tmp_path / "runs" / "wandb" / f"offline-run-*-{rec.key}" / f"run-{rec.key}.wandb"))
+    import hashlib
+
+    wid = f"{rec.key}-{hashlib.sha256(str((tmp_path / 'runs').resolve()).encode()).hexdigest()[:6]}"
+    files = glob.glob(str(tmp_path / "runs" / "wandb" / f"offline-run-*-{wid}" / f"run-{wid}.wandb"))
     assert len(files) == 1
     records = _wandb_records(files[0])
     run = next(r.run for r in records if r.WhichOneof("record_type") == "run")
-    assert run.run_id == rec.key and run.run_group == "trk" and run.job_type == "final"
+    assert run.run_id == wid and run.run_group == "trk" and run.job_type == "final"  # unique per store
     config = {i.key: json.loads(i.value_json) for i in run.config.update}
     assert config["method"] == "vpt-deep" and config["key"] == rec.key
     losses = [json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "history"
@@ -232,3 +235,17 @@ def test_cli_tracker_flags_and_the_resolved_sweep(data_root, tmp_path):
     assert len(glob.glob(str(tmp_path / "tb" / "from-cli" / "linear" / "toy" / "final-seed1-*"))) == 1
     resolved = load_sweep(runs / "sweeps" / "from-cli.toml")
     assert resolved.trackers == ["tensorboard"] and resolved.tracker_settings == {"tensorboard": {"dir": str(tmp_path / "tb")}}
+
+
+def test_the_wandb_run_id_is_unique_per_store_and_per_fresh_attempt(tmp_path):
+    from peftbench.trackers import Tracking
+    from peftbench.trackers._base import RunInfo
+    from peftbench.trackers.wandb import wandb_run_id
+
+    a, b = Tracking(["wandb"], "s", str(tmp_path / "a")), Tracking(["wandb"], "s", str(tmp_path / "b"))
+    info = RunInfo(key="k1", name="n", group="s", config={}, tags={})
+    assert wandb_run_id(info, a) != wandb_run_id(info, b) and wandb_run_id(info, a).startswith("k1-")
+    resumed = RunInfo(key="k1", name="n", group="s", config={}, tags={}, attempt=2, resume_epoch=3)
+    assert wandb_run_id(resumed, a) == wandb_run_id(info, a)  # a resumed attempt continues its W&B run
+    over = RunInfo(key="k1", name="n", group="s", config={}, tags={}, attempt=2, resume_epoch=0)
+    assert wandb_run_id(over, a) == wandb_run_id(info, a) + "-a2"  # a rerun from scratch gets its own

@@ -324,6 +324,7 @@ def run_sweep(sweep: Sweep | Plan, *, dry_run: bool = False, rerun_stale: bool =
     sweep_file = write_resolved(p, argv)
     progress = SweepProgress(p.runs, estimates=_estimates(p.runs, p.contexts, p.device, bench_table),
                              mode="quiet" if quiet else "auto", verbose=verbose)
+    p.tracking.verbose = bool(verbose)
     env = Env(device=p.device, quiet=quiet, tracking=p.tracking.to_dict() if p.tracking.trackers else None,
               hooks=hooks_for(p.tracking) + list(hooks or []), progress=progress, save_weights=p.sweep.save_weights,
               fuse=p.sweep.fuse)

@@ -81,6 +81,7 @@ class Tracking:
     sweep: str = "peftbench"  # what tracker runs are grouped by (W&B group, MLflow experiment, TensorBoard folder)
     runs_dir: str = "runs"  # absolute; default places of local tracker files (<runs-dir>/tensorboard, ...)
     options: dict[str, dict[str, Any]] = field(default_factory=dict)  # tracker -> its settings
+    verbose: bool = False  # trackers print their own banners only when the sweep is verbose
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -89,7 +90,8 @@ class Tracking:
     def from_dict(cls, d: dict | None) -> "Tracking":
         d = dict(d or {})
         return cls(trackers=list(d.get("trackers") or []), sweep=str(d.get("sweep") or "peftbench"),
-                   runs_dir=str(d.get("runs_dir") or "runs"), options={k: dict(v) for k, v in (d.get("options") or {}).items()})
+                   runs_dir=str(d.get("runs_dir") or "runs"), options={k: dict(v) for k, v in (d.get("options") or {}).items()},
+                   verbose=bool(d.get("verbose")))
 
     def option(self, tracker: str, key: str, default: Any = None) -> Any:
         return (self.options.get(tracker) or {}).get(key, default)

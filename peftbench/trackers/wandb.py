@@ -1,6 +1,10 @@
 """``--tracker wandb``: Weights & Biases, one W&B run per peftbench run (``pip install 'peftbench[wandb]'``).
 
-The W&B run's id is the run key (a run that resumes continues its W&B run), its name the run's label,
+The W&B run's id is the run key + 6 hex digits of the run store's path (two stores of one sweep, the compare
+workflow, never write into one W&B run), + ``-a<attempt>`` for an attempt that starts the run over (a rerun of a
+stale or failed run gets its own W&B run; an attempt that resumes a checkpoint continues its W&B run); the config
+keeps the run key (``key``) for joining. W&B prints its banners only with ``--verbose`` (``WANDB_SILENT``
+otherwise, unless set). Its name is the run's label,
 its group the sweep and its job type the stage; its config is the run spec. Per epoch it logs
 ``train/loss``, ``train/lr`` and ``eval/top1`` (step = epoch); at the end the summary holds the final
 metrics and the whole record (``summary["record"]``). Log in as usual (``wandb login``,
@@ -13,6 +17,15 @@ from pathlib import Path
 
 from ..store import RunStatus
 from ._base import RunInfo, Tracker, TrackerRun, Tracking, register_tracker
+
+
+def wandb_run_id(run: RunInfo, tracking: Tracking) -> str:
+    """The W&B run id of a peftbench run: unique per run store, and per attempt that starts the run over."""
+    import hashlib
+
+    store = hashlib.sha256(str(Path(tracking.runs_dir).resolve()).encode()).hexdigest()[:6]
+    over = run.attempt > 1 and run.resume_epoch == 0
+    return f"{run.key}-{store}" + (f"-a{run.attempt}" if over else "")
 
 
 def _clean(d: dict) -> dict:
@@ -68,13 +81,16 @@ class WandB(Tracker):
     def open(self, spec, run: RunInfo, tracking: Tracking) -> TrackerRun:
         import os
 
+        if not tracking.verbose:
+            os.environ.setdefault("WANDB_SILENT", "true")  # (about 24 banner lines per run otherwise)
         import wandb
 
         opt = lambda k, d=None: tracking.option(self.name, k, d)  # noqa: E731
         folder = Path(opt("dir") or tracking.runs_dir)
         folder.mkdir(parents=True, exist_ok=True)
         kwargs = dict(project=opt("project") or os.environ.get("WANDB_PROJECT") or "peftbench", entity=opt("entity"),
-                      group=run.group, job_type=run.tags["stage"], name=run.name, id=run.key, resume="allow",
+                      group=run.group, job_type=run.tags["stage"], name=run.name, id=wandb_run_id(run, tracking),
+                      resume="allow",
                       config=_clean(run.config), dir=str(folder),
                       tags=[run.tags["method"], run.tags["task"], *list(opt("tags") or [])],
                       reinit="create_new")
