@@ -57,6 +57,15 @@ def test_tensorboard_event_files_read_back(data_root, tmp_path):
     assert acc.Scalars("final/top1")[0].value == pytest.approx(rec.top1)
     tensors = acc.Tags()["tensors"]
     assert any("config" in t for t in tensors) and any("record" in t for t in tensors)
+    assert acc.Scalars("params/trainable")[0].value == rec.params["trainable"]
+    # the HParams tab: the run's hyper-parameters (base and effective lr) with its final metrics
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    content = acc.PluginTagToContent("hparams")
+    session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+    assert session.hparams["method"].string_value == "vpt-deep"
+    assert session.hparams["lr"].number_value == pytest.approx(rec.spec["hparams"]["lr"])
+    assert session.hparams["lr_effective"].number_value == pytest.approx(rec.hparams_effective["lr"])
 
 
 def test_mlflow_file_store_read_back(data_root, tmp_path, monkeypatch):
@@ -81,6 +90,8 @@ def test_mlflow_file_store_read_back(data_root, tmp_path, monkeypatch):
         assert [m.step for m in sorted(hist, key=lambda m: m.step)] == list(range(EPOCHS))
         assert [m.value for m in sorted(hist, key=lambda m: m.step)] == pytest.approx([h["train_loss"] for h in rec.history])
         assert run.data.metrics["top1"] == pytest.approx(rec.top1)
+        assert run.data.metrics["params_trainable"] == rec.params["trainable"]  # the parameter counts
+        assert float(run.data.tags["peftbench.lr_effective"]) == pytest.approx(rec.hparams_effective["lr"])
         local = client.download_artifacts(run.info.run_id, "record.json", str(tmp_path / "dl" / rec.key))
         assert json.loads(open(local).read())["key"] == rec.key
 

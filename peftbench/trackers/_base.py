@@ -214,3 +214,21 @@ def hooks_for(tracking: dict | Tracking | None) -> list:
     """The run hooks of ``tracking`` (plain data from ``Env.tracking``): ``[]`` when it names no tracker."""
     t = tracking if isinstance(tracking, Tracking) else Tracking.from_dict(tracking)
     return [TrackerHooks(t)] if t.trackers else []
+
+
+def final_numbers(record) -> tuple[dict, dict]:
+    """(hyper-parameters, metrics) of a finished run for a tracker's summary of it: the configuration, the base lr
+    and the effective one (× batch / 256 where the recipe scales it), weight decay, batch, epochs; the top-1 and the
+    parameter counts."""
+    spec, hp = record.spec, (record.spec.get("hparams") or {})
+    params, eff = record.params or {}, record.hparams_effective or {}
+    hparams = {"method": str(spec.get("method")), "config": str(spec.get("config") or spec.get("method")),
+               "task": str(spec.get("task")), "stage": str(spec.get("stage")), "seed": int(spec.get("seed") or 0),
+               "lr": float(hp.get("lr", 0.0)), "lr_effective": float(eff.get("lr", hp.get("lr", 0.0))),
+               "wd": float(hp.get("wd", 0.0)), "batch_size": int(hp.get("batch_size", 0)),
+               "epochs": int(hp.get("epochs", 0))}
+    metrics = {k: float(v) for k, v in (("top1", record.top1), ("params/trainable", params.get("trainable")),
+                                         ("params/tuned", params.get("tuned")),
+                                         ("params/tuned_total_pct", params.get("tuned_total_pct"))) if v is not None}
+    return hparams, metrics
+

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..store import RunStatus
-from ._base import RunInfo, Tracker, TrackerRun, Tracking, register_tracker
+from ._base import RunInfo, Tracker, TrackerRun, Tracking, final_numbers, register_tracker
 
 
 def _uri(tracking: Tracking) -> str:
@@ -52,8 +52,12 @@ class _Run(TrackerRun):
         self.c.log_batch(self.id, metrics=metrics)
 
     def finish(self, record) -> None:
-        if record.top1 is not None:
-            self.c.log_metric(self.id, "top1", float(record.top1))
+        from mlflow.entities import Metric
+
+        hp, metrics = final_numbers(record)  # top1 and the parameter counts; the base and the effective lr
+        now = int(time.time() * 1000)
+        self.c.log_batch(self.id, metrics=[Metric(k.replace("/", "_"), v, now, 0) for k, v in metrics.items()])
+        self.c.set_tag(self.id, "peftbench.lr_effective", str(hp["lr_effective"]))
         self.c.log_dict(self.id, record.to_dict(), "record.json")
         self.c.set_tag(self.id, "peftbench.status", str(record.status))
         self.c.set_terminated(self.id, "FINISHED" if record.status == RunStatus.OK else "FAILED")

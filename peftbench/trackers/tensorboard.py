@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from .._io import safe_component
-from ._base import RunInfo, Tracker, TrackerRun, Tracking, register_tracker
+from ._base import RunInfo, Tracker, TrackerRun, Tracking, final_numbers, register_tracker
 
 
 def _text(obj) -> str:
@@ -49,9 +49,19 @@ class _Run(TrackerRun):
         self.w.flush()
 
     def finish(self, record) -> None:
+        from torch.utils.tensorboard.summary import hparams
+
         if record.top1 is not None:
             self.w.add_scalar("final/top1", float(record.top1), self.last)
         self.w.add_text("record", _text(record.to_dict()), self.last)
+        hp, metrics = final_numbers(record)
+        for k, v in metrics.items():
+            if k != "top1":
+                self.w.add_scalar(k, v, self.last)
+        # the HParams tab: this run's hyper-parameters with its final metrics (in this run's own folder)
+        for summary in hparams(hp, {"final/top1": metrics.get("top1", float("nan")),
+                                    **{k: v for k, v in metrics.items() if k != "top1"}}):
+            self.w.file_writer.add_summary(summary)
         self.w.close()
 
     def close(self) -> None:
