@@ -186,3 +186,20 @@ def test_every_missing_package_is_named_at_once_before_anything_is_planned(tmp_p
                                             r"'wandb' \(pip install 'peftbench\[ray,wandb\]'\)$"):
         plan_sweep(sweep)
     assert not runs.exists()  # nothing made, and the missing data was not what stopped it
+
+
+def test_the_decode_log_names_the_cache_folder_once(tmp_path, capsys, monkeypatch):
+    """First use decodes every split: one short line per split, the cache folder named once (not an absolute path on
+    every line)."""
+    import peftbench.data.cache as cache
+    from peftbench.data.loader import load_split
+    from peftbench.tasks import get_task
+
+    monkeypatch.setenv("PEFTBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cache, "_ANNOUNCED", set())
+    root = make_data_root(tmp_path / "data")
+    for split in ("train800", "val200"):
+        load_split(get_task("toy"), root, split, 32)
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("peftbench: decoded")]
+    assert len(err) == 3 and err[0].startswith("peftbench: decoded images are cached in ")
+    assert all(str(tmp_path) not in line for line in err[1:])

@@ -155,9 +155,17 @@ def write_cache_file(path: Path, header: dict, split: Split, geo: Geometry, *, l
     if log:
         dt = time.time() - t0
         lead = "\r" if _isatty() else ""  # over the \r progress line of a terminal; a log gets whole lines
+        folder = str(path.parent)
+        if folder not in _ANNOUNCED:  # the cache folder once per process, not an absolute path on every line
+            _ANNOUNCED.add(folder)
+            print(f"{lead}peftbench: decoded images are cached in {folder}", file=sys.stderr, flush=True)
+            lead = ""
         print(f"{lead}peftbench: decoded {split.task}/{split.name}: {len(split)} images "
-              f"({geo.stored}x{geo.stored}) in {dt:.1f}s ({len(split) / max(dt, 1e-9):.0f} img/s) -> {path}",
+              f"({geo.stored}x{geo.stored}) in {dt:.1f}s ({len(split) / max(dt, 1e-9):.0f} img/s)",
               file=sys.stderr, flush=True)
+
+
+_ANNOUNCED: set[str] = set()  # cache folders already named in this process
 
 
 def _isatty() -> bool:
