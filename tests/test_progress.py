@@ -204,3 +204,24 @@ def test_peftbench_run_progress_end_to_end(data_root, tmp_path, capsys):
     assert _run(data_root, tmp_path / "runs2", "--quiet") == 0
     assert "[run " not in capsys.readouterr().err
     assert _run(data_root, tmp_path / "runs3", "--quiet", "--verbose") == 2
+
+
+def test_the_bar_redraws_on_a_timer_between_events():
+    """A long epoch froze the bar's elapsed time: it now redraws every tick_s seconds with no event at all."""
+    import io
+    import time as _time
+
+    from peftbench.sweep.progress import SweepProgress
+
+    out = io.StringIO()
+    view = SweepProgress([], stream=out, mode="bar", tick_s=0.05)
+    view.message("start")  # (creates nothing: the bar appears on the first refresh)
+    view._refresh()
+    before = out.getvalue().count("\r")
+    _time.sleep(0.4)
+    redraws = out.getvalue().count("\r") - before
+    view.close()
+    assert redraws >= 3 and view._ticker is None
+    after = out.getvalue()
+    _time.sleep(0.15)
+    assert out.getvalue() == after  # closed: the ticker stopped

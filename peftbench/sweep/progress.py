@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable, TextIO
@@ -31,6 +32,7 @@ from ..train.loop import fmt_s, uses_cached_features
 EVAL_COST = 1 / 3  # an evaluated image (forward only) against a trained one (forward + backward)
 PRIOR_RUNS = 2.0  # a bench table's rate counts as much as this many average runs
 INTERVAL_S = 60.0  # lines mode: a status line at most this often
+TICK_S = 1.0  # the bar's redraw period (seconds)
 
 
 def run_size(spec: RunSpec, cache: dict | None = None) -> float | None:
@@ -214,7 +216,8 @@ class SweepProgress:
 
     def __init__(self, planned: list[RunSpec], *, estimates: dict[str, float] | None = None,
                  stream: TextIO | None = None, mode: str = "auto", verbose: bool = False,
-                 interval_s: float = INTERVAL_S, clock: Callable[[], float] = time.monotonic):
+                 interval_s: float = INTERVAL_S, clock: Callable[[], float] = time.monotonic,
+                 tick_s: float = TICK_S):
         self.stream = stream if stream is not None else sys.stderr
         if mode == "auto":
             mode = "bar" if _isatty(self.stream) else "lines"
@@ -234,6 +237,10 @@ class SweepProgress:
         self.epoch_text = ""
         self.last_line = self.t0
         self.bar = None
+        self.tick_s = tick_s  # the bar redraws on this timer too (its elapsed time moves between epochs)
+        self._ticker: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
 
     # -- what executors call -------------------------------------------------------------------
 
@@ -320,24 +327,46 @@ class SweepProgress:
     def _refresh(self) -> None:
         if self.mode != "bar":
             return
-        if self.bar is None:
-            from tqdm import tqdm
+        with self._lock:
+            if self.bar is None:
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=self.total, initial=self.done, file=self.stream, unit="run", dynamic_ncols=True,
-                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} runs [{elapsed}{postfix}]", leave=True)
-        what = ""
-        if self.current is not None:
-            what = f"{self.current.config or self.current.method} {self.current.task} {self.current.stage}"
-            if self.epoch_text:
-                what += f" {self.epoch_text}"
-        assert self.bar is not None
-        self.bar.set_description_str(printable(what) or "sweep", refresh=False)
-        self.bar.set_postfix_str(f"sweep left {self.left_text()}", refresh=True)  # tqdm adds the ", "
+                self.bar = tqdm(total=self.total, initial=self.done, file=self.stream, unit="run", dynamic_ncols=True,
+                                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} runs [{elapsed}{postfix}]", leave=True)
+                self._start_ticker()
+            what = ""
+            if self.current is not None:
+                what = f"{self.current.config or self.current.method} {self.current.task} {self.current.stage}"
+                if self.epoch_text:
+                    what += f" {self.epoch_text}"
+            self.bar.set_description_str(printable(what) or "sweep", refresh=False)
+            self.bar.set_postfix_str(f"sweep left {self.left_text()}", refresh=True)  # tqdm adds the ", "
+
+    def _start_ticker(self) -> None:
+        """A daemon thread that redraws the bar every ``tick_s`` seconds, so that its elapsed time runs between the
+        epoch and run events (a long epoch used to freeze it)."""
+        if self._ticker is not None or self.tick_s <= 0:
+            return
+
+        def tick() -> None:
+            while not self._stop.wait(self.tick_s):
+                try:
+                    self._refresh()
+                except Exception:  # noqa: BLE001 - a drawing hiccup never stops a sweep
+                    pass
+
+        self._ticker = threading.Thread(target=tick, name="peftbench progress", daemon=True)
+        self._ticker.start()
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
+        self._stop.set()
+        if self._ticker is not None:
+            self._ticker.join(timeout=2 * self.tick_s + 1)
+            self._ticker = None
+        with self._lock:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
 
 
 def _isatty(stream) -> bool:
