@@ -107,7 +107,7 @@ class SnellViT(TunedViT):
 TARGETS = (("attn.qkv", 3, True), ("attn.proj", 1, False), ("mlp.fc1", 1, True), ("mlp.fc2", 1, True))
 # The unified protocols train SNELL as the NOAH-lineage adapters (AdamW, batch 64, 100 epochs, 10 warm-up).
 # demo lr: the best mean val200 top-1 over the 5 demo tasks (results/demo-hparam-search.csv)
-SNELL_RECIPE = noah_fixed_recipe(demo_lr=0.04)
+SNELL_RECIPE = noah_fixed_recipe(demo_lr=0.01)
 
 
 @register_method
