@@ -252,8 +252,9 @@ def _tokens(model, x) -> int:
     def count(t) -> int:
         return int(t[0].numel() // t.shape[-1])  # per image: every position before the channels
 
+    norm1 = next(m for n, m in block.named_modules() if n == "norm1" or n.endswith(".norm1"))  # (a wrapped block's too)
     handles = [block.register_forward_pre_hook(lambda m, a: seen.append(count(a[0]))),
-               block.norm1.register_forward_pre_hook(lambda m, a: normed.append(count(a[0])))]
+               norm1.register_forward_pre_hook(lambda m, a: normed.append(count(a[0])))]
     with torch.no_grad():
         model.eval()
         model(x)
