@@ -339,8 +339,10 @@ class SweepProgress:
                 what = f"{self.current.config or self.current.method} {self.current.task} {self.current.stage}"
                 if self.epoch_text:
                     what += f" {self.epoch_text}"
-            self.bar.set_description_str(printable(what) or "sweep", refresh=False)
-            self.bar.set_postfix_str(f"sweep left {self.left_text()}", refresh=True)  # tqdm adds the ", "
+            bar = self.bar
+            assert bar is not None
+            bar.set_description_str(printable(what) or "sweep", refresh=False)
+            bar.set_postfix_str(f"sweep left {self.left_text()}", refresh=True)  # tqdm adds the ", "
 
     def _start_ticker(self) -> None:
         """A daemon thread that redraws the bar every ``tick_s`` seconds, so that its elapsed time runs between the
