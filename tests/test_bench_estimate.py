@@ -61,3 +61,13 @@ def test_a_dry_run_without_the_data_says_so_instead_of_zero_hours(tmp_path, caps
     assert "(cub200, nabirds)" in out and "`peftbench data prepare --suite fgvc`" in out
     grid = next(line for line in out.splitlines() if line.startswith("* grid"))
     assert grid.split()[-3:] == ["unknown", "unknown", "unknown"] and "0.00" not in grid
+
+
+def test_a_gpu_sweep_costed_from_the_cpu_table_says_so(capsys):
+    from peftbench.cli import main
+
+    assert main(["run", "--methods", "lora", "--suite", "vtab", "--tasks", "dtd", "--executor", "slurm",
+                 "--gpus-per-node", "1", "--dry-run"]) == 0
+    assert "the runs train on GPUs, these hours are the CPU table's" in capsys.readouterr().out
+    assert main(["run", "--methods", "lora", "--suite", "vtab", "--tasks", "dtd", "--dry-run"]) == 0
+    assert "the runs train on GPUs" not in capsys.readouterr().out  # a CPU sweep: the table is its own

@@ -325,7 +325,8 @@ def _data_note(tasks: list[str], contexts) -> str:
             f"decide the cost: `peftbench data prepare --suite {suites[0] if suites else '...'}` says how to get it")
 
 
-def print_plan(specs, contexts, bench_table: Path | None, done: set[str] | frozenset = frozenset()) -> None:
+def print_plan(specs, contexts, bench_table: Path | None, done: set[str] | frozenset = frozenset(),
+               on_gpu: bool = False) -> None:
     """The runs of a sweep per method, task and stage, and the device-hours of those not done yet
     (``done``: the keys of finished runs)."""
     todo = [s for s in specs if s.key not in done]
@@ -352,6 +353,9 @@ def print_plan(specs, contexts, bench_table: Path | None, done: set[str] | froze
         print(f"estimated compute for the {len(todo)} runs to run: {seconds / 3600:.1f} device-hours on {device} "
               f"(from {speeds.describe()})" + (f"; without the tasks whose data is missing: {_data_note(no_data, contexts)}"
                                                if no_data else ""))
+    if on_gpu and str(device).startswith("cpu"):
+        print("  (the runs train on GPUs, these hours are the CPU table's: a GPU is many times faster; "
+              "`peftbench bench --device cuda` on the GPU node measures its table, which the dry-run then reads)")
     missing = [m for m in missing if m.split(":")[0] not in no_data]
     if missing:
         print(f"  not estimated (not in the table): {', '.join(missing)}")

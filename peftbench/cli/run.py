@@ -116,7 +116,8 @@ def main(args) -> int:
         table = Path(args.bench_table) if args.bench_table else None
         for line in plan.contexts[0].protocol.describe(plan.contexts):
             print(line)
-        print_plan(plan.runs, plan.contexts, table, plan.done)
+        on_gpu = plan.device.startswith("cuda") or int(plan.executor_settings.get("gpus_per_node") or 0) > 0
+        print_plan(plan.runs, plan.contexts, table, plan.done, on_gpu=on_gpu)
         print_costs(plan.contexts, table, plan.done, fuse=fuse)
         compare_protocols(plan, table)
         return 0
