@@ -260,3 +260,16 @@ def test_the_wandb_run_id_is_unique_per_store_and_per_fresh_attempt(tmp_path):
     assert wandb_run_id(resumed, a) == wandb_run_id(info, a)  # a resumed attempt continues its W&B run
     over = RunInfo(key="k1", name="n", group="s", config={}, tags={}, attempt=2, resume_epoch=0)
     assert wandb_run_id(over, a) == wandb_run_id(info, a) + "-a2"  # a rerun from scratch gets its own
+
+
+def test_each_tracker_says_in_one_line_where_the_runs_are(tmp_path, monkeypatch):
+    from peftbench.trackers import Tracking
+    from peftbench.trackers._base import where_lines
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_PROJECT", raising=False)
+    t = Tracking(["wandb", "tensorboard"], "trk", str(tmp_path / "runs"), {"wandb": {"project": "pb"}})
+    lines = where_lines(t)
+    assert lines[0] == (f"wandb: project 'pb', group 'trk': offline runs in {tmp_path / 'runs' / 'wandb'} "
+                        f"(`wandb sync {tmp_path / 'runs' / 'wandb'}`)")
+    assert lines[1].startswith(f"tensorboard: event files in {tmp_path / 'runs' / 'tensorboard' / 'trk'}")

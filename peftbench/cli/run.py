@@ -131,6 +131,10 @@ def main(args) -> int:
         for text in leaderboard_tables(result.runs_dir, "terminal", plan.suite, warn=lambda msg: None).values():
             print("\n" + text, end="")
     print(f"\nrun records: {result.runs_dir}")
+    from ..trackers._base import where_lines
+
+    for line in where_lines(plan.tracking):
+        print(f"tracker {line}")
     print(f"sweep file:  {result.sweep_file} (peftbench run --config {result.sweep_file} runs it again)")
     if result.leaderboard is not None:
         print(f"leaderboard: {result.leaderboard} (report: {plan.suite}-report.html beside it)  [{result.seconds:.0f} s]")

@@ -59,6 +59,10 @@ class Tracker:
         """Start the tracker run of ``spec`` (resume it when the run resumes)."""
         raise NotImplementedError
 
+    def where(self, tracking: "Tracking") -> str:
+        """One line for the end of a sweep: where this tracker's runs are (a project, a folder, a URI)."""
+        return ""
+
 
 @dataclass
 class RunInfo:
@@ -208,6 +212,19 @@ class TrackerHooks:
                         close()
                 except Exception:
                     pass
+
+
+def where_lines(tracking: Tracking) -> list[str]:
+    """The trackers' one line each saying where the sweep's runs are (printed once at the end of ``run``)."""
+    out = []
+    for name in tracking.trackers:
+        try:
+            line = TRACKERS.get(name).where(tracking)
+        except Exception:  # noqa: BLE001 - a tracker's report never fails the sweep's summary
+            line = ""
+        if line:
+            out.append(f"{name}: {line}")
+    return out
 
 
 def hooks_for(tracking: dict | Tracking | None) -> list:

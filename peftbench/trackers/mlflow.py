@@ -75,6 +75,10 @@ class MLflow(Tracker):
     requires = "mlflow"
     extra = "mlflow"
 
+    def where(self, tracking: Tracking) -> str:
+        name = tracking.option(self.name, "experiment") or tracking.sweep
+        return f"experiment {name!r} at {_uri(tracking)}"
+
     def open(self, spec, run: RunInfo, tracking: Tracking) -> TrackerRun:
         from mlflow.tracking import MlflowClient
 

@@ -77,6 +77,10 @@ class TensorBoard(Tracker):
     requires = "tensorboard"
     extra = "tensorboard"
 
+    def where(self, tracking: Tracking) -> str:
+        root = tracking.option(self.name, "dir") or Path(tracking.runs_dir) / "tensorboard"
+        return f"event files in {Path(root) / tracking.sweep} (`tensorboard --logdir {root}`)"
+
     def open(self, spec, run: RunInfo, tracking: Tracking) -> TrackerRun:
         root = tracking.option(self.name, "dir") or Path(tracking.runs_dir) / "tensorboard"
         return _Run(run_dir(root, run), run)

@@ -78,6 +78,17 @@ class WandB(Tracker):
     requires = "wandb"
     extra = "wandb"
 
+    def where(self, tracking: Tracking) -> str:
+        import os
+
+        opt = lambda k, d=None: tracking.option(self.name, k, d)  # noqa: E731
+        project = opt("project") or os.environ.get("WANDB_PROJECT") or "peftbench"
+        mode = opt("mode") or os.environ.get("WANDB_MODE") or "online"
+        folder = Path(opt("dir") or tracking.runs_dir) / "wandb"
+        if mode == "offline":
+            return f"project {project!r}, group {tracking.sweep!r}: offline runs in {folder} (`wandb sync {folder}`)"
+        return f"project {project!r}, group {tracking.sweep!r} (local files in {folder})"
+
     def open(self, spec, run: RunInfo, tracking: Tracking) -> TrackerRun:
         import os
 
