@@ -18,7 +18,7 @@ import torch
 from peftbench._io import atomic_write, atomic_write_text
 from peftbench.data.loader import batches
 from peftbench.methods import Method, Option, noah_fixed_recipe, register_method
-from peftbench.sweep.stages import chosen, final_stage, job_stage, search_stage
+from peftbench.sweep.stages import job_stage, search_then_final
 from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import SCTModel, saliency, top_channels
@@ -71,13 +71,8 @@ class Sct(Method):
         def selection(role):
             return {"init_state": f"{jobs[role].key}.{SELECTION}"}
 
-        choice = dict(points[0])
-        if len(points) > 1:
-            best = yield from search_stage(ctx, points, base_search, lambda stage, hp, i: spec(
-                stage, "search", hp, seed0, extras=selection("search")))
-            choice = chosen(best)
-        yield from final_stage(ctx, {**base_final, **choice},
-                               lambda stage, hp, seed: spec(stage, "final", hp, seed, extras=selection("final")))
+        yield from search_then_final(ctx, points, base_search, base_final, lambda stage, role, hp, seed: spec(
+            stage, role, hp, seed, extras=selection(role)))
 
     # -- stage 1 -----------------------------------------------------------------------------
     def run_job(self, job, spec, store, env):

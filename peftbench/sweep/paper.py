@@ -36,7 +36,7 @@ import tomllib
 from ..errors import SettingsError
 from ..train.hparams import RECIPE_KEYS, parse_hparams
 from .protocols import EvalProtocol, PlanContext, register_protocol
-from .stages import chosen, final_stage, search_stage
+from .stages import search_then_final
 
 if TYPE_CHECKING:
     from ..methods import Method
@@ -432,14 +432,8 @@ class PaperProtocol(EvalProtocol):
 
     def pipeline(self, ctx):
         points = self.search_points(ctx)
-        choice = dict(points[0])
-        if len(points) > 1:
-            best = yield from search_stage(ctx, points, self.base_hparams(ctx, "search"),
-                                           lambda stage, hp, i: ctx.spec(stage, "search", hp, ctx.seeds[0]),
-                                           tie=self.tie(ctx, points))
-            choice = chosen(best)
-        yield from final_stage(ctx, {**self.base_hparams(ctx, "final"), **choice},
-                               lambda stage, hp, seed: ctx.spec(stage, "final", hp, seed))
+        yield from search_then_final(ctx, points, self.base_hparams(ctx, "search"), self.base_hparams(ctx, "final"),
+                                     ctx.spec, tie=self.tie(ctx, points))
 
     def least_runs(self, grid: int, seeds: int) -> int:
         return seeds  # at least the final runs (a fixed recipe); a searched one adds its grid

@@ -28,7 +28,7 @@ from ..errors import PipelineError
 from ..store import RunSpec
 from ..tasks import Suite, Task
 from .search import Search
-from .stages import chosen, final_stage, job_stage, rank, search_stage, select_best  # noqa: F401  (re-exported)
+from .stages import chosen, final_stage, job_stage, rank, search_stage, search_then_final, select_best  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # (no runtime import: listing the protocols, e.g. in `run --help`, needs no torch)
     from ..methods import Method
@@ -154,14 +154,8 @@ class SearchThenFinal(EvalProtocol):
     every seed on the final splits: the stages of :mod:`peftbench.sweep.stages`."""
 
     def pipeline(self, ctx):
-        points = self.search_points(ctx)
-        choice = dict(points[0])
-        if len(points) > 1:
-            best = yield from search_stage(ctx, points, self.base_hparams(ctx, "search"),
-                                           lambda stage, hp, i: ctx.spec(stage, "search", hp, ctx.seeds[0]))
-            choice = chosen(best)
-        yield from final_stage(ctx, {**self.base_hparams(ctx, "final"), **choice},
-                               lambda stage, hp, seed: ctx.spec(stage, "final", hp, seed))
+        yield from search_then_final(ctx, self.search_points(ctx), self.base_hparams(ctx, "search"),
+                                     self.base_hparams(ctx, "final"), ctx.spec)
 
     def least_runs(self, grid: int, seeds: int) -> int:
         return (grid if grid > 1 else 0) + seeds  # every point of the search (its first rung), every final seed

@@ -121,3 +121,18 @@ def final_stage(ctx: "PlanContext", hp: dict, make_spec: Callable[[str, dict, in
     """The final runs: ``hp`` (the final base with the chosen point) once per seed (``make_spec(stage, hp, seed)``)."""
     records = yield [make_spec("final", dict(hp), s) for s in ctx.seeds]
     return records
+
+
+def search_then_final(ctx: "PlanContext", points: list[dict], base_search: dict, base_final: dict,
+                      make_spec: Callable[[str, str, dict, int], RunSpec],
+                      tie: Callable[[int], tuple] | None = None) -> Stage:
+    """A search over ``points`` on the search splits (seed: the first) when there is more than one, then the chosen
+    point (else the only one) for every seed on the final splits; ``make_spec(stage, role, hp, seed)``."""
+    choice = dict(points[0])
+    if len(points) > 1:
+        best = yield from search_stage(ctx, points, base_search,
+                                       lambda stage, hp, i: make_spec(stage, "search", hp, ctx.seeds[0]), tie=tie)
+        choice = chosen(best)
+    records = yield from final_stage(ctx, {**base_final, **choice},
+                                     lambda stage, hp, seed: make_spec(stage, "final", hp, seed))
+    return records
