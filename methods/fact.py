@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftbench.layers.merge import plain_vit, replace_wrappers
+from peftbench.layers.merge import plain_vit, replace_wrappers, wrap_module
 from peftbench.methods import Method, Option, PerTask, TunedViT, noah_fixed_recipe, register_method
 
 TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
@@ -181,11 +181,8 @@ class _FacT(Method):
         wrappers = []
         for i, block in enumerate(blocks):
             for path in TARGETS:
-                parent_path, child = path.split(".")
-                parent = getattr(block, parent_path)
-                wrapper = FacTLinear(getattr(parent, child), child, shared, i, chunks, scale, float(opts["dropout"]))
-                setattr(parent, child, wrapper)
-                wrappers.append(wrapper)
+                wrappers.append(wrap_module(block, path, lambda base: FacTLinear(
+                    base, path.rpartition(".")[2], shared, i, chunks, scale, float(opts["dropout"]))))
         model = FacTViT(backbone, num_classes, shared)  # freezes the backbone (the TT cores included)
         shared.requires_grad_(True)
         for w in wrappers:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peftbench.layers.merge import plain_vit, replace_wrappers
+from peftbench.layers.merge import plain_vit, replace_wrappers, wrap_module
 from peftbench.methods import Method, Option, PerTask, TunedViT, noah_fixed_recipe, register_method
 
 SETTINGS = Path(__file__).with_name("hydra_settings.csv")  # the official per-task configs (lr, wd, s, p, batch)
@@ -119,9 +119,6 @@ class HydraMethod(Method):
         branches = []
         for block in backbone.blocks:
             for path in reversed(TARGETS):  # fc2's branches first, as the official code draws them
-                parent_name, child = path.split(".")
-                parent = getattr(block, parent_name)
-                wrapped = HydraLinear(getattr(parent, child), rank, scale, dropout)
-                setattr(parent, child, wrapped)
+                wrapped = wrap_module(block, path, lambda base: HydraLinear(base, rank, scale, dropout))
                 branches += [wrapped.parallel, wrapped.sequential]
         return HydraViT(backbone, num_classes).train_inserted(branches)

@@ -24,7 +24,7 @@ import copy
 import torch
 from torch import nn
 
-from peftbench.layers.merge import plain_vit, replace_wrappers
+from peftbench.layers.merge import plain_vit, replace_wrappers, wrap_module
 from peftbench.methods import Method, Option, PerTask, TunedViT, noah_fixed_recipe, register_method
 
 # official configs (luogen1996/RepAdapter configs/{repblock,repattn}/<task>.yaml): scale s
@@ -142,10 +142,8 @@ class RepAdapterMethod(Method):
         adapters = []
         for block in backbone.blocks:
             for path in targets:
-                parent_path, child = path.split(".")
-                parent = getattr(block, parent_path)
                 adapter = RepAdapter(backbone.embed_dim, int(opts["hidden"]), int(opts["groups"]), scale,
                                      float(opts["dropout"]))
-                setattr(parent, child, InputAdaptedLinear(getattr(parent, child), adapter))
+                wrap_module(block, path, lambda base: InputAdaptedLinear(base, adapter))
                 adapters.append(adapter)
         return RepAdapterViT(backbone, num_classes).train_inserted(adapters)

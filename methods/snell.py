@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftbench.layers.merge import plain_vit, replace_wrappers
+from peftbench.layers.merge import plain_vit, replace_wrappers, wrap_module
 from peftbench.methods import Method, Option, PerTask, TunedViT, noah_fixed_recipe, register_method
 
 SETTINGS = Path(__file__).with_name("snell_settings.csv")  # the official SNELL-32 VTAB scripts' per-task values
@@ -132,12 +132,8 @@ class Snell(Method):
         wrapped = []
         for block in backbone.blocks:
             for path, parts, drops in TARGETS:
-                parent_name, child = path.split(".")
-                parent = getattr(block, parent_name)
-                layer = SnellLinear(getattr(parent, child), rank, s, parts, float(opts["dropout"]) if drops else 0.0,
-                                    float(opts["branch_drop_path"]))
-                setattr(parent, child, layer)
-                wrapped.append(layer)
+                wrapped.append(wrap_module(block, path, lambda base: SnellLinear(
+                    base, rank, s, parts, float(opts["dropout"]) if drops else 0.0, float(opts["branch_drop_path"]))))
         model = SnellViT(backbone, num_classes)
         backbone.cls_token.requires_grad = True  # trained by the official freeze_stages (no weight decay)
         model.train_inserted([m for layer in wrapped for m in (*layer.deltas, layer.dropout, *layer.drop_paths)])

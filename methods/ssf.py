@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from peftbench.layers.merge import plain_vit, replace_wrappers, scale_shift_linear
+from peftbench.layers.merge import plain_vit, replace_wrappers, scale_shift_linear, wrap_module
 from peftbench.methods import Method, Recipe, TunedViT, register_method
 
 # the timm modules of a block whose output SSF scales and shifts (official order)
@@ -72,12 +72,7 @@ def _out_features(module: nn.Module) -> int:
 
 
 def _wrap(root: nn.Module, path: str, channel_dim: int = -1) -> ScaleShift:
-    parent_path, _, child = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    base = getattr(parent, child)
-    wrapped = ScaleShift(base, _out_features(base), channel_dim)
-    setattr(parent, child, wrapped)
-    return wrapped
+    return wrap_module(root, path, lambda base: ScaleShift(base, _out_features(base), channel_dim))
 
 
 class SsfViT(TunedViT):

@@ -12,13 +12,22 @@ def is_plain_timm(module: nn.Module) -> bool:
     return all(type(m).__module__.split(".")[0] in ("timm", "torch") for m in module.modules())
 
 
+def wrap_module(root: nn.Module, path: str, make):
+    """Replace the module at dotted ``path`` under ``root`` by ``make(module)``, in place; returns the new module (a
+    method's wrapper layer injected around a timm layer)."""
+    parent_path, _, child = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    new = make(getattr(parent, child))
+    setattr(parent, child, new)
+    return new
+
+
 def replace_wrappers(root: nn.Module, kind: type, unwrap) -> None:
     """Replace every ``kind`` module under ``root`` by ``unwrap(module)``, in place (a method's wrapper layers by the
     plain layers their update was folded into)."""
     for name, module in list(root.named_modules()):
         if isinstance(module, kind):
-            parent_path, _, child = name.rpartition(".")
-            setattr(root.get_submodule(parent_path) if parent_path else root, child, unwrap(module))
+            wrap_module(root, name, unwrap)
 
 
 def plain_vit(backbone: nn.Module, head: nn.Linear) -> nn.Module:
