@@ -103,3 +103,17 @@ def randomise(model, std=0.2, seed=0):
 
 def inputs(seed=0):
     return torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+def blocks_in_graph(model) -> list[bool]:
+    """A training step of ``model`` (float32 inputs, backward of the summed logits): per block of
+    ``model.backbone.blocks``, whether its output recorded a graph (``requires_grad``)."""
+    seen: list[bool] = []
+    hooks = [b.register_forward_hook(lambda m, a, out: seen.append(out.requires_grad)) for b in model.backbone.blocks]
+    model.train()
+    try:
+        model(inputs().float()).sum().backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
