@@ -260,9 +260,11 @@ def print_costs(contexts, bench_table: Path | None, done: set[str] | frozenset =
     fusable = [m for m in methods if _fusable(m)]
     if not fusable:
         k = 0
-    rows = []
+    rows, no_data = [], []
     for search in _choices(contexts):
         specs = count_runs([dataclasses.replace(c, search=search) for c in contexts])
+        if search == contexts[0].search:  # the sweep as asked: every run of it, done or not
+            no_data = _missing_data(specs, contexts)
         todo = [s for s in specs if s.key not in done]
         steps, _ = image_steps(todo, contexts)
         search_steps, _ = image_steps([s for s in todo if s.stage.startswith("search")], contexts)
@@ -276,7 +278,6 @@ def print_costs(contexts, bench_table: Path | None, done: set[str] | frozenset =
           file=file)
     print(f"  {'search':<9} {'fuse':>4} {'runs':>7} {'to run':>7} {'search image-steps':>19} {'all image-steps':>16} "
           f"{'device-hours':>13}", file=file)
-    no_data = _missing_data(count_runs(contexts), contexts)
     if no_data:  # image-steps and hours of those tasks are not counted: the numbers would read as 0
         for r in rows:
             r["hours"] = None
