@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
-from peftbench.layers.merge import is_plain_timm, plain_vit
+from peftbench.layers.merge import is_plain_timm, plain_vit, wrap_module
 from peftbench.methods import NOAH_RECIPE, Method, Option, TunedViT, register_method
 
 ADAPTER_NAME = "default"
@@ -349,6 +349,38 @@ class PeftTunedViT(TunedViT):
             layer.training = mode  # not recursive: the base layer stays in eval mode
         return self
 
+    def peft_model(self) -> nn.Module | None:
+        """The same model as peft builds it on a plain timm classifier: the tuner layers unwrapped to their base
+        layers (no merge), the classifier created by timm (``reset_classifier``) holding this head and listed in
+        ``modules_to_save``, then ``peft.get_peft_model`` with this model's config and every tensor of this
+        backbone copied in by name (the injected layers are named alike, adapter ``default``)."""
+        config = getattr(self, "peft_config", None)
+        if config is None:
+            return None
+        peft = _peft()
+        plain = copy.deepcopy(self.backbone)
+        if "peft_config" in vars(plain):
+            del plain.peft_config  # the injection's bookkeeping: peft would read it as a second adapter
+        for name, module in list(plain.named_modules()):
+            if _is_tuner_layer(module):
+                wrap_module(plain, name, lambda m: m.get_base_layer())
+        base = plain_vit(plain, self.head)
+        classifier = next(n for n, m in base.named_modules() if m is base.get_classifier())
+        config = copy.deepcopy(config)
+        config.modules_to_save = [classifier]
+        model = peft.get_peft_model(base, config, adapter_name=ADAPTER_NAME)
+        inner = model.base_model.model
+        target = dict(inner.named_parameters()) | dict(inner.named_buffers())
+        source = dict(self.backbone.named_parameters()) | dict(self.backbone.named_buffers())
+        with torch.no_grad():
+            for key, value in source.items():
+                if key in target:
+                    target[key].copy_(value)
+            saved = inner.get_submodule(classifier).modules_to_save[ADAPTER_NAME]
+            saved.weight.copy_(self.head.weight)
+            saved.bias.copy_(self.head.bias)
+        return model.eval()
+
     def merged(self) -> nn.Module | None:
         """peft's own merge of every injected layer into its base layer (``BaseTunerLayer.merge``), the
         tuner layers then replaced by their base layers: a plain timm ViT. None when a tuner cannot merge."""
@@ -389,7 +421,9 @@ class PeftTunerMethod(Method):
         trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}  # what peft marked
         if not trainable:
             raise ValueError(f"method {self.name!r}: peft found no layer named {opts.get('targets')!r} to adapt")
-        return PeftTunedViT(backbone, num_classes, trainable)
+        model = PeftTunedViT(backbone, num_classes, trainable)
+        model.peft_config = config  # what peft_model() rebuilds the model from, as peft would
+        return model
 
 
 def _register_all() -> list[type[PeftTunerMethod]]:

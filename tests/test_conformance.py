@@ -328,3 +328,37 @@ def test_export_writes_a_plain_timm_vit_exactly_when_the_method_merges(trained, 
     model = timm.create_model(**cfg["timm"])
     model.load_state_dict(load_file(str(out)))  # strict: exactly the keys of a plain timm ViT
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("name", BUILTIN)
+def test_export_folder_loads_back_with_the_runs_logits(trained, tmp_path, name):
+    """`peftbench export` of the method's final run as a hub folder: every method (prompt methods too) in peftbench's
+    format, which `peftbench.load_pretrained` turns back into the trained model; timm's format exactly when the method
+    merges; a peft adapter exactly when it is one of peft's tuners; a model card whose metadata the hub reads."""
+    from huggingface_hub import ModelCard
+
+    import peftbench
+    from peftbench.export import export_folder
+    from peftbench.methods.peft_tuners import PeftTunerMethod
+    from peftbench.store import RunSpec, RunStore
+    from peftbench.train.build import build_model, load_trainable
+    from peftbench.train.env import Env
+
+    runs, _ = trained
+    recs = [json.loads(p.read_text()) for p in Path(runs, name, "toy").glob("*.json") if "." not in p.stem]
+    (final,) = [r for r in recs if r["spec"]["stage"] == "final"]
+    done = export_folder(runs, tmp_path / "out", method=name, task="toy")
+    assert done.key == final["key"]
+    kinds = {"peftbench"} | ({"timm"} if "merged" in row(name).variants else set()) \
+        | ({"peft"} if isinstance(METHODS.get(name), PeftTunerMethod) else set())
+    assert set(done.diffs) == kinds, f"{name}: exported {sorted(done.diffs)}"
+    store = RunStore(runs)
+    spec = RunSpec.from_dict(final["spec"])
+    trained_model = build_model(spec, Env(device="cpu"), store)
+    load_trainable(trained_model, store.artifact_path(spec, "final.safetensors"))
+    loaded = peftbench.load_pretrained(done.folder)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), trained_model.eval()(x)), name
+    card = ModelCard.load(done.folder / "README.md")
+    assert card.data.eval_results[0].metric_value == pytest.approx(final["metrics"]["top1"], abs=1e-3)

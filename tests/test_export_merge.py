@@ -62,7 +62,7 @@ def test_export_refuses_what_cannot_be_merged_or_was_not_kept(root, tmp_path, ca
     assert _run(root, runs, "vpt-shallow") == 0
     rec = _final_record(runs, "vpt-shallow")
     capsys.readouterr()
-    assert main(["export", "--runs-dir", str(runs), "--run", rec["key"]]) == 2
+    assert main(["export", "--runs-dir", str(runs), "--run", rec["key"], "--out", str(tmp_path / "m.safetensors")]) == 2
     assert "has no 'merged' model" in capsys.readouterr().err
     assert _run(root, runs, "bitfit", "--save-weights", "none") == 0
     rec = _final_record(runs, "bitfit")

@@ -38,3 +38,27 @@ def build_model(method: str, num_classes: int, backbone: str = "vit_base_patch16
     m.check_backbone(backbone)
     net = create_backbone(backbone, checkpoint, pretrained=pretrained)
     return m.build(net, num_classes, dict(opts))
+
+
+def load_pretrained(folder: str, checkpoint: str | None = None, device: str = "cpu"):
+    """The trained model of a ``peftbench export`` folder (a hub download included), in eval mode, with the trained
+    run's logits: the method rebuilt on its backbone with the exported options and the exported tensors loaded
+    (:func:`peftbench.export.load_pretrained`). ``checkpoint``: the backbone's release file, for a model trained from
+    one (MAE, MoCo-v3...). ``model.export_info`` holds its classes, input size and normalisation."""
+    from ..export import load_pretrained as load
+
+    return load(folder, checkpoint, device)
+
+
+def export(runs_dir: str = "runs", out: str | None = None, *, key: str | None = None, method: str | None = None,
+           task: str | None = None, seed: int | None = None, push_to_hub: str | None = None, private: bool = False):
+    """``peftbench export``: write a finished run (by key prefix, or method/task/seed) as a Hugging Face hub folder
+    (:func:`peftbench.export.export_folder`) and, with ``push_to_hub="user/repo"``, upload it. Returns the
+    :class:`peftbench.export.ExportedFolder`."""
+    from ..export import export_folder
+    from ..export import push_to_hub as push
+
+    done = export_folder(runs_dir, out, key=key, method=method, task=task, seed=seed)
+    if push_to_hub:
+        push(done.folder, push_to_hub, private=private)
+    return done

@@ -72,7 +72,7 @@ def main(args) -> int:
         for r in shown:
             label = r.get("label") or (f"{r['method']} {r['task']} {r['stage']} lr={r['hparams'].get('lr')} "
                                        f"wd={r['hparams'].get('wd')} seed={r['seed']}")
-            bits = [f"{r['status']:<11}", label]
+            bits = [f"{r['status']:<11}", str(r.get("key") or "")[:10], label]  # a key prefix: `peftbench export --run`
             if r.get("holder"):
                 bits.append(f"[{r['holder']}]")
             if r.get("stale"):

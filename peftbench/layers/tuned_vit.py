@@ -85,6 +85,13 @@ class TunedViT(nn.Module):
             return plain_vit(self.backbone, self.head)
         return None
 
+    def peft_model(self) -> nn.Module | None:
+        """This model as a Hugging Face ``peft.PeftModel`` on a plain timm classifier (the head in peft's
+        ``modules_to_save``), with this model's eval-mode logits, for ``peftbench export`` (``adapter_config.json`` +
+        ``adapter_model.safetensors``, which ``peft.PeftModel.from_pretrained`` loads onto the timm backbone); None
+        when the method is not one of peft's tuners (the default)."""
+        return None
+
     def inference_variants(self) -> dict[str, nn.Module]:
         """Cheaper models with this model's eval-mode logits, by name, for ``peftbench bench`` (inference
         rows) and ``peftbench export``: ``merged`` (a plain timm ViT, from :meth:`merged`) and whatever a
