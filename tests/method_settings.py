@@ -78,6 +78,10 @@ SETTINGS: dict[str, MethodSettings] = {
     "dtl": MethodSettings(vit_b=({}, 36_864)),
     "dtl-plus": MethodSettings(vit_b=({"kernel": "4"}, 49_152)),
     "sct": MethodSettings(vit_b=({}, 111_744)),
+    # a fixed subnet with absent modules (0) in places; ViT-B/16: NOAH's released CIFAR-100 subnet (tests/test_noah.py)
+    "noah": MethodSettings(options={"prompt_dims": "2,0,3", "lora_dims": "1,2,0", "adapter_dims": "0,3,1"},
+                           vit_b=({"prompt_dims": "10,5,10,1,5,1,10,1,10,5,1,10", "lora_dims": "10,1,5,5,1,10,1,1,1,10,1,1",
+                                   "adapter_dims": "5,10,10,10,5,1,1,1,10,10,10,1"}, 320_330)),
     "vqt": MethodSettings(options={"tokens": "2"}, vit_b=({}, 92_160), vit_b_head=(768 * (1 + 12 * 10) + 1) * 100),
     # (+ the CLS token, which SNELL trains; sparsity 0.5 so that the conformance suite covers the competition)
     "snell": MethodSettings(options={"rank": "4", "sparsity": "0.5"}, vit_b=({"rank": "32"}, 5_309_184),

@@ -32,7 +32,11 @@ def add_drop_path(backbone: nn.Module, rate: float) -> list[nn.Module]:
             for name in ("drop_path1", "drop_path2"):
                 if hasattr(block, name):
                     module = DropPath(r)
-                    setattr(block, name, module)
+                    current = getattr(block, name)
+                    if isinstance(getattr(current, "drop_path", None), nn.Module):
+                        current.drop_path = module  # a method's wrapper around the drop path (NOAH's adapter) stays
+                    else:
+                        setattr(block, name, module)
                     added.append(module)
     return added
 
