@@ -28,10 +28,12 @@ def register(sub) -> None:
 
 
 def main(args) -> int:
+    from .._io import safe_component
     from ..errors import SettingsError
     from ..export import export_folder, export_run, push_to_hub, select_run
     from ..store import RunStore
 
+    safe_component(args.variant, "--variant")  # it names a file: checked before anything is read
     single = args.out is not None and args.out.endswith(".safetensors")
     if single and args.push_to_hub:
         raise SettingsError("--push-to-hub uploads a folder: leave out --out FILE.safetensors")
