@@ -44,7 +44,9 @@ def test_known_shift_between_two_stores(tmp_path):
     assert hl.b == pytest.approx(a_mean + 1.5)
     assert hl.pairs == 10 and hl.p_sign_flip == pytest.approx(2 / 2 ** 10)  # exact: only all-+ and all-− reach it
     assert hl.p_wilcoxon == pytest.approx(2 / 2 ** 5)  # five positive task deltas, exact signed-rank test
-    assert hl.significant() is True
+    # clustered by task: all seeds of a task flipped together, 5 units; the seed pairs alone do not make it significant
+    assert hl.p_task_flip == pytest.approx(2 / 2 ** 5) and hl.significant() is False
+    assert hl.se == pytest.approx(0.0)
     bit = next(m for m in cmp.matches if m.a.label == "bitfit").line("overall", "mean_over_tasks")
     assert bit.delta == pytest.approx(0.0) and bit.p_sign_flip == 1.0 and bit.significant() is False
 
@@ -66,6 +68,9 @@ def test_groups_and_both_overall_means(tmp_path):
     assert vd.line("overall", "mean_of_groups").delta == pytest.approx(2.0)
     assert vd.line("overall", "mean_over_tasks").pairs == len(VTAB) * 3
     assert vd.line("overall", "mean_of_groups").p_sign_flip < 0.001  # 57 pairs, sampled flips
+    # 19 tasks, every delta +2: the task-clustered test enumerates 2^19 patterns and agrees
+    assert vd.line("overall", "mean_over_tasks").p_task_flip == pytest.approx(2 / 2 ** 19)
+    assert vd.line("overall", "mean_of_groups").significant() is True
     lin = next(m for m in cmp.matches if m.a.label == "linear")
     assert lin.line("task", "dmlab").delta is None and lin.line("overall", "mean_of_groups").delta is None
 
@@ -142,11 +147,12 @@ def test_cli_compare(tmp_path, capsys):
     assert main(["compare", str(a), str(b), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     (line,) = [x for x in text.splitlines() if x.strip().startswith("lora")]
-    assert "+1.50" in line and "0.00195" in line and line.endswith(" *")
+    assert "+1.50" in line and "0.00195" in line and "0.0625" in line and not line.endswith(" *")
     rows = read_csv(out / "fgvc-compare.csv")
     assert {r["scope"] for r in rows} == {"task", "overall"}
     (hl,) = [r for r in rows if r["name"] == "mean_over_tasks"]
-    assert hl["delta"] == "1.5000" and hl["significant"] == "yes" and hl["pairs"] == "10"
+    assert hl["delta"] == "1.5000" and hl["significant"] == "no" and hl["pairs"] == "10"
+    assert math.isclose(float(hl["p_task_flip"]), 2 / 2 ** 5, rel_tol=1e-3) and hl["delta_se"] == "0.0000"
     assert math.isclose(float(hl["p_sign_flip"]), 2 / 2 ** 10, rel_tol=1e-3)
     html = (out / "fgvc-compare.html").read_text()
     assert 'id="compare-table"' in html and 'id="compare-task-table"' in html and "+1.50" in html
@@ -176,6 +182,29 @@ def test_compare_columns_are_documented():
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "results.md").read_text()
     names = [c.name for c in columns("compare")]
-    assert len(names) == 19
+    assert len(names) == 21
     for name in names:
         assert f"`{name}`" in doc, f"docs/results.md does not document the compare column {name}"
+
+
+def test_a_task_subset_prints_its_task_rows(tmp_path, capsys):
+    """No group or overall mean is complete on two of five tasks: the summary shows each task both sides have."""
+    a = _store(tmp_path / "a", {"lora": 0.0}, seeds=(1, 2, 3), tasks=FGVC[:2])
+    b = _store(tmp_path / "b", {"lora": 1.0}, seeds=(1, 2, 3), tasks=FGVC[:2])
+    assert main(["compare", str(a), str(b), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    rows = [x.strip() for x in text.splitlines() if x.strip().startswith(tuple(FGVC[:2]))]
+    assert len(rows) == 2 and all("+1.00" in r and "  3  " in r for r in rows), text
+
+
+def test_the_exact_sign_flip_enumerates_up_to_20_units():
+    from itertools import product
+
+    from peftbench.results.compare import sign_flip_p
+
+    d = [0.3, -0.1, 0.8, 0.25, 0.6, 0.05, -0.2, 0.4, 0.9, 0.15, 0.33, -0.05]
+    w = [1.0 + (i % 3) for i in range(len(d))]
+    t = abs(sum(a * b for a, b in zip(d, w)))
+    brute = sum(abs(sum(e * a * b for e, a, b in zip(signs, d, w))) >= t - 1e-12
+                for signs in product((1, -1), repeat=len(d))) / 2 ** len(d)
+    assert sign_flip_p(d, w) == pytest.approx(brute, rel=1e-12)

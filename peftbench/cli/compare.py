@@ -60,21 +60,35 @@ def main(args) -> int:
 
 
 def print_summary(cmp) -> None:
-    """One line per matched configuration: the headline delta, its std over seeds and p-values."""
+    """One line per matched configuration: the headline delta, its standard error and p-values; when no mean is complete
+    (a task subset), one line per task that both sides have."""
     _say(f"{cmp.grid.suite}: B − A, A = {cmp.label_a}, B = {cmp.label_b} (matched on {', '.join(cmp.match_fields)})")
-    w = max([len("configuration")] + [len(m.a.label) for m in cmp.matches])
+    w = max([len("configuration")] + [len(m.a.label) + 2 for m in cmp.matches])
     name = "mean of groups" if cmp.grid.groups else "mean over tasks"
-    _say(f"  {'configuration':<{w}}  {name:>15}  {'± std':>6}  {'pairs':>5}  {'p sign-flip':>11}  {'p Wilcoxon':>10}")
+    _say(f"  {'configuration':<{w}}  {name:>15}  {'± SE':>6}  {'pairs':>5}  {'p pairs':>8}  {'p tasks':>8}  "
+         f"{'p Wilcoxon':>10}")
+
+    def say(label: str, line) -> None:
+        d = f"{line.delta:+.2f}" if line and line.delta is not None else "-"
+        se = f"{line.se:.2f}" if line and line.se is not None else ""
+        cells = [f"{p:.3g}" if p is not None else "" for p in
+                 ((line.p_sign_flip, line.p_task_flip if line.scope != "task" else line.p_t, line.p_wilcoxon)
+                  if line else (None, None, None))]
+        star = " *" if line and line.significant(cmp.alpha) else ""
+        _say(f"  {label:<{w}}  {d:>15}  {se:>6}  {line.pairs if line else 0:>5}  {cells[0]:>8}  {cells[1]:>8}  "
+             f"{cells[2]:>10}{star}")
+
     for m in cmp.matches:
         hl = m.line("overall", cmp.headline_name)
-        d = f"{hl.delta:+.2f}" if hl and hl.delta is not None else "-"
-        sd = f"{hl.delta_std:.2f}" if hl and hl.delta_std is not None else ""
-        p = f"{hl.p_sign_flip:.3g}" if hl and hl.p_sign_flip is not None else ""
-        pw = f"{hl.p_wilcoxon:.3g}" if hl and hl.p_wilcoxon is not None else ""
-        star = " *" if hl and hl.significant(cmp.alpha) else ""
-        _say(f"  {m.a.label:<{w}}  {d:>15}  {sd:>6}  {hl.pairs if hl else 0:>5}  {p:>11}  {pw:>10}{star}")
+        say(m.a.label, hl)
+        if hl is None or hl.delta is None:  # no complete mean: the tasks both sides have
+            for line in m.lines:
+                if line.scope == "task" and line.delta is not None:
+                    say(f"  {line.name}", line)
         if m.like_for_like != "yes":
             _say(f"  {'':<{w}}  not like for like: {m.like_for_like[4:]}")
+    _say(f"  (* every applicable test below {cmp.alpha:g}: a mean's pair-level and task-clustered sign-flip tests, a "
+         "task's sign-flip and t-tests; p tasks of a task row is its t-test)")
     if cmp.only_a:
         _say(f"  only in A: {', '.join(cmp.only_a)}")
     if cmp.only_b:

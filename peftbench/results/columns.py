@@ -471,7 +471,12 @@ _C = [
            "difference)", lambda p, c: _pfmt(p[1].p_t)),
     Column("p_wilcoxon", "two-sided p of the Wilcoxon signed-rank test over the tasks' deltas (means only)",
            lambda p, c: _pfmt(p[1].p_wilcoxon)),
-    Column("significant", "yes when p_sign_flip < alpha (0.05 unless --alpha), no otherwise; empty without a test",
+    Column("p_task_flip", "two-sided p of a mean's sign-flip test clustered by task (all seeds of a task flipped "
+           "together: the tasks are the units; means only)", lambda p, c: _pfmt(p[1].p_task_flip)),
+    Column("delta_se", "standard error of delta: std over seeds / sqrt(seeds) for a task, sqrt(sum over tasks of "
+           "(weight x task SE)^2) for a mean", lambda p, c: fmt(p[1].se)),
+    Column("significant", "yes when every applicable test is below alpha (0.05 unless --alpha): p_sign_flip and a "
+           "task's p_t or a mean's p_task_flip; no otherwise; empty without a test",
            lambda p, c: fmt(p[1].significant(c.alpha))),
 ]
 

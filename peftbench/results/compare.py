@@ -14,9 +14,14 @@ Tests (scipy.stats):
   is the same, e.g. a constant shift);
 * per group mean and overall mean, over the (task, seed) pairs: a sign-flip permutation test of the
   mean's paired difference ``sum_t w_t mean_s d_ts`` (each pair's sign flipped independently: exact up
-  to 2^10 patterns, else 10 000 random ones from a fixed seed), and a Wilcoxon signed-rank test over
-  the tasks' mean differences (tasks as the units, Demšar 2006). Without seeds on one side (a reference
-  CSV) the units are the tasks.
+  to 2^20 patterns, else 10 000 random ones from a fixed seed); the same test clustered by task (all seeds
+  of a task flipped together: the tasks are the units, which does not assume that a task's seeds are
+  independent evidence), and a Wilcoxon signed-rank test over the tasks' mean differences (Demšar 2006).
+  Without seeds on one side (a reference CSV) the units are the tasks.
+
+A difference is marked significant only when every test that applies to it agrees: a task's sign-flip and
+t-test over seeds; a mean's pair-level and task-clustered sign-flip tests (the pair-level test alone is the
+most liberal one: seeds of one task share its data). Each line also has the standard error of its delta.
 """
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ from .board import Board, Row, Run, SuiteGrid, build_board, group_weights, load_
 from .reference import Reported, read_reference_file
 
 ALPHA = 0.05
-EXACT_MAX_UNITS = 10  # sign-flip tests enumerate every pattern up to 2^10, else sample RANDOM_FLIPS
+EXACT_MAX_UNITS = 20  # sign-flip tests enumerate every pattern up to 2^20, else sample RANDOM_FLIPS
+FLIP_BATCH = 2 ** 16  # patterns evaluated at once (memory)
 RANDOM_FLIPS = 10_000
 MATCH_FIELDS = ("config", "backbone", "checkpoint", "protocol", "precision")  # also: method
 # which row-key fields a selector on a spec field takes out of the matching
@@ -102,9 +108,16 @@ class Line:
     p_sign_flip: float | None = None
     p_t: float | None = None
     p_wilcoxon: float | None = None
+    p_task_flip: float | None = None  # a mean's sign-flip test clustered by task (tasks as the units)
+    se: float | None = None  # standard error of delta (a task: std / sqrt(seeds); a mean: sqrt(sum w_t^2 se_t^2))
 
     def significant(self, alpha: float = ALPHA) -> bool | None:
-        return None if self.p_sign_flip is None else self.p_sign_flip < alpha
+        """Every applicable test below ``alpha``: the sign-flip test, and the t-test of a task / the task-clustered
+        test of a mean when they are defined."""
+        if self.p_sign_flip is None:
+            return None
+        others = [self.p_t] if self.scope == "task" else [self.p_task_flip]
+        return self.p_sign_flip < alpha and all(p < alpha for p in others if p is not None)
 
 
 @dataclass
@@ -200,6 +213,7 @@ def compare_rows(a: Row, b: Row, grid: SuiteGrid) -> list[Line]:
                         statistics.fmean(d), statistics.stdev(d) if len(d) > 1 else None, len(d))
             line.p_sign_flip = sign_flip_p(d, [1.0] * len(d))
             line.p_t = paired_t_p(d)
+            line.se = line.delta_std / math.sqrt(len(d)) if line.delta_std is not None else None
         else:
             ma, mb = a.mean.get(t), b.mean.get(t)
             line = Line("task", t, ma, mb, None if ma is None or mb is None else mb - ma)
@@ -229,9 +243,13 @@ def _mean_line(scope: str, name: str, weights: dict[str, float], by_task: dict[s
                 w.append(wt / len(diffs[t]))
         line.pairs = len(values)
         line.delta_std = seed_std(diffs, weights)
+        if all(x.se is not None for x in tl):
+            line.se = math.sqrt(sum((weights[x.name] * x.se) ** 2 for x in tl))
     else:  # unpaired: the tasks are the units
         values, w = [x.delta for x in tl], [weights[x.name] for x in tl]
     line.p_sign_flip = sign_flip_p(values, w)
+    line.p_task_flip = sign_flip_p([x.delta for x in tl], [weights[x.name] for x in tl]) if line.pairs \
+        else line.p_sign_flip
     line.p_wilcoxon = wilcoxon_p([x.delta for x in tl])
     return line
 
@@ -257,7 +275,7 @@ def sign_flip_p(values: list[float], weights: list[float]) -> float | None:
     exact = n <= EXACT_MAX_UNITS
     res = stats.permutation_test((d, np.zeros_like(d)), lambda x, y, axis: np.sum(w * (x - y), axis=axis),
                                  permutation_type="samples", vectorized=True, alternative="two-sided",
-                                 n_resamples=2 ** n if exact else RANDOM_FLIPS, **_rng())
+                                 n_resamples=2 ** n if exact else RANDOM_FLIPS, batch=FLIP_BATCH, **_rng())
     return float(min(1.0, res.pvalue))
 
 

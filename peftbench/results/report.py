@@ -164,21 +164,24 @@ def skipped_table(board: Board) -> str:
 def _p_cell(line, alpha: float) -> str:
     if line is None or line.p_sign_flip is None:
         return "<td></td>"
-    cls = ' class="sig"' if line.p_sign_flip < alpha else ""
+    cls = ' class="sig"' if line.significant(alpha) else ""
     return f"<td{cls}>{line.p_sign_flip:.2g}</td>"
 
 
 def _delta_cell(line, alpha: float) -> str:
     if line is None or line.delta is None:
         return MISSING
-    sig = line.p_sign_flip is not None and line.p_sign_flip < alpha
+    sig = bool(line.significant(alpha))
     cls = "pos" if line.delta > 0 else ("neg" if line.delta < 0 else "")
     cls = (cls + (" sig" if sig else "")).strip()
     tip = [f"B − A = {line.delta:+.3f}"]
     if line.delta_std is not None:
         tip.append(f"std over seeds {line.delta_std:.3f}")
     tip.append(f"{line.pairs} paired" if line.pairs else "unpaired")
-    for name, p in (("sign-flip", line.p_sign_flip), ("t", line.p_t), ("Wilcoxon", line.p_wilcoxon)):
+    if line.se is not None:
+        tip.append(f"SE {line.se:.3f}")
+    for name, p in (("sign-flip", line.p_sign_flip), ("sign-flip by task", line.p_task_flip), ("t", line.p_t),
+                    ("Wilcoxon", line.p_wilcoxon)):
         if p is not None:
             tip.append(f"p {name} {p:.3g}")
     sd = f'<span class="sd"> ± {line.delta_std:.2f}</span>' if line.delta_std is not None and line.scope != "task" else ""
