@@ -12,6 +12,7 @@ import subprocess
 import pytest
 from test_leaderboard import NATURAL, REFERENCE, SPECIALIZED, STRUCTURED, VALUES, VTAB, board_for, make_vtab_store
 
+from peftbench.results.names import task_title
 from peftbench.results.tables import latex_table, markdown_table, tex_escape
 
 
@@ -42,9 +43,15 @@ def test_latex_layout(board):
     assert r"\cmidrule(lr){3-10}" in tex  # Natural: its 7 tasks and its mean, after Method and Tuned/Total
     head = next(line for line in tex.splitlines() if line.startswith("Method"))
     names = re.findall(r"\\rotatebox\{90\}\{([^}]*)\}", head)
-    assert names[0] == r"Tuned/Total (\%)" and names[1:8] == [tex_escape(t) for t in NATURAL]
+    # the papers' display names (peftbench.results.names); --raw-names keeps the identifiers
+    assert names[0] == r"Tuned/Total (\%)" and names[1:8] == [tex_escape(task_title(t)) for t in NATURAL]
+    assert names[1] == "CIFAR-100" and "Clevr/count" in names
     assert names[-2:] == ["Mean of groups", "Mean over tasks"]
     rows = _body_rows(tex)
+    assert "VPT-deep" in rows and "vpt-deep" not in rows
+    raw_head = next(line for line in latex_table(board, raw_names=True).splitlines() if line.startswith("Method"))
+    assert re.findall(r"\\rotatebox\{90\}\{([^}]*)\}", raw_head)[1:8] == [tex_escape(t) for t in NATURAL]
+    rows = _body_rows(latex_table(board, raw_names=True))
     vd = rows["vpt-deep"]
     assert len(vd) == n_cols
     # vpt-deep: 3 seeds, std 1 everywhere; the best reproduced row of every accuracy column
@@ -53,7 +60,10 @@ def test_latex_layout(board):
     assert rows["linear"][0] == r"\textbf{0.05}" and rows["bitfit"][0] == "0.10"  # the lowest Tuned/Total is bold
     assert "linear" in rows and rows["linear"][-1] == "--"  # incomplete: no overall mean
     # the tiny test backbone and the papers' ViT-B/16 are two backbone tables: each its own blocks
-    assert r"\emph{Reported (papers), ViT-B/16 ImageNet-21k}" in tex and r"\emph{Reproduced (peftbench), vit-test}" in tex
+    # each block says what its rows are: the reported rows are the papers' numbers, not final runs
+    assert r"\emph{Reported (papers), ViT-B/16 ImageNet-21k: the papers' numbers as printed" in tex
+    assert r"\emph{Reproduced (peftbench), vit-test: final runs, mean $\pm$ sample std" in tex or \
+        r"\emph{Reproduced (peftbench), vit-test: final runs, mean ± sample std" in tex
     assert "E$^{2}$VPT" in tex and "textasciicircum" not in tex  # the superscript the papers print
 
 
@@ -64,7 +74,8 @@ def test_markdown_layout(board):
     cells = [c.strip() for c in head.strip("|").split("|")]
     assert cells[:2] == ["Method", "Tuned/Total (%)"] and cells[-2:] == ["Mean of groups", "Mean over tasks"]
     assert "Natural mean" in cells and "Structured mean" in cells
-    vd = next(x for x in lines if x.startswith("| vpt-deep "))
+    vd = [x for x in lines if x.startswith("| VPT-deep ")][-1]  # (the reported VPT-deep row, in its own block, is first)
+    assert "| CIFAR-100 |" in head + " |" or "CIFAR-100" in cells
     assert "**57.0** ± 1.0" in vd
     assert "| *Reported (papers), ViT-B/16 ImageNet-21k* |" in md
 
@@ -78,6 +89,8 @@ def test_cli_format_prints_the_table(tmp_path, capsys):
     assert out.startswith("% peftbench leaderboard --format latex: vtab") and out.rstrip().endswith(r"\end{table*}")
     assert not (root / "leaderboard").exists()  # printed, nothing written
     assert main(["leaderboard", "--runs-dir", str(root), "--suite", "vtab", "--format", "markdown"]) == 0
+    assert "| VPT-deep |" in capsys.readouterr().out
+    assert main(["leaderboard", "--runs-dir", str(root), "--suite", "vtab", "--format", "markdown", "--raw-names"]) == 0
     assert "| vpt-deep |" in capsys.readouterr().out
 
 

@@ -28,6 +28,9 @@ def register(sub) -> None:
                         "numbers shipped with peftbench: peftbench/results/reference)")
     p.add_argument("--no-reference", action="store_true", help="leave out the papers' reported numbers")
     p.add_argument("--no-plots", action="store_true", help="CSV files only (no PNG/SVG files, no tables, no HTML report)")
+    p.add_argument("--raw-names", action="store_true",
+                   help="the LaTeX and Markdown tables name methods and tasks by their peftbench identifiers (lora, "
+                        "oxford_iiit_pet) instead of the papers' display names (LoRA, Pets)")
     g = p.add_argument_group("comparison section (peftbench compare, inside the report)")
     g.add_argument("--compare", metavar="RUNS_B|CSV",
                    help="add B − A against another run store (or a reference CSV): <suite>-compare.csv and a section "
@@ -77,7 +80,7 @@ def main(args) -> int:
     if reference and not Path(reference).is_dir():
         raise SettingsError(f"--reference {reference}: not a folder")
     if args.format != "files":
-        tables = leaderboard_tables(runs_dir, args.format, suite, reference_dir=reference)
+        tables = leaderboard_tables(runs_dir, args.format, suite, reference_dir=reference, raw_names=args.raw_names)
         if not tables:
             raise SettingsError(f"no run records under {runs_dir} (and no --suite given)")
         sys.stdout.write(terminal("\n".join(tables.values())))
@@ -90,7 +93,8 @@ def main(args) -> int:
         comparisons = {c.grid.suite: c for c in compare_paths(runs_dir, suite=suite, **kw)}
     out = args.out or runs_dir / "leaderboard"
     written = write_leaderboard(runs_dir, out, suite, reference_dir=reference, plots=not args.no_plots,
-                                html=not args.no_plots, force=args.force, comparisons=comparisons)
+                                html=not args.no_plots, force=args.force, comparisons=comparisons,
+                                raw_names=args.raw_names)
     if not written:
         raise SettingsError(f"no run records under {runs_dir} (and no --suite given)")
     if not args.quiet:

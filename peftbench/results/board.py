@@ -46,6 +46,7 @@ class Run:
     path: str
     record: RunRecord
     stale: bool = False  # produced by other code than the installed one (peftbench.fingerprint)
+    stale_parts: tuple[str, ...] = ()  # what changed since: "method", "engine"
 
     @property
     def spec(self) -> dict:
@@ -125,12 +126,53 @@ def _mark_stale(runs: list[Run], warn: Callable[[str], None]) -> None:
                 current[m] = code_fingerprint(get_method(m))
             except PeftbenchError:
                 current[m] = {}
-        if current[m] and staleness(r.record.code, current[m]):
-            r.stale = True
+        changed = staleness(r.record.code, current[m]) if current[m] else []
+        if changed:
+            r.stale, r.stale_parts = True, tuple(changed)
             count[m] += 1
     for m, n in sorted(count.items()):
         warn(f"peftbench leaderboard: warning: {n} run record(s) of {m!r} were produced by other code than the "
              "installed one: their results may be stale (`peftbench run ... --rerun-stale` reruns them)")
+
+
+def code_text(code: dict) -> str:
+    """A record's code fingerprints as one cell: ``method <fp> engine <fp>``."""
+    return f"method {code.get('method', '?')} engine {code.get('engine', '?')}"
+
+
+@dataclass
+class Freshness:
+    """Whether a board's counted runs were made by the installed code (what its banner says)."""
+
+    counted: int
+    stale: int
+    engine_changed: bool
+    methods_changed: list[str]  # methods whose own code changed
+    engines: list[str]  # the engine fingerprints of the counted records
+    installed_engine: str
+
+    @property
+    def text(self) -> str:
+        """One line: empty when every counted run was made by the installed code."""
+        if not self.stale:
+            return ""
+        what = [p for p in (["the training engine"] if self.engine_changed else [])
+                + ([f"method code ({', '.join(self.methods_changed)})"] if self.methods_changed else [])]
+        return (f"Made by older code: {self.stale} of the {self.counted} counted runs were produced by other code "
+                f"than the installed peftbench ({' and '.join(what)} changed since); their numbers may differ from what "
+                "today's code gives. `peftbench run ... --rerun-stale` retrains them (the committed demo board: "
+                "`python scripts/refresh_demo.py`).")
+
+
+def freshness(board: "Board") -> Freshness:
+    from ..fingerprint import engine_fingerprint
+
+    counted = [r for r in board.runs if r.path in board.used]
+    stale = [r for r in counted if r.stale]
+    return Freshness(len(counted), len(stale), any("engine" in r.stale_parts for r in stale),
+                     sorted({str(r.spec.get("method")) for r in stale if "method" in r.stale_parts}),
+                     sorted({str(r.record.code.get("engine")) for r in counted if r.record.code}),
+                     engine_fingerprint())
 
 
 def _stderr_warn(msg: str) -> None:
@@ -299,6 +341,7 @@ class Row:
     diverged: int = 0
     unfinished: int = 0
     stale: int = 0  # counted runs produced by other code than the installed one
+    code: str = ""  # the code fingerprints of the counted runs' records ("method <fp> engine <fp>"; several: "; ")
     pareto: bool | None = None
     paired_with: str = ""
     delta_groups: dict[str, float | None] = field(default_factory=dict)
@@ -521,6 +564,7 @@ def build_board(runs: list[Run], suite: str, reference: list[Reported] | None = 
             bases = {run_basis(r, searched) for r in kept_all}
             row.basis = bases.pop() if len(bases) == 1 else Basis("mixed", "mixed", backbone, "mixed")
         row.stale = sum(r.stale for r in kept_all)
+        row.code = "; ".join(sorted({code_text(r.record.code) for r in kept_all if r.record.code}))
         _fill_aggregates(row, grid)
         done = [t for t in grid.tasks if row.mean.get(t) is not None]
         tuned_done = [row.tuned[t] for t in done if row.tuned[t] is not None]

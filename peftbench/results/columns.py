@@ -24,7 +24,7 @@ from .._text import csv_cell
 from .._text import html as escape
 from ..store import finite
 from ._html import MISSING, integer, mean_std, num, txt
-from .board import Board, Row, Run, diff
+from .board import Board, Row, Run, code_text, diff
 
 TABLES = ("leaderboard", "runs", "vs-reported", "compare")
 
@@ -336,6 +336,8 @@ _L = [
            html="diverged", html_cell=_only_rep(lambda r: f"<td>{r.diverged}</td>")),
     Column("stale_runs", "counted runs produced by other code than the installed one (results may be stale; "
            "`peftbench run --rerun-stale` reruns them)", lambda r, b: fmt(r.stale) if _rep(r) else ""),
+    Column("code", "the code fingerprints of the counted runs' records: method <fp> engine <fp> (peftbench.fingerprint: "
+           "module names and syntax trees; several joined with ;)", lambda r, b: r.code if _rep(r) else ""),
     Column("unfinished_runs", "runs not ended (running, interrupted)", lambda r, b: fmt(r.unfinished) if _rep(r) else "",
            html="unfinished", html_cell=_only_rep(lambda r: f"<td>{r.unfinished}</td>")),
     Column("pareto", "yes when no other row of the same source has lower-or-equal Tuned/Total and higher-or-equal "
@@ -412,6 +414,10 @@ _R = [
     Column("device", "", lambda r, b: r.device),
     Column("key", "the run key (hash of everything that determines the result)",
            lambda r, b: r.record.key or Path(r.path).stem),
+    Column("code", "the code fingerprints of the record: method <fp> engine <fp> (peftbench.fingerprint)",
+           lambda r, b: code_text(r.record.code) if r.record.code else ""),
+    Column("stale", "yes when the installed code differs: what changed (method, engine)",
+           lambda r, b: "yes: " + ", ".join(r.stale_parts) if r.stale else ""),
     Column("error", "the last line of the error", _last_error_line),
 ]
 

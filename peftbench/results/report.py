@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from .._text import html as escape
 from ..store import ENDED, RunStatus
 from ._html import MISSING, num, row_cls, th, txt
-from .board import TIE_Z, Board
+from .board import TIE_Z, Board, freshness
 from .columns import html_summary
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ td.err{white-space:normal;text-align:left;max-width:50em;font-family:monospace;f
 figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.85em;color:#555}
 .note{font-size:.88em;color:#444;max-width:60em}
+.banner{background:#fff3cd;border:2px solid #b8860b;padding:.6em 1em;font-weight:bold;max-width:60em}
 dl.cols dt{font-family:monospace;font-weight:bold}dl.cols dd{margin:0 0 .4em 1.5em;font-size:.88em}
 #leaderboard-table td:nth-child(2){white-space:normal;overflow-wrap:anywhere;min-width:7em;max-width:15em}
 span.sd{color:#666;font-size:.9em}span.tie{color:#8a5a00;font-weight:bold}
@@ -254,6 +255,7 @@ def render_report(board: Board, svgs: dict[str, bytes], comparison: "Comparison 
     unfinished = sum(r.status not in ENDED for r in board.runs)
     groups_txt = (", ".join(f"{g} ({len(ts)})" for g, ts in lay.groups.items()) if lay.groups else "none")
     headline = "mean of the group means" if lay.groups else "mean over tasks"
+    fresh = freshness(board)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -262,11 +264,15 @@ def render_report(board: Board, svgs: dict[str, bytes], comparison: "Comparison 
         f"<style>{CSS}</style></head>",
         "<body>",
         f"<h1>peftbench leaderboard: {escape(s)}</h1>",
+        *([f'<p class="banner" id="stale-banner">{escape(fresh.text)}</p>'] if fresh.text else []),
         f'<p class="note" id="summary">{len(lay.tasks)} tasks; groups: {escape(groups_txt)}. '
         f"{len(board.runs)} run records ({n_ok} ok, {counts['failed']} failed, {counts['diverged']} diverged, "
         f"{unfinished} unfinished), {len(board.used)} of them counted (final stage, status ok); "
         f"{len(board.skipped)} unreadable files skipped. {len(board.reproduced)} reproduced configurations, "
         f"{len(board.reported)} reported rows.</p>",
+        f'<p class="note" id="code">The counted records were made by engine code {escape(", ".join(fresh.engines) or "?")}'
+        f"; the installed engine is {escape(fresh.installed_engine)} (each row's method and engine fingerprints: the "
+        "CSV's <code>code</code> column).</p>",
         '<nav><a href="#leaderboard">Leaderboard</a><a href="#per-task">Per task</a><a href="#plots">Plots</a>'
         + ('<a href="#vs-reported">Reproduced vs reported</a>' if board.has_reference else "")
         + '<a href="#problems">Failed / diverged</a><a href="#skipped">Skipped files</a>'

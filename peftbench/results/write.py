@@ -56,7 +56,7 @@ def suites_in(runs: list[Run]) -> list[str]:
 
 
 def write_suite(board: Board, out_dir: str | Path, *, plots: bool = True, html: bool = True,
-                comparison: Comparison | None = None) -> list[Path]:
+                comparison: Comparison | None = None, raw_names: bool = False) -> list[Path]:
     """Write one suite's files; returns their paths. Without plots and html: the CSV files only."""
     out = Path(out_dir)
     s = safe_component(board.grid.suite, "suite")
@@ -75,7 +75,7 @@ def write_suite(board: Board, out_dir: str | Path, *, plots: bool = True, html: 
     figures: dict[str, dict[str, bytes]] = {}
     if plots or html:
         for make, ext in FORMATS.values():
-            write(f"{s}-table.{ext}", make(board).encode())
+            write(f"{s}-table.{ext}", make(board, raw_names=raw_names).encode())
         figures = render_all(board)
         if plots:
             for name, by_fmt in figures.items():
@@ -149,17 +149,19 @@ def _boards(runs_dir, suite, reference_dir, warn) -> list[Board]:
 
 def leaderboard_tables(runs_dir: str | Path, fmt: str, suite: str | None = None, *,
                        reference_dir: str | Path | None | bool = None,
-                       warn: Callable[[str], None] | None = None) -> dict[str, str]:
+                       warn: Callable[[str], None] | None = None, raw_names: bool = False) -> dict[str, str]:
     """suite -> the leaderboard as a LaTeX (``fmt="latex"``) or Markdown (``"markdown"``) table, or as the terminal's
-    plain text (``"terminal"``; peftbench.results.tables), for every suite of ``runs_dir`` (or ``suite``)."""
+    plain text (``"terminal"``; peftbench.results.tables), for every suite of ``runs_dir`` (or ``suite``).
+    ``raw_names``: the tables name methods and tasks by their identifiers, not the papers' display names."""
     make = PRINTED[fmt][0]
-    return {b.grid.suite: make(b) for b in _boards(runs_dir, suite, reference_dir, warn)}
+    kw = {"raw_names": raw_names} if fmt in FORMATS else {}
+    return {b.grid.suite: make(b, **kw) for b in _boards(runs_dir, suite, reference_dir, warn)}
 
 
 def write_leaderboard(runs_dir: str | Path, out_dir: str | Path, suite: str | None = None, *,
                       reference_dir: str | Path | None | bool = None, plots: bool = True, html: bool = True,
                       warn: Callable[[str], None] | None = None, force: bool = False,
-                      comparisons: dict[str, Comparison] | None = None) -> list[Path]:
+                      comparisons: dict[str, Comparison] | None = None, raw_names: bool = False) -> list[Path]:
     """Regenerate the leaderboard files of ``suite`` (None: every suite that has records under
     ``runs_dir``) into ``out_dir``; return the paths written.
 
@@ -177,5 +179,5 @@ def write_leaderboard(runs_dir: str | Path, out_dir: str | Path, suite: str | No
     written: list[Path] = []
     for board in boards:
         written += write_suite(board, out_dir, plots=plots, html=html,
-                               comparison=(comparisons or {}).get(board.grid.suite))
+                               comparison=(comparisons or {}).get(board.grid.suite), raw_names=raw_names)
     return written

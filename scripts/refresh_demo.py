@@ -1,0 +1,112 @@
+"""Keep the committed demo board (results/demo/) true to today's code.
+
+    python scripts/refresh_demo.py --board-only   # rewrite results/demo/board/ from the committed records (seconds)
+    python scripts/refresh_demo.py                # retrain the methods with stale records, then rewrite the board
+    python scripts/refresh_demo.py --all          # retrain every method (about 2 hours on a 2-core CPU)
+
+results/demo/runs/ is a run store holding only JSON: every run record and the JSON artifacts of the pipelines'
+jobs, plus the sweep file that made them (sweeps/demo-all.toml). A method is retrained as a whole (all its stages
+on every task) when one of its counted records is stale — made by other method or engine code than the installed
+one (peftbench.fingerprint) — or when the sweep plans runs the store does not hold (a method version bump, a new
+method): its folder is set aside, ``peftbench run --config <sweep> --methods ...`` trains it again through the store
+(restoring the old folder if that fails), and the trained weights are deleted (nothing but JSON is committed).
+Then ``peftbench leaderboard`` rewrites results/demo/board/, and board/MADE_WITH.json records the matplotlib version
+that drew its figures (tests/test_committed_results.py regenerates the board byte for byte and compares).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "results" / "demo"
+RUNS = DEMO / "runs"
+BOARD = DEMO / "board"
+SWEEP = RUNS / "sweeps" / "demo-all.toml"
+PEFTBENCH = [sys.executable, "-m", "peftbench"]
+
+
+def stale_methods() -> list[str]:
+    """Methods of the sweep with a counted stale record, a record of another method version (a version bump changes
+    the run keys), or no record at all (a new method)."""
+    from peftbench.methods import get_method
+    from peftbench.results.board import build_board, load_runs
+
+    runs, skipped = load_runs(RUNS, lambda msg: None)
+    board = build_board(runs, "demo", None, skipped, warn=lambda msg: None)
+    out = {str(r.spec["method"]) for r in board.runs if r.path in board.used and r.stale}
+    out |= {str(r.spec["method"]) for r in board.runs
+            if int(r.spec.get("method_version", 1)) != int(get_method(str(r.spec["method"])).version)}
+    have = {str(r.spec["method"]) for r in board.runs}
+    out |= {m for m in methods_of_sweep() if m not in have}
+    return sorted(out)
+
+
+def methods_of_sweep() -> list[str]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+
+    return list(tomllib.loads(SWEEP.read_text(encoding="utf-8"))["methods"])
+
+
+def prune_store() -> None:
+    """Only JSON is committed: trained weights, checkpoints, leases and selections' tensors go."""
+    for path in RUNS.rglob("*"):
+        if path.is_file() and not path.name.endswith((".json", ".toml")):
+            path.unlink()
+    for d in ("leaderboard", ".local", ".slurm", ".ray"):
+        shutil.rmtree(RUNS / d, ignore_errors=True)
+
+
+def retrain(methods: list[str]) -> None:
+    if not methods:
+        print("refresh_demo: no stale method")
+        return
+    aside = Path(tempfile.mkdtemp(prefix="refresh-demo-"))
+    for m in methods:
+        if (RUNS / m).exists():
+            shutil.move(str(RUNS / m), str(aside / m))
+    print(f"refresh_demo: retraining {len(methods)} method(s): {', '.join(methods)}", flush=True)
+    code = subprocess.call([*PEFTBENCH, "run", "--config", str(SWEEP), "--runs-dir", str(RUNS), "--methods",
+                            ",".join(methods), "--save-weights", "none"])
+    if code != 0:
+        for m in methods:
+            if (aside / m).exists():
+                shutil.rmtree(RUNS / m, ignore_errors=True)
+                shutil.move(str(aside / m), str(RUNS / m))
+        sys.exit(f"refresh_demo: the run failed (exit {code}); the old records are back")
+    shutil.rmtree(aside)
+
+
+def write_board() -> None:
+    import matplotlib
+
+    BOARD.mkdir(parents=True, exist_ok=True)
+    code = subprocess.call([*PEFTBENCH, "leaderboard", "--runs-dir", str(RUNS), "--out", str(BOARD), "--suite", "demo",
+                            "--force", "--quiet"])
+    if code != 0:
+        sys.exit(f"refresh_demo: the leaderboard failed (exit {code})")
+    (BOARD / "MADE_WITH.json").write_text(json.dumps({"matplotlib": matplotlib.__version__}, indent=1) + "\n")
+    print(f"refresh_demo: board written to {BOARD.relative_to(ROOT)}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--board-only", action="store_true", help="only rewrite the board from the committed records")
+    ap.add_argument("--all", action="store_true", help="retrain every method of the sweep")
+    args = ap.parse_args()
+    if not args.board_only:
+        retrain(methods_of_sweep() if args.all else stale_methods())
+    prune_store()
+    write_board()
+
+
+if __name__ == "__main__":
+    main()
