@@ -61,7 +61,7 @@ def prune_store() -> None:
     for path in RUNS.rglob("*"):
         if path.is_file() and not path.name.endswith((".json", ".toml")):
             path.unlink()
-    for d in ("leaderboard", ".local", ".slurm", ".ray"):
+    for d in ("leaderboard", ".peftbench", ".local", ".slurm", ".ray"):
         shutil.rmtree(RUNS / d, ignore_errors=True)
 
 
