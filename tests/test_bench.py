@@ -105,3 +105,34 @@ def test_mfu_is_the_share_of_the_devices_peak():
     assert peak_tflops("NVIDIA H100 PCIe", "bf16") == pytest.approx(756.0)  # the longest matching name wins
     assert peak_tflops("cpu (x86_64, 2 threads)", "fp32") is None
     assert mfu_pct(100.0, 1000.0, 200.0) == 50.0 and mfu_pct(1.0, 1.0, None) == ""
+
+
+def test_rounds_alternate_the_order_and_report_the_median_and_spread(monkeypatch):
+    """--repeats R: the methods in order, then reversed (the baselines measured first and last); each timing the median
+    of the rounds, its spread a column; a spread above 20 % and a load above the cores are warned about."""
+    import os
+
+    from peftbench.bench import speed
+
+    calls, times = [], iter([10.0, 30.0, 12.0, 20.0, 18.0, 26.0])  # train step ms per call, alternating methods
+
+    def fake(name, s, precision=None, compile=None):
+        calls.append(name)
+        ms = next(times)
+        return [{"method": name, "variant": "", "batch_size": 4, "train_step_ms": ms,
+                 "train_images_per_s": round(4 / (ms / 1000), 2), "eval_images_per_s": 100.0,
+                 "train_mfu_pct": "", "eval_mfu_pct": "", "train_spread_pct": 0.0, "eval_spread_pct": 0.0,
+                 "gflops_train_per_image": 1.0, "tokens": 5}]
+
+    monkeypatch.setattr(speed, "bench_method", fake)
+    monkeypatch.setattr(os, "getloadavg", lambda: (64.0, 1.0, 1.0))
+    logged = []
+    s = BenchSettings(methods=["linear", "full"], backbone=TINY_BACKBONE, batch_size=4, repeats=3, variants=False)
+    rows = run_bench(s, logged.append)
+    assert calls == ["linear", "full", "full", "linear", "linear", "full"]
+    lin, full = rows
+    assert lin["repeats"] == 3 and lin["train_step_ms"] == 18.0  # linear: 10, 20, 18; full: 30, 12, 26
+    assert lin["train_spread_pct"] == round(100 * (20 - 10) / 18, 1)
+    assert full["train_step_ms"] == 26.0 and lin["train_time_vs_full"] == round(18 / 26, 3)
+    assert any("load average 64.0 exceeds" in m for m in logged)
+    assert any("linear: its timings spread by 56 %" in m for m in logged)

@@ -33,7 +33,13 @@ from .peaks import mfu_pct, peak_tflops
 COLUMNS = ["method", "variant", "backbone", "device", "precision", "compile", "batch_size", "img_size", "tokens",
            "train_step_ms", "train_images_per_s", "eval_images_per_s", "eval_vs_plain", "peak_memory_mb",
            "memory_kind", "gflops_forward_per_image", "gflops_train_per_image", "train_mfu_pct", "eval_mfu_pct",
-           "trainable_params", "tuned_total_pct", "train_time_vs_full", "torch"]
+           "trainable_params", "tuned_total_pct", "train_time_vs_full", "torch", "repeats", "train_spread_pct",
+           "eval_spread_pct"]
+# repeats: measurement rounds (the methods in order, then in reverse order, alternately: the baselines are measured
+# first and last); each timing is the median over the rounds of each round's median step; *_spread_pct: the spread
+# (max − min) / median of the round medians, or of the timed steps with one round: above SPREAD_WARN_PCT the
+# machine was not steady (another job, frequency scaling) and the row says so in the log
+SPREAD_WARN_PCT = 20.0
 # variant: "" for the model as trained; "fused-<K>": K configurations trained as one model (images/s count
 # configuration-images: K x batch per fused step); otherwise one of the model's inference variants
 # ("merged": folded into a plain timm ViT; "compacted": pruned prompts removed), measured for inference
@@ -59,6 +65,7 @@ class BenchSettings:
     variants: bool = True  # also measure each model's inference variants
     peak_tflops: float | None = None  # overrides bench/peaks.py for MFU
     fuse: tuple[int, ...] = ()  # one fused-<K> row per K for each fusable method (uncompiled combinations)
+    repeats: int = 2  # measurement rounds, alternately in order and reversed (see COLUMNS)
 
     def combinations(self) -> list[tuple[str, bool]]:
         return [(p, c) for p in (self.precisions or (self.precision,)) for c in (self.compiles or (self.compile,))]
@@ -67,6 +74,17 @@ class BenchSettings:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+_STEP_SPREAD: list[float] = []  # the spread (%) of the timed steps of the last _median_time calls (one round)
+
+
+def spread_pct(values: list[float]) -> float:
+    """(max − min) / median, in %; 0 for fewer than two values."""
+    if len(values) < 2:
+        return 0.0
+    med = statistics.median(values)
+    return 100.0 * (max(values) - min(values)) / med if med > 0 else 0.0
 
 
 def _median_time(fn, warmup: int, steps: int, device: torch.device) -> float:
@@ -79,7 +97,24 @@ def _median_time(fn, warmup: int, steps: int, device: torch.device) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
+    _STEP_SPREAD.append(spread_pct(times))
     return statistics.median(times)
+
+
+def load_warning(device: torch.device) -> str:
+    """A warning line when the machine's 1-minute load average exceeds its cores (CPU timings then measure the other
+    jobs too); empty otherwise, or where the load average is unknown."""
+    import os
+
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return ""
+    cores = os.cpu_count() or 1
+    if load > cores:
+        return (f"warning: the load average {load:.1f} exceeds the {cores} cores: other work shares this machine and "
+                f"the {device.type} timings are not reliable")
+    return ""
 
 
 def _train_step(model, forward, x, y, optimizer, device: torch.device, precision: str):
@@ -156,6 +191,7 @@ def bench_method(method_name: str, s: BenchSettings, precision: str | None = Non
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    _STEP_SPREAD.clear()
     t_train = _median_time(step, s.warmup, s.steps, device)
     peak = (torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated") if device.type == "cuda" \
         else (None, "n/a on cpu")
@@ -173,6 +209,7 @@ def bench_method(method_name: str, s: BenchSettings, precision: str | None = Non
         "train_mfu_pct": mfu_pct(train_flops / 1e9, s.batch_size / t_train, peak_tf),
         "eval_mfu_pct": mfu_pct(fwd_flops / 1e9, s.batch_size / t_eval, peak_tf),
         "trainable_params": params["trainable"], "tuned_total_pct": round(params["tuned_total_pct"], 4),
+        "repeats": 1, "train_spread_pct": round(_STEP_SPREAD[0], 1), "eval_spread_pct": round(_STEP_SPREAD[1], 1),
     }]
     if not s.variants:
         return rows
@@ -180,9 +217,11 @@ def bench_method(method_name: str, s: BenchSettings, precision: str | None = Non
     for name, variant in model.inference_variants().items():
         variant = variant.to(device).eval()
         fwd = torch.compile(variant) if compile else variant
+        _STEP_SPREAD.clear()
         t = _median_time(_eval_fn(fwd, x, device, precision), s.warmup, s.steps, device)
         flops = _flops(lambda: fwd(x)) / s.batch_size
-        rows.append({**common, "variant": name, "tokens": _tokens(variant, x[:1]),
+        rows.append({**common, "variant": name, "tokens": _tokens(variant, x[:1]), "repeats": 1,
+                     "eval_spread_pct": round(_STEP_SPREAD[0], 1),
                      "eval_images_per_s": round(s.batch_size / t, 2), "memory_kind": "",
                      "gflops_forward_per_image": round(flops / 1e9, 6),
                      "eval_mfu_pct": mfu_pct(flops / 1e9, s.batch_size / t, peak_tf),
@@ -220,6 +259,7 @@ def bench_fused(method_name: str, s: BenchSettings, k: int, precision: str | Non
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    _STEP_SPREAD.clear()
     t_train = _median_time(step, s.warmup, s.steps, device)
     peak = (torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated") if device.type == "cuda" \
         else (None, "n/a on cpu")
@@ -292,14 +332,47 @@ def cached_linear_probe(s: BenchSettings, epochs: int = 100, num_images: int = 1
             "speedup": through / cached}
 
 
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One method's rows measured in several rounds (the same rows each time) → one set: each timing the median over
+    the rounds, its spread over the rounds."""
+    out = []
+    for i, first in enumerate(rounds[0]):
+        same = [r[i] for r in rounds]
+        row = dict(first, repeats=len(rounds))
+        for key in ("train_step_ms", "eval_images_per_s"):
+            values = [float(r[key]) for r in same if r.get(key) not in (None, "")]
+            if values:
+                row[key] = round(statistics.median(values), 2)
+                row[key.split("_")[0] + "_spread_pct"] = round(spread_pct(values), 1)
+        if row.get("train_step_ms") not in (None, ""):
+            ms = float(row["train_step_ms"])
+            row["train_images_per_s"] = round(row["batch_size"] / (ms / 1000), 2)
+            if first.get("train_mfu_pct") not in (None, ""):  # MFU scales with the throughput
+                row["train_mfu_pct"] = round(float(first["train_mfu_pct"]) * float(first["train_step_ms"]) / ms, 2)
+        if first.get("eval_mfu_pct") not in (None, "") and float(first["eval_images_per_s"]) > 0:
+            row["eval_mfu_pct"] = round(float(first["eval_mfu_pct"]) * float(row["eval_images_per_s"])
+                                        / float(first["eval_images_per_s"]), 2)
+        out.append(row)
+    return out
+
+
 def run_bench(s: BenchSettings, log=print) -> list[dict]:
     rows = []
+    device = torch.device(s.device)
+    for line in filter(None, [load_warning(device)]):
+        log(line)
     for precision, compile in s.combinations():
         block = []
+        rounds: dict[str, list[list[dict]]] = {name: [] for name in s.methods}
+        for r in range(max(1, s.repeats)):
+            order = s.methods if r % 2 == 0 else list(reversed(s.methods))
+            for name in order:
+                log(f"bench {name} on {s.backbone} ({s.device}, batch {s.batch_size}, {precision}"
+                    f"{', compiled' if compile else ''}"
+                    + (f", round {r + 1}/{s.repeats}" if s.repeats > 1 else "") + ") ...")
+                rounds[name].append(bench_method(name, s, precision, compile))
         for name in s.methods:
-            log(f"bench {name} on {s.backbone} ({s.device}, batch {s.batch_size}, {precision}"
-                f"{', compiled' if compile else ''}) ...")
-            measured = bench_method(name, s, precision, compile)
+            measured = combine_rounds(rounds[name])
             for r in measured:
                 if r["variant"]:
                     log(f"  {r['variant']}: eval {r['eval_images_per_s']} img/s, {r['gflops_forward_per_image']} "
@@ -318,6 +391,12 @@ def run_bench(s: BenchSettings, log=print) -> list[dict]:
                     block.append(r)
             elif not compile and s.fuse:
                 log(f"  (not fusable: no fused rows for {name})")
+            for r in measured:
+                worst = max(float(r.get("train_spread_pct") or 0), float(r.get("eval_spread_pct") or 0))
+                if worst > SPREAD_WARN_PCT:
+                    log(f"  warning: {name}{' ' + r['variant'] if r['variant'] else ''}: its timings spread by "
+                        f"{worst:.0f} % (> {SPREAD_WARN_PCT:.0f} %): the machine was not steady; rerun it, or raise "
+                        "--repeats / --steps")
         base = next((r for r in block if r["method"] == get_method(s.baseline).name and not r["variant"]), None)
         plain = next((r for r in block if r["method"] == "linear" and r["variant"] == "merged"), None)
         for r in block:
@@ -325,6 +404,8 @@ def run_bench(s: BenchSettings, log=print) -> list[dict]:
                 r["train_time_vs_full"] = round(r["train_step_ms"] / base["train_step_ms"], 3) if base else ""
             r["eval_vs_plain"] = round(r["eval_images_per_s"] / plain["eval_images_per_s"], 3) if plain else ""
         rows += block
+    for line in filter(None, [load_warning(device)]):
+        log(line + " (at the end of the bench)")
     return rows
 
 

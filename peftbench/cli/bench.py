@@ -22,6 +22,10 @@ def register(sub) -> None:
     p.add_argument("--no-amp", action="store_true", help="the same as --precision fp32")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed steps (the median is reported)")
+    p.add_argument("--repeats", type=int, default=2,
+                   help="measurement rounds, alternately in order and reversed, so that the baselines are measured first "
+                        "and last (default 2): each timing is the median over the rounds, its spread a column; a "
+                        "spread above 20 %% or a load above the cores is warned about")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="[METHOD.]OPTION=VALUE")
     p.add_argument("--out", default="bench", help="folder of the CSV (default ./bench; the tables shipped with "
                                                   "peftbench, which --dry-run reads, are in peftbench/bench/tables)")
@@ -59,7 +63,7 @@ def main(args) -> int:
     else:
         precisions = ["bf16" if device.startswith("cuda") else "fp32"]
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--steps", args.steps, 1),
-                               ("--warmup", args.warmup, 0)):
+                               ("--warmup", args.warmup, 0), ("--repeats", args.repeats, 1)):
         if value < least:
             raise SettingsError(f"{flag} must be at least {least}, not {value}")
     compiles = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
@@ -74,7 +78,7 @@ def main(args) -> int:
     s = BenchSettings(methods=methods, backbone=args.backbone, batch_size=args.batch_size, device=device,
                       warmup=args.warmup, steps=args.steps, compile=compiles[0], precision=precisions[0],
                       sets=tuple(args.sets), precisions=tuple(precisions), compiles=compiles,
-                      variants=not args.no_variants, peak_tflops=args.peak_tflops, fuse=fuse)
+                      variants=not args.no_variants, peak_tflops=args.peak_tflops, fuse=fuse, repeats=args.repeats)
     log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
     rows = run_bench(s, log)
     gpu = None
