@@ -1,15 +1,16 @@
 """Keep the committed demo board (results/demo/) true to today's code.
 
     python scripts/refresh_demo.py --board-only   # rewrite results/demo/board/ from the committed records (seconds)
-    python scripts/refresh_demo.py                # retrain the methods with stale records, then rewrite the board
+    python scripts/refresh_demo.py                # retrain stale methods, finish incomplete ones, rewrite the board
     python scripts/refresh_demo.py --all          # retrain every method (about 2 hours on a 2-core CPU)
 
 results/demo/runs/ is a run store holding only JSON: every run record and the JSON artifacts of the pipelines'
 jobs, plus the sweep file that made them (sweeps/demo-all.toml). A method is retrained as a whole (all its stages
 on every task) when one of its counted records is stale — made by other method or engine code than the installed
-one (peftbench.fingerprint) — or when the sweep plans runs the store does not hold (a method version bump, a new
-method): its folder is set aside, ``peftbench run --config <sweep> --methods ...`` trains it again through the store
-(restoring the old folder if that fails), and the trained weights are deleted (nothing but JSON is committed).
+one (peftbench.fingerprint) — or of another method version: its folder is set aside, ``peftbench run --config
+<sweep> --methods ...`` trains it again through the store (restoring the old folder if that fails). A method
+without a final run on some task (a new method, an interrupted sweep) is finished through the store, which keeps
+its done runs. The trained weights are then deleted (nothing but JSON is committed).
 Then ``peftbench leaderboard`` rewrites results/demo/board/, and board/MADE_WITH.json records the matplotlib version
 that drew its figures (tests/test_committed_results.py regenerates the board byte for byte and compares).
 """
@@ -31,33 +32,58 @@ SWEEP = RUNS / "sweeps" / "demo-all.toml"
 PEFTBENCH = [sys.executable, "-m", "peftbench"]
 
 
-def stale_methods() -> list[str]:
-    """Methods of the sweep with a counted stale record, a record of another method version (a version bump changes
-    the run keys), or no record at all (a new method)."""
-    from peftbench.methods import get_method
+def _board():
     from peftbench.results.board import build_board, load_runs
 
     runs, skipped = load_runs(RUNS, lambda msg: None)
-    board = build_board(runs, "demo", None, skipped, warn=lambda msg: None)
+    return build_board(runs, "demo", None, skipped, warn=lambda msg: None)
+
+
+def stale_methods() -> list[str]:
+    """Methods of the sweep with a counted stale record or a record of another method version (a version bump changes
+    the run keys): retrained from scratch."""
+    from peftbench.methods import get_method
+
+    board = _board()
     out = {str(r.spec["method"]) for r in board.runs if r.path in board.used and r.stale}
     out |= {str(r.spec["method"]) for r in board.runs
             if int(r.spec.get("method_version", 1)) != int(get_method(str(r.spec["method"])).version)}
-    have = {str(r.spec["method"]) for r in board.runs}
-    out |= {m for m in methods_of_sweep() if m not in have}
-    return sorted(out)
+    return sorted(out & set(methods_of_sweep()))
 
 
-def methods_of_sweep() -> list[str]:
+def incomplete_methods() -> list[str]:
+    """Methods of the sweep without a counted final run on every task of the sweep (a new method, an interrupted
+    sweep): the store resumes them, keeping what is done."""
+    board = _board()
+    done = {(str(r.spec["method"]), str(r.spec["task"])) for r in board.runs if r.path in board.used}
+    tasks = sweep_field("tasks")
+    return sorted(m for m in methods_of_sweep() if any((m, t) not in done for t in tasks))
+
+
+def sweep_field(name: str):
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib
 
-    return list(tomllib.loads(SWEEP.read_text(encoding="utf-8"))["methods"])
+    return tomllib.loads(SWEEP.read_text(encoding="utf-8"))[name]
+
+
+def methods_of_sweep() -> list[str]:
+    return list(sweep_field("methods"))
 
 
 def prune_store() -> None:
-    """Only JSON is committed: trained weights, checkpoints, leases and selections' tensors go."""
+    """Only JSON is committed: trained weights, checkpoints, leases and selections' tensors go; and so does every
+    record of a (method, task) pair without its final run (an interrupted pipeline whose later stages would need the
+    weights just deleted: it starts again whole when the sweep is finished)."""
+    board = _board()
+    done = {(str(r.spec["method"]), str(r.spec["task"])) for r in board.runs if r.path in board.used}
+    for r in board.runs:
+        if (str(r.spec["method"]), str(r.spec["task"])) not in done:
+            key = Path(r.path).stem
+            for f in (RUNS / r.path).parent.glob(f"{key}*"):
+                f.unlink()
     for path in RUNS.rglob("*"):
         if path.is_file() and not path.name.endswith((".json", ".toml")):
             path.unlink()
@@ -65,17 +91,21 @@ def prune_store() -> None:
         shutil.rmtree(RUNS / d, ignore_errors=True)
 
 
-def retrain(methods: list[str]) -> None:
-    if not methods:
-        print("refresh_demo: no stale method")
+def retrain(methods: list[str], resume: list[str] = ()) -> None:
+    """Train ``methods`` again from scratch (their folders set aside) and finish ``resume`` (the store keeps their
+    finished runs), in one sweep."""
+    todo = sorted(set(methods) | set(resume))
+    if not todo:
+        print("refresh_demo: every method is complete and made by the installed code")
         return
     aside = Path(tempfile.mkdtemp(prefix="refresh-demo-"))
     for m in methods:
         if (RUNS / m).exists():
             shutil.move(str(RUNS / m), str(aside / m))
-    print(f"refresh_demo: retraining {len(methods)} method(s): {', '.join(methods)}", flush=True)
+    print(f"refresh_demo: retraining {', '.join(methods) or 'nothing'}; finishing {', '.join(resume) or 'nothing'}",
+          flush=True)
     code = subprocess.call([*PEFTBENCH, "run", "--config", str(SWEEP), "--runs-dir", str(RUNS), "--methods",
-                            ",".join(methods), "--save-weights", "none"])
+                            ",".join(todo), "--save-weights", "none"])
     if code != 0:
         for m in methods:
             if (aside / m).exists():
@@ -103,7 +133,8 @@ def main() -> None:
     ap.add_argument("--all", action="store_true", help="retrain every method of the sweep")
     args = ap.parse_args()
     if not args.board_only:
-        retrain(methods_of_sweep() if args.all else stale_methods())
+        stale = methods_of_sweep() if args.all else stale_methods()
+        retrain(stale, [m for m in incomplete_methods() if m not in stale])
     prune_store()
     write_board()
 
