@@ -16,12 +16,12 @@ The Python API (docs/api.md) is importable from here; its names load on first us
     df = pb.load_runs("runs")                    # one row per run
     board = pb.leaderboard(df[df.task != "demo_digits"], suite="demo")
     model = pb.build_model("lora", num_classes=10, backbone="vit_base_patch16_224.orig_in21k")
-    pb.export("runs", method="lora", task="demo_shapes", seed=0)   # a hub folder; pb.load_pretrained(folder)
+    pb.publish("runs", method="lora", task="demo_digits", seed=42)  # a hub folder; pb.load_pretrained(folder)
 """
 from ._version import __version__
 
 _API = ("Sweep", "Plan", "SweepResult", "load_sweep", "plan_sweep", "run_sweep", "load_runs", "leaderboard",
-        "status", "build_model", "load_pretrained", "export")
+        "status", "build_model", "load_pretrained", "publish")
 
 __all__ = ["__version__", *_API]
 

@@ -26,6 +26,8 @@ is safetensors or JSON.
 from __future__ import annotations
 
 import json
+import math
+import random
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -133,8 +135,13 @@ def _batch(model, seed: int) -> torch.Tensor:
 
 
 def _check(what: str, key: str, expected: torch.Tensor, got: torch.Tensor) -> float:
+    """max |got − expected|, or a one-line error when the shapes differ, a logit is not finite or the difference
+    exceeds the tolerance (NaN never passes)."""
+    if got.shape != expected.shape:
+        raise ExportError(f"run {key}: the {what} gives logits of shape {tuple(got.shape)}, the trained model "
+                          f"{tuple(expected.shape)}: not exported")
     diff = float((expected - got).abs().max())
-    if got.shape != expected.shape or diff > TOLERANCE * max(1.0, float(expected.abs().max())):
+    if not math.isfinite(diff) or not diff <= TOLERANCE * max(1.0, float(expected.abs().max())):
         raise ExportError(f"run {key}: the {what}'s logits differ from the trained model's by {diff:.3g} "
                           f"(tolerance {TOLERANCE:g}): not exported")
     return diff
@@ -215,8 +222,14 @@ def _saved_state(model, spec, store: RunStore) -> dict[str, torch.Tensor]:
     if init_state:
         path = Path(init_state)
         path = path if path.is_absolute() else store.record_path(spec).parent / path
-        with safe_open(str(path), framework="pt") as f:
-            for k in f.keys():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                names = list(f.keys())
+        except (OSError, ValueError, RuntimeError) as exc:  # a missing file, safetensors' own errors
+            raise ExportError(f"{path}: the selection run {spec.key} loaded cannot be read "
+                              f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        for k in names:
+            if k in own:
                 state.setdefault(k, own[k].detach())
     return {k: v.cpu().contiguous() for k, v in sorted(state.items())}
 
@@ -273,17 +286,18 @@ def _hub_base(spec) -> str | None:
 
 def export_folder(runs_dir: str | Path, out: str | Path | None = None, *, key: str | None = None,
                   method: str | None = None, task: str | None = None, seed: int | None = None,
-                  check_seed: int = 0, rec: RunRecord | None = None) -> ExportedFolder:
-    """Write the run's hub folder (module docstring) at ``out`` (default ``<runs-dir>/export/<method>-<task>-s<seed>-
-    <key10>``). The folder is written aside and moved into place only once every model in it reloads with the trained
-    model's logits; an existing non-empty ``out`` is an error (nothing is overwritten)."""
+                  check_seed: int = 0, rec: RunRecord | None = None, repo: str | None = None) -> ExportedFolder:
+    """Write the run's hub folder (module docstring) at ``out`` (default ``./export/<method>-<task>-s<seed>-<key10>``,
+    outside the run store). The folder is written aside and moved into place only once every model in it reloads with
+    the trained model's logits; an existing non-empty ``out`` is an error (nothing is overwritten). ``repo``: the hub
+    repository it will be pushed to (the model card's loading lines name it)."""
     from .model_card import model_card
 
     store = RunStore(runs_dir)
     rec = rec or select_run(store, key=key, method=method, task=task, seed=seed)
     spec = rec.run_spec
     model, _ = _trained_model(store, rec)
-    folder = Path(out) if out else store.root / "export" / safe_component(
+    folder = Path(out) if out else Path("export") / safe_component(
         f"{spec.method}-{spec.task}-s{spec.seed}-{rec.key[:10]}", "the export folder")
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise ExportError(f"--out {folder}: exists and is not an empty folder (nothing is overwritten)")
@@ -315,7 +329,8 @@ def export_folder(runs_dir: str | Path, out: str | Path | None = None, *, key: s
         adapter = model.peft_model()
         if adapter is not None:
             diffs["peft"] = _peft_files(adapter, tmp, spec, rec.key, expected, x)
-        _write_text(tmp / "README.md", model_card(rec, info, sorted(diffs), base_model=_hub_base(spec)),
+        _write_text(tmp / "README.md", model_card(rec, info, sorted(diffs), base_model=_hub_base(spec),
+                                                  repo=repo or "<repo>", timm_args=timm_config(spec, info["num_classes"])),
                     "the model card")
         if folder.exists():
             folder.rmdir()
@@ -366,6 +381,16 @@ def _read_config(folder: Path) -> dict:
     return info
 
 
+def _numpy_state(state=None):
+    """numpy's global generator state (get, or set when ``state`` is given)."""
+    import numpy as np
+
+    if state is None:
+        return np.random.get_state()
+    np.random.set_state(state)
+    return state
+
+
 def _backbone(name: str, checkpoint: str | None):
     """The pretrained backbone as a run gets it (``Env.backbone``: its own RNG seeded 0, so that a backbone without
     pretrained weights, a test's or a control's, is the same every time)."""
@@ -390,6 +415,12 @@ def load_pretrained(folder: str | Path, checkpoint: str | Path | None = None, de
 
     folder = Path(folder)
     info = _read_config(folder)
+    if str(info.get("weights") or WEIGHTS) != WEIGHTS:
+        raise ExportError(f"{folder / CONFIG}: weights {info.get('weights')!r}: an export's weights are {WEIGHTS!r} "
+                          f"in its own folder")
+    if ":" in info["backbone"].split("/")[0]:
+        raise ExportError(f"{folder / CONFIG}: backbone {info['backbone']!r}: a preset or a timm name is expected, not "
+                          f"a location (hf-hub:, local-dir:)")
     name = info["method"]
     if name not in METHODS:
         raise ExportError(f"{folder / CONFIG}: method {name!r} is not registered here (is its plugin installed?)")
@@ -403,15 +434,30 @@ def load_pretrained(folder: str | Path, checkpoint: str | Path | None = None, de
                           f"{info['checkpoint_id']}... (another file)")
     # the run's resolved options: the declared ones checked as a user's would be; what a pipeline adds for its later
     # stages (e2vpt-prune's mask) passes as it was built with
-    opts = {**info["options"], **method.parse_options({k: v for k, v in info["options"].items() if k in method.options})}
-    seed_everything(int(info.get("seed") or 0))
-    backbone = _backbone(info["backbone"], str(checkpoint) if checkpoint else None)
-    model = method.build(backbone, int(info["num_classes"]), opts)
-    weights = folder / str(info.get("weights") or WEIGHTS)
+    extra = {k: v for k, v in info["options"].items() if k not in method.options}
+    bad = [k for k, v in extra.items() if isinstance(v, dict)]
+    if bad:
+        raise ExportError(f"{folder / CONFIG}: options {bad} are not options of {name!r}")
+    opts = {**extra, **method.parse_options({k: v for k, v in info["options"].items() if k in method.options})}
+    # (built as the run built it, seeded; the caller's random generators are left as they were)
+    with torch.random.fork_rng(devices=[]):
+        py_state, np_state = random.getstate(), _numpy_state()
+        try:
+            seed_everything(int(info.get("seed") or 0))
+            backbone = _backbone(info["backbone"], str(checkpoint) if checkpoint else None)
+            model = method.build(backbone, int(info["num_classes"]), opts)
+        finally:
+            random.setstate(py_state)
+            _numpy_state(np_state)
+    weights = folder / WEIGHTS
     try:
         state = load_file(str(weights))
     except FileNotFoundError:
         raise ExportError(f"{folder}: {weights.name} is missing") from None
+    missing = sorted(set(model.trainable_state()) - set(state))
+    if missing:
+        raise ExportError(f"{weights}: lacks {len(missing)} trained tensor(s) of a {name!r} model: "
+                          f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
     try:
         copy_into(model, state, str(weights))
     except (ValueError, RuntimeError) as exc:

@@ -21,7 +21,7 @@ LOADERS = {
              "{base}\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base, \"{folder}\")"),
 }
 # the peft adapter's base model: timm's hub weights, else the backbone as peftbench builds it (a preset, a release file)
-HUB_BASE = "import timm\nbase = timm.create_model(\"{name}\", pretrained=True, num_classes={num_classes})"
+HUB_BASE = "import timm\nbase = timm.create_model(**{args}, pretrained=True)  # timm's hub weights"
 OWN_BASE = ("from peftbench.backbones import create_backbone\nbase = create_backbone(\"{name}\"{checkpoint})\n"
             "base.reset_classifier({num_classes})")
 
@@ -56,8 +56,10 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def model_card(rec, info: dict, kinds: list[str], base_model: str | None = None, repo: str = "<repo>") -> str:
-    """The card's text. ``kinds``: the model files the folder holds (peftbench, timm, peft)."""
+def model_card(rec, info: dict, kinds: list[str], base_model: str | None = None, repo: str = "<repo>",
+               timm_args: dict | None = None) -> str:
+    """The card's text. ``kinds``: the model files the folder holds (peftbench, timm, peft); ``timm_args``: what
+    ``timm.create_model`` builds the classifier the peft adapter loads onto from (peftbench.export.timm_config)."""
     from .methods import METHODS
 
     method = METHODS.get(info["method"]) if info["method"] in METHODS else None
@@ -81,7 +83,9 @@ def model_card(rec, info: dict, kinds: list[str], base_model: str | None = None,
         "## Files and how to load them",
         "",
     ]
-    base = (HUB_BASE.format(name=base_model.removeprefix("timm/"), num_classes=info["num_classes"]) if base_model else
+    base = (HUB_BASE.format(args=repr(timm_args or {"model_name": base_model.removeprefix("timm/"),
+                                                           "num_classes": info["num_classes"]}))
+            if base_model else
             OWN_BASE.format(name=info["backbone"], num_classes=info["num_classes"],
                             checkpoint=f", \"{info['checkpoint_file']}\"" if info.get("checkpoint_file") else ""))
     interpolation = (info.get("data_pipeline") or {}).get("interpolation", "bilinear")

@@ -1,8 +1,9 @@
 """Keep the committed demo board (results/demo/) true to today's code.
 
-    python scripts/refresh_demo.py --board-only   # rewrite results/demo/board/ from the committed records (seconds)
+    python scripts/refresh_demo.py --board-only   # rewrite results/demo/board/ from the records as they are (seconds)
     python scripts/refresh_demo.py                # retrain stale methods, finish incomplete ones, rewrite the board
     python scripts/refresh_demo.py --all          # retrain every method (about 2 hours on a 2-core CPU)
+    python scripts/refresh_demo.py --no-train     # keep the store's JSON only and rewrite the board (after a sweep)
 
 results/demo/runs/ is a run store holding only JSON: every run record and the JSON artifacts of the pipelines'
 jobs, plus the sweep file that made them (sweeps/demo-all.toml). A method is retrained as a whole (all its stages
@@ -73,6 +74,25 @@ def methods_of_sweep() -> list[str]:
     return list(sweep_field("methods"))
 
 
+def refuse_while_running() -> None:
+    """A sweep writing into the store now (a live driver's journal): nothing is moved or deleted under it."""
+    from peftbench.store.journal import live_journals
+
+    live = live_journals(RUNS)
+    if live:
+        d = live[0]
+        sys.exit(f"refresh_demo: a sweep is running in {RUNS} (pid {d.get('pid')} on {d.get('host')}): wait for it")
+
+
+def portable_sweep() -> None:
+    """The committed sweep file names no path of the machine that wrote it (runs_dir, data_root: each machine's own,
+    given by refresh_demo's flags and peftbench's default data root)."""
+    lines = SWEEP.read_text(encoding="utf-8").splitlines()
+    keep = [line for line in lines if not line.startswith(("runs_dir =", "data_root =", "# run it again exactly:"))]
+    if keep != lines:
+        SWEEP.write_text("\n".join(keep) + "\n", encoding="utf-8")
+
+
 def prune_store() -> None:
     """Only JSON is committed: trained weights, checkpoints, leases and selections' tensors go; and so does every
     record of a (method, task) pair without its final run (an interrupted pipeline whose later stages would need the
@@ -80,7 +100,8 @@ def prune_store() -> None:
     board = _board()
     done = {(str(r.spec["method"]), str(r.spec["task"])) for r in board.runs if r.path in board.used}
     for r in board.runs:
-        if (str(r.spec["method"]), str(r.spec["task"])) not in done:
+        # (failed and diverged records stay: the board shows them, and the store reruns them)
+        if (str(r.spec["method"]), str(r.spec["task"])) not in done and r.status not in ("failed", "diverged"):
             key = Path(r.path).stem
             for f in (RUNS / r.path).parent.glob(f"{key}*"):
                 f.unlink()
@@ -93,26 +114,32 @@ def prune_store() -> None:
 
 def retrain(methods: list[str], resume: list[str] = ()) -> None:
     """Train ``methods`` again from scratch (their folders set aside) and finish ``resume`` (the store keeps their
-    finished runs), in one sweep."""
+    finished runs), in one sweep. A method that ends incomplete gets its old folder back (if it had one); the others
+    keep their new runs, even when the sweep as a whole failed or was interrupted."""
     todo = sorted(set(methods) | set(resume))
     if not todo:
         print("refresh_demo: every method is complete and made by the installed code")
         return
-    aside = Path(tempfile.mkdtemp(prefix="refresh-demo-"))
+    aside = Path(tempfile.mkdtemp(prefix="refresh-demo-", dir=DEMO))
     for m in methods:
         if (RUNS / m).exists():
             shutil.move(str(RUNS / m), str(aside / m))
     print(f"refresh_demo: retraining {', '.join(methods) or 'nothing'}; finishing {', '.join(resume) or 'nothing'}",
           flush=True)
-    code = subprocess.call([*PEFTBENCH, "run", "--config", str(SWEEP), "--runs-dir", str(RUNS), "--methods",
-                            ",".join(todo), "--save-weights", "none"])
-    if code != 0:
+    code = 1
+    try:
+        code = subprocess.call([*PEFTBENCH, "run", "--config", str(SWEEP), "--runs-dir", str(RUNS), "--methods",
+                                ",".join(todo), "--save-weights", "none"])
+    finally:
+        unfinished = set(incomplete_methods())
         for m in methods:
-            if (aside / m).exists():
+            if m in unfinished and (aside / m).exists():
                 shutil.rmtree(RUNS / m, ignore_errors=True)
                 shutil.move(str(aside / m), str(RUNS / m))
-        sys.exit(f"refresh_demo: the run failed (exit {code}); the old records are back")
-    shutil.rmtree(aside)
+        shutil.rmtree(aside, ignore_errors=True)
+    if code != 0:
+        print(f"refresh_demo: the run ended with exit {code}; methods that did not finish keep their old records",
+              file=sys.stderr)
 
 
 def write_board() -> None:
@@ -131,11 +158,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--board-only", action="store_true", help="only rewrite the board from the committed records")
     ap.add_argument("--all", action="store_true", help="retrain every method of the sweep")
+    ap.add_argument("--no-train", action="store_true",
+                    help="train nothing: keep the store's JSON (an interrupted pair's records dropped) and rewrite the "
+                         "board")
     args = ap.parse_args()
+    refuse_while_running()
     if not args.board_only:
-        stale = methods_of_sweep() if args.all else stale_methods()
-        retrain(stale, [m for m in incomplete_methods() if m not in stale])
-    prune_store()
+        if not args.no_train:
+            stale = methods_of_sweep() if args.all else stale_methods()
+            retrain(stale, [m for m in incomplete_methods() if m not in stale])
+        prune_store()
+        portable_sweep()
     write_board()
 
 

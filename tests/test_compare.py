@@ -202,9 +202,21 @@ def test_the_exact_sign_flip_enumerates_up_to_20_units():
 
     from peftbench.results.compare import sign_flip_p
 
-    d = [0.3, -0.1, 0.8, 0.25, 0.6, 0.05, -0.2, 0.4, 0.9, 0.15, 0.33, -0.05]
+    d = [0.3, -0.1, 0.8, 0.25, 0.6, 0.05, -0.2, 0.4, 0.9, 0.15, 0.33, -0.05, 0.7, -0.4, 0.12, 0.05]
     w = [1.0 + (i % 3) for i in range(len(d))]
     t = abs(sum(a * b for a, b in zip(d, w)))
     brute = sum(abs(sum(e * a * b for e, a, b in zip(signs, d, w))) >= t - 1e-12
                 for signs in product((1, -1), repeat=len(d))) / 2 ** len(d)
     assert sign_flip_p(d, w) == pytest.approx(brute, rel=1e-12)
+
+
+def test_twenty_units_are_enumerated_exactly():
+    """2^20 patterns, counted in closed form: with d = (2, 1, ..., 1) only the two all-same sign patterns reach |T| = 21
+    (any flip lowers |T| by at least 2)."""
+    from peftbench.results.compare import sign_flip_p
+
+    assert sign_flip_p([1.0] * 20, [1.0] * 20) == pytest.approx(2 / 2 ** 20)
+    assert sign_flip_p([2.0] + [1.0] * 19, [1.0] * 20) == pytest.approx(2 / 2 ** 20)
+    # three units of 20 equal to 1 and the rest 0: |T| = 3 is reached by the 2 of 8 patterns of those three, times
+    # every pattern of the 17 zeros
+    assert sign_flip_p([1.0] * 3 + [0.0] * 17, [1.0] * 20) == pytest.approx(2 / 8)

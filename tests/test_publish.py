@@ -125,7 +125,7 @@ def test_load_pretrained_refuses_what_is_not_an_export_in_one_line(runs, tmp_pat
     with pytest.raises(ExportError, match="not registered"):
         load_pretrained(done.folder)
     (done.folder / CONFIG).write_text(json.dumps({**info, "method": "lora"}))  # tensors of another method
-    with pytest.raises(ExportError, match="does not fit a 'lora' model"):
+    with pytest.raises(ExportError, match="lacks 6 trained tensor.*of a 'lora' model"):
         load_pretrained(done.folder)
 
 
@@ -196,3 +196,56 @@ def test_push_to_hub_uploads_the_folder_and_errors_are_one_line(runs, tmp_path, 
                  str(tmp_path / "z"), "--push-to-hub", "me/offline"]) == 2
     one_error_line(capsys.readouterr().err, "--push-to-hub me/offline")
     assert (tmp_path / "z" / CONFIG).is_file()
+
+
+def test_what_load_pretrained_refuses_from_a_config(runs, tmp_path):
+    """A downloaded folder is data: its weights file is the export's own, its backbone a name (not a location), every
+    trained tensor present; loading it leaves the caller's random generators as they were."""
+    import random
+
+    import numpy as np
+    from safetensors.torch import load_file, save_file
+
+    done = export_folder(runs, tmp_path / "v", method="vpt-shallow", task="toy")
+    cfg = done.folder / CONFIG
+    info = json.loads(cfg.read_text())
+    for change, needle in (({"weights": "../../elsewhere.safetensors"}, "in its own folder"),
+                           ({"backbone": "hf-hub:someone/model"}, "not a location")):
+        cfg.write_text(json.dumps({**info, **change}))
+        with pytest.raises(ExportError, match=needle):
+            load_pretrained(done.folder)
+    cfg.write_text(json.dumps(info))
+    state = load_file(str(done.folder / "peftbench_model.safetensors"))
+    dropped = sorted(state)[0]
+    save_file({k: v for k, v in state.items() if k != dropped}, str(done.folder / "peftbench_model.safetensors"))
+    with pytest.raises(ExportError, match=f"lacks 1 trained tensor.*{dropped}"):
+        load_pretrained(done.folder)
+    save_file(state, str(done.folder / "peftbench_model.safetensors"))
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    before = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(5), np.random.seed(5), torch.manual_seed(5)
+    load_pretrained(done.folder)
+    assert (random.random(), np.random.rand(), torch.rand(1)) == before
+
+
+def test_the_export_options_that_do_not_apply_are_refused(runs, tmp_path, capsys):
+    base = ["export", "--runs-dir", str(runs), "--method", "vpt-shallow", "--task", "toy"]
+    assert main([*base, "--variant", "folded"]) == 2
+    one_error_line(capsys.readouterr().err, "--variant folded", "single file")
+    assert main([*base, "--private"]) == 2
+    one_error_line(capsys.readouterr().err, "--private")
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    assert main(["export", "--runs-dir", str(runs), "--method", "lora", "--task", "toy", "--seed", "0", "--out",
+                 str(tmp_path / "m.safetensors")]) == 2
+    one_error_line(capsys.readouterr().err, "exists")
+
+
+def test_a_logit_check_never_passes_nan():
+    from peftbench.export import _check
+
+    good = torch.zeros(2, 3)
+    with pytest.raises(ExportError, match="differ"):
+        _check("m", "k", good, torch.full((2, 3), float("nan")))
+    with pytest.raises(ExportError, match="shape"):
+        _check("m", "k", good, torch.zeros(2, 4))
+    assert _check("m", "k", good, good) == 0.0

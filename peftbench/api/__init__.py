@@ -5,13 +5,13 @@ Stable names (also importable from ``peftbench`` itself)::
 
     Sweep, load_sweep, plan_sweep, run_sweep, Plan, SweepResult    # sweep.py, sweepfile.py
     load_runs, leaderboard, status                                   # runs.py
-    build_model, load_pretrained, export                             # models.py
+    build_model, load_pretrained, publish                            # models.py
 """
-from .models import build_model, export, load_pretrained
+from .models import build_model, load_pretrained, publish
 from .runs import leaderboard, load_runs, status
 from .sweep import Plan, SweepResult, check_device, check_runs_dir, plan_sweep, run_sweep, write_resolved
 from .sweepfile import Sweep, dump_sweep, load_sweep
 
 __all__ = ["Sweep", "Plan", "SweepResult", "load_sweep", "dump_sweep", "plan_sweep", "run_sweep", "load_runs",
-           "leaderboard", "status", "build_model", "load_pretrained", "export", "check_device", "check_runs_dir",
+           "leaderboard", "status", "build_model", "load_pretrained", "publish", "check_device", "check_runs_dir",
            "write_resolved"]

@@ -50,15 +50,15 @@ def load_pretrained(folder: str, checkpoint: str | None = None, device: str = "c
     return load(folder, checkpoint, device)
 
 
-def export(runs_dir: str = "runs", out: str | None = None, *, key: str | None = None, method: str | None = None,
-           task: str | None = None, seed: int | None = None, push_to_hub: str | None = None, private: bool = False):
+def publish(runs_dir: str = "runs", out: str | None = None, *, key: str | None = None, method: str | None = None,
+            task: str | None = None, seed: int | None = None, push_to_hub: str | None = None, private: bool = False):
     """``peftbench export``: write a finished run (by key prefix, or method/task/seed) as a Hugging Face hub folder
     (:func:`peftbench.export.export_folder`) and, with ``push_to_hub="user/repo"``, upload it. Returns the
     :class:`peftbench.export.ExportedFolder`."""
     from ..export import export_folder
     from ..export import push_to_hub as push
 
-    done = export_folder(runs_dir, out, key=key, method=method, task=task, seed=seed)
+    done = export_folder(runs_dir, out, key=key, method=method, task=task, seed=seed, repo=push_to_hub)
     if push_to_hub:
         push(done.folder, push_to_hub, private=private)
     return done

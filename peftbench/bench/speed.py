@@ -110,7 +110,10 @@ def load_warning(device: torch.device) -> str:
         load = os.getloadavg()[0]
     except (OSError, AttributeError):
         return ""
-    cores = os.cpu_count() or 1
+    try:
+        cores = len(os.sched_getaffinity(0))  # the cores this process may use (affinity, cgroups' cpusets)
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
     if load > cores:
         return (f"warning: the load average {load:.1f} exceeds the {cores} cores: other work shares this machine and "
                 f"the {device.type} timings are not reliable")
@@ -343,7 +346,8 @@ def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
             values = [float(r[key]) for r in same if r.get(key) not in (None, "")]
             if values:
                 row[key] = round(statistics.median(values), 2)
-                row[key.split("_")[0] + "_spread_pct"] = round(spread_pct(values), 1)
+                if len(values) > 1:  # (one round: the spread of its timed steps stays)
+                    row[key.split("_")[0] + "_spread_pct"] = round(spread_pct(values), 1)
         if row.get("train_step_ms") not in (None, ""):
             ms = float(row["train_step_ms"])
             row["train_images_per_s"] = round(row["batch_size"] / (ms / 1000), 2)
@@ -364,8 +368,12 @@ def run_bench(s: BenchSettings, log=print) -> list[dict]:
     for precision, compile in s.combinations():
         block = []
         rounds: dict[str, list[list[dict]]] = {name: [] for name in s.methods}
+        # the baselines (train_time_vs_full's, eval_vs_plain's) lead the order, so that alternate rounds measure them
+        # first and last
+        lead = [m for m in s.methods if get_method(m).name in (get_method(s.baseline).name, "linear")]
+        methods = lead + [m for m in s.methods if m not in lead]
         for r in range(max(1, s.repeats)):
-            order = s.methods if r % 2 == 0 else list(reversed(s.methods))
+            order = methods if r % 2 == 0 else list(reversed(methods))
             for name in order:
                 log(f"bench {name} on {s.backbone} ({s.device}, batch {s.batch_size}, {precision}"
                     f"{', compiled' if compile else ''}"
@@ -404,8 +412,6 @@ def run_bench(s: BenchSettings, log=print) -> list[dict]:
                 r["train_time_vs_full"] = round(r["train_step_ms"] / base["train_step_ms"], 3) if base else ""
             r["eval_vs_plain"] = round(r["eval_images_per_s"] / plain["eval_images_per_s"], 3) if plain else ""
         rows += block
-    for line in filter(None, [load_warning(device)]):
-        log(line + " (at the end of the bench)")
     return rows
 
 

@@ -18,7 +18,7 @@ def register(sub) -> None:
     p.add_argument("--task", default=None, help="the run's task")
     p.add_argument("--seed", type=int, default=None, help="the run's seed (when the method and task have several)")
     p.add_argument("--out", default=None,
-                   help="the folder to write (default <runs-dir>/export/<method>-<task>-s<seed>-<key>); a path ending "
+                   help="the folder to write (default ./export/<method>-<task>-s<seed>-<key>); a path ending "
                         "in .safetensors: one plain timm file of the merged model instead")
     p.add_argument("--variant", default="merged", help="with --out FILE.safetensors: which inference variant to write")
     p.add_argument("--push-to-hub", default=None, metavar="REPO_ID",
@@ -28,6 +28,8 @@ def register(sub) -> None:
 
 
 def main(args) -> int:
+    from pathlib import Path
+
     from .._io import safe_component
     from ..errors import SettingsError
     from ..export import export_folder, export_run, push_to_hub, select_run
@@ -37,12 +39,19 @@ def main(args) -> int:
     single = args.out is not None and args.out.endswith(".safetensors")
     if single and args.push_to_hub:
         raise SettingsError("--push-to-hub uploads a folder: leave out --out FILE.safetensors")
+    if args.variant != "merged" and not single:
+        raise SettingsError(f"--variant {args.variant}: it picks the model of a single file (--out FILE.safetensors); "
+                            "a folder holds every format the method has")
+    if args.private and not args.push_to_hub:
+        raise SettingsError("--private: it applies to the repository --push-to-hub creates")
+    if single and Path(args.out).exists():
+        raise SettingsError(f"--out {args.out}: exists (nothing is overwritten)")
     rec = select_run(RunStore(args.runs_dir), key=args.run, method=args.method, task=args.task, seed=args.seed)
     if single:
         done = export_run(args.runs_dir, rec.key, args.out, args.variant, rec=rec)
         print(f"{done.weights}\n{done.config}\n(max |logit difference| merged vs trained: {done.max_abs_diff:.2e})")
         return 0
-    folder = export_folder(args.runs_dir, args.out, rec=rec)
+    folder = export_folder(args.runs_dir, args.out, rec=rec, repo=args.push_to_hub)
     checks = ", ".join(f"{k} {v:.1e}" for k, v in folder.diffs.items())
     print(f"{folder.folder}\n  " + "\n  ".join(folder.files) + f"\n(reloaded and checked, max |logit difference|: "
           f"{checks})")

@@ -30,7 +30,7 @@ TASKS = {
     "dsprites_location": "dSprites/location", "dsprites_orientation": "dSprites/orientation",
     "smallnorb_azimuth": "SmallNORB/azimuth", "smallnorb_elevation": "SmallNORB/elevation",
     # FGVC
-    "cub": "CUB-200-2011", "nabirds": "NABirds", "oxford_flowers": "Oxford Flowers", "stanford_dogs": "Stanford Dogs",
+    "cub200": "CUB-200-2011", "nabirds": "NABirds", "oxford_flowers": "Oxford Flowers", "stanford_dogs": "Stanford Dogs",
     "stanford_cars": "Stanford Cars",
 }
 
