@@ -35,7 +35,7 @@ SUBNETS = Path(__file__).with_name("subnets.csv")
 CODE = "ZhangYuanhan-AI/NOAH@e9c55f360be4f7f1133a08bf84f86f0309e98f8c"
 SEARCH = "search"
 # The retrain recipe of the NOAH lineage (AdamW lr 1e-3, wd 1e-4, batch 64, 100 epochs, 10 warm-up:
-# configs/NOAH/VTAB/subnet/slurm_retrain_vtab.sh:12,24,44); demo lr: LoRA's and the adapters' (results/demo-hparam-search.csv)
+# configs/NOAH/VTAB/subnet/slurm_retrain_vtab.sh:11,23,36); demo lr: LoRA's and the adapters' (results/demo-hparam-search.csv)
 NOAH_SEARCH_RECIPE = noah_fixed_recipe(demo_lr=0.04)
 OPTION_OF = {"prompts": "prompt_dims", "lora": "lora_dims", "adapter": "adapter_dims"}
 
