@@ -81,6 +81,9 @@ SETTINGS: dict[str, MethodSettings] = {
     "cvpt": MethodSettings(options={"prompt_tokens": "2"}, vit_b=({"prompt_tokens": "10"}, 12 * 10 * 768)),
     # 10 x 768 + 11 x (LayerNorm + 2 x 2 kernel + 169 positions -> 10 tokens) + the shared 768-8-768 MLP
     "vapt": MethodSettings(options={"tokens": "2", "hidden": "4"}, vit_b=({}, 55_608)),
+    # the side network (stems, 12 side blocks, norms), meta tokens, bridges and the ViT's 24 LayerNorms; its head reads the
+    # last stage's 72 channels (tests/test_hst.py has the formula)
+    "hst": MethodSettings(vit_b=({}, 764_840), vit_b_head=73 * 100),
     # a fixed subnet with absent modules (0) in places; ViT-B/16: NOAH's released CIFAR-100 subnet (tests/test_noah.py)
     "noah": MethodSettings(options={"prompt_dims": "2,0,3", "lora_dims": "1,2,0", "adapter_dims": "0,3,1"},
                            vit_b=({"prompt_dims": "10,5,10,1,5,1,10,1,10,5,1,10", "lora_dims": "10,1,5,5,1,10,1,1,1,10,1,1",

@@ -14,7 +14,7 @@ METHODS = {
     "adapter": "Adapter", "adapter-noah": "Adapter (NOAH)", "adapter-houlsby": "Houlsby", "adapter-plus": "Adapter+",
     "adaptformer": "AdaptFormer", "convpass": "Convpass", "repadapter": "RepAdapter", "fact-tt": "FacT-TT",
     "fact-tk": "FacT-TK", "hydra": "Hydra", "dtl": "DTL", "dtl-plus": "DTL+", "sct": "SCT", "snell": "SNELL",
-    "gps": "GPS", "spt-lora": "SPT-LoRA", "spt-adapter": "SPT-Adapter", "noah": "NOAH", "cvpt": "CVPT", "vapt": "VAPT",
+    "gps": "GPS", "spt-lora": "SPT-LoRA", "spt-adapter": "SPT-Adapter", "noah": "NOAH", "cvpt": "CVPT", "vapt": "VAPT", "hst": "HST",
     "lora": "LoRA", "dora": "DoRA", "vera": "VeRA", "ia3": "(IA)^3", "fourierft": "FourierFT", "loha": "LoHa",
     "lokr": "LoKr", "boft": "BOFT", "oft": "OFT", "hra": "HRA", "randlora": "RandLoRA", "shira": "SHiRA",
     "vblora": "VB-LoRA", "gralora": "GraLoRA", "hira": "HiRA", "delora": "DeLoRA", "road": "RoAd", "miss": "MiSS",
