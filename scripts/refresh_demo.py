@@ -71,7 +71,11 @@ def sweep_field(name: str):
 
 
 def methods_of_sweep() -> list[str]:
-    return list(sweep_field("methods"))
+    """The sweep's methods and every built-in method registered since (the board has every registered method)."""
+    from peftbench.methods import METHODS
+
+    builtin = {n for n, m in METHODS.items() if type(m).__module__.startswith("peftbench.methods.")}
+    return sorted(set(sweep_field("methods")) | builtin)
 
 
 def refuse_while_running() -> None:
