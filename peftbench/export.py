@@ -434,10 +434,7 @@ def load_pretrained(folder: str | Path, checkpoint: str | Path | None = None, de
                           f"{info['checkpoint_id']}... (another file)")
     # the run's resolved options: the declared ones checked as a user's would be; what a pipeline adds for its later
     # stages (e2vpt-prune's mask) passes as it was built with
-    extra = {k: v for k, v in info["options"].items() if k not in method.options}
-    bad = [k for k, v in extra.items() if isinstance(v, dict)]
-    if bad:
-        raise ExportError(f"{folder / CONFIG}: options {bad} are not options of {name!r}")
+    extra = {k: v for k, v in info["options"].items() if k not in method.options}  # (plain JSON data, as recorded)
     opts = {**extra, **method.parse_options({k: v for k, v in info["options"].items() if k in method.options})}
     # (built as the run built it, seeded; the caller's random generators are left as they were)
     with torch.random.fork_rng(devices=[]):
