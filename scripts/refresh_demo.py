@@ -89,12 +89,13 @@ def refuse_while_running() -> None:
 
 
 def portable_sweep() -> None:
-    """The committed sweep file names no path of the machine that wrote it (runs_dir, data_root: each machine's own,
+    """The committed sweep files name no path of the machine that wrote them (runs_dir, data_root: each machine's own,
     given by refresh_demo's flags and peftbench's default data root)."""
-    lines = SWEEP.read_text(encoding="utf-8").splitlines()
-    keep = [line for line in lines if not line.startswith(("runs_dir =", "data_root =", "# run it again exactly:"))]
-    if keep != lines:
-        SWEEP.write_text("\n".join(keep) + "\n", encoding="utf-8")
+    for sweep in sorted(SWEEP.parent.glob("*.toml")):
+        lines = sweep.read_text(encoding="utf-8").splitlines()
+        keep = [line for line in lines if not line.startswith(("runs_dir =", "data_root =", "# run it again exactly:"))]
+        if keep != lines:
+            sweep.write_text("\n".join(keep) + "\n", encoding="utf-8")
 
 
 def prune_store() -> None:
