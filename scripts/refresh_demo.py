@@ -169,6 +169,7 @@ def main() -> None:
     args = ap.parse_args()
     refuse_while_running()
     if not args.board_only:
+        portable_sweep()  # (before training too: this machine's data root, not the one that wrote the file)
         if not args.no_train:
             stale = methods_of_sweep() if args.all else stale_methods()
             retrain(stale, [m for m in incomplete_methods() if m not in stale])
