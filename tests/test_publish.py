@@ -11,21 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import TINY_BACKBONE, ensure_registered, make_data_root
+from test_clean_errors import one_line_error as one_error_line
 
 import peftbench
 from peftbench.cli import main
 from peftbench.export import CONFIG, ExportError, export_folder, load_pretrained, push_to_hub
 
 ensure_registered()
-
-
-def one_error_line(err: str, *needles: str) -> str:
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if ": error: " in line]
-    assert len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

@@ -76,9 +76,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-_STEP_SPREAD: list[float] = []  # the spread (%) of the timed steps of the last _median_time calls (one round)
-
-
 def spread_pct(values: list[float]) -> float:
     """(max − min) / median, in %; 0 for fewer than two values."""
     if len(values) < 2:
@@ -88,6 +85,11 @@ def spread_pct(values: list[float]) -> float:
 
 
 def _median_time(fn, warmup: int, steps: int, device: torch.device) -> float:
+    return _timed(fn, warmup, steps, device)[0]
+
+
+def _timed(fn, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """(median seconds of the timed steps, their spread in %), after ``warmup`` untimed steps."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -97,8 +99,7 @@ def _median_time(fn, warmup: int, steps: int, device: torch.device) -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t)
-    _STEP_SPREAD.append(spread_pct(times))
-    return statistics.median(times)
+    return statistics.median(times), spread_pct(times)
 
 
 def load_warning(device: torch.device) -> str:
@@ -194,12 +195,11 @@ def bench_method(method_name: str, s: BenchSettings, precision: str | None = Non
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    _STEP_SPREAD.clear()
-    t_train = _median_time(step, s.warmup, s.steps, device)
+    t_train, train_spread = _timed(step, s.warmup, s.steps, device)
     peak = (torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated") if device.type == "cuda" \
         else (None, "n/a on cpu")
     model.eval()
-    t_eval = _median_time(_eval_fn(forward, x, device, precision), s.warmup, s.steps, device)
+    t_eval, eval_spread = _timed(_eval_fn(forward, x, device, precision), s.warmup, s.steps, device)
     fwd_flops = _flops(lambda: forward(x)) / s.batch_size  # (the counter's module tracker needs grad mode on)
     train_flops = _flops(step) / s.batch_size
     common = {"method": method.name, "backbone": s.backbone, "device": device_name(device), "precision": precision,
@@ -212,7 +212,7 @@ def bench_method(method_name: str, s: BenchSettings, precision: str | None = Non
         "train_mfu_pct": mfu_pct(train_flops / 1e9, s.batch_size / t_train, peak_tf),
         "eval_mfu_pct": mfu_pct(fwd_flops / 1e9, s.batch_size / t_eval, peak_tf),
         "trainable_params": params["trainable"], "tuned_total_pct": round(params["tuned_total_pct"], 4),
-        "repeats": 1, "train_spread_pct": round(_STEP_SPREAD[0], 1), "eval_spread_pct": round(_STEP_SPREAD[1], 1),
+        "repeats": 1, "train_spread_pct": round(train_spread, 1), "eval_spread_pct": round(eval_spread, 1),
     }]
     if not s.variants:
         return rows
@@ -220,11 +220,10 @@ def bench_method(method_name: str, s: BenchSettings, precision: str | None = Non
     for name, variant in model.inference_variants().items():
         variant = variant.to(device).eval()
         fwd = torch.compile(variant) if compile else variant
-        _STEP_SPREAD.clear()
-        t = _median_time(_eval_fn(fwd, x, device, precision), s.warmup, s.steps, device)
+        t, spread = _timed(_eval_fn(fwd, x, device, precision), s.warmup, s.steps, device)
         flops = _flops(lambda: fwd(x)) / s.batch_size
         rows.append({**common, "variant": name, "tokens": _tokens(variant, x[:1]), "repeats": 1,
-                     "eval_spread_pct": round(_STEP_SPREAD[0], 1),
+                     "eval_spread_pct": round(spread, 1),
                      "eval_images_per_s": round(s.batch_size / t, 2), "memory_kind": "",
                      "gflops_forward_per_image": round(flops / 1e9, 6),
                      "eval_mfu_pct": mfu_pct(flops / 1e9, s.batch_size / t, peak_tf),
@@ -262,7 +261,6 @@ def bench_fused(method_name: str, s: BenchSettings, k: int, precision: str | Non
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    _STEP_SPREAD.clear()
     t_train = _median_time(step, s.warmup, s.steps, device)
     peak = (torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated") if device.type == "cuda" \
         else (None, "n/a on cpu")

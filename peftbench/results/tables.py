@@ -86,6 +86,13 @@ def block_caption(name: str, board: Board) -> str:
     return "final runs" + (f", {note}" if note else "")
 
 
+def _caption(blocks: list[tuple[str, list[Row]]], board: Board) -> str:
+    """What the table's rows are: each block's caption, named when there are several."""
+    if len(blocks) > 1:
+        return "; ".join(f"{name}: {block_caption(name, board)}" for name, _ in blocks)
+    return block_caption(blocks[0][0], board) if blocks else "final runs"
+
+
 def _label(r: Row, raw: bool) -> str:
     return r.label if r.source != "reproduced" else method_title(r.label, raw)
 
@@ -129,8 +136,7 @@ def latex_table(board: Board, raw_names: bool = False) -> str:
     cols = _columns(board, raw_names)
     n = 1 + len(cols)
     blocks = _blocks(board)
-    what = "; ".join(f"{name}: {block_caption(name, board)}" for name, _ in blocks) if len(blocks) > 1 \
-        else (block_caption(blocks[0][0], board) if blocks else "final runs")
+    what = _caption(blocks, board)
     lines = [f"% peftbench leaderboard --format latex: {tex_escape(lay.suite)} (generated from the run store; do not edit)",
              r"% needs \usepackage{booktabs} and \usepackage{graphicx}",
              r"\begin{table*}[t]", r"\centering",
@@ -204,8 +210,7 @@ def markdown_table(board: Board, raw_names: bool = False) -> str:
         else:
             heads.append(_md_escape(c.head))
     blocks = _blocks(board)
-    what = "; ".join(f"{name}: {block_caption(name, board)}" for name, _ in blocks) if len(blocks) > 1 \
-        else (block_caption(blocks[0][0], board) if blocks else "final runs")
+    what = _caption(blocks, board)
     out = [f"**{_md_escape(lay.suite)}**: top-1 accuracy (%). {_md_escape(what[0].upper() + what[1:])}; best of each "
            "column in bold (within each block)."
            + (" Groups: " + "; ".join(f"{_md_escape(g.capitalize())}: "
