@@ -117,6 +117,24 @@ def prune_store() -> None:
         shutil.rmtree(RUNS / d, ignore_errors=True)
 
 
+def whole_sweep(text: str, added: list[str]) -> str:
+    """The board's sweep file ``text`` with ``added`` methods in its method list (its --set options kept); its
+    description lines, which count one invocation's runs, replaced by what the file is."""
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("methods = "):
+            methods = sorted(set(json.loads(line[len("methods = "):])) | set(added))
+            line = "methods = " + json.dumps(methods)
+        elif line.startswith(("# The resolved sweep", "# written by peftbench")):
+            continue
+        lines.append(line)
+    head = ("# The demo board's sweep: every method on the demo suite (scripts/refresh_demo.py trains what is missing or "
+            "stale through it and keeps its method list whole)")
+    if lines and lines[0] != head:
+        lines.insert(0, head)
+    return "\n".join(lines) + "\n"
+
+
 def retrain(methods: list[str], resume: list[str] = ()) -> None:
     """Train ``methods`` again from scratch (their folders set aside) and finish ``resume`` (the store keeps their
     finished runs), in one sweep. A method that ends incomplete gets its old folder back (if it had one); the others
@@ -132,10 +150,14 @@ def retrain(methods: list[str], resume: list[str] = ()) -> None:
     print(f"refresh_demo: retraining {', '.join(methods) or 'nothing'}; finishing {', '.join(resume) or 'nothing'}",
           flush=True)
     code = 1
+    whole = SWEEP.read_text(encoding="utf-8")
     try:
         code = subprocess.call([*PEFTBENCH, "run", "--config", str(SWEEP), "--runs-dir", str(RUNS), "--methods",
                                 ",".join(todo), "--save-weights", "none"])
     finally:
+        # the run rewrote the sweep file with the subset it trained (and only that subset's --set options): the
+        # committed file stays the whole board's sweep, with the methods it gained
+        SWEEP.write_text(whole_sweep(whole, todo), encoding="utf-8")
         unfinished = set(incomplete_methods())
         for m in methods:
             if m in unfinished and (aside / m).exists():
