@@ -35,6 +35,7 @@ from typing import Any, Callable, ClassVar
 import torch
 from torch import nn
 
+from peftbench.errors import SettingsError, StoreError
 from peftbench.layers.merge import is_plain_timm, plain_vit, wrap_module
 from peftbench.methods import NOAH_RECIPE, Method, Option, TunedViT, register_method
 
@@ -63,6 +64,9 @@ class Tuner:
     # mlp.fc1, mlp.fc2), so peft injects there alike (a generalisation: no paper's table has peft tuners on Swin);
     # ("vit",) for a row whose defaults need widths Swin-B's first stage lacks
     families: tuple[str, ...] = ("vit", "swin")
+    # the model class (PeftTunedViT, or a subclass with per-step hooks: AdaLoRA's) and whether it keeps peft's tuner
+    # object (the BaseTuner that injected the layers: AdaLoRA's rank allocator lives there)
+    model: Any = None
 
 
 def _targets(opts: dict[str, Any], key: str = "targets") -> list[str]:
@@ -260,7 +264,36 @@ TUNERS: dict[str, Tuner] = {
         # not fusable: FFT-based circulant products (complex intermediates; no vmap); ViT only: block_size 256 does not
         # divide the 128-wide first stage of Swin-B
         min_peft="0.16", fusable=False, families=("vit",)),
+    # AdaLoRA (Zhang et al., ICLR 2023): an SVD-shaped update P·Λ·Q per layer whose ranks are reallocated during
+    # training (peft's RankAllocator, after every optimiser step) plus an orthogonality penalty on P and Q
+    # (docs/methods/peft_tuners.md §6). peft needs the run's total steps at config time; peftbench gives them when
+    # training starts (AdaLoraTunedViT.start_training), so the config is made with a placeholder here.
+    "adalora": Tuner(
+        lambda o: _peft().AdaLoraConfig(init_r=int(o["init_r"]), target_r=int(o["target_r"]),
+                                        lora_alpha=float(o["alpha"]),
+                                        lora_dropout=float(o["dropout"]), deltaT=int(o["delta_t"]),
+                                        beta1=float(o["beta1"]), beta2=float(o["beta2"]),
+                                        orth_reg_weight=float(o["orth_reg_weight"]), total_step=PLACEHOLDER_STEPS,
+                                        target_modules=_targets(o)),
+        "AdaLoRA via peft: SVD-shaped updates on qkv whose ranks are reallocated by importance during training "
+        "(12 -> 8 on average), with an orthogonality penalty",
+        {"init_r": Option(12, "initial rank of every layer (peft's default)", min=1),
+         "target_r": Option(8, "average rank at the end of the allocation (peft's default; LoRA-8's budget)", min=1),
+         "alpha": Option(8.0, "scaling numerator alpha (scale alpha / init_r; peft's default 8)", min=0.0),
+         "dropout": Option(0.0, "dropout on the AdaLoRA input (peft's default)", min=0.0, max=1.0),
+         "tinit": Option(0.1, "share of the run's optimiser steps before the ranks start to shrink (peft's tinit, "
+                         "in steps there; unpublished for ViTs: our choice)", min=0.0, max=1.0),
+         "tfinal": Option(0.2, "share of the run's steps trained with the final ranks fixed (peft's tfinal; "
+                          "unpublished for ViTs: our choice)", min=0.0, max=1.0),
+         "delta_t": Option(1, "steps between two reallocations (peft's deltaT)", min=1),
+         "beta1": Option(0.85, "EMA of the sensitivity (peft's default)", min=0.0, max=1.0),
+         "beta2": Option(0.85, "EMA of the uncertainty (peft's default)", min=0.0, max=1.0),
+         "orth_reg_weight": Option(0.5, "weight of the orthogonality penalty on P and Q (peft's default)", min=0.0),
+         "targets": TARGETS},
+        # not fusable: per-step hooks (the rank allocator's state is per model)
+        min_peft="0.15", fusable=False, model="AdaLoraTunedViT"),
 }
+PLACEHOLDER_STEPS = 1_000_000  # AdaLoRA's total_step until the run's is known (start_training)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,12 +316,14 @@ def installed_peft() -> str | None:
         return None
 
 
-def _inject_here(config, backbone: nn.Module) -> None:
+def _inject_here(config, backbone: nn.Module, keep: list | None = None) -> None:
     peft = _peft()
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
     tuner_cls = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
-    if getattr(tuner_cls, "uses_shared_state", False):
+    if keep is not None:  # the tuner object stays with the model (AdaLoRA: its rank allocator)
+        keep.append(tuner_cls(backbone, config, adapter_name=ADAPTER_NAME))
+    elif getattr(tuner_cls, "uses_shared_state", False):
         # inject_adapter_in_model refuses tuners with state shared between layers; the layers keep
         # references to it (VeRA's projections), so the wrapper itself can be dropped
         peft.get_peft_model(backbone, config, adapter_name=ADAPTER_NAME)
@@ -296,24 +331,25 @@ def _inject_here(config, backbone: nn.Module) -> None:
         peft.inject_adapter_in_model(config, backbone, adapter_name=ADAPTER_NAME)
 
 
-def inject(config, backbone: nn.Module) -> nn.Module:
+def inject(config, backbone: nn.Module, keep: list | None = None) -> nn.Module:
     """Inject the tuner of ``config`` into ``backbone``; returns the backbone to use (the same object,
-    except during parameter counting on the meta device when the tuner cannot work there)."""
+    except during parameter counting on the meta device when the tuner cannot work there). ``keep``: a list that
+    receives peft's tuner object."""
     if not any(p.is_meta for p in backbone.parameters()):
-        _inject_here(config, backbone)
+        _inject_here(config, backbone, keep)
         return backbone
     # Meta device (``peftbench params``): the helper tensors a tuner computes (permutations, masks)
     # are made on the CPU, peft then moves the adapter weights to the (meta) device of the base layer.
     probe = copy.deepcopy(backbone)
     try:
         with torch.device("cpu"):
-            _inject_here(config, probe)
+            _inject_here(config, probe, keep)
         return probe
     except (NotImplementedError, RuntimeError):
         # the tuner needs real values: count on a CPU copy with uninitialised weights instead
         backbone = backbone.to_empty(device="cpu")
         with torch.device("cpu"):
-            _inject_here(config, backbone)
+            _inject_here(config, backbone, keep)
         return backbone
 
 
@@ -400,6 +436,85 @@ class PeftTunedViT(TunedViT):
         return plain_vit(backbone, self.head)
 
 
+class AdaLoraTunedViT(PeftTunedViT):
+    """AdaLoRA through peft, trained as peft's documentation and ``AdaLoraModel.forward`` do it
+    (docs/methods/peft_tuners.md §6): the loss is the cross entropy plus ``orth_reg_weight`` times the mean over P and
+    Q matrices of ||P·Pᵀ − I||_F (:meth:`step_loss`, peft's formula), and after every optimiser step, its gradients
+    still in place, ``AdaLoraModel.update_and_allocate(step)`` updates the importance scores and masks the least
+    important singular values to the step's budget (:meth:`after_step`). The allocator's averages and the rank
+    pattern are checkpointed (:meth:`step_state`), so a resumed run continues bit for bit."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, trainable: set[str], tuner, opts: dict[str, Any]):
+        super().__init__(backbone, num_classes, trainable)
+        object.__setattr__(self, "_tuner", tuner)  # (not a submodule: it wraps this backbone)
+        self.tinit_share, self.tfinal_share = float(opts["tinit"]), float(opts["tfinal"])
+        self.init_r, self.target_r = int(opts["init_r"]), int(opts["target_r"])
+
+    def _config(self):
+        return self._tuner.peft_config[ADAPTER_NAME]
+
+    def start_training(self, total_steps: int) -> None:
+        config = self._config()
+        config.total_step = int(total_steps)
+        config.tinit = int(self.tinit_share * total_steps)
+        config.tfinal = int(self.tfinal_share * total_steps)
+        if config.tinit >= config.total_step - config.tfinal:
+            raise SettingsError(f"adalora: tinit {self.tinit_share} and tfinal {self.tfinal_share} leave no step of "
+                                f"rank allocation in a run of {total_steps} steps (make tinit + tfinal smaller)")
+
+    def step_loss(self, y: torch.Tensor) -> torch.Tensor | None:
+        weight = self._config().orth_reg_weight
+        if weight == 0:
+            return None
+        total, count = 0, 0
+        for n, p in self.backbone.named_parameters():
+            if ("lora_A" in n or "lora_B" in n) and ADAPTER_NAME in n:
+                cov = p @ p.T if "lora_A" in n else p.T @ p
+                total = total + torch.norm(cov - torch.eye(*cov.size(), dtype=cov.dtype, device=cov.device), p="fro")
+                count += 1
+        return weight * total / count if count else None
+
+    def after_step(self, step: int) -> None:
+        self._tuner.update_and_allocate(step)
+
+    def step_state(self) -> dict[str, torch.Tensor]:
+        alloc = self._tuner.rankallocator
+        out = {}
+        for kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            out.update({f"{kind}/{n}": t.detach().clone() for n, t in getattr(alloc, kind).items()})
+        for n, keep in (self._config().rank_pattern or {}).items():
+            out[f"rank_pattern/{n}"] = torch.tensor([bool(k) for k in keep], dtype=torch.uint8)
+        return out
+
+    def load_step_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        alloc = self._tuner.rankallocator
+        if not any(k.startswith("exp_avg_ipt/") for k in state):
+            raise StoreError(f"{where}: the checkpoint has no AdaLoRA allocator state (written by older peftbench?); "
+                             "delete it to train the run from epoch 0")
+        alloc.reset_ipt()
+        pattern = {}
+        for key, value in state.items():
+            kind, _, name = key.partition("/")
+            if kind in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+                getattr(alloc, kind)[name] = value.clone()
+            elif kind == "rank_pattern":
+                pattern[name] = [bool(v) for v in value.tolist()]
+        if pattern:
+            self._config().rank_pattern = pattern
+
+    def parameter_counts(self) -> dict[str, int]:
+        """``tuned``: the final budget AdaLoRA trains to, target_r triplets (a column of P, a singular value, a row of
+        Q) per adapted layer on average, plus the head; ``trainable`` holds all init_r triplets (the masked ones stay
+        in the model as zeros)."""
+        out = super().parameter_counts()
+        budget = 0
+        for layer in self.tuner_layers:
+            base = layer.get_base_layer()
+            budget += self.target_r * (base.in_features + base.out_features + 1)
+        out["tuned"] = budget + out["head"]
+        return out
+
+
 class PeftTunerMethod(Method):
     """A method that injects one peft tuner (a row of :data:`TUNERS`)."""
 
@@ -412,16 +527,26 @@ class PeftTunerMethod(Method):
         if have is None or _version(have) < _version(row.min_peft):
             raise RuntimeError(f"method {self.name!r} needs peft >= {row.min_peft} (installed: {have or 'none'})")
         config = row.config(opts)
-        backbone = inject(config, backbone)
+        keep: list | None = [] if row.model is not None else None
+        backbone = inject(config, backbone, keep)
         if opts.get("init") == "trunc-normal":  # NOAH's ViT.init_weights: every Linear, LoRA's A and B too
             with torch.no_grad():
                 for name, module in backbone.named_modules():
                     if isinstance(module, nn.Linear) and (".lora_A." in f".{name}." or ".lora_B." in f".{name}."):
                         nn.init.trunc_normal_(module.weight, std=0.02)
+        for module in backbone.modules():  # peft's bookkeeping parameters (AdaLoRA's ranknum) never train; on the meta
+            if _is_tuner_layer(module):    # device peft's move to the base layer's device leaves them trainable
+                for attr in (getattr(module, n, None) for n in getattr(module, "other_param_names", ())):
+                    if isinstance(attr, nn.ParameterDict):
+                        for p in attr.values():
+                            p.requires_grad_(False)
         trainable = {n for n, p in backbone.named_parameters() if p.requires_grad}  # what peft marked
         if not trainable:
             raise ValueError(f"method {self.name!r}: peft found no layer named {opts.get('targets')!r} to adapt")
-        model = PeftTunedViT(backbone, num_classes, trainable)
+        if row.model is None:
+            model = PeftTunedViT(backbone, num_classes, trainable)
+        else:
+            model = globals()[row.model](backbone, num_classes, trainable, keep[0] if keep else None, opts)
         model.peft_config = config  # what peft_model() rebuilds the model from, as peft would
         return model
 

@@ -66,7 +66,10 @@ class SnellLinear(nn.Module):
     """A frozen timm Linear (``.base``) with SNELL's branch; ``parts`` > 1 splits a fused output (qkv) into that many
     matrices, each with its own factors and quantile, sharing one input-dropout draw."""
 
-    def __init__(self, base: nn.Linear, rank: int, sparsity: float, parts: int, dropout: float, drop_path: float):
+    Delta = KernelDelta  # (SNELLA's matrices are a subclass: methods/snella.py)
+
+    def __init__(self, base: nn.Linear, rank: int, sparsity: float, parts: int, dropout: float, drop_path: float,
+                 **delta_options):
         super().__init__()
         from timm.layers import DropPath
 
@@ -74,7 +77,8 @@ class SnellLinear(nn.Module):
             raise ValueError(f"snell: {base.out_features} outputs do not split into {parts} matrices")
         self.base = base
         d_out = base.out_features // parts
-        self.deltas = nn.ModuleList(KernelDelta(base.in_features, d_out, rank, sparsity) for _ in range(parts))
+        self.deltas = nn.ModuleList(self.Delta(base.in_features, d_out, rank, sparsity, **delta_options)
+                                    for _ in range(parts))
         self.dropout = nn.Dropout(dropout)
         self.drop_paths = nn.ModuleList(DropPath(drop_path) if drop_path > 0 else nn.Identity() for _ in range(parts))
 

@@ -4,6 +4,7 @@
     python scripts/refresh_demo.py                # retrain stale methods, finish incomplete ones, rewrite the board
     python scripts/refresh_demo.py --all          # retrain every method (about 2 hours on a 2-core CPU)
     python scripts/refresh_demo.py --no-train     # keep the store's JSON only and rewrite the board (after a sweep)
+    python scripts/refresh_demo.py --missing-only # train only new methods (stale ones keep their records and banner)
 
 results/demo/runs/ is a run store holding only JSON: every run record and the JSON artifacts of the pipelines'
 jobs, plus the sweep file that made them (sweeps/demo-all.toml). A method is retrained as a whole (all its stages
@@ -185,6 +186,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--board-only", action="store_true", help="only rewrite the board from the committed records")
     ap.add_argument("--all", action="store_true", help="retrain every method of the sweep")
+    ap.add_argument("--missing-only", action="store_true",
+                    help="train only the methods without a final run on every task (new methods); stale methods keep "
+                         "their records, and the board its 'made by older code' banner")
     ap.add_argument("--no-train", action="store_true",
                     help="train nothing: keep the store's JSON (an interrupted pair's records dropped) and rewrite the "
                          "board")
@@ -193,7 +197,7 @@ def main() -> None:
     if not args.board_only:
         portable_sweep()  # (before training too: this machine's data root, not the one that wrote the file)
         if not args.no_train:
-            stale = methods_of_sweep() if args.all else stale_methods()
+            stale = methods_of_sweep() if args.all else [] if args.missing_only else stale_methods()
             retrain(stale, [m for m in incomplete_methods() if m not in stale])
         prune_store()
         portable_sweep()

@@ -92,6 +92,8 @@ SETTINGS: dict[str, MethodSettings] = {
     # (+ the CLS token, which SNELL trains; sparsity 0.5 so that the conformance suite covers the competition)
     "snell": MethodSettings(options={"rank": "4", "sparsity": "0.5"}, vit_b=({"rank": "32"}, 5_309_184),
                             variants=MERGED, tol=1e-8),
+    "snella": MethodSettings(options={"rank": "4", "variant": "snella", "target_sparsity": "0.5"},
+                             vit_b=({"rank": "32"}, 5_309_400), variants=MERGED, tol=1e-8),
     "fact-tt": MethodSettings(vit_b=({"rank": "8"}, 21_504), variants=MERGED),
     "fact-tk": MethodSettings(vit_b=({"rank": "32"}, 86_528), variants=MERGED),
     # selection methods: their counts depend on what their selection stage picks
@@ -122,6 +124,8 @@ SETTINGS: dict[str, MethodSettings] = {
     "delora": MethodSettings(vit_b=({}, 294_924), variants=MERGED, doc=PEFT_DOC),
     "road": MethodSettings(options={"group_size": "16"}, vit_b=({}, 27_648), variants=MERGED, doc=PEFT_DOC),
     "miss": MethodSettings(options={"rank": "8"}, vit_b=({}, 1_769_472), variants=MERGED, doc=PEFT_DOC),
+    "adalora": MethodSettings(options={"init_r": "4", "target_r": "2"}, vit_b=({}, 442_512), variants=MERGED,
+                              doc=PEFT_DOC),
     # peft computes C3A's circulant products in float32 whatever the model's dtype (peft/tuners/c3a/layer.py:57,193):
     # merged and unmerged agree to float32 precision only
     "c3a": MethodSettings(options={"block_size": "16"}, vit_b=({}, 82_944), variants=MERGED, doc=PEFT_DOC, tol=1e-6),

@@ -356,3 +356,27 @@ def test_stochastic_depth_goes_inside_the_adapter_wrapper():
     wrapped = model.backbone.blocks[1].drop_path2
     assert isinstance(wrapped, AdapterAfterDropPath) and isinstance(wrapped.drop_path, DropPath)
     assert wrapped.drop_path in added and isinstance(model.backbone.blocks[1].drop_path1, DropPath)
+
+
+def test_an_evolution_record_without_a_subnet_is_a_one_line_error():
+    """The retraining reads the chosen subnet from the evolution job's record: a record without a whole one stops the
+    pipeline with a one-line PipelineError naming the run, not a KeyError."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from helpers import plan_contexts
+
+    from peftbench.errors import PipelineError
+    from peftbench.methods import get_method
+    from peftbench.store import RunStatus
+    from peftbench.sweep.protocols import get_protocol
+
+    (ctx,) = plan_contexts("noah", "demo_digits", "demo")
+    ctx = dataclasses.replace(ctx, dry_run=False)
+    gen = get_method("noah").pipeline(ctx, get_protocol("demo"))
+    (supernet,) = next(gen)
+    (evolution,) = gen.send([SimpleNamespace(status=RunStatus.OK, error=None)])
+    assert evolution.job == "evolution"
+    with pytest.raises(PipelineError, match=f"the evolution run {evolution.key} recorded no whole subnet") as err:
+        gen.send([SimpleNamespace(status=RunStatus.OK, error=None, get=lambda k, d=None: {"prompts": [1]})])
+    assert "\n" not in str(err.value)

@@ -35,6 +35,7 @@ VITB = {
     "road": 12 * 2304,  # road_1: an angle and a scale per pair of outputs
     "miss": 12 * 64 * 2304,  # a shard of r rows of the output width
     "c3a": 12 * 768 * 2304 // 256,  # one kernel of the block size per block
+    "adalora": 12 * 12 * (768 + 2304 + 1),  # init_r triplets: a column of P, a row of Q, a singular value
 }
 # options that fit the tests' 48-wide ViT (qkv 48 -> 144) where a row's ViT-B defaults do not divide its widths
 TINY_OPTIONS = {"vblora": {"vector_length": "16", "num_vectors": "32"}, "road": {"group_size": "16"},

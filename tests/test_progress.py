@@ -225,3 +225,36 @@ def test_the_bar_redraws_on_a_timer_between_events():
     after = out.getvalue()
     _time.sleep(0.15)
     assert out.getvalue() == after  # closed: the ticker stopped
+
+
+def test_progress_within_an_epoch(data_root, tmp_path, monkeypatch):
+    """The loop's ``step`` events (at most one a second; here every step) move the bar within an epoch: it names the
+    step, and the ETA counts the epoch's done fraction."""
+    import peftbench.train.loop as loop
+    from peftbench.train.loop import RunHooks
+
+    specs = [spec("lora", epochs=2)]
+    out, clock = Tty(), Clock()
+    view = SweepProgress(specs, stream=out, clock=clock, tick_s=0)
+    view.run_started(specs[0])
+    clock.t += 3.0
+    view.step(specs[0], {"epoch": 0, "step": 4, "steps": 16})
+    assert "lora demo_digits final epoch 1/2 step 4/16" in out.getvalue()
+    assert view.eta.current_frac == pytest.approx(4 / 16 / 2)
+    view.close()
+
+    seen: list[dict] = []
+
+    class Steps(RunHooks):
+        def step(self, spec, where):
+            seen.append(dict(where))
+
+    monkeypatch.setattr(loop, "STEP_EVENT_S", 0.0)
+    import peftbench as pb
+
+    sweep = pb.Sweep(methods=["bitfit"], suite="testsuite", tasks=["toy"], protocol="fixed", seeds=[1],
+                     backbone=TINY_BACKBONE, data_root=str(data_root), runs_dir=str(tmp_path / "runs"), device="cpu",
+                     search={"epochs": 2, "batch_size": 16, "lr": [0.05], "wd": [0.0]})
+    assert pb.run_sweep(sweep, quiet=True, hooks=[Steps()]).ok
+    steps = seen[0]["steps"]
+    assert steps > 2 and [(w["epoch"], w["step"]) for w in seen] == [(e, s) for e in (0, 1) for s in range(1, steps)]

@@ -25,6 +25,7 @@ import re
 from pathlib import Path
 
 from peftbench._io import atomic_write_text
+from peftbench.errors import PipelineError
 from peftbench.methods import Method, Option, PerTask, noah_fixed_recipe, register_method
 from peftbench.sweep.stages import job_stage, search_then_final
 
@@ -152,7 +153,10 @@ class Noah(Method):
         seed0 = ctx.seeds[0]
         points = protocol.search_points(ctx)
         base_search, base_final = protocol.base_hparams(ctx, "search"), protocol.base_hparams(ctx, "final")
-        lr = float(points[0].get("lr", base_search.get("lr", 0.0)))
+        if "lr" not in points[0] and "lr" not in base_search:
+            raise PipelineError(f"noah on {ctx.task.name}: the protocol gives the supernet no learning rate (neither a "
+                                "search point nor its settings have one): pass --lr")
+        lr = float(points[0].get("lr", base_search.get("lr")))
         epochs = int(base_search["epochs"])
         super_hp = {**base_search, **points[0], "lr": lr * float(opts["supernet_lr_ratio"]),
                     "epochs": 5 * epochs if opts["supernet_epochs"] == "auto" else int(opts["supernet_epochs"]),
@@ -171,6 +175,10 @@ class Noah(Method):
             net = subnet_of(super_opts, ctx_depth(ctx))
         else:
             chosen = found[0].get("subnet") or {}
+            if not isinstance(chosen, dict) or any(k not in chosen for k in KINDS):
+                raise PipelineError(f"noah on {ctx.task.name}: the evolution run {evolution.key} recorded no whole "
+                                    f"subnet (it has {sorted(chosen) if isinstance(chosen, dict) else chosen!r}); "
+                                    "delete its record to search again")
             net = Subnet(*(tuple(int(v) for v in chosen[k]) for k in KINDS))
         retrain = {**opts, **net.options()}
         for k in OPTION_OF.values():

@@ -60,13 +60,19 @@ class Subnet:
         return cls(*((size,) * depth for _ in KINDS))
 
 
+def block_count(net: Subnet, dim: int) -> int:
+    """The blocks' trained entries of ``net``: prompt tokens, LoRA A and B on qkv (4·r·D), adapter weights and biases
+    (the up-projection's bias is full width)."""
+    return (sum(p * dim for p in net.prompts) + sum(r * 4 * dim for r in net.lora)
+            + sum(2 * a * dim + a + dim for a in net.adapter if a > 0))
+
+
 def noah_count(net: Subnet, dim: int, super_prompts: int) -> int:
     """What NOAH's search limits (``VisionTransformer.get_sampled_params_numel``, :581-595, without the head): every
     block's prompt tokens, LoRA A and B, adapter weights and biases (the up-projection's bias is full width), plus
     the input-level prompts p_0 and their position embedding of the supernet's width P_super (counted, though they
     never reach the output)."""
-    n = sum(p * dim for p in net.prompts) + sum(r * 4 * dim for r in net.lora)
-    n += sum(2 * a * dim + a + dim for a in net.adapter if a > 0)
+    n = block_count(net, dim)
     if net.prompts and net.prompts[0] > 0:
         n += net.prompts[0] * dim + super_prompts * dim
     return n
@@ -224,7 +230,5 @@ class NoahViT(TunedViT):
         counts = super().parameter_counts()
         if self.choices is not None or self.active != self.largest:
             head = counts["head"]
-            used = sum(p * self.dim for p in self.active.prompts) + sum(r * 4 * self.dim for r in self.active.lora)
-            used += sum(2 * a * self.dim + a + self.dim for a in self.active.adapter if a > 0)
-            counts["tuned"] = used + head
+            counts["tuned"] = block_count(self.active, self.dim) + head
         return counts

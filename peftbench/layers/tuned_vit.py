@@ -61,6 +61,38 @@ class TunedViT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"head.bias"}
 
+    # -- per-step hooks: a method whose training does more than minimise the cross entropy (AdaLoRA's rank
+    # allocation and orthogonality penalty) overrides them; the loop calls them (docs/architecture.md, "the epoch
+    # loop"); a model that overrides any of them is never fused (peftbench.train.fused) ---------------------------
+    def start_training(self, total_steps: int) -> None:
+        """Called once before the first step (a resumed run too): the schedule's number of optimiser steps."""
+
+    def start_epoch(self, epoch: int, epochs: int) -> None:
+        """Called before epoch ``epoch`` (0-based) of the schedule's ``epochs`` trains (a resumed run: from the epoch
+        it resumes at)."""
+
+    def step_loss(self, y: torch.Tensor) -> torch.Tensor | None:
+        """A term added to this step's cross entropy, computed after the step's forward (None: nothing); ``y``: the
+        step's targets (class indices, or soft targets after mixup / CutMix)."""
+        return None
+
+    def after_step(self, step: int) -> None:
+        """After optimiser step ``step`` (0-based, counted over the whole run), its gradients still in place."""
+
+    def step_state(self) -> dict[str, torch.Tensor]:
+        """What the per-step hooks keep between steps beyond the trained tensors (saved in every checkpoint, so
+        that a resumed run continues bit for bit)."""
+        return {}
+
+    def load_step_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Restore :meth:`step_state` from a checkpoint (``where`` names it in errors)."""
+
+    def has_step_hooks(self) -> bool:
+        """Whether this model's class overrides any per-step hook."""
+        return any(getattr(type(self), name) is not getattr(TunedViT, name)
+                   for name in ("start_training", "start_epoch", "step_loss", "after_step", "step_state",
+                                "load_step_state"))
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """The trained tensors (what a checkpoint needs): trainable parameters + buffers of train modules."""
         state = {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}

@@ -292,6 +292,16 @@ class SweepProgress:
         if self.mode == "lines" and self.clock() - self.last_line >= self.interval_s:
             self._say(self.status_line())
 
+    def step(self, spec: RunSpec, where: dict) -> None:
+        """Progress within an epoch (the loop's ``step`` event, at most once a second): the bar shows the step, and
+        the sweep's ETA counts the epoch's done fraction."""
+        epochs = int((spec.hparams or {}).get("epochs") or 1)
+        epoch, done, steps = int(where.get("epoch", 0)), int(where.get("step", 0)), max(1, int(where.get("steps", 1)))
+        if self.run_t0 is not None:
+            self.eta.progress((epoch + done / steps) / epochs, self.clock() - self.run_t0, self._setup())
+        self.epoch_text = f"epoch {epoch + 1}/{epochs} step {done}/{steps}"
+        self._refresh()
+
     def message(self, text: str, detail: bool = False) -> None:
         if self.mode == "quiet" or (detail and not self.verbose):
             return

@@ -48,16 +48,22 @@ from .optim import build_optimizer, effective_lr, lr_at_epoch, set_lr
 from .precision import autocast
 from .regularise import TrainableEMA, batch_regulariser, loss_smoothing
 
+STEP_EVENT_S = 1.0  # the least time between two ``step`` events of a run (progress within an epoch)
+
 
 class RunHooks:
     """What code that follows runs may implement (every method is optional to override).
 
     ``run_start(spec, info)``: the run is about to train (``info``: ``attempt``, ``resume_epoch``, ``device``);
-    ``epoch(spec, entry)``: an epoch ended (``entry``: ``epoch``, ``lr``, ``train_loss``, ``eval_top1`` when
-    evaluated); ``run_end(spec, record)``: the run's final :class:`~peftbench.store.RunRecord` was written
-    (status ok, failed or diverged)."""
+    ``step(spec, where)``: progress within an epoch, at most once a second (``where``: ``epoch``, ``step``, the steps
+    done in it, and ``steps``, the epoch's); ``epoch(spec, entry)``: an epoch ended (``entry``: ``epoch``, ``lr``,
+    ``train_loss``, ``eval_top1`` when evaluated); ``run_end(spec, record)``: the run's final
+    :class:`~peftbench.store.RunRecord` was written (status ok, failed or diverged)."""
 
     def run_start(self, spec: RunSpec, info: dict) -> None:
+        pass
+
+    def step(self, spec: RunSpec, where: dict) -> None:
         pass
 
     def epoch(self, spec: RunSpec, entry: dict) -> None:
@@ -99,11 +105,16 @@ def uses_cached_features(method: Method, task: Task) -> bool:
 
 def train_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                optimizer: torch.optim.Optimizer, device: torch.device, precision: str = "fp32",
-               scaler: "torch.amp.GradScaler | None" = None, label_smoothing: float = 0.0) -> torch.Tensor:
-    """One optimisation step (loss in fp32 whatever the forward's precision); returns the loss."""
+               scaler: "torch.amp.GradScaler | None" = None, label_smoothing: float = 0.0,
+               extra_loss: Callable[[torch.Tensor], "torch.Tensor | None"] | None = None) -> torch.Tensor:
+    """One optimisation step (loss in fp32 whatever the forward's precision); returns the loss: the cross entropy,
+    plus what ``extra_loss(y)`` returns after the forward (a method's own term, :meth:`TunedViT.step_loss`)."""
     with autocast(device, precision):
         logits = forward(x)
     loss = F.cross_entropy(logits.float(), y, label_smoothing=loss_smoothing(y, label_smoothing))
+    extra = extra_loss(y) if extra_loss is not None else None
+    if extra is not None:
+        loss = loss + extra.float()
     if not torch.isfinite(loss):
         return loss
     optimizer.zero_grad(set_to_none=True)
@@ -342,8 +353,11 @@ def report_epoch(spec: RunSpec, env: Env, hp: HParams, entry: dict, eta_s: float
             + f" | run left {fmt_s(eta_s)}", detail=True)
 
 
-def _ema_extra(ema: "TrainableEMA | None") -> dict:
-    return {f"ema/{k}": v for k, v in ema.state().items()} if ema is not None else {}
+def _extra(model: TunedViT, ema: "TrainableEMA | None") -> dict:
+    """A checkpoint's tensors beside the trained ones: a model EMA's averages, the per-step hooks' state."""
+    out = {f"ema/{k}": v for k, v in ema.state().items()} if ema is not None else {}
+    out.update({f"step/{k}": v for k, v in model.step_state().items()})
+    return out
 
 
 def save_progress(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: TunedViT, optimizer,
@@ -351,7 +365,7 @@ def save_progress(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: 
     """The epoch's checkpoint (unless it is the run's last epoch or the env checkpoints less often)."""
     if epoch != hp.stop - 1 and env.checkpoint_every and (epoch + 1) % env.checkpoint_every == 0:
         store.save_checkpoint(spec, state=model.trainable_state(), optimizer=optimizer.state_dict(),
-                              rng=rng_state(dev), info=state_info(spec, epoch, prog), extra=_ema_extra(ema))
+                              rng=rng_state(dev), info=state_info(spec, epoch, prog), extra=_extra(model, ema))
 
 
 def save_rung_end(spec: RunSpec, store: RunStore, hp: HParams, model: TunedViT, optimizer, dev: torch.device,
@@ -360,7 +374,7 @@ def save_rung_end(spec: RunSpec, store: RunStore, hp: HParams, model: TunedViT, 
     next rung's run of the same trajectory continues from."""
     if hp.stop < hp.epochs:
         store.save_rung_state(spec, state=model.trainable_state(), optimizer=optimizer.state_dict(),
-                              rng=rng_state(dev), info=state_info(spec, hp.stop - 1, prog), extra=_ema_extra(ema))
+                              rng=rng_state(dev), info=state_info(spec, hp.stop - 1, prog), extra=_extra(model, ema))
 
 
 def run_result(spec: RunSpec, store: RunStore, env: Env, hp: HParams, model: TunedViT, params: dict,
@@ -424,10 +438,15 @@ class SingleStep:
         self.forward = forward_module(model, data)
 
     def train_step(self, x, y, optimizers, which, device, precision="fp32", scalers=None,
-                   label_smoothing: float = 0.0) -> list[float]:
+                   label_smoothing: float = 0.0, step: int = 0) -> list[float]:
+        """One step; ``step`` (0-based over the run) goes to the model's :meth:`~TunedViT.after_step`."""
+        hooks = self.base.has_step_hooks()
         loss = train_step(self.forward, x, y, optimizers[0], device, precision, scalers[0] if scalers else None,
-                          label_smoothing)
-        return [loss.item()]
+                          label_smoothing, self.base.step_loss if hooks else None)
+        value = loss.item()
+        if hooks and math.isfinite(value):
+            self.base.after_step(step)
+        return [value]
 
     def evaluate(self, xs, labels, prepare, env, which, precision="fp32") -> list[float]:
         return [evaluate(self.base, self.forward, xs, labels, prepare, env, precision)]
@@ -505,11 +524,21 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
         ema.load({k[len("ema/"):]: v for k, v in first.extra.items() if k.startswith("ema/")},
                  str(store.checkpoint_path(specs[0])))
     regularise = batch_regulariser(hp0, get_task(specs[0].task).num_classes, dev)
+    n = len(data.train)
+    steps_per_epoch = n // hp0.batch_size if hp0.drop_last else -(-n // hp0.batch_size)
+    hooked = any(model.has_step_hooks() for model in stepper.models)
+    if hooked:
+        if fused:
+            raise CannotFuse("the method's model has per-step hooks (TunedViT.after_step, step_loss)")
+        model0 = stepper.models[0]
+        model0.start_training(steps_per_epoch * hp0.epochs)  # (the schedule's steps: a rung run stops earlier)
+        state = {k[len("step/"):]: v for k, v in first.extra.items() if k.startswith("step/")}
+        if first.start_epoch > 0:
+            model0.load_step_state(state, str(store.checkpoint_path(specs[0])))
     scalers = [m.scaler for m in members] if hp0.precision == "fp16" else None
     optimizers = [m.optimizer for m in members]
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    n = len(data.train)
     t_run = time.time()
     stepped = False
     for epoch in range(first.start_epoch, hp0.stop):  # (a rung run of successive halving stops early)
@@ -521,10 +550,13 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
             m.lr = epoch_lr(m.hp, m.peak_lr, epoch)
             set_lr(m.optimizer, m.lr)
             m.loss_sum = 0.0
+        if hooked:
+            stepper.models[0].start_epoch(epoch, hp0.epochs)
         stepper.base.train()
         t_epoch = time.time()
         order = epoch_order(specs[0].seed, epoch, n)
         seen = 0
+        t_step_event = time.time()
         for s, (x, y, idx) in enumerate(batches(data.train_x, data.train.labels, order, hp0.batch_size,
                                                 prepare=data.prepare, augment=data.augment, device=dev,
                                                 drop_last=hp0.drop_last)):
@@ -532,7 +564,12 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
             if regularise is not None:
                 x, y = regularise(x, y)
             try:
-                values = stepper.train_step(x, y, optimizers, live, dev, hp0.precision, scalers, hp0.label_smoothing)
+                if fused:
+                    values = stepper.train_step(x, y, optimizers, live, dev, hp0.precision, scalers,
+                                                hp0.label_smoothing)
+                else:
+                    values = stepper.train_step(x, y, optimizers, live, dev, hp0.precision, scalers,
+                                                hp0.label_smoothing, step=epoch * steps_per_epoch + s)
                 if ema is not None:
                     ema.update()
             except Exception as exc:
@@ -551,6 +588,10 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
             live = [i for i in live if members[i].diverged is None]
             if not live:
                 break
+            if env.hooks and time.time() - t_step_event >= STEP_EVENT_S and s + 1 < steps_per_epoch:
+                t_step_event = time.time()
+                for i in live:
+                    call_hooks(env, "step", members[i].spec, {"epoch": epoch, "step": s + 1, "steps": steps_per_epoch})
         if not live:
             break
         if dev.type == "cuda":
