@@ -264,6 +264,131 @@ TUNERS: dict[str, Tuner] = {
         # not fusable: FFT-based circulant products (complex intermediates; no vmap); ViT only: block_size 256 does not
         # divide the 128-wide first stage of Swin-B
         min_peft="0.16", fusable=False, families=("vit",)),
+    # GLoRA (Chavan et al., 2023, "One-for-All: Generalized LoRA"; Arnav0400/ViT-Slim GLoRA/): peft's GLoRA is one
+    # configuration for every layer (no supernet, no evolutionary search): the official search space's paths, fixed
+    "glora": Tuner(
+        lambda o: _peft().GloraConfig(r=int(o["rank"]), config_A_B=str(o["config_a_b"]), config_C=str(o["config_c"]),
+                                      config_D_E=str(o["config_d_e"]), target_modules=_targets(o)),
+        "GLoRA via peft: W' = W0 + W0*A + B, b' = b0 + b0*D + E + W0*C with one fixed configuration of the paths (A, B, C "
+        "rank-r, D, E scalars) on qkv; the official per-layer search is not peft's",
+        {"rank": Option(8, "rank r of the low-rank paths", min=1),
+         "config_a_b": Option("lora", "path of A and B", choices=("lora", "vector", "constant", "none")),
+         "config_c": Option("lora", "path of C (the weight-to-bias prompt)", choices=("lora", "vector", "none")),
+         "config_d_e": Option("constant", "path of D and E (the bias scale and shift)",
+                              choices=("vector", "constant", "none")),
+         "targets": TARGETS},
+        min_peft="0.20"),
+    "waveft": Tuner(
+        lambda o: _peft().WaveFTConfig(n_frequency=int(o["n_frequency"]), scaling=float(o["scaling"]),
+                                       wavelet_family=str(o["wavelet"]), random_loc_seed=int(o["seed"]),
+                                       target_modules=_targets(o)),
+        "WaveFT via peft: n learned wavelet coefficients per layer, the update their inverse DWT, on qkv",
+        {"n_frequency": Option(2592, "learned wavelet coefficients per layer (peft's default)", min=1),
+         "scaling": Option(25.0, "scale of the reconstructed update (peft's default)"),
+         "wavelet": Option("db1", "wavelet family (peft's default: Haar, db1)"),
+         "seed": Option(777, "seed of the random coefficient locations"),
+         "targets": TARGETS},
+        min_peft="0.18", demo_lr=0.004, fusable=False),  # demo_lr: LoRA's 0.04 does not learn (demo-hparam-search.csv);
+    # not fusable: index_put_ of the coefficients into a fresh tensor (no vmap)
+    "lily": Tuner(
+        lambda o: _peft().LilyConfig(r=int(o["rank"]), stride_A=int(o["stride_a"]), num_B=int(o["num_b"]),
+                                     scaling=float(o["scaling"]), target_modules=_targets(o)),
+        "Lily via peft: low-rank A projectors shared by stride_a adjacent layers and num_b B experts shared by all, "
+        "mixed per layer by a learned router, on qkv",
+        {"rank": Option(32, "rank r of A and of the B experts (peft's default)", min=1),
+         "stride_a": Option(1, "adjacent layers sharing one A (peft's default)", min=1),
+         "num_b": Option(2, "B experts shared by all layers (peft's default)", min=1),
+         "scaling": Option(1.0, "scale of the update (peft's default)"),
+         "targets": TARGETS},
+        min_peft="0.19", fusable=False),  # under torch.func its shared B experts get no gradient
+    "psoft": Tuner(
+        lambda o: _peft().PsoftConfig(r=int(o["rank"]), psoft_alpha=float(o["alpha"]),
+                                      psoft_dropout=float(o["dropout"]), target_modules=_targets(o)),
+        "PSOFT via peft: an orthogonal r x r rotation (and magnitudes) in the principal subspace of each weight, on qkv",
+        {"rank": Option(32, "rank r of the principal subspace (peft's default)", min=1),
+         "alpha": Option(32.0, "scaling numerator (peft's default)"),
+         "dropout": Option(0.0, "dropout on the PSOFT input", min=0.0, max=1.0),
+         "targets": TARGETS},
+        min_peft="0.19"),
+    "pvera": Tuner(
+        lambda o: _peft().PveraConfig(r=int(o["rank"]), pvera_dropout=float(o["dropout"]),
+                                      d_initial=float(o["d_initial"]), projection_prng_key=int(o["prng_key"]),
+                                      target_modules=_targets(o)),
+        "PVeRA via peft: VeRA's trained scaling vectors on frozen shared random projections, with a probabilistic "
+        "(sampled while training) low-rank code, on qkv",
+        {"rank": Option(256, "rank of the shared random projections (peft's default)", min=1),
+         "dropout": Option(0.0, "dropout on the PVeRA input", min=0.0, max=1.0),
+         "d_initial": Option(0.1, "initial value of the d scaling vector (peft's default)"),
+         "prng_key": Option(0, "seed of the shared random projections"),
+         "targets": TARGETS},
+        min_peft="0.19"),
+    "tinylora": Tuner(
+        lambda o: _peft().TinyLoraConfig(r=int(o["rank"]), u=int(o["u"]), projection_seed=int(o["seed"]),
+                                         tinylora_dropout=float(o["dropout"]), target_modules=_targets(o)),
+        "TinyLoRA via peft: a u-long trained vector per layer projected by fixed random tensors into the rank-r SVD "
+        "space of the frozen weight, on qkv",
+        {"rank": Option(2, "rank r of the frozen SVD (peft's default)", min=1),
+         "u": Option(64, "trained vector length per layer (peft's default)", min=1),
+         "seed": Option(42, "seed of the fixed random projections"),
+         "dropout": Option(0.0, "dropout on the TinyLoRA input", min=0.0, max=1.0),
+         "targets": TARGETS},
+        min_peft="0.19", fusable=False),  # under torch.func its trained vectors get no gradient
+    "unilora": Tuner(
+        lambda o: _peft().UniLoraConfig(r=int(o["rank"]), theta_d_length=int(o["length"]), proj_seed=int(o["seed"]),
+                                        unilora_dropout=float(o["dropout"]), target_modules=_targets(o)),
+        "Uni-LoRA via peft: every layer's LoRA factors (rank r) read from one shared trained vector through a fixed "
+        "random index map, on qkv",
+        {"rank": Option(4, "rank r of the LoRA factors (peft's default)", min=1),
+         "length": Option(256, "length of the one shared trained vector (peft's default)", min=1),
+         "seed": Option(42, "seed of the fixed index map"),
+         "dropout": Option(0.0, "dropout on the Uni-LoRA input", min=0.0, max=1.0),
+         "targets": TARGETS},
+        min_peft="0.20", fusable=False),  # under torch.func its shared vector gets no gradient
+    "deft": Tuner(
+        lambda o: _peft().DeftConfig(r=int(o["rank"]), decomposition_method=str(o["decomposition"]),
+                                     deft_dropout=float(o["dropout"]), target_modules=_targets(o)),
+        "DEFT via peft: W' = (I - P_proj) W + Q_P R, a learned rank-r projection P (out x r) and injection R (r x in), "
+        "the identity at the start, on qkv",
+        {"rank": Option(8, "rank r of P and R (peft's default)", min=1),
+         "decomposition": Option("relu", "relu: P_proj = P relu(P)^T; qr: an orthogonal projector (peft's default relu)",
+                                 choices=("relu", "qr")),
+         "dropout": Option(0.0, "dropout on the DEFT input", min=0.0, max=1.0),
+         "targets": TARGETS},
+        min_peft="0.20"),
+    "beft": Tuner(
+        lambda o: _peft().BeftConfig(target_modules=_targets(o)),
+        "BEFT via peft: a trained bias added to each adapted layer's output (out entries per layer), on qkv",
+        {"targets": TARGETS},
+        min_peft="0.20"),
+    "frod": Tuner(
+        lambda o: _peft().FrodConfig(sparse_rate=float(o["sparse_rate"]), projection_prng_key=int(o["prng_key"]),
+                                     frod_dropout=float(o["dropout"]), progressbar=False, target_modules=_targets(o)),
+        "FRoD via peft: a joint decomposition of the same-named layers of all blocks, with a trained scaling vector and "
+        "a sparse trained matrix (sparse_rate of the entries) per layer, on qkv",
+        {"sparse_rate": Option(0.01, "share of a d_in x d_in matrix trained sparsely (peft's default)", min=0.0,
+                               max=1.0),
+         "prng_key": Option(0, "seed of the sparse pattern"),
+         "dropout": Option(0.0, "dropout on the FRoD input", min=0.0, max=1.0),
+         "targets": TARGETS},
+        # not fusable: sparse tensors (no vmap); ViT only: its joint decomposition stacks the same-named layers of
+        # all blocks, which Swin's stages give different widths
+        min_peft="0.20", fusable=False, families=("vit",)),
+    "peanut": Tuner(
+        lambda o: _peft().PeanutConfig(r=int(o["rank"]), depth=int(o["depth"]), scaling=float(o["scaling"]),
+                                       target_modules=_targets(o)),
+        "PEANuT via peft: a small non-linear network of the frozen weight (A: out -> r, hidden layers, B: r -> out) "
+        "gives each layer's update, on qkv",
+        {"rank": Option(32, "hidden width r (peft's default)", min=1),
+         "depth": Option(0, "hidden layers between A and B (peft's default)", min=0),
+         "scaling": Option(1.0, "scale of the update (peft's default)"),
+         "targets": TARGETS},
+        min_peft="0.19"),
+    "supertuning": Tuner(
+        lambda o: _peft().SupertuningConfig(sparsity=float(o["sparsity"]), target_modules=_targets(o)),
+        "Super-Tuning via peft: the largest-magnitude (1 - sparsity) share of each weight's entries trained, on qkv",
+        {"sparsity": Option(0.99, "share of each weight left frozen (peft's default)", min=0.0, max=0.999999),
+         "targets": TARGETS},
+        min_peft="0.21", fusable=False),
     # AdaLoRA (Zhang et al., ICLR 2023): an SVD-shaped update P·Λ·Q per layer whose ranks are reallocated during
     # training (peft's RankAllocator, after every optimiser step) plus an orthogonality penalty on P and Q
     # (docs/methods/peft_tuners.md §6). peft needs the run's total steps at config time; peftbench gives them when

@@ -5,6 +5,8 @@
     python scripts/refresh_demo.py --all          # retrain every method (about 2 hours on a 2-core CPU)
     python scripts/refresh_demo.py --no-train     # keep the store's JSON only and rewrite the board (after a sweep)
     python scripts/refresh_demo.py --missing-only # train only new methods (stale ones keep their records and banner)
+    python scripts/refresh_demo.py --chunk 6      # (the default) stale methods retrained 6 at a time: an interruption
+                                                  # keeps every finished chunk
 
 results/demo/runs/ is a run store holding only JSON: every run record and the JSON artifacts of the pipelines'
 jobs, plus the sweep file that made them (sweeps/demo-all.toml). A method is retrained as a whole (all its stages
@@ -189,6 +191,9 @@ def main() -> None:
     ap.add_argument("--missing-only", action="store_true",
                     help="train only the methods without a final run on every task (new methods); stale methods keep "
                          "their records, and the board its 'made by older code' banner")
+    ap.add_argument("--chunk", type=int, default=6, metavar="N",
+                    help="retrain stale methods N at a time, one sweep each (default 6: about 10 minutes on 2 CPU cores), "
+                         "so that an interruption loses at most the chunk in progress (0: all in one sweep)")
     ap.add_argument("--no-train", action="store_true",
                     help="train nothing: keep the store's JSON (an interrupted pair's records dropped) and rewrite the "
                          "board")
@@ -198,7 +203,15 @@ def main() -> None:
         portable_sweep()  # (before training too: this machine's data root, not the one that wrote the file)
         if not args.no_train:
             stale = methods_of_sweep() if args.all else [] if args.missing_only else stale_methods()
-            retrain(stale, [m for m in incomplete_methods() if m not in stale])
+            resume = [m for m in incomplete_methods() if m not in stale]
+            size = args.chunk if args.chunk > 0 else max(1, len(stale))
+            # (the sweep runs task by task, so a method is whole only at the end of its sweep: chunks of methods keep
+            # what an interrupted refresh finished)
+            chunks = [stale[i:i + size] for i in range(0, len(stale), size)] or [[]]
+            for i, chunk in enumerate(chunks):
+                if len(chunks) > 1:
+                    print(f"refresh_demo: chunk {i + 1}/{len(chunks)}", flush=True)
+                retrain(chunk, resume if i == 0 else [])
         prune_store()
         portable_sweep()
     write_board()

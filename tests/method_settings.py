@@ -126,6 +126,19 @@ SETTINGS: dict[str, MethodSettings] = {
     "miss": MethodSettings(options={"rank": "8"}, vit_b=({}, 1_769_472), variants=MERGED, doc=PEFT_DOC),
     "adalora": MethodSettings(options={"init_r": "4", "target_r": "2"}, vit_b=({}, 442_512), variants=MERGED,
                               doc=PEFT_DOC),
+    "glora": MethodSettings(vit_b=({}, 663_672), variants=MERGED, doc=PEFT_DOC),
+    "waveft": MethodSettings(vit_b=({}, 31_104), variants=MERGED, doc=PEFT_DOC),
+    "lily": MethodSettings(vit_b=({}, 443_136), doc=PEFT_DOC),  # its router mixes the B experts per input: no merge
+    "psoft": MethodSettings(options={"rank": "8"}, vit_b=({}, 6_720), variants=MERGED, doc=PEFT_DOC),
+    "pvera": MethodSettings(options={"rank": "16"}, vit_b=({}, 33_792), variants=MERGED, doc=PEFT_DOC),
+    "tinylora": MethodSettings(vit_b=({}, 768), variants=MERGED, doc=PEFT_DOC),
+    "unilora": MethodSettings(vit_b=({}, 256), variants=MERGED, doc=PEFT_DOC),
+    # peft computes DEFT's projection and merge in float32 whatever the model's dtype (peft/tuners/deft/layer.py:195-222)
+    "deft": MethodSettings(vit_b=({}, 294_912), variants=MERGED, doc=PEFT_DOC, tol=1e-6),
+    "beft": MethodSettings(vit_b=({}, 27_648), variants=MERGED, doc=PEFT_DOC),
+    "frod": MethodSettings(vit_b=({}, 79_992), variants=MERGED, doc=PEFT_DOC),
+    "peanut": MethodSettings(options={"rank": "4"}, vit_b=({}, 1_769_472), variants=MERGED, doc=PEFT_DOC),
+    "supertuning": MethodSettings(vit_b=({}, 212_328), variants=MERGED, doc=PEFT_DOC),
     # peft computes C3A's circulant products in float32 whatever the model's dtype (peft/tuners/c3a/layer.py:57,193):
     # merged and unmerged agree to float32 precision only
     "c3a": MethodSettings(options={"block_size": "16"}, vit_b=({}, 82_944), variants=MERGED, doc=PEFT_DOC, tol=1e-6),

@@ -36,6 +36,18 @@ VITB = {
     "miss": 12 * 64 * 2304,  # a shard of r rows of the output width
     "c3a": 12 * 768 * 2304 // 256,  # one kernel of the block size per block
     "adalora": 12 * 12 * (768 + 2304 + 1),  # init_r triplets: a column of P, a row of Q, a singular value
+    "glora": 12 * (2 * 8 * (768 + 2304) + 8 * (768 + 1) + 2),  # A, B rank r; C: (in x r)(r x 1); D, E constants
+    "waveft": 12 * 2592,  # n_frequency wavelet coefficients per layer
+    "lily": 12 * 768 * 32 + 2 * 32 * 2304 + 12 * 32 * 2,  # an A per layer (stride 1), 2 shared B experts, routers
+    "psoft": 12 * (32 * 31 // 2 + 2 * 32),  # a skew-symmetric r x r generator and two magnitude vectors
+    "pvera": 12 * (2304 + 2 * 256),  # b (out) and d (2r: the probabilistic code's mean and spread) per layer
+    "tinylora": 12 * 64,  # one u-long vector per layer
+    "unilora": 256,  # one shared vector
+    "deft": 12 * 8 * (2304 + 768),  # P (out x r) and R (r x in)
+    "beft": 12 * 2304,  # a bias per output
+    "frod": 12 * (768 + 7680 * 768 // 1000),  # a scaling vector (in) and 1 % of an in x in matrix (5,898 entries)
+    "peanut": 12 * 2 * 32 * 2304,  # A (r x out) and B (out x r) acting on the frozen weight
+    "supertuning": 12 * (768 * 2304 // 100),  # 1 % of each weight's entries
 }
 # options that fit the tests' 48-wide ViT (qkv 48 -> 144) where a row's ViT-B defaults do not divide its widths
 TINY_OPTIONS = {"vblora": {"vector_length": "16", "num_vectors": "32"}, "road": {"group_size": "16"},
