@@ -79,6 +79,7 @@ SETTINGS: dict[str, MethodSettings] = {
     "dtl-plus": MethodSettings(vit_b=({"kernel": "4"}, 49_152)),
     "sct": MethodSettings(vit_b=({}, 111_744)),
     "lst": MethodSettings(vit_b=({}, 1_819_497)),
+    "restuning-bypass": MethodSettings(vit_b=({}, 1_198_848)),
     "cvpt": MethodSettings(options={"prompt_tokens": "2"}, vit_b=({"prompt_tokens": "10"}, 12 * 10 * 768)),
     # 10 x 768 + 11 x (LayerNorm + 2 x 2 kernel + 169 positions -> 10 tokens) + the shared 768-8-768 MLP
     "vapt": MethodSettings(options={"tokens": "2", "hidden": "4"}, vit_b=({}, 55_608)),
