@@ -80,6 +80,10 @@ SETTINGS: dict[str, MethodSettings] = {
     "sct": MethodSettings(vit_b=({}, 111_744)),
     "lst": MethodSettings(vit_b=({}, 1_819_497)),
     "restuning-bypass": MethodSettings(vit_b=({}, 1_198_848)),
+    # an explicit configuration on the 3-block test ViT (the default 'search' runs the supernet and the evolution:
+    # tests/test_glora_search.py); on ViT-B the supernet's tensors
+    "glora-search": MethodSettings(options={"paths": ",".join(["LvLcv", "cnvnc", "nLnvv", "vcLcn"] * 3)},
+                                   vit_b=({}, 1_603_776), variants=MERGED),
     "cvpt": MethodSettings(options={"prompt_tokens": "2"}, vit_b=({"prompt_tokens": "10"}, 12 * 10 * 768)),
     # 10 x 768 + 11 x (LayerNorm + 2 x 2 kernel + 169 positions -> 10 tokens) + the shared 768-8-768 MLP
     "vapt": MethodSettings(options={"tokens": "2", "hidden": "4"}, vit_b=({}, 55_608)),
