@@ -80,6 +80,7 @@ SETTINGS: dict[str, MethodSettings] = {
     "sct": MethodSettings(vit_b=({}, 111_744)),
     "lst": MethodSettings(vit_b=({}, 1_819_497)),
     "restuning-bypass": MethodSettings(vit_b=({}, 1_198_848)),
+    "mosa": MethodSettings(vit_b=({}, 350_400)),
     # an explicit configuration on the 3-block test ViT (the default 'search' runs the supernet and the evolution:
     # tests/test_glora_search.py); on ViT-B the supernet's tensors
     "glora-search": MethodSettings(options={"paths": ",".join(["LvLcv", "cnvnc", "nLnvv", "vcLcn"] * 3)},
