@@ -31,7 +31,7 @@ SIDE = "side.safetensors"
 SOURCE = "ylsung/Ladder-Side-Tuning@1798e82"
 # The unified protocols train LST as the NOAH-lineage side modules (AdamW, batch 64, 100 epochs, 10 warm-up).
 # demo lr: the best mean val200 top-1 over the 5 demo tasks (results/demo-hparam-search.csv)
-LST_RECIPE = noah_fixed_recipe(demo_lr=0.004)
+LST_RECIPE = noah_fixed_recipe(demo_lr=0.064)
 
 
 @register_method
