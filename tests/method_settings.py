@@ -81,6 +81,8 @@ SETTINGS: dict[str, MethodSettings] = {
     "lst": MethodSettings(vit_b=({}, 1_819_497)),
     "restuning-bypass": MethodSettings(vit_b=({}, 1_198_848)),
     "mosa": MethodSettings(vit_b=({}, 350_400)),
+    # 10 guided prompts in the last block, 20 in the others, the CLS token and 8 bias / LayerNorm vectors per block
+    "da-vpt": MethodSettings(options={"proxies": "2", "prompts": "2"}, vit_b=({}, 233_472)),
     # an explicit configuration on the 3-block test ViT (the default 'search' runs the supernet and the evolution:
     # tests/test_glora_search.py); on ViT-B the supernet's tensors
     "glora-search": MethodSettings(options={"paths": ",".join(["LvLcv", "cnvnc", "nLnvv", "vcLcn"] * 3)},
