@@ -98,8 +98,9 @@ def proxy_anchor(features: torch.Tensor, prompts: torch.Tensor, groups: torch.Te
     """criterion.py:501-565 (``ml_patch_forward``; ``ml_cls_forward`` is the same with other features): S = scale ·
     cos(features_b, prompt_p); mean over the P prompts of log(1 + Σ_{b in p} exp(−α(S − δ⁺))) plus the mean of
     log(1 + Σ_{b not in p} exp(α(S − δ⁻))); ``groups``: each image's prompt (its class's, through the mapping)."""
-    f = F.normalize(features, dim=-1)
-    p = F.normalize(prompts, dim=-1) * scale
+    wide = torch.promote_types(torch.promote_types(features.dtype, prompts.dtype), torch.float32)  # (fp16 / bf16 in)
+    f = F.normalize(features.to(wide), dim=-1)
+    p = F.normalize(prompts.to(wide), dim=-1) * scale
     sims = f.mm(p.T)  # (B, P)
     same = groups[:, None] == torch.arange(prompts.shape[0], device=groups.device)[None, :]
     pos = masked_logsumexp(-ALPHA * (sims - DELTA_POS), same)
@@ -203,7 +204,7 @@ class DaVptViT(TunedViT):
                 patch = x[:, n + self.num_proxies:].mean(dim=1)
                 term = self.w_patch * proxy_anchor(patch, prompts, groups, self.scale)
             if self.w_cls != 0:
-                q_cls = block.attn.qkv.query(block.norm1(x[:, 0]))
+                q_cls = block.attn.qkv.query(block.norm1(x[:, 0].to(block.norm1.weight.dtype)))
                 cls_term = self.w_cls * proxy_anchor(q_cls, prompts, groups, self.scale)
                 term = cls_term if term is None else term + cls_term
             total = term if total is None else total + term
