@@ -10,6 +10,7 @@ import json
 import math
 from collections import Counter
 
+import pytest
 import torch
 import torch.nn.functional as F
 from helpers import plan_contexts, tiny_backbone_2x32
@@ -23,6 +24,7 @@ OPTS = dict(proxies=3, guided=2, prompts=2, w_patch=0.7, w_cls=0.4, scale=5, cls
 def model_of(tiny_backbone, **over):
     model = build("da-vpt", copy.deepcopy(tiny_backbone), num_classes=5, **{**OPTS, **over}).double()
     randomise(model)
+    model.mapped.fill_(1)  # (as the mapping job's file does)
     return model
 
 
@@ -211,6 +213,16 @@ def test_one_prompt_per_class_when_the_task_has_fewer_classes(tiny_backbone):
     model = build("da-vpt", copy.deepcopy(tiny_backbone), num_classes=3, proxies=10)
     assert model.all_classes and model.num_proxies == 3 and model.mapping.tolist() == [0, 1, 2]
     assert not model.dynamic(5)  # train.py:187: no re-clustering then
+    model.start_training(10)  # the identity mapping needs no job
+
+
+def test_training_without_the_jobs_mapping_is_refused(tiny_backbone):
+
+
+    model = build("da-vpt", copy.deepcopy(tiny_backbone), num_classes=5, proxies=2)
+    with pytest.raises(ValueError, match="no class-to-prompt mapping loaded"):
+        model.start_training(10)
+    build("da-vpt", copy.deepcopy(tiny_backbone), num_classes=5, proxies=2, w_patch=0, w_cls=0).start_training(10)
 
 
 def test_the_mapping_jobs_samples_and_class_means(tiny_backbone):

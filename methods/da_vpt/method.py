@@ -25,8 +25,8 @@ from .model import DaVptViT, cosine_kmeans
 
 SETTINGS = Path(__file__).with_name("settings.csv")
 MAPPING = "mapping.safetensors"
-SAMPLES_PER_CLASS = 10  # params.py:34 (init_sample_per_class)
-MAPPING_BATCH = 32  # model_creator.py:560-565 (the mapping loader: args.batch_size, 32 in every vitb config)
+SAMPLES_PER_CLASS = 10  # params.py:43 (init_sample_per_class)
+MAPPING_BATCH = 32  # model_creator.py:547-552 (the mapping loader: args.batch_size, 32 in every vitb config)
 TRAINED = ("bias_q", "bias_v", "bias_fc2", "bias_norm2", "bias_proj", "norm1")
 # The official loop (every vitb config): AdamW, batch 32, 100 epochs, 10 warm-up, per-task lr in {5e-5, 5e-4, 1e-3,
 # 5e-3, 1e-2} and wd in {0 .. 10}. The unified protocols search the three common lrs (1e-3, 5e-3, 1e-2 at batch 32 =
@@ -128,7 +128,7 @@ class DaVpt(Method):
         centroids, assignment = cosine_kmeans(means, model.num_proxies, None, g)
         used = len(assignment.unique())
         state = {"mapping": assignment, "centroids": centroids.float().cpu().contiguous(),
-                 "has_centroids": torch.tensor(int(used > 1))}
+                 "has_centroids": torch.tensor(int(used > 1)), "mapped": torch.tensor(1)}
         path = store.artifact_path(spec, MAPPING)
         atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata={"run": spec.key}))
         summary = {"task": spec.task, "run": spec.key, "proxies": model.num_proxies, "images": len(chosen),

@@ -19,7 +19,7 @@ from peftbench.methods import TunedViT
 ALPHA = 32.0
 DELTA_POS = 0.1
 DELTA_NEG = -0.1
-KMEANS_TOL = 1e-4  # model_creator.py:196 (cosine_kmeans: tol, max_iter)
+KMEANS_TOL = 1e-4  # model_creator.py:197 (cosine_kmeans: tol, max_iter)
 KMEANS_ITERS = 20
 
 
@@ -162,6 +162,10 @@ class DaVptViT(TunedViT):
         self.register_buffer("has_centroids", torch.zeros((), dtype=torch.long))
         self.register_buffer("class_mean", torch.zeros(num_classes, dim))
         self.register_buffer("class_count", torch.zeros(num_classes, dtype=torch.long))
+        # 1 once a mapping is in place (the identity, or the job's file sets it): training without one would send
+        # every class to prompt 0
+        self.register_buffer("mapped", torch.tensor(int(self.all_classes)))
+        self._checked = False
         self._collect = False
         self._guided: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._cls: torch.Tensor | None = None
@@ -222,7 +226,19 @@ class DaVptViT(TunedViT):
                                   / (count + mask.sum()))
             self.class_count[c] += mask.sum()
 
+    def require_mapping(self) -> None:
+        if self._checked:
+            return
+        if not int(self.mapped) and (self.w_patch != 0 or self.w_cls != 0):
+            raise ValueError("da-vpt: no class-to-prompt mapping loaded: the pipeline's `mapping` job writes it and the "
+                             "training runs load it (extras init_state = <job key>.mapping.safetensors)")
+        self._checked = True
+
+    def start_training(self, total_steps: int) -> None:
+        self.require_mapping()
+
     def step_loss(self, y: torch.Tensor) -> torch.Tensor | None:
+        self.require_mapping()
         labels = y if y.dim() == 1 else y.argmax(dim=-1)  # (soft targets: their largest class)
         if self._collect and self._cls is not None:
             self.collect(self._cls, labels)
