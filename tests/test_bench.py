@@ -136,3 +136,13 @@ def test_rounds_alternate_the_order_and_report_the_median_and_spread(monkeypatch
     assert full["train_step_ms"] == 26.0 and lin["train_time_vs_full"] == round(18 / 26, 3)
     assert any("load average 64.0 exceeds" in m for m in logged)
     assert any("linear: its timings spread by 56 %" in m for m in logged)
+
+
+def test_the_train_step_runs_the_methods_per_step_hooks():
+    """MoSA's extra loss runs a second forward of the batch (TunedViT.step_loss): its measured training step costs
+    about two forwards more than AdaptFormer's, the same adapter without the hook."""
+    s = BenchSettings(methods=["adaptformer", "mosa"], backbone=TINY_BACKBONE, batch_size=4, warmup=1, steps=1,
+                      variants=False)
+    got = {r["method"]: r for r in run_bench(s, log=lambda m: None) if not r["variant"]}
+    ratio = {m: r["gflops_train_per_image"] / r["gflops_forward_per_image"] for m, r in got.items()}
+    assert ratio["mosa"] > ratio["adaptformer"] + 1.5

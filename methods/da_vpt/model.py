@@ -165,7 +165,6 @@ class DaVptViT(TunedViT):
         # 1 once a mapping is in place (the identity, or the job's file sets it): training without one would send
         # every class to prompt 0
         self.register_buffer("mapped", torch.tensor(int(self.all_classes)))
-        self._checked = False
         self._collect = False
         self._guided: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         self._cls: torch.Tensor | None = None
@@ -226,19 +225,14 @@ class DaVptViT(TunedViT):
                                   / (count + mask.sum()))
             self.class_count[c] += mask.sum()
 
-    def require_mapping(self) -> None:
-        if self._checked:
-            return
+    def start_training(self, total_steps: int) -> None:
+        """(Called by the loop before the first step.) Training a clustered model with the extra loss needs the
+        mapping job's file: without it every class would share prompt 0."""
         if not int(self.mapped) and (self.w_patch != 0 or self.w_cls != 0):
             raise ValueError("da-vpt: no class-to-prompt mapping loaded: the pipeline's `mapping` job writes it and the "
                              "training runs load it (extras init_state = <job key>.mapping.safetensors)")
-        self._checked = True
-
-    def start_training(self, total_steps: int) -> None:
-        self.require_mapping()
 
     def step_loss(self, y: torch.Tensor) -> torch.Tensor | None:
-        self.require_mapping()
         labels = y if y.dim() == 1 else y.argmax(dim=-1)  # (soft targets: their largest class)
         if self._collect and self._cls is not None:
             self.collect(self._cls, labels)

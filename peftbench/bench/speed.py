@@ -121,12 +121,18 @@ def load_warning(device: torch.device) -> str:
     return ""
 
 
-def _train_step(model, forward, x, y, optimizer, device: torch.device, precision: str):
-    """One optimisation step of ``forward`` (the model, or a part of it) on a fixed batch."""
+def _train_step(model, forward, x, y, optimizer, device: torch.device, precision: str, hooks: bool = False):
+    """One optimisation step of ``forward`` (the model, or a part of it) on a fixed batch; ``hooks``: with the model's
+    per-step hooks, as the loop runs them (a method's extra loss, e.g. MoSA's second forward, and ``after_step``)."""
+    extra = model.step_loss if hooks and model.has_step_hooks() else None
+    count = [0]
 
     def step():
         model.train()
-        train_step(forward, x, y, optimizer, device, precision)
+        train_step(forward, x, y, optimizer, device, precision, extra_loss=extra)
+        if extra is not None:
+            model.after_step(count[0])
+            count[0] += 1
 
     return step
 
@@ -190,7 +196,7 @@ def bench_method(method_name: str, s: BenchSettings, precision: str | None = Non
     optimizer = build_optimizer(method.recipe.optimizer, model, 1e-3, 1e-4)
     forward = torch.compile(model) if compile else model
     peak_tf = _peak(device, precision, s)
-    step = _train_step(model, forward, x, y, optimizer, device, precision)
+    step = _train_step(model, forward, x, y, optimizer, device, precision, hooks=True)
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
