@@ -71,3 +71,16 @@ def test_a_gpu_sweep_costed_from_the_cpu_table_says_so(capsys):
     assert "the runs train on GPUs, these hours are the CPU table's" in capsys.readouterr().out
     assert main(["run", "--methods", "lora", "--suite", "vtab", "--tasks", "dtd", "--dry-run"]) == 0
     assert "the runs train on GPUs" not in capsys.readouterr().out  # a CPU sweep: the table is its own
+
+
+def test_every_builtin_method_has_a_row_in_the_shipped_vit_b_table():
+    """`--dry-run` costs a sweep from this table: a built-in method without a row is "not estimated". A new method
+    joins with `peftbench bench --backbone vit_base_patch16_224 --device cpu --batch-size 8 --warmup 1 --steps 2
+    --no-probe --methods full,<name>` (its row copied in, results/README.md naming the command)."""
+    from peftbench.bench.speed import table_path
+    from peftbench.methods import METHODS
+
+    rows = read_table(table_path(TABLES, "cpu", "vit_base_patch16_224"))
+    builtin = sorted(n for n, m in METHODS.items() if type(m).__module__.startswith("peftbench.methods."))
+    missing = [n for n in builtin if n not in rows]
+    assert not missing, f"no CPU bench row for {missing} in {table_path(TABLES, 'cpu', 'vit_base_patch16_224')}"
