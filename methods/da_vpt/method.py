@@ -21,7 +21,7 @@ from peftbench.methods import Method, Option, PerTask, Recipe, register_method
 from peftbench.sweep.stages import job_stage, search_then_final
 from peftbench.train.engine import job_inputs, normalizer_for
 
-from .model import DaVptViT, cosine_kmeans
+from .model import DaVptViT, cosine_kmeans, update_class_means
 
 SETTINGS = Path(__file__).with_name("settings.csv")
 MAPPING = "mapping.safetensors"
@@ -173,12 +173,7 @@ def class_means(model: DaVptViT, images: torch.Tensor, labels: torch.Tensor, cho
             take = chosen[i:i + batch_size]
             x = norm(images[take].to(dev)).to(vit.patch_embed.proj.weight.dtype)
             f = vit.forward_head(vit.forward_features(x), pre_logits=True).to(means.dtype)
-            y = labels[take].to(dev)
-            for label in y.unique():
-                mask = y == label
-                c = int(label)
-                means[c] = (means[c] * counts[c] + f[mask].sum(0)) / (counts[c] + mask.sum())
-                counts[c] += mask.sum()
+            update_class_means(means, counts, f, labels[take].to(dev))
     finally:
         model.train(was)
     return means

@@ -6,8 +6,6 @@ Official code: Noahsark/DA-VPT@1a5ac60939bf (``models/vpt.py``, ``models/criteri
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -83,6 +81,17 @@ def cosine_kmeans(data: torch.Tensor, k: int, centroids: torch.Tensor | None, ge
     out[~zero] = assignment.cpu()
     out[zero] = torch.randint(k, (int(zero.sum()),), generator=generator)
     return centroids, out
+
+
+@torch.no_grad()
+def update_class_means(means: torch.Tensor, counts: torch.Tensor, features: torch.Tensor, labels: torch.Tensor) -> None:
+    """criterion.py:78-88: fold a batch into each class's running mean (``means`` (C, D) and ``counts`` (C,), in
+    place), in the official update order: mean = (mean · n + Σ batch) / (n + m)."""
+    for label in labels.unique():
+        mask = labels == label
+        c = int(label)
+        means[c] = (means[c] * counts[c] + features[mask].to(means.dtype).sum(0)) / (counts[c] + mask.sum())
+        counts[c] += mask.sum()
 
 
 def masked_logsumexp(sims: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -214,17 +223,6 @@ class DaVptViT(TunedViT):
         assert total is not None
         return total / len(self.guided)
 
-    @torch.no_grad()
-    def collect(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        """criterion.py:78-88: the running mean of each class's final features over the epoch's batches."""
-        for label in labels.unique():
-            mask = labels == label
-            c = int(label)
-            count = self.class_count[c]
-            self.class_mean[c] = ((self.class_mean[c] * count + features[mask].to(self.class_mean.dtype).sum(0))
-                                  / (count + mask.sum()))
-            self.class_count[c] += mask.sum()
-
     def start_training(self, total_steps: int) -> None:
         """(Called by the loop before the first step.) Training a clustered model with the extra loss needs the
         mapping job's file: without it every class would share prompt 0."""
@@ -235,7 +233,7 @@ class DaVptViT(TunedViT):
     def step_loss(self, y: torch.Tensor) -> torch.Tensor | None:
         labels = y if y.dim() == 1 else y.argmax(dim=-1)  # (soft targets: their largest class)
         if self._collect and self._cls is not None:
-            self.collect(self._cls, labels)
+            update_class_means(self.class_mean, self.class_count, self._cls, labels)
         loss = self.guided_loss(labels) if self._guided else None
         self._guided, self._cls = [], None
         return loss
@@ -285,7 +283,3 @@ def trained_count(depth: int, dim: int, guided: int, proxies: int, prompts: int,
     return (dim * (guided * proxies + (depth - guided) * prompts) + dim * train["cls"] + depth * dim * biases
             + dim * train["bias_proj"] + depth * 2 * dim * train["norm1"])
 
-
-def init_bound(layers: int, length: int, dim: int) -> float:
-    """The prompts' uniform init bound (:func:`xavier_prompts`)."""
-    return math.sqrt(6.0 / (dim * (length + layers))) / 8.0
