@@ -1,5 +1,5 @@
 """One registry class for every extension point: methods, tasks, suites, protocols, data layouts,
-transforms, executors, leaderboard columns, backbones, trackers, optimisers.
+transforms, executors, leaderboard columns, backbones, trackers, optimisers, epoch samplers.
 
 A registry maps names (and aliases) to items. Lookups are forgiving about spelling (case, ``_`` vs
 ``-``) and an unknown name gets a "did you mean" and the list of known names. Built-in items live in

@@ -33,9 +33,9 @@ import inspect
 import pkgutil
 from pathlib import Path
 
-ENGINE_MODULES = ("peftbench.train", "peftbench.layers", "peftbench.data.loader", "peftbench.data.transforms",
-                  "peftbench.data.images", "peftbench.data.cache", "peftbench.data.splits", "peftbench.data.layouts",
-                  "peftbench.backbones", "peftbench.methods._base", "peftbench.methods._recipes")
+ENGINE_MODULES = ("peftbench.train", "peftbench.layers", "peftbench.data.loader", "peftbench.data.samplers",
+                  "peftbench.data.transforms", "peftbench.data.images", "peftbench.data.cache", "peftbench.data.splits",
+                  "peftbench.data.layouts", "peftbench.backbones", "peftbench.methods._base", "peftbench.methods._recipes")
 BUILTIN_METHODS = "peftbench.methods"  # the built-in plugin package (its ``_`` modules are the method API)
 
 

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import torch
 
 from peftbench._io import atomic_write, atomic_write_text
 from peftbench.methods import Method, Option, PerTask, Recipe, register_method
-from peftbench.sweep.stages import job_stage, search_then_final
+from peftbench.sweep.stages import job_then_train
 from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import DaVptViT, cosine_kmeans, update_class_means
@@ -93,27 +92,11 @@ class DaVpt(Method):
 
     # -- the pipeline -----------------------------------------------------------------------
     def pipeline(self, ctx, protocol):
-        sources = dict(ctx.option_sources)
-
-        def spec(stage, role, hp, seed, **kw):
-            return dataclasses.replace(ctx.spec(stage, role, hp, seed, **kw), option_sources=dict(sources))
-
-        base_search, base_final = protocol.base_hparams(ctx, "search"), protocol.base_hparams(ctx, "final")
-        points = protocol.search_points(ctx)
-        roles = ["search", "final"] if len(points) > 1 else ["final"]
         # one prompt per class: the mapping is the identity, no job (train.py:337-339, model_creator.py:104-106)
         clustered = ctx.task.num_classes >= int(ctx.options["proxies"])
-        seen = {k: base_final[k] for k in ("interpolation", "mean", "std") if k in base_final}
-        jobs = {role: spec("mapping", role, {"batch_size": MAPPING_BATCH, **seen}, ctx.seeds[0], job="mapping")
-                for role in roles} if clustered else {}
-        if jobs:
-            yield from job_stage(ctx, list(jobs.values()), "mapping")
-
-        def mapping(role):
-            return {"init_state": f"{jobs[role].key}.{MAPPING}"} if jobs else {}
-
-        yield from search_then_final(ctx, points, base_search, base_final, lambda stage, role, hp, seed: spec(
-            stage, role, hp, seed, extras=mapping(role)))
+        yield from job_then_train(ctx, protocol.search_points(ctx), protocol.base_hparams(ctx, "search"),
+                                  protocol.base_hparams(ctx, "final"), "mapping", MAPPING, dict(ctx.option_sources),
+                                  lambda role: {"batch_size": MAPPING_BATCH}, run_job=clustered)
 
     # -- stage 1 -----------------------------------------------------------------------------
     def run_job(self, job, spec, store, env):

@@ -15,14 +15,13 @@ Stages (every one an ordinary run of the store, :meth:`Gps.pipeline`):
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 from peftbench._io import atomic_write, atomic_write_text
 from peftbench.data.loader import batches, epoch_order
 from peftbench.methods import Method, Option, PerTask, Recipe, per_task_row, register_method
-from peftbench.sweep.stages import job_stage, search_then_final
+from peftbench.sweep.stages import job_then_train
 from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import GpsModel, flat_index, top_k_per_row
@@ -70,10 +69,6 @@ class Gps(Method):
         opts = dict(ctx.options)
         sources = dict(ctx.option_sources)
         sel_opts = {k: opts[k] for k in SELECTION_OPTIONS}
-
-        def spec(stage, role, hp, seed, **kw):
-            return dataclasses.replace(ctx.spec(stage, role, hp, seed, **kw), option_sources=dict(sources))
-
         base_search = {**protocol.base_hparams(ctx, "search"), **SCHEDULE}
         base_final = {**protocol.base_hparams(ctx, "final"), **SCHEDULE}
         if opts.get("task_batch_size", True) and not protocol.reduced_search and not ctx.overrides.get("batch_size"):
@@ -83,20 +78,9 @@ class Gps(Method):
                 base_search["batch_size"] = base_final["batch_size"] = value
                 sources["batch_size"] = f"{value}: methods/gps/settings.csv [{ctx.task.name}]: {row.get('source', '')}"
         sources["schedule"] = "GPS: absolute lr, warm-up from 1e-7, cosine to 1e-8 (docs/methods/gps.md §4)"
-        points = protocol.search_points(ctx)
-        seed0 = ctx.seeds[0]
-        roles = ["search", "final"] if len(points) > 1 else ["final"]
-        # (the selection pass sees the images as the training runs do: a recipe's resampling and normalisation)
-        seen = {k: base_final[k] for k in ("interpolation", "mean", "std") if k in base_final}
-        jobs = {role: spec("gradients", role, {"batch_size": (base_search if role == "search" else base_final)[
-            "batch_size"], **seen}, seed0, job="gradients", options=sel_opts) for role in roles}
-        yield from job_stage(ctx, list(jobs.values()), "gradients")
-
-        def selection(role):
-            return {"init_state": f"{jobs[role].key}.{SELECTION}"}
-
-        yield from search_then_final(ctx, points, base_search, base_final, lambda stage, role, hp, seed: spec(
-            stage, role, hp, seed, extras=selection(role)))
+        yield from job_then_train(ctx, protocol.search_points(ctx), base_search, base_final, "gradients", SELECTION,
+                                  sources, lambda role: {"batch_size": (base_search if role == "search" else base_final)[
+                                      "batch_size"]}, job_options=sel_opts)
 
     # -- stage 1 -----------------------------------------------------------------------------
     def run_job(self, job, spec, store, env):

@@ -14,7 +14,6 @@ down-sampling, initialisation and pruning, with the ViT's layers in the places o
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import torch
@@ -22,7 +21,7 @@ import torch
 from peftbench._io import atomic_write, atomic_write_text
 from peftbench.data.loader import batches, epoch_order
 from peftbench.methods import Method, Option, noah_fixed_recipe, register_method
-from peftbench.sweep.stages import job_stage, search_then_final
+from peftbench.sweep.stages import JOB_SEES, job_then_train
 from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import LSTModel, fisher_importance, parse_side_layers, prune_side_weights
@@ -59,26 +58,10 @@ class Lst(Method):
 
     # -- the pipeline -----------------------------------------------------------------------
     def pipeline(self, ctx, protocol):
-        sources = dict(ctx.option_sources)
-
-        def spec(stage, role, hp, seed, **kw):
-            return dataclasses.replace(ctx.spec(stage, role, hp, seed, **kw), option_sources=dict(sources))
-
-        base_search, base_final = protocol.base_hparams(ctx, "search"), protocol.base_hparams(ctx, "final")
-        points = protocol.search_points(ctx)
-        seed0 = ctx.seeds[0]
-        roles = ["search", "final"] if len(points) > 1 else ["final"]
-        # the pass sees the images as the training runs do (a recipe's resampling and normalisation) and a head
-        # initialised as theirs
-        seen = {k: base_final[k] for k in ("interpolation", "mean", "std", "head_init") if k in base_final}
-        jobs = {role: spec("fisher", role, {"batch_size": 1, **seen}, seed0, job="fisher") for role in roles}
-        yield from job_stage(ctx, list(jobs.values()), "fisher")
-
-        def side(role):
-            return {"init_state": f"{jobs[role].key}.{SIDE}"}
-
-        yield from search_then_final(ctx, points, base_search, base_final, lambda stage, role, hp, seed: spec(
-            stage, role, hp, seed, extras=side(role)))
+        # the Fisher pass also sees a head initialised as the training runs' heads
+        yield from job_then_train(ctx, protocol.search_points(ctx), protocol.base_hparams(ctx, "search"),
+                                  protocol.base_hparams(ctx, "final"), "fisher", SIDE, dict(ctx.option_sources),
+                                  lambda role: {"batch_size": 1}, sees=(*JOB_SEES, "head_init"))
 
     # -- stage 1 -----------------------------------------------------------------------------
     def run_job(self, job, spec, store, env):

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import torch
@@ -18,7 +17,7 @@ import torch
 from peftbench._io import atomic_write, atomic_write_text
 from peftbench.data.loader import batches
 from peftbench.methods import Method, Option, noah_fixed_recipe, register_method
-from peftbench.sweep.stages import job_stage, search_then_final
+from peftbench.sweep.stages import job_then_train
 from peftbench.train.engine import job_inputs, normalizer_for
 
 from .model import SCTModel, saliency, top_channels
@@ -53,26 +52,9 @@ class Sct(Method):
 
     # -- the pipeline -----------------------------------------------------------------------
     def pipeline(self, ctx, protocol):
-        sources = dict(ctx.option_sources)
-
-        def spec(stage, role, hp, seed, **kw):
-            return dataclasses.replace(ctx.spec(stage, role, hp, seed, **kw), option_sources=dict(sources))
-
-        base_search, base_final = protocol.base_hparams(ctx, "search"), protocol.base_hparams(ctx, "final")
-        points = protocol.search_points(ctx)
-        seed0 = ctx.seeds[0]
-        roles = ["search", "final"] if len(points) > 1 else ["final"]
-        # (the saliency pass sees the images as the training runs do: a recipe's resampling and normalisation)
-        seen = {k: base_final[k] for k in ("interpolation", "mean", "std") if k in base_final}
-        jobs = {role: spec("saliency", role, {"batch_size": SALIENCY_BATCH, **seen}, seed0, job="saliency")
-                for role in roles}
-        yield from job_stage(ctx, list(jobs.values()), "saliency")
-
-        def selection(role):
-            return {"init_state": f"{jobs[role].key}.{SELECTION}"}
-
-        yield from search_then_final(ctx, points, base_search, base_final, lambda stage, role, hp, seed: spec(
-            stage, role, hp, seed, extras=selection(role)))
+        yield from job_then_train(ctx, protocol.search_points(ctx), protocol.base_hparams(ctx, "search"),
+                                  protocol.base_hparams(ctx, "final"), "saliency", SELECTION, dict(ctx.option_sources),
+                                  lambda role: {"batch_size": SALIENCY_BATCH})
 
     # -- stage 1 -----------------------------------------------------------------------------
     def run_job(self, job, spec, store, env):

@@ -12,6 +12,9 @@ A pipeline is a generator (:mod:`peftbench.sweep.protocols`): it yields a stage 
   (``--search halving``, :mod:`peftbench.sweep.search`). It returns the selected record. So every search
   strategy applies to every method.
 * :func:`final_stage`: the chosen point, once per seed, on the final splits.
+* :func:`search_then_final`: a search when there is more than one point, then the final runs.
+* :func:`job_then_train`: one job run per training split, then :func:`search_then_final` whose runs load the job's
+  artifact of their split (SCT's saliency, LST's Fisher pruning, GPS's gradients, DA-VPT's mapping).
 
 :func:`chosen` is the chosen point of a search record (its lr and wd). ``ctx.dry_run`` is the one signal of
 a dry run (records are then placeholders, :func:`peftbench.store.planned`).
@@ -135,4 +138,38 @@ def search_then_final(ctx: "PlanContext", points: list[dict], base_search: dict,
         choice = chosen(best)
     records = yield from final_stage(ctx, {**base_final, **choice},
                                      lambda stage, hp, seed: make_spec(stage, "final", hp, seed))
+    return records
+
+
+# what a job sees of the training runs' hyper-parameters: the images as they see them (a recipe's resampling and
+# normalisation)
+JOB_SEES = ("interpolation", "mean", "std")
+
+
+def job_then_train(ctx: "PlanContext", points: list[dict], base_search: dict, base_final: dict, job: str,
+                   artifact: str, sources: dict, job_hparams: Callable[[str], dict], *,
+                   job_options: dict | None = None, sees: tuple[str, ...] = JOB_SEES, run_job: bool = True) -> Stage:
+    """A method with a job before training: one ``job`` run per training split (the search splits when there is a
+    search, and the final splits), seeded with the first seed, with ``job_hparams(role)`` and what it ``sees`` of the
+    final runs' hyper-parameters (and ``job_options`` instead of the method's, when given); then
+    :func:`search_then_final`, each run loading the ``artifact`` its split's job wrote (``extras.init_state``).
+    ``run_job`` False: no job, the runs train without an artifact (DA-VPT with one prompt per class). Every spec
+    carries ``sources`` as its option sources."""
+    roles = ["search", "final"] if len(points) > 1 else ["final"]
+
+    def spec(stage, role, hp, seed, **kw):
+        return dataclasses.replace(ctx.spec(stage, role, hp, seed, **kw), option_sources=dict(sources))
+
+    view = {k: base_final[k] for k in sees if k in base_final}
+    jobs: dict[str, RunSpec] = {}
+    if run_job:
+        kw = {} if job_options is None else {"options": job_options}
+        jobs = {role: spec(job, role, {**job_hparams(role), **view}, ctx.seeds[0], job=job, **kw) for role in roles}
+        yield from job_stage(ctx, list(jobs.values()), job)
+
+    def extras(role: str) -> dict:
+        return {"init_state": f"{jobs[role].key}.{artifact}"} if jobs else {}
+
+    records = yield from search_then_final(ctx, points, base_search, base_final, lambda stage, role, hp, seed: spec(
+        stage, role, hp, seed, extras=extras(role)))
     return records

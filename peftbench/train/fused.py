@@ -34,6 +34,7 @@ from ..layers.tuned_vit import TunedViT
 from ..methods import get_method
 from ..store import RunSpec
 from .env import Env
+from .optim import clip_gradients
 from .precision import autocast
 from .regularise import loss_smoothing
 
@@ -195,7 +196,8 @@ class FusedModel:
         return out
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, optimizers: list, which: list[int], device: torch.device,
-                   precision: str = "fp32", scalers: list | None = None, label_smoothing: float = 0.0) -> list[float]:
+                   precision: str = "fp32", scalers: list | None = None, label_smoothing: float = 0.0,
+                   clip: tuple[float, str] | None = None) -> list[float]:
         """One optimisation step of the models ``which`` (``optimizers[i]`` is model i's): their losses
         (fp32, as :func:`peftbench.train.loop.train_step` computes them). A model whose loss is not finite
         is not stepped (its caller records it as diverged)."""
@@ -216,6 +218,10 @@ class FusedModel:
         total.backward()
         for row in ok:
             i = which[row]
+            if clip is not None:  # each configuration's own tensors, as a separate run clips them
+                if scalers is not None:
+                    scalers[i].unscale_(optimizers[i])
+                clip_gradients(optimizers[i], *clip)
             if scalers is not None:
                 scalers[i].step(optimizers[i])
                 scalers[i].update()

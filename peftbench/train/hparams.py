@@ -18,6 +18,7 @@ PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 SCHEDULES = ("vpt", "timm-cosine")  # peftbench.train.optim.lr_at_epoch
 REPORTS = ("last", "best")  # metrics.top1 of a run: its last evaluation, or its best one (flagged)
 HEAD_INITS = ("vpt", "trunc-normal", "torch")  # peftbench.train.build.init_head
+CLIP_MODES = ("norm", "value")  # peftbench.train.optim.clip_gradients
 # when the images are resized: PIL's bilinear / bicubic, or TF 2's tf.image.resize (peftbench.data.images)
 INTERPOLATIONS = RESAMPLINGS
 MAX_SEED = 2**63 - 1
@@ -64,6 +65,13 @@ class HParams:
     random_erasing: float = 0.0  # the chance an image gets one box of normal noise (timm's mode "pixel")
     ema_decay: float = 0.0  # > 0: a model EMA of the trained tensors, evaluated (and saved) in place of the model
     augment: str | None = None  # the training augmentation instead of the task's (peftbench.data.transforms)
+    # what DA-VPT's loop does (docs/protocols.md §5-§7); absent: the defaults
+    sampler: str = "shuffle"  # the epochs' order and batches (peftbench.data.samplers): shuffle | class-balanced
+    samples_per_class: int = 2  # class-balanced: images of each drawn class in a batch (divides batch_size)
+    schedule_per_update: bool = False  # timm-cosine stepped after every update (timm's sched_on_updates), not per epoch
+    clip_grad: float = 0.0  # > 0: clip the gradients (after un-scaling fp16's) before each step, as timm's clip_grad
+    clip_mode: str = "norm"  # norm: the trained tensors' total L2 norm; value: every element to ±clip_grad
+    head_wd: float | None = None  # the weight decay of the head's decayed tensors (None: wd, as every other tensor)
 
     @property
     def stop(self) -> int:
@@ -102,12 +110,14 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
     kw: dict[str, Any] = {}
     for key, value in hp.items():
         if key in ("lr", "wd", "warmup_lr", "min_lr", "label_smoothing", "drop_path", "mixup", "cutmix", "mixup_prob",
-                   "mixup_switch_prob", "random_erasing", "ema_decay"):
+                   "mixup_switch_prob", "random_erasing", "ema_decay", "clip_grad"):
             kw[key] = _number(key, value, float)
         elif key in ("epochs", "batch_size", "warmup_epochs", "eval_every", "stop_epoch", "cosine_epochs",
-                     "schedule_lag", "eval_last"):
+                     "schedule_lag", "eval_last", "samples_per_class"):
             kw[key] = None if value is None and key in ("stop_epoch", "cosine_epochs") else _number(key, value, int)
-        elif key in ("lr_scaling", "drop_last", "eval_first"):
+        elif key == "head_wd":
+            kw[key] = None if value is None else _number(key, value, float)
+        elif key in ("lr_scaling", "drop_last", "eval_first", "schedule_per_update"):
             if not isinstance(value, bool):
                 raise SettingsError(f"hyper-parameter {key}={value!r}{at}: expected true or false")
             kw[key] = value
@@ -149,15 +159,34 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
         (not (h.mixup or h.cutmix) or (h.drop_last and h.batch_size % 2 == 0),
          "mixup / cutmix need drop_last = true and an even batch_size (timm's Mixup mixes a batch with its reverse; "
          "the official loaders drop the last batch)"),
+        (h.samples_per_class >= 1 and h.batch_size % h.samples_per_class == 0,
+         f"samples_per_class={h.samples_per_class}: must be at least 1 and divide batch_size ({h.batch_size})"),
+        (h.sampler == "class-balanced" or "samples_per_class" not in hp, "samples_per_class belongs to sampler "
+         "class-balanced"),
+        (h.schedule == "timm-cosine" or not h.schedule_per_update, "schedule_per_update belongs to schedule timm-cosine"),
+        (not h.schedule_per_update or h.schedule_lag == 0,
+         "schedule_per_update steps after every update (lag 0): drop schedule_lag"),
+        (h.clip_grad >= 0, f"clip_grad={h.clip_grad:g}: must not be negative"),
+        (h.clip_grad > 0 or "clip_mode" not in hp, "clip_mode belongs to clip_grad > 0"),
+        (h.clip_mode in CLIP_MODES, f"clip_mode={h.clip_mode!r}: expected one of {', '.join(CLIP_MODES)}"),
+        (h.head_wd is None or h.head_wd >= 0, f"head_wd={h.head_wd}: must not be negative"),
         (h.interpolation is None or h.interpolation in INTERPOLATIONS,
          f"interpolation={h.interpolation!r}: expected one of {', '.join(INTERPOLATIONS)}"),
     )
     for ok, msg in checks:
         if not ok:
             raise SettingsError(f"hyper-parameter {msg}{at}")
+    from ..errors import UnknownNameError
+
+    if h.sampler != "shuffle":
+        from ..data.samplers import SAMPLERS
+
+        try:
+            SAMPLERS.get(h.sampler)
+        except UnknownNameError as exc:
+            raise SettingsError(f"hyper-parameter sampler{at}: {exc}") from None
     if h.augment is not None:
         from ..data.transforms import AUGMENT
-        from ..errors import UnknownNameError
 
         try:
             AUGMENT.get(h.augment)

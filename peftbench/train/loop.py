@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ..backbones import image_size
-from ..data.loader import SplitData, batches, epoch_order, load_split
+from ..data.loader import SplitData, batches, load_split
+from ..data.samplers import SAMPLERS, sampler_order
 from ..data.transforms import augmenter, pipeline
 from ..errors import Diverged, StoreError
 from ..layers.tuned_vit import TunedViT
@@ -44,7 +45,7 @@ from .build import build_model, copy_into, mean_std, normalizer_for, parameter_s
 from .env import Env
 from .fused import FUSED_HPARAMS, CannotFuse, FusedModel, fuse_key
 from .hparams import HParams, parse_hparams
-from .optim import build_optimizer, effective_lr, lr_at_epoch, set_lr
+from .optim import build_optimizer, clip_gradients, effective_lr, lr_at_epoch, lr_at_update, set_lr
 from .precision import autocast
 from .regularise import TrainableEMA, batch_regulariser, loss_smoothing
 
@@ -106,13 +107,16 @@ def uses_cached_features(method: Method, task: Task) -> bool:
 def train_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, y: torch.Tensor,
                optimizer: torch.optim.Optimizer, device: torch.device, precision: str = "fp32",
                scaler: "torch.amp.GradScaler | None" = None, label_smoothing: float = 0.0,
-               extra_loss: Callable[[torch.Tensor], "torch.Tensor | None"] | None = None) -> torch.Tensor:
+               extra_loss: Callable[[torch.Tensor], "torch.Tensor | None"] | None = None,
+               clip: tuple[float, str] | None = None) -> torch.Tensor:
     """One optimisation step (loss in fp32 whatever the forward's precision); returns the loss: the cross entropy,
-    plus what ``extra_loss(y)`` returns after the forward (a method's own term, :meth:`TunedViT.step_loss`)."""
+    plus what ``extra_loss(y)`` returns after the forward (a method's own term, :meth:`TunedViT.step_loss`, computed
+    under the same autocast as the forward). ``clip``: ``(clip_grad, clip_mode)``, applied to the un-scaled
+    gradients before the step (:func:`~peftbench.train.optim.clip_gradients`)."""
     with autocast(device, precision):
         logits = forward(x)
+        extra = extra_loss(y) if extra_loss is not None else None
     loss = F.cross_entropy(logits.float(), y, label_smoothing=loss_smoothing(y, label_smoothing))
-    extra = extra_loss(y) if extra_loss is not None else None
     if extra is not None:
         loss = loss + extra.float()
     if not torch.isfinite(loss):
@@ -120,10 +124,15 @@ def train_step(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(loss).backward()
+        if clip is not None:
+            scaler.unscale_(optimizer)
+            clip_gradients(optimizer, *clip)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        if clip is not None:
+            clip_gradients(optimizer, *clip)
         optimizer.step()
     return loss
 
@@ -325,14 +334,28 @@ def make_optimizer(hp: HParams, model: TunedViT, dev: torch.device):
     """``(peak lr, optimizer, fp16 grad scaler or None)``: base lr × batch/256 unless the protocol gives
     absolute rates (NOAH style)."""
     peak_lr = effective_lr(hp.lr, hp.batch_size) if hp.lr_scaling else hp.lr
-    optimizer = build_optimizer(hp.optimizer, model, peak_lr, hp.wd)
+    optimizer = build_optimizer(hp.optimizer, model, peak_lr, hp.wd, hp.head_wd)
     scaler = torch.amp.GradScaler(dev.type) if hp.precision == "fp16" else None
     return peak_lr, optimizer, scaler
 
 
-def epoch_lr(hp: HParams, peak_lr: float, epoch: int) -> float:
+def epoch_lr(hp: HParams, peak_lr: float, epoch: int, steps_per_epoch: int = 1) -> float:
+    """The lr of the epoch's first update (every update's, unless the schedule is stepped per update)."""
+    if hp.schedule_per_update:
+        return update_lr(hp, peak_lr, epoch * steps_per_epoch, steps_per_epoch)
     return lr_at_epoch(epoch, peak_lr, hp.epochs, hp.warmup_epochs, hp.warmup_lr, hp.min_lr, hp.schedule,
                        hp.cosine_epochs, hp.schedule_lag)
+
+
+def update_lr(hp: HParams, peak_lr: float, update: int, steps_per_epoch: int) -> float:
+    """The lr of update ``update`` (0-based over the run) of a schedule stepped per update."""
+    return lr_at_update(update, steps_per_epoch, peak_lr, hp.epochs, hp.warmup_epochs, hp.warmup_lr, hp.min_lr,
+                        hp.cosine_epochs)
+
+
+def clip_of(hp: HParams) -> tuple[float, str] | None:
+    """What :func:`train_step` clips: ``(clip_grad, clip_mode)``, or None."""
+    return (hp.clip_grad, hp.clip_mode) if hp.clip_grad > 0 else None
 
 
 def evaluates(hp: HParams, epoch: int) -> bool:
@@ -438,11 +461,11 @@ class SingleStep:
         self.forward = forward_module(model, data)
 
     def train_step(self, x, y, optimizers, which, device, precision="fp32", scalers=None,
-                   label_smoothing: float = 0.0, step: int = 0) -> list[float]:
+                   label_smoothing: float = 0.0, clip: tuple[float, str] | None = None, step: int = 0) -> list[float]:
         """One step; ``step`` (0-based over the run) goes to the model's :meth:`~TunedViT.after_step`."""
         hooks = self.base.has_step_hooks()
         loss = train_step(self.forward, x, y, optimizers[0], device, precision, scalers[0] if scalers else None,
-                          label_smoothing, self.base.step_loss if hooks else None)
+                          label_smoothing, self.base.step_loss if hooks else None, clip)
         value = loss.item()
         if hooks and math.isfinite(value):
             self.base.after_step(step)
@@ -524,8 +547,10 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
         ema.load({k[len("ema/"):]: v for k, v in first.extra.items() if k.startswith("ema/")},
                  str(store.checkpoint_path(specs[0])))
     regularise = batch_regulariser(hp0, get_task(specs[0].task).num_classes, dev)
-    n = len(data.train)
+    # the epochs' orders: the sampler's (peftbench.data.samplers), each of n indices
+    n = SAMPLERS.get(hp0.sampler).length(len(data.train), hp0.batch_size)
     steps_per_epoch = n // hp0.batch_size if hp0.drop_last else -(-n // hp0.batch_size)
+    clip = clip_of(hp0)
     hooked = any(model.has_step_hooks() for model in stepper.models)
     if hooked:
         if fused:
@@ -547,14 +572,15 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
             break
         for i in live:
             m = members[i]
-            m.lr = epoch_lr(m.hp, m.peak_lr, epoch)
+            m.lr = epoch_lr(m.hp, m.peak_lr, epoch, steps_per_epoch)
             set_lr(m.optimizer, m.lr)
             m.loss_sum = 0.0
         if hooked:
             stepper.models[0].start_epoch(epoch, hp0.epochs)
         stepper.base.train()
         t_epoch = time.time()
-        order = epoch_order(specs[0].seed, epoch, n)
+        order = sampler_order(hp0.sampler, data.train.labels, specs[0].seed, epoch, hp0.batch_size,
+                              hp0.samples_per_class)
         seen = 0
         t_step_event = time.time()
         for s, (x, y, idx) in enumerate(batches(data.train_x, data.train.labels, order, hp0.batch_size,
@@ -563,13 +589,17 @@ def train_group(specs: list[RunSpec], store: RunStore, env: Env,
             seen += len(idx)
             if regularise is not None:
                 x, y = regularise(x, y)
+            if hp0.schedule_per_update and s:
+                for i in live:
+                    set_lr(members[i].optimizer, update_lr(members[i].hp, members[i].peak_lr,
+                                                           epoch * steps_per_epoch + s, steps_per_epoch))
             try:
                 if fused:
                     values = stepper.train_step(x, y, optimizers, live, dev, hp0.precision, scalers,
-                                                hp0.label_smoothing)
+                                                hp0.label_smoothing, clip)
                 else:
                     values = stepper.train_step(x, y, optimizers, live, dev, hp0.precision, scalers,
-                                                hp0.label_smoothing, step=epoch * steps_per_epoch + s)
+                                                hp0.label_smoothing, clip, step=epoch * steps_per_epoch + s)
                 if ema is not None:
                     ema.update()
             except Exception as exc:

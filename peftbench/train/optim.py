@@ -11,7 +11,8 @@
   has no "bias" (the grid value itself is ignored); with weight decay 0 it falls through to SGD
   (momentum 0.9).
 
-Schedules (``HParams.schedule``), stepped once per epoch (docs/protocols.md §5):
+Schedules (``HParams.schedule``), stepped once per epoch (docs/protocols.md §5), or after every update for
+``timm-cosine`` with ``schedule_per_update`` (:func:`lr_at_update`):
 
 * ``vpt`` (the VPT/E^2VPT code's ``WarmupCosineSchedule``): factor e / W during the W warm-up epochs (so
   epoch 0 runs at lr 0 when ``warmup_lr`` is 0), then 0.5 · (1 + cos(π (e − W) / (E − W))), scaled
@@ -87,12 +88,36 @@ def _vpt_adamw(named, skip, lr, weight_decay):
     return torch.optim.AdamW(_groups(decay, no_decay, 0.01), lr=lr, betas=(0.9, 0.999), eps=1e-6)
 
 
-def build_optimizer(kind: str, model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def build_optimizer(kind: str, model: nn.Module, lr: float, weight_decay: float,
+                    head_wd: float | None = None) -> torch.optim.Optimizer:
+    """The optimiser ``kind`` over the model's trainable tensors; ``head_wd`` (not None): the head's tensors that the
+    optimiser decays get that weight decay instead, in a group of their own (DA-VPT's ``wd_head``,
+    Noahsark/DA-VPT@1a5ac609:utils/utils.py:125-165: the decayed tensors whose name holds "head")."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters")
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    return OPTIMIZERS.get(kind)(named, skip, lr, weight_decay)
+    optimizer = OPTIMIZERS.get(kind)(named, skip, lr, weight_decay)
+    if head_wd is not None:
+        head = {id(p) for n, p in named if n.startswith("head.")}
+        for group in list(optimizer.param_groups):
+            moved = [p for p in group["params"] if id(p) in head]
+            if moved and group["weight_decay"] != 0:
+                group["params"] = [p for p in group["params"] if id(p) not in head]
+                optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
+                                           "params": moved, "weight_decay": head_wd})
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    return optimizer
+
+
+def clip_gradients(optimizer: torch.optim.Optimizer, clip: float, mode: str = "norm") -> None:
+    """Clip the gradients of the tensors ``optimizer`` steps (timm's ``dispatch_clip_grad``): ``norm``: their total
+    L2 norm to at most ``clip``; ``value``: every element to [−clip, clip] (``clip_grad_value_``, DA-VPT's loop)."""
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    if mode == "value":
+        torch.nn.utils.clip_grad_value_(params, clip)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, clip)
 
 
 def timm_cosine(t: int, peak: float, t_initial: int, warmup: int, warmup_lr: float, min_lr: float) -> float:
@@ -117,6 +142,15 @@ def lr_at_epoch(epoch: int, peak: float, epochs: int, warmup: int, warmup_lr: fl
         return warmup_lr + (peak - warmup_lr) * epoch / warmup
     span = max(1, epochs - warmup)
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup) / span))
+
+
+def lr_at_update(update: int, steps_per_epoch: int, peak: float, epochs: int, warmup: int, warmup_lr: float = 0.0,
+                 min_lr: float = 0.0, cosine_epochs: int | None = None) -> float:
+    """timm-cosine stepped per update (timm's ``sched_on_updates``: ``t_in_epochs=False``, ``t_initial`` and
+    ``warmup_t`` in updates, ``step_update(num_updates)`` after every update): update ``update`` (0-based over the
+    run) trains at f(update)."""
+    return timm_cosine(update, peak, (cosine_epochs or epochs) * steps_per_epoch, warmup * steps_per_epoch,
+                       warmup_lr, min_lr)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
