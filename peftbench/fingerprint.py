@@ -19,6 +19,9 @@ any change to what the code does does.
   counts; a built-in method's "own package" is ``peftbench.methods`` without the method API, which is in
   the engine).
 
+The record of a run carries the fingerprints of the code its process loaded (:func:`loaded_fingerprint`, taken
+when a sweep checks its methods); the board and ``status`` compare records with the code installed now.
+
 A finished run whose key matches but whose ``code`` differs from the installed code is *stale*:
 ``peftbench run``, ``status`` and ``leaderboard`` say so, and ``peftbench run --rerun-stale`` reruns them.
 Bumping ``Method.version`` changes the keys instead.
@@ -181,6 +184,20 @@ def code_fingerprint(method) -> dict:
     cls = method if isinstance(method, type) else type(method)
     modules = method_modules(cls)
     return {"method": fingerprint_modules(modules) if modules else "unknown", "engine": engine_fingerprint()}
+
+
+_LOADED: dict[type, dict] = {}
+
+
+def loaded_fingerprint(method) -> dict:
+    """:func:`code_fingerprint` of a method as this process first took it (per class, kept for the process's life,
+    as the engine's is): the record of a run that starts late in a long sweep carries the fingerprint of the code the
+    process has been running, even when a method's file changed on disk meanwhile. A sweep takes it for each of its
+    methods when it checks their models, before any compute (:func:`peftbench.sweep.plan.check_models`)."""
+    cls = method if isinstance(method, type) else type(method)
+    if cls not in _LOADED:
+        _LOADED[cls] = code_fingerprint(cls)
+    return _LOADED[cls]
 
 
 def staleness(recorded: dict | None, current: dict) -> list[str]:

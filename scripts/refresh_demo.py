@@ -6,7 +6,8 @@
     python scripts/refresh_demo.py --no-train     # keep the store's JSON only and rewrite the board (after a sweep)
     python scripts/refresh_demo.py --missing-only # train only new methods (stale ones keep their records and banner)
     python scripts/refresh_demo.py --chunk 6      # (the default) stale methods retrained 6 at a time: an interruption
-                                                  # keeps every finished chunk
+                                                  # (Ctrl-C or SIGTERM) keeps every finished chunk, and the board is
+                                                  # rewritten after each chunk, so the folder can be committed then
 
 results/demo/runs/ is a run store holding only JSON: every run record and the JSON artifacts of the pipelines'
 jobs, plus the sweep file that made them (sweeps/demo-all.toml). A method is retrained as a whole (all its stages
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -208,13 +210,26 @@ def main() -> None:
             # (the sweep runs task by task, so a method is whole only at the end of its sweep: chunks of methods keep
             # what an interrupted refresh finished)
             chunks = [stale[i:i + size] for i in range(0, len(stale), size)] or [[]]
-            for i, chunk in enumerate(chunks):
-                if len(chunks) > 1:
-                    print(f"refresh_demo: chunk {i + 1}/{len(chunks)}", flush=True)
-                retrain(chunk, resume if i == 0 else [])
+            signal.signal(signal.SIGTERM, _interrupt)  # (a kill stops like Ctrl-C: the chunk in progress is undone)
+            try:
+                for i, chunk in enumerate(chunks):
+                    if len(chunks) > 1:
+                        print(f"refresh_demo: chunk {i + 1}/{len(chunks)}", flush=True)
+                    retrain(chunk, resume if i == 0 else [])
+                    if i + 1 < len(chunks):  # the store and the board whole after every chunk (safe to commit)
+                        prune_store()
+                        portable_sweep()
+                        write_board()
+            except KeyboardInterrupt:
+                print("refresh_demo: interrupted; the methods of finished chunks keep their new records, the others "
+                      "their old ones (run it again to go on)", file=sys.stderr, flush=True)
         prune_store()
         portable_sweep()
     write_board()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -89,6 +89,21 @@ def test_a_method_fingerprint_covers_its_own_packages_imports(tmp_path, monkeypa
     _forget("fpplug")
 
 
+def test_a_record_carries_the_code_its_process_loaded(tmp_path, monkeypatch):
+    """A method file edited during a long sweep: the process still runs the code it imported, and the records it
+    writes later say so (loaded_fingerprint, taken when the sweep checks its models); a new process sees the edit."""
+    _write(tmp_path, PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    _forget("fpplug")
+    cls = importlib.import_module("fpplug.method").Scaled
+    monkeypatch.setattr(fp, "_LOADED", {})
+    loaded = fp.loaded_fingerprint(cls)
+    _write(tmp_path, {"fpplug/deep.py": "def twice(x):\n    return x + x\n"})
+    assert fp.loaded_fingerprint(cls) == loaded  # this process: the code it runs
+    assert fp.code_fingerprint(cls)["method"] != loaded["method"]  # what is installed now (a new process, the board)
+    _forget("fpplug")
+
+
 def test_a_builtin_method_covers_its_subpackage_and_sibling_imports_but_not_the_api():
     from peftbench.methods import get_method
 

@@ -149,6 +149,22 @@ def test_transcribed_values_equal_their_sources():
     assert (vpt("full").values("final")["batch_size"], vpt("full").values("final")["warmup_epochs"]) == (384, 5)
     assert vpt("vpt-deep").grid["lr_grid"].value == [5.0, 2.5, 1.0, 50.0, 25.0, 10.0, 0.5, 0.25, 0.1, 0.05]
     assert resolve_card(cards["vpt-deep", "vtab"], "vpt-deep", "vtab", "dmlab").values("final")["batch_size"] == 64
+    # showlab/SCT@384cecb run_model_sct.sh (--lr, --wd, --dpr per task), configs/model_sct/vtab/<file>.yaml
+    sct = lambda t: resolve_card(cards["sct", "vtab"], "sct", "vtab", t)  # noqa: E731
+    hp = sct("cifar100").values("final")
+    assert (hp["lr"], hp["wd"], hp["label_smoothing"], hp["drop_path"], hp["optimizer"]) == (0.013, 1.0, 0.1, 0.1,
+                                                                                            "adamw-all")
+    assert "augment" not in hp and sct("dtd").values("final")["augment"] == "flip-rand-m9-mstd0.5-inc1"
+    assert sct("smallnorb_elevation").values("final")["label_smoothing"] == 0.0  # (its config has no train_aug)
+    assert sum("augment" in sct(t).values("final") for t in get_suite_tasks("vtab")) == 11
+    assert sct("kitti_distance").options["channels"].value == 96
+    # Noahsark/DA-VPT@1a5ac60 configs/vtab/vitb_<task>.yaml: wd_head, class_sampler, sched_on_updates
+    da = lambda t: resolve_card(cards["da-vpt", "vtab"], "da-vpt", "vtab", t).values("final")  # noqa: E731
+    assert (da("cifar100")["head_wd"], da("dsprites_orientation")["head_wd"], da("smallnorb_elevation")["head_wd"]) == \
+        (20.0, 0.0001, 3.0)  # (smallnorb_ele sets none: params.py's default 3.0)
+    assert (da("dtd")["sampler"], da("dtd")["samples_per_class"], da("dtd")["schedule_per_update"]) == \
+        ("class-balanced", 2, True)
+    assert (da("dtd")["clip_grad"], da("dtd")["clip_mode"]) == (10.0, "value")
 
 
 @pytest.mark.parametrize("text, needle", [

@@ -186,3 +186,34 @@ def test_a_card_with_da_vpts_loop_options_trains_end_to_end(capsys, tmp_path):
     lrs = [h["lr"] for h in rec["history"]]
     assert lrs == [pytest.approx(lr_at_update(e * steps, steps, 0.01, 3, 1, 1e-4, 0.0)) for e in range(3)]
     assert lrs[0] == pytest.approx(1e-4) and 1e-4 < lrs[1] < 0.01  # the warm-up is stepped per update
+
+
+def test_flip_then_randaugment_is_scts_timm_transform():
+    """``flip-rand-m9-mstd0.5-inc1`` equals SCT's training transform (showlab/SCT@384cecb vtab.py:55-74: timm's
+    create_transform with RandAugment and bicubic, its crop replaced by Resize((S, S), bicubic)) image for image, the
+    generators seeded alike."""
+    import numpy as np
+    from PIL import Image
+    from timm.data import create_transform
+    from torchvision import transforms
+
+    from peftbench.data.transforms import AUGMENT
+
+    size = 32
+    official = create_transform(input_size=(size, size), is_training=True, color_jitter=0.4,
+                                auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.0, re_mode="pixel", re_count=1,
+                                interpolation="bicubic")
+    official.transforms[0] = transforms.Resize((size, size), interpolation=3)  # (the stored images are S x S)
+    x = torch.randint(0, 256, (12, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+
+    def seed():
+        torch.manual_seed(5), np.random.seed(5), random.seed(5)
+
+    seed()
+    ours = AUGMENT.get("flip-rand-m9-mstd0.5-inc1")(size)(x)
+    seed()
+    expected = torch.stack([official(Image.fromarray(img.permute(1, 2, 0).numpy())) for img in x])
+    mean, std = torch.tensor([0.485, 0.456, 0.406])[:, None, None], torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    assert ours.dtype == torch.uint8 and ours.shape == x.shape
+    assert torch.allclose((ours.float() / 255 - mean) / std, expected, atol=1e-5)
+    assert not torch.equal(ours, x)  # it changed the images

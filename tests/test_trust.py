@@ -18,6 +18,7 @@ import pytest
 import torch
 from helpers import TINY_BACKBONE, ensure_registered, make_data_root
 
+from peftbench import fingerprint
 from peftbench.cli import main
 from peftbench.store import RunStore
 from peftbench.train.loop import OnEpoch
@@ -88,11 +89,13 @@ def test_changed_method_code_is_reported_stale_and_rerun_on_request(capsys, root
     assert set(rec["code"]) == {"method", "engine"}
     # a comment or docstring edit is not a code change
     plugin.write_text(plugin.read_text().replace("# EDIT", "# an edited comment"))
+    fingerprint._LOADED.clear()  # (as a new process would: it loads the edited file)
     code, err = run(capsys, root, runs, methods="trust-drifting")
     assert code == 0 and "stale" not in err and "1 done already" in err
     # a real change of the method's code: reported, not silently reused
     plugin.write_text(plugin.read_text().replace("return TunedViT(backbone, num_classes)",
                                                  "model = TunedViT(backbone, num_classes)\n        return model"))
+    fingerprint._LOADED.clear()  # (as a new process would: it loads the edited file)
     code, err = run(capsys, root, runs, methods="trust-drifting")
     assert code == 0 and "1 finished run(s) of 'trust-drifting' were produced by other code (its method code" in err
     assert "done already, skipped" not in err or "stale" in err

@@ -25,6 +25,9 @@ Augmentations run on uint8 batches on the device, every step. Built in:
   and resumable).
 * ``rrc-flip``: timm's RandomResizedCrop (scale 0.08-1, ratio 3/4-4/3, bilinear or bicubic) then a flip, per
   image, from the stored image (a recipe's ``augment``: SSF on FGVC).
+* ``flip-rand-m9-mstd0.5-inc1``: a flip, then timm's RandAugment ``rand-m9-mstd0.5-inc1`` with bicubic resampling,
+  per image: timm's ``create_transform(is_training=True, auto_augment=..., interpolation="bicubic")`` whose crop the
+  caller replaced by the stored resize (a recipe's ``augment``: SCT's ``train_aug``).
 """
 from __future__ import annotations
 
@@ -157,6 +160,39 @@ def _crop_flip(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
 @register_augment("rrc-flip")
 def _rrc_flip(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: random_resized_crop_flip(x, size)
+
+
+@register_augment("flip-rand-m9-mstd0.5-inc1")
+def _flip_randaugment(size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    return lambda x: flip_randaugment(x, size)
+
+
+def flip_randaugment(x: torch.Tensor, size: int, policy: str = "rand-m9-mstd0.5-inc1",
+                     mean: tuple[float, float, float] = (0.485, 0.456, 0.406), flip_p: float = 0.5) -> torch.Tensor:
+    """(N, C, H, W) uint8 → the same shape: per image ``RandomHorizontalFlip(flip_p)`` (torch's generator) then timm's
+    ``rand_augment_transform(policy)`` on the PIL image (numpy's generator picks the ops, Python's draws their
+    probabilities, magnitudes and signs), with the parameters timm's ``transforms_imagenet_train`` gives it:
+    ``translate_const = int(0.45 · size)``, ``img_mean`` = the normalisation mean in 0-255 (the fill of the geometric
+    ops) and bicubic resampling. SCT's ``vtab.py:55-66`` (``create_transform`` with ``auto_augment`` and
+    ``interpolation="bicubic"``, its crop replaced by ``Resize((224, 224))``, colour jitter off as timm turns it off
+    under RandAugment, no random erasing). It runs on the CPU; the batch comes back on its device. The
+    checkpoints keep numpy's and Python's generators, so a resumed run draws on as an uninterrupted one."""
+    import numpy as np
+    from PIL import Image
+    from timm.data.auto_augment import rand_augment_transform
+
+    if x.dim() != 4:
+        raise ValueError(f"flip_randaugment expects an (N, C, H, W) batch, got shape {tuple(x.shape)}")
+    params = {"translate_const": int(size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+              "interpolation": Image.BICUBIC}
+    augment = rand_augment_transform(policy, params)
+    out = []
+    for img in x.cpu():
+        if torch.rand(1) < flip_p:
+            img = img.flip(-1)
+        pil = augment(Image.fromarray(img.permute(1, 2, 0).contiguous().numpy()))
+        out.append(torch.from_numpy(np.asarray(pil, dtype=np.uint8).copy()).permute(2, 0, 1))
+    return torch.stack(out).to(x.device) if out else x
 
 
 def random_resized_crop_flip(x: torch.Tensor, size: int, scale: tuple[float, float] = (0.08, 1.0),

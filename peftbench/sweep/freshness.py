@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..fingerprint import code_fingerprint, staleness
+from ..fingerprint import loaded_fingerprint, staleness
 from ..methods import get_method
 from ..store import RunSpec, RunStore
 
@@ -40,7 +40,7 @@ def check(specs: list[RunSpec], store: RunStore) -> Freshness:
             f.unknown += 1
             continue
         if spec.method not in current:
-            current[spec.method] = code_fingerprint(get_method(spec.method))
+            current[spec.method] = loaded_fingerprint(get_method(spec.method))
         changed = staleness(rec.code, current[spec.method])
         if changed:
             f.stale.setdefault(spec.method, []).append(spec)

@@ -182,8 +182,12 @@ def check_models(contexts: list[PlanContext], device: str = "cpu") -> None:
     """Build every (method, options, classes) model once on the meta device: options that cannot build
     and models that cannot fit in memory stop the sweep here, before any compute; a method whose
     options leave nothing but the head to train is warned about."""
+    from ..fingerprint import engine_fingerprint, loaded_fingerprint
     from ..train.build import parameter_summary
 
+    engine_fingerprint()  # (the code this process runs, as its records will say: before any file can change)
+    for ctx in contexts:
+        loaded_fingerprint(ctx.method)
     memory = _memory_bytes(device)
     seen: set[str] = set()
     backbones: dict[str, torch.nn.Module] = {}

@@ -16,7 +16,7 @@ import traceback
 from typing import Callable
 
 from ..errors import Diverged
-from ..fingerprint import code_fingerprint
+from ..fingerprint import loaded_fingerprint
 from ..methods import get_method
 from ..provenance import now, provenance
 from ..store import RunRecord, RunSpec, RunStatus, RunStore
@@ -66,7 +66,7 @@ class _Attempt:
         self.record = RunRecord.for_spec(
             spec, status=RunStatus.RUNNING, started_at=(old.started_at if old else None) or now(),
             attempts=((old.attempts if old else None) or 0) + 1, provenance=provenance(env.device),
-            code=code_fingerprint(get_method(spec.method)), extra=extra)
+            code=loaded_fingerprint(get_method(spec.method)), extra=extra)
         store.write(spec, self.record)
         self.t0 = time.time()
         self.before = float((old.wall_s if old else None) or 0.0)
