@@ -165,6 +165,12 @@ def test_transcribed_values_equal_their_sources():
     assert (da("dtd")["sampler"], da("dtd")["samples_per_class"], da("dtd")["schedule_per_update"]) == \
         ("class-balanced", 2, True)
     assert (da("dtd")["clip_grad"], da("dtd")["clip_mode"]) == (10.0, "value")
+    # Minhchuyentoancbn/VAPT@ff3e65b tune_vtab.py (VPT's prompt grid, strict > in decreasing lr then wd), README.md
+    va = resolve_card(cards["vapt", "vtab"], "vapt", "vtab", "dtd")
+    assert va.rule == "search" and va.tie == "larger-lr" and va.seeds.value == [42, 44, 82, 100, 800]
+    assert va.grid["lr_grid"].value == vpt("vpt-deep").grid["lr_grid"].value and va.grid["wd_grid"].value == [
+        0.01, 0.001, 0.0001, 0.0]
+    assert (va.options["tokens"].value, va.values("final")["batch_size"]) == (10, 64)
 
 
 @pytest.mark.parametrize("text, needle", [
