@@ -160,6 +160,7 @@ def retrain(methods: list[str], resume: list[str] = ()) -> None:
         code = subprocess.call([*PEFTBENCH, "run", "--config", str(SWEEP), "--runs-dir", str(RUNS), "--methods",
                                 ",".join(todo), "--save-weights", "none"])
     finally:
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (a second kill must not stop the restore half-way)
         # the run rewrote the sweep file with the subset it trained (and only that subset's --set options): the
         # committed file stays the whole board's sweep, with the methods it gained
         SWEEP.write_text(whole_sweep(whole, todo), encoding="utf-8")
@@ -169,6 +170,7 @@ def retrain(methods: list[str], resume: list[str] = ()) -> None:
                 shutil.rmtree(RUNS / m, ignore_errors=True)
                 shutil.move(str(aside / m), str(RUNS / m))
         shutil.rmtree(aside, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
     if code != 0:
         print(f"refresh_demo: the run ended with exit {code}; methods that did not finish keep their old records",
               file=sys.stderr)
@@ -201,6 +203,7 @@ def main() -> None:
                          "board")
     args = ap.parse_args()
     refuse_while_running()
+    interrupted = False
     if not args.board_only:
         portable_sweep()  # (before training too: this machine's data root, not the one that wrote the file)
         if not args.no_train:
@@ -210,7 +213,9 @@ def main() -> None:
             # (the sweep runs task by task, so a method is whole only at the end of its sweep: chunks of methods keep
             # what an interrupted refresh finished)
             chunks = [stale[i:i + size] for i in range(0, len(stale), size)] or [[]]
-            signal.signal(signal.SIGTERM, _interrupt)  # (a kill stops like Ctrl-C: the chunk in progress is undone)
+            # (a kill stops like Ctrl-C: the child sweep is stopped, the chunk in progress undone, the board rewritten,
+            # exit 130; the run store survives its child being killed at any point)
+            signal.signal(signal.SIGTERM, _interrupt)
             try:
                 for i, chunk in enumerate(chunks):
                     if len(chunks) > 1:
@@ -221,11 +226,15 @@ def main() -> None:
                         portable_sweep()
                         write_board()
             except KeyboardInterrupt:
+                interrupted = True
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (the store and the board are made whole first)
                 print("refresh_demo: interrupted; the methods of finished chunks keep their new records, the others "
                       "their old ones (run it again to go on)", file=sys.stderr, flush=True)
         prune_store()
         portable_sweep()
     write_board()
+    if interrupted:
+        sys.exit(130)
 
 
 def _interrupt(signum, frame):

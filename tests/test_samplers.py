@@ -136,6 +136,11 @@ def test_the_heads_own_weight_decay_is_the_official_param_groups(tiny_backbone):
     assert wd == {**{names[id(p)]: g["weight_decay"] for g in plain.param_groups for p in g["params"]},
                   "head.weight": 3.0}  # only the head's decayed weight moves (utils.py:125-165: its bias never decays)
     assert wd["head.bias"] == 0.0 and len(wd) == len(names) == sum(len(g["params"]) for g in opt.param_groups)
+    # with weight decay 0 the head still gets its own (DA-VPT's dmlab: weight_decay 0, wd_head 0.05)
+    zero = build_optimizer("adamw", model, 1e-3, 0.0, head_wd=0.05)
+    wd0 = {names[id(p)]: g["weight_decay"] for g in zero.param_groups for p in g["params"]}
+    assert wd0["head.weight"] == 0.05 and wd0["head.bias"] == 0.0
+    assert all(v == 0.0 for n, v in wd0.items() if n != "head.weight")
 
 
 def test_a_methods_extra_loss_runs_under_the_forwards_autocast():
@@ -156,7 +161,7 @@ def test_a_methods_extra_loss_runs_under_the_forwards_autocast():
 @pytest.mark.parametrize("hp,needle", [
     ({"sampler": "class-balance"}, "Did you mean 'class-balanced'"),
     ({"sampler": "class-balanced", "samples_per_class": 5}, "samples_per_class=5: must be at least 1 and divide"),
-    ({"samples_per_class": 4}, "samples_per_class belongs to sampler class-balanced"),
+    ({"samples_per_class": 4}, "samples_per_class belongs to a sampler other than shuffle"),
     ({"schedule_per_update": True}, "schedule_per_update belongs to schedule timm-cosine"),
     ({"schedule": "timm-cosine", "schedule_per_update": True, "schedule_lag": 1}, "drop schedule_lag"),
     ({"clip_grad": -1.0}, "clip_grad=-1: must not be negative"),
@@ -168,6 +173,8 @@ def test_bad_loop_options_are_one_line_errors(hp, needle):
     with pytest.raises(SettingsError, match=needle):
         parse_hparams({**BASE, **hp})
     assert parse_hparams(BASE).sampler == "shuffle" and parse_hparams(BASE).head_wd is None  # absent: the defaults
+    assert parse_hparams({**BASE, "batch_size": 25}).batch_size == 25  # an odd batch is fine without the sampler
+    assert parse_hparams({**BASE, "sampler": "class_balanced", "samples_per_class": 4}).samples_per_class == 4
 
 
 def test_a_card_with_da_vpts_loop_options_trains_end_to_end(capsys, tmp_path):

@@ -12,7 +12,7 @@ orders as an uninterrupted one, and fused configurations (one seed) share them.
   Dataset/class_sampler.py:11-70). Within a batch the classes are drawn without replacement while there are
   enough of them, and a class's images without replacement while it has enough (its ``_smart_sample``: else every
   member repeats ``N // M`` times plus a draw without replacement of the rest, shuffled). The classes are listed in
-  the order of their first image in the split, each class's images in split order (``VTAB_txt.py:29-33``), and
+  the order of their first image in the split, each class's images in split order (``VTAB_txt.py:30-34``), and
   the draws are those of ``random.Random`` in the official order of calls, so that, seeded alike, the batches are
   the official sampler's batch for batch (tests/test_samplers.py). The official sampler draws from Python's global
   generator, seeded once per process (``utils.py:22``) and continued across epochs; here each epoch re-seeds its own.

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .._registry import normalise
 from ..data.images import RESAMPLINGS
 from ..errors import SettingsError
 from ..store.records import RUN_POSITION
@@ -159,10 +160,11 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
         (not (h.mixup or h.cutmix) or (h.drop_last and h.batch_size % 2 == 0),
          "mixup / cutmix need drop_last = true and an even batch_size (timm's Mixup mixes a batch with its reverse; "
          "the official loaders drop the last batch)"),
-        (h.samples_per_class >= 1 and h.batch_size % h.samples_per_class == 0,
+        (normalise(h.sampler) != "class-balanced" or (h.samples_per_class >= 1
+                                                       and h.batch_size % h.samples_per_class == 0),
          f"samples_per_class={h.samples_per_class}: must be at least 1 and divide batch_size ({h.batch_size})"),
-        (h.sampler == "class-balanced" or "samples_per_class" not in hp, "samples_per_class belongs to sampler "
-         "class-balanced"),
+        (normalise(h.sampler) != "shuffle" or "samples_per_class" not in hp,
+         "samples_per_class belongs to a sampler other than shuffle (class-balanced)"),
         (h.schedule == "timm-cosine" or not h.schedule_per_update, "schedule_per_update belongs to schedule timm-cosine"),
         (not h.schedule_per_update or h.schedule_lag == 0,
          "schedule_per_update steps after every update (lag 0): drop schedule_lag"),
@@ -178,7 +180,7 @@ def parse_hparams(hp: dict, *, where: str = "") -> HParams:
             raise SettingsError(f"hyper-parameter {msg}{at}")
     from ..errors import UnknownNameError
 
-    if h.sampler != "shuffle":
+    if normalise(h.sampler) != "shuffle":
         from ..data.samplers import SAMPLERS
 
         try:

@@ -97,12 +97,17 @@ def build_optimizer(kind: str, model: nn.Module, lr: float, weight_decay: float,
     if not named:
         raise ValueError("the model has no trainable parameters")
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    optimizer = OPTIMIZERS.get(kind)(named, skip, lr, weight_decay)
+    build = OPTIMIZERS.get(kind)
+    optimizer = build(named, skip, lr, weight_decay)
     if head_wd is not None:
-        head = {id(p) for n, p in named if n.startswith("head.")}
+        # which head tensors the optimiser decays is its rule's (bias, 1-d, no_weight_decay), whatever the weight decay:
+        # read it from the same optimiser built with a non-zero decay (with wd 0 every group has decay 0)
+        probe = build(named, skip, lr, weight_decay or 1.0)
+        decayed = {id(p) for g in probe.param_groups if g["weight_decay"] != 0 for p in g["params"]}
+        head = {id(p) for n, p in named if n.startswith("head.") and id(p) in decayed}
         for group in list(optimizer.param_groups):
             moved = [p for p in group["params"] if id(p) in head]
-            if moved and group["weight_decay"] != 0:
+            if moved:
                 group["params"] = [p for p in group["params"] if id(p) not in head]
                 optimizer.add_param_group({**{k: v for k, v in group.items() if k != "params"},
                                            "params": moved, "weight_decay": head_wd})
