@@ -171,6 +171,12 @@ def test_transcribed_values_equal_their_sources():
     assert va.grid["lr_grid"].value == vpt("vpt-deep").grid["lr_grid"].value and va.grid["wd_grid"].value == [
         0.01, 0.001, 0.0001, 0.0]
     assert (va.options["tokens"].value, va.values("final")["batch_size"]) == (10, 64)
+    # Lingyun0419/CVPT@2fc9877 configs/<task>.yaml (lr, seed, num, read by train.py --test), train.py defaults
+    cv = lambda t: resolve_card(cards["cvpt", "vtab"], "cvpt", "vtab", t)  # noqa: E731
+    assert (cv("caltech101").seeds.value, cv("caltech101").values("final")["lr"]) == ([800], 0.001)
+    assert (cv("svhn").seeds.value, cv("svhn").values("final")["lr"]) == ([800], 0.01)
+    assert cv("dtd").seeds.value == [80] and "configs/<file>.yaml" in cv("dtd").seeds.source  # a seed per task
+    assert (cv("dtd").values("final")["wd"], cv("dtd").values("final")["batch_size"]) == (0.05, 32)
 
 
 @pytest.mark.parametrize("text, needle", [

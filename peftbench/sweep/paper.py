@@ -266,8 +266,11 @@ def resolve_card(card: Card, method: str, suite: str, task: str) -> Resolved:
                 options[k[7:]] = v
             elif k in HPARAM_KEYS:
                 hparams[k] = v
+            elif k == "seed":  # one seed per task (a paper whose configs each name their own)
+                seeds = Value([v.value], v.source)
             else:
-                raise SettingsError(card.where(f"{where}: column {k!r} is neither a hyper-parameter nor option:<name>"))
+                raise SettingsError(card.where(f"{where}: column {k!r} is neither a hyper-parameter, seed nor "
+                                               "option:<name>"))
     if rule is None or rule.value not in RULES:
         raise SettingsError(card.where(f"[selection].rule for {method} on {suite}: one of {', '.join(RULES)}"))
     if seeds is None or not isinstance(seeds.value, list) or not seeds.value or not all(
@@ -447,7 +450,10 @@ class PaperProtocol(EvalProtocol):
             by_method.setdefault(c.method.name, []).append(c)
         for name, ctxs in by_method.items():
             res = self._res(ctxs[0])
-            lines.append(f"{name}: the recipe of {res.card.title} ({res.card.path.name}); seeds {list(ctxs[0].seeds)}")
+            seeds = {c.task.name: list(c.seeds) for c in ctxs}
+            shown_seeds = (str(next(iter(seeds.values()))) if len({str(v) for v in seeds.values()}) == 1 else
+                           "per task: " + ", ".join(f"{t} {v}" for t, v in seeds.items()))
+            lines.append(f"{name}: the recipe of {res.card.title} ({res.card.path.name}); seeds {shown_seeds}")
             keys = sorted({k for c in ctxs for k in c.option_sources
                            if (k.startswith("paper.") and k != "paper") or k in res.options})
             for k in keys:
