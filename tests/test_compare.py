@@ -13,7 +13,7 @@ import pytest
 from test_leaderboard import VTAB, add_record, make_vtab_store, read_csv
 
 from peftbench.cli import main
-from peftbench.results.compare import compare_paths, sign_flip_p, wilcoxon_p
+from peftbench.results.compare import compare_paths, holm, sign_flip_p, wilcoxon_p
 from peftbench.tasks import get_suite
 
 FGVC = list(get_suite("fgvc").tasks)
@@ -182,7 +182,7 @@ def test_compare_columns_are_documented():
 
     doc = (Path(__file__).resolve().parent.parent / "docs" / "results.md").read_text()
     names = [c.name for c in columns("compare")]
-    assert len(names) == 21
+    assert len(names) == 23
     for name in names:
         assert f"`{name}`" in doc, f"docs/results.md does not document the compare column {name}"
 
@@ -220,3 +220,19 @@ def test_twenty_units_are_enumerated_exactly():
     # three units of 20 equal to 1 and the rest 0: |T| = 3 is reached by the 2 of 8 patterns of those three, times
     # every pattern of the 17 zeros
     assert sign_flip_p([1.0] * 3 + [0.0] * 17, [1.0] * 20) == pytest.approx(2 / 8)
+
+
+def test_holm_adjusts_over_the_matched_configurations(tmp_path):
+    """Holm's step-down (Holm 1979) against its definition, and its use: each line's p_holm is its tests' p adjusted
+    over the configurations that have that line, never below the unadjusted p."""
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])  # 3·0.01; max(·, 2·0.03); max(·, 1·0.04)
+    assert holm([0.5, 0.001]) == pytest.approx([0.5, 0.002]) and holm([0.9, 0.8]) == [1.0, 1.0]  # (capped at 1)
+    assert holm([]) == []
+    a = _store(tmp_path / "a", {"lora": 0.0, "bitfit": 0.0, "ssf": 0.0}, seeds=(1, 2, 3, 4))
+    b = _store(tmp_path / "b", {"lora": 1.5, "bitfit": 0.0, "ssf": -0.3}, seeds=(1, 2, 3, 4))
+    (cmp,) = compare_paths(a, b, warn=lambda m: None)
+    for scope, name in [("overall", "mean_over_tasks"), ("task", FGVC[0])]:
+        lines = [m.line(scope, name) for m in cmp.matches]
+        assert [x.p_holm for x in lines] == pytest.approx(holm([x.p_tests for x in lines]))
+        assert all(x.p_holm >= x.p_tests for x in lines)
+        assert all(x.significant_holm() is (x.p_holm < 0.05) for x in lines)

@@ -66,7 +66,7 @@ def print_summary(cmp) -> None:
     w = max([len("configuration")] + [len(m.a.label) + 2 for m in cmp.matches])
     name = "mean of groups" if cmp.grid.groups else "mean over tasks"
     _say(f"  {'configuration':<{w}}  {name:>15}  {'± SE':>6}  {'pairs':>5}  {'p pairs':>8}  {'p tasks':>8}  "
-         f"{'p Wilcoxon':>10}")
+         f"{'p Wilcoxon':>10}  {'p Holm':>8}")
 
     def say(label: str, line) -> None:
         d = f"{line.delta:+.2f}" if line and line.delta is not None else "-"
@@ -74,9 +74,10 @@ def print_summary(cmp) -> None:
         cells = [f"{p:.3g}" if p is not None else "" for p in
                  ((line.p_sign_flip, line.p_task_flip if line.scope != "task" else line.p_t, line.p_wilcoxon)
                   if line else (None, None, None))]
-        star = " *" if line and line.significant(cmp.alpha) else ""
+        holm = f"{line.p_holm:.3g}" if line and line.p_holm is not None else ""
+        star = (" **" if line.significant_holm(cmp.alpha) else " *") if line and line.significant(cmp.alpha) else ""
         _say(f"  {label:<{w}}  {d:>15}  {se:>6}  {line.pairs if line else 0:>5}  {cells[0]:>8}  {cells[1]:>8}  "
-             f"{cells[2]:>10}{star}")
+             f"{cells[2]:>10}  {holm:>8}{star}")
 
     for m in cmp.matches:
         hl = m.line("overall", cmp.headline_name)
@@ -88,7 +89,8 @@ def print_summary(cmp) -> None:
         if m.like_for_like != "yes":
             _say(f"  {'':<{w}}  not like for like: {m.like_for_like[4:]}")
     _say(f"  (* every applicable test below {cmp.alpha:g}: a mean's pair-level and task-clustered sign-flip tests, a "
-         "task's sign-flip and t-tests; p tasks of a task row is its t-test)")
+         "task's sign-flip and t-tests; p tasks of a task row is its t-test; ** also after Holm's correction over the "
+         f"{len(cmp.matches)} configurations: p Holm)")
     if cmp.only_a:
         _say(f"  only in A: {', '.join(cmp.only_a)}")
     if cmp.only_b:

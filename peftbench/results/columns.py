@@ -484,6 +484,11 @@ _C = [
     Column("significant", "yes when every applicable test is below alpha (0.05 unless --alpha): p_sign_flip and a "
            "task's p_t or a mean's p_task_flip; no otherwise; empty without a test",
            lambda p, c: fmt(p[1].significant(c.alpha))),
+    Column("p_holm", "the largest p of the applicable tests (those `significant` reads), adjusted by Holm's step-down "
+           "over the matched configurations with this task / group / mean", lambda p, c: _pfmt(p[1].p_holm)),
+    Column("significant_holm", "yes when p_holm is below alpha: significant after the correction for the number of "
+           "configurations compared; no otherwise; empty without a test",
+           lambda p, c: fmt(p[1].significant_holm(c.alpha))),
 ]
 
 for _table, _cols in (("leaderboard", _L), ("runs", _R), ("vs-reported", _V), ("compare", _C)):

@@ -21,7 +21,9 @@ Tests (scipy.stats):
 
 A difference is marked significant only when every test that applies to it agrees: a task's sign-flip and
 t-test over seeds; a mean's pair-level and task-clustered sign-flip tests (the pair-level test alone is the
-most liberal one: seeds of one task share its data). Each line also has the standard error of its delta.
+most liberal one: seeds of one task share its data). Each line also has the standard error of its delta, and
+``p_holm``: the largest of its tests' p adjusted by Holm's step-down over the matched configurations, so that
+reading many configurations at once keeps the family-wise error at alpha.
 """
 from __future__ import annotations
 
@@ -110,14 +112,27 @@ class Line:
     p_wilcoxon: float | None = None
     p_task_flip: float | None = None  # a mean's sign-flip test clustered by task (tasks as the units)
     se: float | None = None  # standard error of delta (a task: std / sqrt(seeds); a mean: sqrt(sum w_t^2 se_t^2))
+    # p_tests adjusted by Holm's step-down over the matched configurations (the same task / group / mean of each)
+    p_holm: float | None = None
+
+    @property
+    def p_tests(self) -> float | None:
+        """The largest p of the applicable tests (the sign-flip test, and a task's t-test / a mean's task-clustered
+        test when defined): below ``alpha`` exactly when :meth:`significant`."""
+        if self.p_sign_flip is None:
+            return None
+        others = [self.p_t] if self.scope == "task" else [self.p_task_flip]
+        return max([self.p_sign_flip] + [p for p in others if p is not None])
 
     def significant(self, alpha: float = ALPHA) -> bool | None:
         """Every applicable test below ``alpha``: the sign-flip test, and the t-test of a task / the task-clustered
         test of a mean when they are defined."""
-        if self.p_sign_flip is None:
-            return None
-        others = [self.p_t] if self.scope == "task" else [self.p_task_flip]
-        return self.p_sign_flip < alpha and all(p < alpha for p in others if p is not None)
+        p = self.p_tests
+        return None if p is None else p < alpha
+
+    def significant_holm(self, alpha: float = ALPHA) -> bool | None:
+        """:meth:`significant` after Holm's correction for the number of configurations compared."""
+        return None if self.p_holm is None else self.p_holm < alpha
 
 
 @dataclass
@@ -153,9 +168,38 @@ class Comparison:
     paired: bool  # B has seeds (a run store), not a reference CSV
     alpha: float = ALPHA
 
+    def __post_init__(self) -> None:
+        adjust_holm(self.matches)
+
     @property
     def headline_name(self) -> str:
         return "mean_of_groups" if self.grid.groups else "mean_over_tasks"
+
+
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjustment of ``ps`` (Holm 1979), in their order: the i-th smallest p becomes
+    max over j <= i of min(1, (m - j + 1) · p_(j)). Rejecting where the adjusted p is below alpha controls the
+    family-wise error rate at alpha for any dependence between the tests."""
+    m = len(ps)
+    out = [0.0] * m
+    running = 0.0
+    for rank, i in enumerate(sorted(range(m), key=lambda k: ps[k])):
+        running = max(running, min(1.0, (m - rank) * ps[i]))
+        out[i] = running
+    return out
+
+
+def adjust_holm(matches: list[Match]) -> None:
+    """Set ``p_holm`` on every line that has tests: per task, group and mean, over the matched configurations that
+    have that line (the family: "which configurations changed on X")."""
+    families: dict[tuple[str, str], list[Line]] = {}
+    for m in matches:
+        for line in m.lines:
+            if line.p_tests is not None:
+                families.setdefault((line.scope, line.name), []).append(line)
+    for lines in families.values():
+        for line, p in zip(lines, holm([x.p_tests for x in lines])):  # type: ignore[misc]
+            line.p_holm = p
 
 
 def _facet(row: Row, name: str) -> str:
