@@ -182,11 +182,12 @@ def _delta_cell(line, alpha: float) -> str:
     if line.se is not None:
         tip.append(f"SE {line.se:.3f}")
     for name, p in (("sign-flip", line.p_sign_flip), ("sign-flip by task", line.p_task_flip), ("t", line.p_t),
-                    ("Wilcoxon", line.p_wilcoxon)):
+                    ("Wilcoxon", line.p_wilcoxon), ("Holm-adjusted", line.p_holm)):
         if p is not None:
             tip.append(f"p {name} {p:.3g}")
     sd = f'<span class="sd"> ± {line.delta_std:.2f}</span>' if line.delta_std is not None and line.scope != "task" else ""
-    return (f'<td class="{cls}" title="{escape("; ".join(tip))}">{line.delta:+.2f}{sd}{"*" if sig else ""}</td>')
+    star = ("**" if line.significant_holm(alpha) else "*") if sig else ""  # (** also after Holm's correction)
+    return f'<td class="{cls}" title="{escape("; ".join(tip))}">{line.delta:+.2f}{sd}{star}</td>'
 
 
 def comparison_section(cmp: "Comparison") -> str:
@@ -221,7 +222,8 @@ def comparison_section(cmp: "Comparison") -> str:
         f"Bold with * : p &lt; {cmp.alpha:g} in the sign-flip permutation test (per task over its seeds, per mean "
         "over the (task, seed) pairs, weighted as the mean weighs its tasks); Wilcoxon: signed-rank test over the "
         "tasks' deltas. With n seeds a task's smallest sign-flip p is 2/2ⁿ (0.25 with 3 seeds): per-task rows "
-        "rarely reach significance; the hover text has the paired t-test. Formulas: docs/results.md.</p>",
+        "rarely reach significance; the hover text has the paired t-test. ** : also after Holm's correction over "
+        f"the {len(cmp.matches)} configurations (the hover text's Holm-adjusted p). Formulas: docs/results.md.</p>",
         unmatched,
         f'<div class="scroll"><table id="compare-table">{th(head, 2)}<tbody>{"".join(body)}</tbody></table></div>',
         "<h3>Per task</h3>",
