@@ -122,6 +122,12 @@ def prune_store() -> None:
         shutil.rmtree(RUNS / d, ignore_errors=True)
 
 
+def settle_store() -> None:
+    """The store as it is committed: JSON only (:func:`prune_store`) and a sweep file without this machine's paths."""
+    prune_store()
+    portable_sweep()
+
+
 def whole_sweep(text: str, added: list[str]) -> str:
     """The board's sweep file ``text`` with ``added`` methods in its method list (its --set options kept); its
     description lines, which count one invocation's runs, replaced by what the file is."""
@@ -222,16 +228,14 @@ def main() -> None:
                         print(f"refresh_demo: chunk {i + 1}/{len(chunks)}", flush=True)
                     retrain(chunk, resume if i == 0 else [])
                     if i + 1 < len(chunks):  # the store and the board whole after every chunk (safe to commit)
-                        prune_store()
-                        portable_sweep()
+                        settle_store()
                         write_board()
             except KeyboardInterrupt:
                 interrupted = True
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # (the store and the board are made whole first)
                 print("refresh_demo: interrupted; the methods of finished chunks keep their new records, the others "
                       "their old ones (run it again to go on)", file=sys.stderr, flush=True)
-        prune_store()
-        portable_sweep()
+        settle_store()
     write_board()
     if interrupted:
         sys.exit(130)
